@@ -1,0 +1,59 @@
+"""Key names. Every key of a namespace starts with ``rf:`` and carries the hash tag
+``{<namespace>:<shard>}``, so one script only ever touches one Redis Cluster slot.
+docs/keyspace.md documents each key for redis-cli users."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+GROUP = "rf"  # the consumer group on every task stream
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+
+
+def shard_of(workflow_id: str, shards: int) -> int:
+    """The shard a workflow id belongs to, fixed for the life of the namespace."""
+    return zlib.crc32(workflow_id.encode()) % shards
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    namespace: str
+    shards: int
+
+    @staticmethod
+    def meta_key(namespace: str) -> str:
+        return f"rf:{{{namespace}}}:meta"
+
+    def prefix(self, shard: int) -> str:
+        return f"rf:{{{self.namespace}:{shard}}}:"
+
+    def shard(self, workflow_id: str) -> int:
+        return shard_of(workflow_id, self.shards)
+
+    def timers(self, shard: int) -> str:
+        return self.prefix(shard) + "timers"
+
+    def closed(self, shard: int) -> str:
+        return self.prefix(shard) + "closed"
+
+    def wf(self, shard: int, workflow_id: str) -> str:
+        return f"{self.prefix(shard)}wf:{workflow_id}"
+
+    def run(self, shard: int, run_id: str) -> str:
+        return f"{self.prefix(shard)}run:{run_id}"
+
+    def history(self, shard: int, workflow_id: str, run_id: str) -> str:
+        return f"{self.prefix(shard)}h:{workflow_id}:{run_id}"
+
+    def acts(self, shard: int, run_id: str) -> str:
+        return f"{self.prefix(shard)}act:{run_id}"
+
+    def queue(self, shard: int, task_queue: str, kind: str) -> str:
+        """``kind`` is ``wft`` (workflow tasks) or ``act`` (activity tasks)."""
+        return f"{self.prefix(shard)}q:{task_queue}:{kind}"
+
+    def all_shards(self) -> range:
+        return range(self.shards)

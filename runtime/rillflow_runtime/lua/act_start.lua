@@ -1,0 +1,29 @@
+-- Start a batch of activity tasks (worker). ARGV: prefix, task_queue, then per task:
+-- run_id, seq, attempt, message id. Per task returns
+-- {'ok', scheduled body, heartbeat details, wid, wtype, now, deadline} or {'stale'} or {'running'}.
+local aq = queue_key(ARGV[2], 'act')
+local out = {}
+for i = 3, #ARGV, 4 do
+  local run, seq, att, msg = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+  local r = redis.call('HMGET', run_key(run), 'status', 'wid', 'wtype')
+  local s = (r[1] == 'running') and act_get(run, seq) or nil
+  if s and s.att == att and s.msg == msg and s.st == 'scheduled' then
+    s.st = 'started'
+    s.started = NOW
+    local dl = NOW + s.stc
+    if s.hbt > 0 and NOW + s.hbt < dl then dl = NOW + s.hbt end
+    if s.s2c > 0 and s.sched + s.s2c < dl then dl = s.sched + s.s2c end
+    s.dl = dl
+    act_put(run, seq, s)
+    redis.call('ZADD', TIMERS, dl, 'A|' .. run .. '|' .. seq .. '|' .. att)
+    local ak = act_key(run)
+    out[#out + 1] = { 'ok', redis.call('HGET', ak, seq .. ':b'),
+      redis.call('HGET', ak, seq .. ':hb') or '', r[2], r[3], NOW, dl }
+  elseif s and s.att == att and s.msg == msg and s.st == 'started' then
+    out[#out + 1] = { 'running' }
+  else
+    drop_msg(aq, msg)
+    out[#out + 1] = { 'stale' }
+  end
+end
+return out

@@ -1,0 +1,151 @@
+-- Shared prelude, prepended to every script: key names, clock, history append,
+-- event delivery and run closing. Every key a script touches lives in one shard:
+-- KEYS[1] is that shard's timers zset and ARGV[1] its key prefix "rf:{ns:S}:".
+local P = ARGV[1]
+local GROUP = 'rf'
+local TIMERS = KEYS[1]
+
+local NOW
+do
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function run_key(run) return P .. 'run:' .. run end
+local function hist_key(wid, run) return P .. 'h:' .. wid .. ':' .. run end
+local function act_key(run) return P .. 'act:' .. run end
+local function buf_key(run) return P .. 'buf:' .. run end
+local function wf_key(wid) return P .. 'wf:' .. wid end
+local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
+
+-- Remove a task message for good: XACK + XDEL keep a task stream's length equal to
+-- its backlog plus tasks in flight.
+local function drop_msg(stream, id)
+  if id and id ~= '' then
+    redis.call('XACK', stream, GROUP, id)
+    redis.call('XDEL', stream, id)
+  end
+end
+
+-- Append one event to a run's history; the stream id is "<event_id>-0".
+local function append(run, wid, etype, body, t)
+  local eid = redis.call('HINCRBY', run_key(run), 'last_eid', 1)
+  redis.call('XADD', hist_key(wid, run), eid .. '-0', 'type', etype, 't', t or NOW, 'd', body)
+  return eid
+end
+
+local function schedule_wft(run, tq)
+  local id = redis.call('XADD', queue_key(tq, 'wft'), '*', 'run', run)
+  redis.call('HSET', run_key(run), 'wft', 'scheduled', 'wft_msg', id)
+  return id
+end
+
+-- Move events that arrived while a workflow task was in flight into the history.
+local function flush_buffer(run, wid)
+  local k = buf_key(run)
+  local items = redis.call('LRANGE', k, 0, -1)
+  if #items == 0 then return 0 end
+  for i = 1, #items, 3 do
+    append(run, wid, items[i], items[i + 2], items[i + 1])
+  end
+  redis.call('DEL', k)
+  return #items / 3
+end
+
+-- An event the workflow must see: buffered while a task is started, otherwise
+-- appended, with a workflow task scheduled unless one already is (or is backing off).
+local function deliver(run, etype, body)
+  local r = redis.call('HMGET', run_key(run), 'status', 'wft', 'wid', 'tq')
+  if r[1] ~= 'running' then return false end
+  if r[2] == 'started' then
+    redis.call('RPUSH', buf_key(run), etype, NOW, body)
+  else
+    append(run, r[3], etype, body)
+    if r[2] ~= 'scheduled' and r[2] ~= 'backoff' then schedule_wft(run, r[4]) end
+  end
+  return true
+end
+
+local function expire_run(run, wid, retention_ms)
+  for _, k in ipairs({ run_key(run), hist_key(wid, run), act_key(run) }) do
+    redis.call('PEXPIRE', k, retention_ms)
+  end
+  local wk = wf_key(wid)
+  if redis.call('HGET', wk, 'run') == run then redis.call('PEXPIRE', wk, retention_ms) end
+end
+
+-- Close a run: the closing event, the outcome for result-waiters, the closed-runs
+-- stream they block on, and the retention clock.
+local function close_run(run, status, etype, body, retention_ms)
+  local rk = run_key(run)
+  local r = redis.call('HMGET', rk, 'wid', 'tq', 'wft', 'wft_msg')
+  local wid = r[1]
+  append(run, wid, etype, body)
+  if r[3] == 'scheduled' then drop_msg(queue_key(r[2], 'wft'), r[4]) end
+  redis.call('HSET', rk, 'status', status, 'closed_ms', NOW, 'wft', '', 'outcome', body,
+    'outcome_type', etype)
+  if redis.call('HGET', wf_key(wid), 'run') == run then
+    redis.call('HSET', wf_key(wid), 'status', status)
+  end
+  redis.call('ZREM', TIMERS, 'X|' .. run)
+  redis.call('DEL', buf_key(run))
+  redis.call('XADD', P .. 'closed', 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
+  expire_run(run, wid, retention_ms)
+end
+
+-- Per-activity state lives in the run's act hash: field <seq> is a msgpack map of
+-- numbers and short strings (never user payloads), <seq>:b the scheduled event body
+-- (opaque to Lua), <seq>:hb the last heartbeat details, <seq>:f the last failure.
+local function act_get(run, seq)
+  local raw = redis.call('HGET', act_key(run), seq)
+  if not raw then return nil end
+  return cmsgpack.unpack(raw)
+end
+
+local function act_put(run, seq, s)
+  redis.call('HSET', act_key(run), seq, cmsgpack.pack(s))
+end
+
+local function act_forget(run, seq, s)
+  redis.call('HDEL', act_key(run), seq, seq .. ':b', seq .. ':hb', seq .. ':f')
+  redis.call('ZREM', TIMERS, 'A|' .. run .. '|' .. seq .. '|' .. s.att,
+    'R|' .. run .. '|' .. seq .. '|' .. s.att, 'S|' .. run .. '|' .. seq)
+end
+
+local function act_dispatch(run, seq, s)
+  s.msg = redis.call('XADD', queue_key(s.tq, 'act'), '*', 'run', run, 'seq', seq, 'att', s.att)
+  s.st = 'scheduled'
+  act_put(run, seq, s)
+end
+
+-- After a failed or timed-out attempt: retry with exponential backoff while the
+-- policy allows and the schedule-to-close deadline is not passed, else fail for good.
+-- Returns true when a retry was scheduled.
+local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, final_type)
+  local rk_hb = act_key(run)
+  if failure_body then redis.call('HSET', rk_hb, seq .. ':f', failure_body) end
+  local delay = s.ii * (s.bc ^ (s.att - 1))
+  if s.mi > 0 and delay > s.mi then delay = s.mi end
+  local due = NOW + math.floor(delay)
+  local exhausted = (s.max > 0 and s.att >= s.max)
+  local past_deadline = (s.s2c > 0 and due >= s.sched + s.s2c)
+  if non_retryable or exhausted or past_deadline then
+    act_forget(run, seq, s)
+    deliver(run, final_type, failure_body)
+    return false
+  end
+  append(run, wid, 'ActivityTaskRetrying', failure_body)
+  s.att = s.att + 1
+  s.st = 'backoff'
+  s.due = due
+  s.msg = ''
+  act_put(run, seq, s)
+  redis.call('ZADD', TIMERS, due, 'R|' .. run .. '|' .. seq .. '|' .. s.att)
+  return true
+end
+
+local function timeout_failure(seq, att, kind)
+  return cmsgpack.pack({ seq = tonumber(seq), att = att, failure = {
+    type = 'ActivityTimeoutError', message = 'activity ' .. kind .. ' timeout',
+    timeout_type = kind, non_retryable = false, stack = '' } })
+end

@@ -1,0 +1,52 @@
+"""rillflow: durable workflows in plain async Python, on nothing but Redis.
+
+``import rillflow as workflows`` gives the API of the workflows and activities pages:
+``workflows.workflow.define``, ``workflows.activity(...)``, ``workflows.get_execution_id``.
+"""
+
+from rillflow.activity import ActivityInfo, activity, activity_heartbeat
+from rillflow.client import Client, WorkflowDescription, WorkflowHandle
+from rillflow.errors import (
+    ActivityError,
+    InvalidInputError,
+    NonDeterminismError,
+    PayloadTooLargeError,
+    RillflowError,
+    WorkflowAlreadyStartedError,
+    WorkflowDefinitionError,
+    WorkflowError,
+    WorkflowFailureError,
+    WorkflowNotFoundError,
+)
+from rillflow.executor import WorkflowInfo
+from rillflow.history import HistoryEvent
+from rillflow.worker import Worker
+from rillflow.workflow import get_execution_id, get_workflow_definition, workflow
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivityError",
+    "ActivityInfo",
+    "Client",
+    "HistoryEvent",
+    "InvalidInputError",
+    "NonDeterminismError",
+    "PayloadTooLargeError",
+    "RillflowError",
+    "Worker",
+    "WorkflowAlreadyStartedError",
+    "WorkflowDefinitionError",
+    "WorkflowDescription",
+    "WorkflowError",
+    "WorkflowFailureError",
+    "WorkflowHandle",
+    "WorkflowInfo",
+    "WorkflowNotFoundError",
+    "__version__",
+    "activity",
+    "activity_heartbeat",
+    "get_execution_id",
+    "get_workflow_definition",
+    "workflow",
+]

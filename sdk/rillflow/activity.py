@@ -1,0 +1,201 @@
+"""Defining activities, and what activity code may call while it runs.
+
+An ``@activity()`` function called from workflow code schedules an activity task and
+returns an awaitable of its result. Called from inside another activity, or outside
+any workflow, it is a plain call: the outer activity is the retry boundary.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from rillflow_runtime.keyspace import NAME_RE
+
+from rillflow.errors import WorkflowDefinitionError
+from rillflow.executor import current_instance
+from rillflow.payloads import Signature
+
+
+def _ms(d: timedelta | None) -> int:
+    return 0 if d is None else max(1, round(d.total_seconds() * 1000))
+
+
+@dataclass(frozen=True)
+class ActivityOptions:
+    start_to_close_timeout: timedelta = timedelta(minutes=5)
+    schedule_to_close_timeout: timedelta | None = None
+    heartbeat_timeout: timedelta | None = None
+    retry_policy_max_attempts: int = 3
+    retry_policy_backoff_coefficient: float = 2.0
+    retry_policy_initial_interval: timedelta = timedelta(seconds=1)
+    retry_policy_max_interval: timedelta = timedelta(seconds=100)
+    task_queue: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("start_to_close_timeout", "retry_policy_initial_interval", "retry_policy_max_interval"):
+            v = getattr(self, name)
+            if not isinstance(v, timedelta) or v.total_seconds() <= 0:
+                raise WorkflowDefinitionError(
+                    f"activity option {name} must be a positive timedelta, got {v!r}"
+                )
+        for name in ("schedule_to_close_timeout", "heartbeat_timeout"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, timedelta) or v.total_seconds() <= 0):
+                raise WorkflowDefinitionError(
+                    f"activity option {name} must be a positive timedelta or None, got {v!r}"
+                )
+        if self.retry_policy_max_attempts < 0:
+            raise WorkflowDefinitionError("retry_policy_max_attempts must be >= 0 (0 means unlimited)")
+        if self.retry_policy_backoff_coefficient < 1:
+            raise WorkflowDefinitionError("retry_policy_backoff_coefficient must be >= 1")
+
+    def aux(self) -> list[Any]:
+        """The numbers the scripts read (ms), in the order wft_complete.lua expects."""
+        return [
+            _ms(self.start_to_close_timeout),
+            _ms(self.schedule_to_close_timeout),
+            _ms(self.heartbeat_timeout),
+            self.retry_policy_max_attempts,
+            _ms(self.retry_policy_initial_interval),
+            float(self.retry_policy_backoff_coefficient),
+            _ms(self.retry_policy_max_interval),
+        ]
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "start_to_close_ms": _ms(self.start_to_close_timeout),
+            "schedule_to_close_ms": _ms(self.schedule_to_close_timeout),
+            "heartbeat_ms": _ms(self.heartbeat_timeout),
+            "retry": {
+                "max_attempts": self.retry_policy_max_attempts,
+                "backoff_coefficient": self.retry_policy_backoff_coefficient,
+                "initial_interval_ms": _ms(self.retry_policy_initial_interval),
+                "max_interval_ms": _ms(self.retry_policy_max_interval),
+            },
+        }
+
+
+class ActivityDefinition:
+    """A registered activity: callable like the function it wraps."""
+
+    def __init__(self, fn: Callable[..., Any], name: str, options: ActivityOptions) -> None:
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.sig = Signature(fn, what="activity", require_annotations=False)
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inst = current_instance()
+        if inst is not None:
+            return inst.schedule_activity(self, args, kwargs)
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<activity {self.name!r}>"
+
+
+@dataclass
+class ActivityInfo:
+    activity_name: str
+    attempt: int
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    seq: int
+    heartbeat_details: list[Any] = field(default_factory=list)
+    start_to_close_timeout: timedelta | None = None
+    heartbeat_timeout: timedelta | None = None
+
+
+class ActivityContext:
+    """What the worker gives a running activity: its info and a heartbeat sink."""
+
+    def __init__(self, info: ActivityInfo, on_heartbeat: Callable[[list[Any]], None]) -> None:
+        self.info = info
+        self.on_heartbeat = on_heartbeat
+        self.cancelled = False
+
+
+_current_activity: contextvars.ContextVar[ActivityContext | None] = contextvars.ContextVar(
+    "rillflow_activity", default=None
+)
+
+
+def activity_heartbeat(*details: Any) -> None:
+    """Report progress; the latest details reach the next attempt as
+    ``activity.info().heartbeat_details``. Outside an activity it does nothing."""
+    ctx = _current_activity.get()
+    if ctx is not None:
+        ctx.on_heartbeat(list(details))
+
+
+def _activity_info() -> ActivityInfo:
+    ctx = _current_activity.get()
+    if ctx is None:
+        raise RuntimeError("activity.info() can only be called while an activity runs in a worker")
+    return ctx.info
+
+
+class _ActivityNamespace:
+    """``@activity(...)`` defines an activity; ``activity.heartbeat`` and
+    ``activity.info`` serve code running inside one."""
+
+    heartbeat = staticmethod(activity_heartbeat)
+    info = staticmethod(_activity_info)
+    Info = ActivityInfo
+
+    def __call__(
+        self,
+        start_to_close_timeout: timedelta = timedelta(minutes=5),
+        retry_policy_max_attempts: int | None = None,
+        retry_policy_backoff_coefficient: float | None = None,
+        name: str | None = None,
+        *,
+        schedule_to_close_timeout: timedelta | None = None,
+        heartbeat_timeout: timedelta | None = None,
+        retry_policy_initial_interval: timedelta = timedelta(seconds=1),
+        retry_policy_max_interval: timedelta = timedelta(seconds=100),
+        task_queue: str | None = None,
+        **_unused: Any,
+    ) -> Callable[[Callable[..., Any]], ActivityDefinition]:
+        options = ActivityOptions(
+            start_to_close_timeout=start_to_close_timeout,
+            schedule_to_close_timeout=schedule_to_close_timeout,
+            heartbeat_timeout=heartbeat_timeout,
+            retry_policy_max_attempts=3 if retry_policy_max_attempts is None else retry_policy_max_attempts,
+            retry_policy_backoff_coefficient=2.0
+            if retry_policy_backoff_coefficient is None
+            else retry_policy_backoff_coefficient,
+            retry_policy_initial_interval=retry_policy_initial_interval,
+            retry_policy_max_interval=retry_policy_max_interval,
+            task_queue=task_queue,
+        )
+
+        def decorate(fn: Callable[..., Any]) -> ActivityDefinition:
+            if isinstance(fn, ActivityDefinition):
+                raise WorkflowDefinitionError(f"{fn.name!r} is already an activity")
+            if not callable(fn) or "<locals>" in getattr(fn, "__qualname__", ""):
+                raise WorkflowDefinitionError(
+                    f"activity {getattr(fn, '__qualname__', fn)!r} must be a module-level function"
+                )
+            act_name = name or fn.__name__
+            if not NAME_RE.fullmatch(act_name):
+                raise WorkflowDefinitionError(
+                    f"activity name {act_name!r} is invalid: use 1-128 characters of "
+                    "letters, digits, '_', '-' and '.'"
+                )
+            return ActivityDefinition(fn, act_name, options)
+
+        return decorate
+
+
+activity = _ActivityNamespace()

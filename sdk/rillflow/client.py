@@ -1,0 +1,417 @@
+"""Starting workflows and reading their state, from any process that reaches Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+from rillflow_runtime.codec import pack, text, unpack
+from rillflow_runtime.keyspace import ID_RE, NAME_RE, Keyspace
+from rillflow_runtime.scripts import Scripts
+
+from rillflow.errors import (
+    InvalidInputError,
+    RillflowError,
+    WorkflowAlreadyStartedError,
+    WorkflowError,
+    WorkflowFailureError,
+    WorkflowNotFoundError,
+    exception_from_failure,
+)
+from rillflow.history import HistoryEvent
+from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size
+from rillflow.workflow import WorkflowDefinition, get_workflow_definition
+
+DEFAULT_RETENTION = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class NamespaceSettings:
+    shards: int = 1
+    retention_ms: int = int(DEFAULT_RETENTION.total_seconds() * 1000)
+    workflow_task_timeout_ms: int = 10_000
+
+
+async def ensure_namespace(
+    redis: Redis, namespace: str, shards: int | None = None, retention: timedelta | None = None
+) -> NamespaceSettings:
+    """Create the namespace's meta hash on first use; afterwards its settings are fixed."""
+    if not NAME_RE.fullmatch(namespace) or "." in namespace:
+        raise RillflowError(f"namespace {namespace!r} is invalid: use letters, digits, '_' and '-'")
+    if shards is not None and not 1 <= shards <= 4096:
+        raise RillflowError(f"shards must be between 1 and 4096, got {shards}")
+    key = Keyspace.meta_key(namespace)
+    defaults = NamespaceSettings()
+    await redis.hsetnx(key, "shards", shards or defaults.shards)
+    await redis.hsetnx(
+        key, "retention_ms", int(retention.total_seconds() * 1000) if retention else defaults.retention_ms
+    )
+    await redis.hsetnx(key, "workflow_task_timeout_ms", defaults.workflow_task_timeout_ms)
+    raw = {text(k): int(v) for k, v in (await redis.hgetall(key)).items()}
+    settings = NamespaceSettings(
+        shards=raw["shards"],
+        retention_ms=raw["retention_ms"],
+        workflow_task_timeout_ms=raw["workflow_task_timeout_ms"],
+    )
+    if shards is not None and shards != settings.shards:
+        raise RillflowError(
+            f"namespace {namespace!r} already has {settings.shards} shards; the shard count "
+            f"is fixed when a namespace is created (asked for {shards})"
+        )
+    return settings
+
+
+@dataclass
+class PendingActivity:
+    seq: int
+    name: str
+    state: str
+    attempt: int
+    last_failure: WorkflowError | None
+    heartbeat_details: list[Any] | None
+
+
+@dataclass
+class WorkflowDescription:
+    execution_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    status: str
+    start_time: datetime
+    close_time: datetime | None
+    execution_deadline: datetime | None
+    history_length: int
+    pending_activities: list[PendingActivity] = field(default_factory=list)
+    workflow_task_failures: int = 0
+    last_workflow_task_failure: WorkflowError | None = None
+
+
+def _dt(ms: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC) if ms else None
+
+
+class _ClosedWatcher:
+    """Waits for runs to close with one blocking XREAD for all shards and all waiters,
+    on one dedicated connection: no polling, no connection per waiting call."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.redis = Redis.from_url(client.url)
+        self.waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.cursors: dict[str, str] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.started = asyncio.Lock()
+
+    async def ensure_started(self) -> None:
+        async with self.started:
+            if self.task is not None and not self.task.done():
+                return
+            ks = self.client.keyspace
+            for s in ks.all_shards():
+                last = await self.client.redis.xrevrange(ks.closed(s), count=1)
+                self.cursors[ks.closed(s)] = text(last[0][0]) if last else "0-0"
+            self.task = asyncio.create_task(self._loop(), name="rillflow-closed-watcher")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                resp = await self.redis.xread(self.cursors, block=5000, count=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.5)
+                continue
+            for stream, entries in resp or []:
+                for sid, fields in entries:
+                    self.cursors[text(stream)] = text(sid)
+                    run = text(fields.get(b"run"))
+                    for fut in self.waiters.pop(run, []):
+                        if not fut.done():
+                            fut.set_result(None)
+
+    def register(self, run_id: str) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(run_id, []).append(fut)
+        return fut
+
+    def unregister(self, run_id: str, fut: asyncio.Future[None]) -> None:
+        lst = self.waiters.get(run_id)
+        if lst and fut in lst:
+            lst.remove(fut)
+            if not lst:
+                del self.waiters[run_id]
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        await self.redis.aclose()
+
+
+class Client:
+    """A connection to one namespace. ``await Client.connect(url)``."""
+
+    def __init__(
+        self, redis: Redis, namespace: str, settings: NamespaceSettings, *, max_payload_bytes: int, url: str
+    ) -> None:
+        self.url = url
+        self.redis = redis
+        self.namespace = namespace
+        self.settings = settings
+        self.keyspace = Keyspace(namespace, settings.shards)
+        self.scripts = Scripts(redis)
+        self.max_payload_bytes = max_payload_bytes
+        self._watcher: _ClosedWatcher | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str = "redis://127.0.0.1:6379/0",
+        namespace: str = "default",
+        *,
+        shards: int | None = None,
+        retention: timedelta | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_connections: int = 64,
+    ) -> Client:
+        redis = Redis.from_url(url, max_connections=max_connections, health_check_interval=30)
+        try:
+            settings = await ensure_namespace(redis, namespace, shards, retention)
+        except BaseException:
+            await redis.aclose()
+            raise
+        return cls(redis, namespace, settings, max_payload_bytes=max_payload_bytes, url=url)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.close()
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def watcher(self) -> _ClosedWatcher:
+        if self._watcher is None:
+            self._watcher = _ClosedWatcher(self)
+        return self._watcher
+
+    # -- starting -----------------------------------------------------------------------
+    async def start_workflow(
+        self,
+        workflow: type | str,
+        params: Any = None,
+        *,
+        execution_id: str | None = None,
+        task_queue: str = "default",
+        execution_timeout: timedelta | None = None,
+    ) -> WorkflowHandle:
+        """Start a run; returns at once with a handle. The input is validated against
+        the workflow's entrypoint (given the class) before anything is written."""
+        defn: WorkflowDefinition | None = None
+        if isinstance(workflow, str):
+            name = workflow
+            if isinstance(params, BaseModel):
+                params = params.model_dump(mode="json")
+            data = params if params is not None else {}
+            if not isinstance(data, dict):
+                raise InvalidInputError(
+                    f"input for workflow '{name}' must be a JSON object keyed by parameter name"
+                )
+        else:
+            defn = get_workflow_definition(workflow)
+            name = defn.name
+            data = defn.sig.encode_input(params)
+        if not NAME_RE.fullmatch(name):
+            raise InvalidInputError(f"workflow name {name!r} is invalid")
+        if not NAME_RE.fullmatch(task_queue):
+            raise InvalidInputError(
+                f"task queue {task_queue!r} is invalid: use letters, digits, '_', '-', '.'"
+            )
+        wid = execution_id or str(uuid.uuid4())
+        if not ID_RE.fullmatch(wid):
+            raise InvalidInputError(
+                f"execution_id {wid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.'"
+            )
+        timeout = execution_timeout or (defn.execution_timeout if defn else timedelta(hours=1))
+        if timeout.total_seconds() <= 0:
+            raise InvalidInputError("execution_timeout must be positive")
+        timeout_ms = int(timeout.total_seconds() * 1000)
+        body = pack(
+            {
+                "workflow_type": name,
+                "task_queue": task_queue,
+                "input": data,
+                "execution_timeout_ms": timeout_ms,
+            }
+        )
+        check_size(body, self.max_payload_bytes, f"input of workflow '{name}'")
+        run_id = str(uuid.uuid4())
+        shard = self.keyspace.shard(wid)
+        res = await self.scripts.call(
+            "start",
+            self.keyspace.timers(shard),
+            [self.keyspace.prefix(shard), wid, run_id, name, task_queue, body, timeout_ms],
+        )
+        status, rid = text(res[0]), text(res[1])
+        if status == "running":
+            raise WorkflowAlreadyStartedError(wid, rid)
+        return WorkflowHandle(self, wid, rid, defn)
+
+    async def execute_workflow(self, workflow: type | str, params: Any = None, **kwargs: Any) -> Any:
+        """Start a run and wait for its result."""
+        timeout = kwargs.pop("result_timeout", None)
+        handle = await self.start_workflow(workflow, params, **kwargs)
+        return await handle.result(timeout=timeout)
+
+    def get_workflow_handle(
+        self, execution_id: str, *, run_id: str | None = None, workflow: type | None = None
+    ) -> WorkflowHandle:
+        return WorkflowHandle(
+            self, execution_id, run_id, get_workflow_definition(workflow) if workflow else None
+        )
+
+
+class WorkflowHandle:
+    """One execution: its result, state, history; ``run_id=None`` means the current run."""
+
+    def __init__(
+        self, client: Client, execution_id: str, run_id: str | None, defn: WorkflowDefinition | None = None
+    ) -> None:
+        self.client = client
+        self.id = execution_id
+        self.run_id = run_id
+        self.defn = defn
+        self.shard = client.keyspace.shard(execution_id)
+
+    @property
+    def execution_id(self) -> str:
+        return self.id
+
+    async def _resolve_run(self) -> str:
+        if self.run_id:
+            return self.run_id
+        run = await self.client.redis.hget(self.client.keyspace.wf(self.shard, self.id), "run")
+        if not run:
+            raise WorkflowNotFoundError(
+                f"no workflow execution {self.id!r} in namespace {self.client.namespace!r} "
+                "(never started, or past its retention period)"
+            )
+        return text(run)
+
+    async def _run_fields(self, run: str, *names: str) -> list[Any]:
+        vals = await self.client.redis.hmget(self.client.keyspace.run(self.shard, run), list(names))
+        return list(vals)
+
+    async def result(self, timeout: float | timedelta | None = None) -> Any:
+        """Wait for the run to close; return its result or raise
+        :class:`WorkflowFailureError`. ``TimeoutError`` if ``timeout`` passes first."""
+        run = await self._resolve_run()
+        watcher = self.client.watcher
+        await watcher.ensure_started()
+        fut = watcher.register(run)
+        try:
+            (status,) = await self._run_fields(run, "status")
+            if status is None:
+                raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
+            if text(status) == "running":
+                secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+                await asyncio.wait_for(asyncio.shield(fut), secs)
+        finally:
+            watcher.unregister(run, fut)
+        return await self._outcome(run)
+
+    async def _outcome(self, run: str) -> Any:
+        status, otype, outcome = await self._run_fields(run, "status", "outcome_type", "outcome")
+        st = text(status)
+        body = unpack(outcome) if outcome else {}
+        if text(otype) == "WorkflowExecutionCompleted":
+            value = body.get("result")
+            return self.defn.sig.load_result(value) if self.defn else value
+        if "failure" in body:
+            cause = exception_from_failure(body["failure"])
+        else:
+            reason = body.get("reason") or st
+            cause = WorkflowError(
+                str(reason),
+                type={"timed_out": "WORKFLOW_EXECUTION_TIMED_OUT", "terminated": "WorkflowTerminated"}.get(
+                    st, st
+                ),
+            )
+        raise WorkflowFailureError(self.id, run, st, cause)
+
+    async def describe(self) -> WorkflowDescription:
+        run = await self._resolve_run()
+        ks, r = self.client.keyspace, self.client.redis
+        fields = {text(k): v for k, v in (await r.hgetall(ks.run(self.shard, run))).items()}
+        if not fields:
+            raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
+        acts_raw = {text(k): v for k, v in (await r.hgetall(ks.acts(self.shard, run))).items()}
+        pending = []
+        for key, val in acts_raw.items():
+            if ":" in key:
+                continue
+            s = unpack(val)
+            sched = unpack(acts_raw[f"{key}:b"]) if f"{key}:b" in acts_raw else {}
+            fail = acts_raw.get(f"{key}:f")
+            hb = acts_raw.get(f"{key}:hb")
+            pending.append(
+                PendingActivity(
+                    seq=int(key),
+                    name=sched.get("name", "?"),
+                    state=text(s.get("st")),
+                    attempt=int(s.get("att", 1)),
+                    last_failure=exception_from_failure(unpack(fail).get("failure", {})) if fail else None,
+                    heartbeat_details=unpack(hb) if hb else None,
+                )
+            )
+        pending.sort(key=lambda p: p.seq)
+        wft_fail = fields.get("wft_failure")
+        return WorkflowDescription(
+            execution_id=self.id,
+            run_id=run,
+            workflow_type=text(fields.get("wtype")),
+            task_queue=text(fields.get("tq")),
+            status=text(fields.get("status")),
+            start_time=_dt(fields.get("start_ms")) or datetime.fromtimestamp(0, UTC),
+            close_time=_dt(fields.get("closed_ms")),
+            execution_deadline=_dt(fields.get("deadline_ms")),
+            history_length=int(fields.get("last_eid") or 0),
+            pending_activities=pending,
+            workflow_task_failures=int(fields.get("wft_failures") or 0),
+            last_workflow_task_failure=exception_from_failure(unpack(wft_fail).get("failure", {}))
+            if wft_fail
+            else None,
+        )
+
+    async def history(self) -> list[HistoryEvent]:
+        run = await self._resolve_run()
+        entries = await self.client.redis.xrange(self.client.keyspace.history(self.shard, self.id, run))
+        return [HistoryEvent.from_entry(e) for e in entries]
+
+    async def terminate(self, reason: str = "") -> None:
+        ks = self.client.keyspace
+        res = await self.client.scripts.call(
+            "terminate",
+            ks.timers(self.shard),
+            [
+                ks.prefix(self.shard),
+                self.id,
+                self.run_id or "",
+                pack({"reason": reason or "terminated"}),
+                self.client.settings.retention_ms,
+            ],
+        )
+        if text(res[0]) != "ok":
+            raise RillflowError(f"workflow execution {self.id!r} is not running; nothing to terminate")

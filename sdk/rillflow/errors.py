@@ -1,0 +1,155 @@
+"""Errors users see, and the failure record that carries an exception across processes."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+
+class RillflowError(Exception):
+    """Base of the errors rillflow itself raises (usage, configuration, state)."""
+
+
+class WorkflowError(Exception):
+    """A failure meant for the workflow: raised in an activity it is retried unless
+    ``non_retryable``; raised in a workflow it fails the run.
+
+    Once it has crossed a process boundary, ``type`` is the original exception's class
+    name and ``stack`` the original traceback text.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *details: Any,
+        type: str | None = None,
+        non_retryable: bool = False,
+        next_retry_delay: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = list(details)
+        self.type = type or self.__class__.__name__
+        self.non_retryable = non_retryable
+        self.next_retry_delay = next_retry_delay
+        self.stack = ""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ActivityError(WorkflowError):
+    """What a workflow sees when an activity has failed for good (retries exhausted,
+    a non-retryable error, or a timeout). ``cause`` holds the last attempt's failure."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        activity_name: str,
+        attempt: int,
+        cause: WorkflowError,
+        timeout_type: str | None = None,
+    ) -> None:
+        super().__init__(message, type="ActivityError", non_retryable=True)
+        self.activity_name = activity_name
+        self.attempt = attempt
+        self.cause = cause
+        self.timeout_type = timeout_type
+        self.__cause__ = cause
+
+
+class WorkflowFailureError(RillflowError):
+    """The run ended without a result: failed, timed out or terminated."""
+
+    def __init__(self, execution_id: str, run_id: str, status: str, cause: WorkflowError) -> None:
+        super().__init__(
+            f"workflow execution {execution_id!r} (run {run_id}) {status}: {cause.type}: {cause.message}"
+        )
+        self.execution_id = execution_id
+        self.run_id = run_id
+        self.status = status
+        self.cause = cause
+        self.__cause__ = cause
+
+
+class WorkflowAlreadyStartedError(RillflowError):
+    def __init__(self, execution_id: str, run_id: str) -> None:
+        super().__init__(
+            f"workflow execution {execution_id!r} is already running (run {run_id}); "
+            "wait for it, terminate it, or start with another execution_id"
+        )
+        self.execution_id = execution_id
+        self.run_id = run_id
+
+
+class WorkflowNotFoundError(RillflowError):
+    pass
+
+
+class InvalidInputError(RillflowError, ValueError):
+    """Input that does not validate; nothing was written."""
+
+
+class PayloadTooLargeError(RillflowError, ValueError):
+    pass
+
+
+class NonDeterminismError(RillflowError):
+    """Workflow code no longer produces the commands its history records."""
+
+
+class WorkflowDefinitionError(RillflowError, TypeError):
+    """A workflow or activity definition breaks a rule, found when it is decorated."""
+
+
+def failure_from_exception(exc: BaseException) -> dict[str, Any]:
+    """The portable record of an exception (type, message, stack, non_retryable)."""
+    stack = "".join(traceback.format_exception(exc))
+    if isinstance(exc, WorkflowError):
+        rec: dict[str, Any] = {
+            "type": exc.type,
+            "message": exc.message,
+            "non_retryable": exc.non_retryable,
+            "stack": exc.stack or stack,
+        }
+        if exc.details:
+            rec["details"] = _jsonable(exc.details)
+        if isinstance(exc, ActivityError):
+            rec["activity_name"] = exc.activity_name
+            rec["attempt"] = exc.attempt
+            rec["cause"] = failure_from_exception(exc.cause)
+        return rec
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "non_retryable": False,
+        "stack": stack,
+    }
+
+
+def exception_from_failure(rec: dict[str, Any]) -> WorkflowError:
+    """Rebuild a failure record as an exception the receiving side can catch."""
+    if rec.get("type") == "ActivityError" and "cause" in rec:
+        cause = exception_from_failure(rec["cause"])
+        err: WorkflowError = ActivityError(
+            rec.get("message", ""),
+            activity_name=rec.get("activity_name", ""),
+            attempt=int(rec.get("attempt", 0)),
+            cause=cause,
+        )
+    else:
+        err = WorkflowError(
+            rec.get("message", ""),
+            *rec.get("details", []),
+            type=rec.get("type"),
+            non_retryable=bool(rec.get("non_retryable", False)),
+        )
+    err.stack = rec.get("stack", "")
+    return err
+
+
+def _jsonable(value: Any) -> Any:
+    from pydantic_core import to_jsonable_python
+
+    return to_jsonable_python(value, fallback=repr)

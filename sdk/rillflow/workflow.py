@@ -1,0 +1,161 @@
+"""Defining workflows, and what workflow code may call while it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random as _random
+import uuid as _uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from rillflow_runtime.keyspace import NAME_RE
+
+from rillflow.errors import WorkflowDefinitionError
+from rillflow.executor import WorkflowInfo, current_instance, require_instance
+from rillflow.payloads import Signature
+
+T = TypeVar("T")
+_ENTRY_MARK = "__rillflow_entrypoint__"
+DEFAULT_EXECUTION_TIMEOUT = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class WorkflowDefinition:
+    name: str
+    cls: type
+    entry_name: str
+    sig: Signature
+    execution_timeout: timedelta
+    description: str | None = None
+    display_name: str | None = None
+    schedules: tuple[Any, ...] = ()
+
+
+def get_workflow_definition(cls: Any) -> WorkflowDefinition:
+    defn = getattr(cls, "__rillflow_workflow__", None)
+    if not isinstance(defn, WorkflowDefinition):
+        raise WorkflowDefinitionError(
+            f"{cls!r} is not a workflow: decorate the class with @workflow.define(name=...)"
+        )
+    return defn
+
+
+def _seconds(d: timedelta | float | int) -> float:
+    return d.total_seconds() if isinstance(d, timedelta) else float(d)
+
+
+class workflow:
+    """Decorators for workflow classes and the calls workflow code may make."""
+
+    @staticmethod
+    def define(
+        name: str,
+        workflow_description: str | None = None,
+        schedules: list[Any] | None = None,
+        workflow_display_name: str | None = None,
+        execution_timeout: timedelta = DEFAULT_EXECUTION_TIMEOUT,
+        **_unused: Any,
+    ) -> Callable[[type[T]], type[T]]:
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name) or "." in name:
+            raise WorkflowDefinitionError(
+                f"workflow name {name!r} is invalid: use 1-128 characters of letters, digits, '_' and '-'"
+            )
+        if execution_timeout.total_seconds() <= 0:
+            raise WorkflowDefinitionError("execution_timeout must be positive")
+
+        def decorate(cls: type[T]) -> type[T]:
+            if not isinstance(cls, type):
+                raise WorkflowDefinitionError("@workflow.define decorates a class")
+            entries = [(n, m) for n, m in inspect.getmembers(cls) if getattr(m, _ENTRY_MARK, None)]
+            if not entries:
+                raise WorkflowDefinitionError(
+                    f"workflow '{name}' ({cls.__qualname__}) has no entrypoint: "
+                    "mark one async method with @workflow.entrypoint"
+                )
+            if len(entries) > 1:
+                names = ", ".join(n for n, _ in entries)
+                raise WorkflowDefinitionError(
+                    f"workflow '{name}' has {len(entries)} entrypoints ({names}); keep exactly one"
+                )
+            entry_name, fn = entries[0]
+            cls.__rillflow_workflow__ = WorkflowDefinition(  # type: ignore[attr-defined]
+                name=name,
+                cls=cls,
+                entry_name=entry_name,
+                sig=getattr(fn, _ENTRY_MARK),
+                execution_timeout=execution_timeout,
+                description=workflow_description or inspect.getdoc(cls),
+                display_name=workflow_display_name,
+                schedules=tuple(schedules or ()),
+            )
+            return cls
+
+        return decorate
+
+    @staticmethod
+    def entrypoint(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.iscoroutinefunction(fn):
+            raise WorkflowDefinitionError(f"'{fn.__name__}' must be async function. Use `async def`.")
+        setattr(fn, _ENTRY_MARK, Signature(fn, what="workflow entrypoint", require_annotations=True))
+        return fn
+
+    # -- inside workflow code ---------------------------------------------------------------
+    @staticmethod
+    def in_workflow() -> bool:
+        return current_instance() is not None
+
+    @staticmethod
+    def info() -> WorkflowInfo:
+        return require_instance("workflow.info()").info
+
+    @staticmethod
+    def now() -> datetime:
+        """The time of the current workflow task: the same on every replay."""
+        return require_instance("workflow.now()").now()
+
+    @staticmethod
+    def random() -> _random.Random:
+        """A random generator seeded from the run, so replays draw the same numbers."""
+        return require_instance("workflow.random()").random
+
+    @staticmethod
+    def uuid4() -> _uuid.UUID:
+        return require_instance("workflow.uuid4()").uuid4()
+
+    @staticmethod
+    async def sleep(duration: timedelta | float, *, summary: str | None = None) -> None:
+        """A durable timer: the run sleeps in Redis, not in a worker."""
+        require_instance("workflow.sleep()")
+        await asyncio.sleep(_seconds(duration))
+
+    @staticmethod
+    async def wait_condition(
+        predicate: Callable[[], bool],
+        timeout: timedelta | float | None = None,
+        timeout_summary: str | None = None,
+    ) -> None:
+        """Wait until ``predicate()`` is true, re-checked after every event; raises
+        ``TimeoutError`` (``asyncio.TimeoutError``) if ``timeout`` passes first."""
+        inst = require_instance("workflow.wait_condition()")
+        if predicate():
+            return
+        fut = inst.wait_condition(predicate)
+        if timeout is None:
+            await fut
+        else:
+            await asyncio.wait_for(fut, _seconds(timeout))
+
+
+def get_execution_id() -> str | None:
+    """The execution id of the workflow this code runs for: in workflow code, and in
+    activities it schedules; None elsewhere."""
+    inst = current_instance()
+    if inst is not None:
+        return inst.info.workflow_id
+    from rillflow.activity import _current_activity
+
+    ctx = _current_activity.get()
+    return ctx.info.workflow_id if ctx is not None else None
