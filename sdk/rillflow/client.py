@@ -39,7 +39,11 @@ class NamespaceSettings:
 
 
 async def ensure_namespace(
-    redis: Redis, namespace: str, shards: int | None = None, retention: timedelta | None = None
+    redis: Redis,
+    namespace: str,
+    shards: int | None = None,
+    retention: timedelta | None = None,
+    workflow_task_timeout: timedelta | None = None,
 ) -> NamespaceSettings:
     """Create the namespace's meta hash on first use; afterwards its settings are fixed."""
     if not NAME_RE.fullmatch(namespace) or "." in namespace:
@@ -52,7 +56,13 @@ async def ensure_namespace(
     await redis.hsetnx(
         key, "retention_ms", int(retention.total_seconds() * 1000) if retention else defaults.retention_ms
     )
-    await redis.hsetnx(key, "workflow_task_timeout_ms", defaults.workflow_task_timeout_ms)
+    await redis.hsetnx(
+        key,
+        "workflow_task_timeout_ms",
+        int(workflow_task_timeout.total_seconds() * 1000)
+        if workflow_task_timeout
+        else defaults.workflow_task_timeout_ms,
+    )
     raw = {text(k): int(v) for k, v in (await redis.hgetall(key)).items()}
     settings = NamespaceSettings(
         shards=raw["shards"],
@@ -97,6 +107,14 @@ def _dt(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, tz=UTC) if ms else None
 
 
+def reraise_if_cancelling() -> None:
+    """redis-py may turn a cancellation into a connection error: call this in an
+    ``except`` that retries, so a cancelled loop still ends."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _ClosedWatcher:
     """Waits for runs to close with one blocking XREAD for all shards and all waiters,
     on one dedicated connection: no polling, no connection per waiting call."""
@@ -123,9 +141,8 @@ class _ClosedWatcher:
         while True:
             try:
                 resp = await self.redis.xread(self.cursors, block=5000, count=1000)
-            except asyncio.CancelledError:
-                raise
             except Exception:
+                reraise_if_cancelling()
                 await asyncio.sleep(0.5)
                 continue
             for stream, entries in resp or []:
@@ -181,10 +198,14 @@ class Client:
         retention: timedelta | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_connections: int = 64,
+        workflow_task_timeout: timedelta | None = None,
     ) -> Client:
+        """Connect to ``namespace``, creating it on first use with ``shards`` (default 1),
+        ``retention`` of closed runs (default 7 days) and ``workflow_task_timeout``
+        (default 10 s); a namespace's settings are fixed once created."""
         redis = Redis.from_url(url, max_connections=max_connections, health_check_interval=30)
         try:
-            settings = await ensure_namespace(redis, namespace, shards, retention)
+            settings = await ensure_namespace(redis, namespace, shards, retention, workflow_task_timeout)
         except BaseException:
             await redis.aclose()
             raise

@@ -31,7 +31,7 @@ from rillflow.activity import (
     ActivityInfo,
     _current_activity,
 )
-from rillflow.client import Client
+from rillflow.client import Client, reraise_if_cancelling
 from rillflow.errors import (
     InvalidInputError,
     RillflowError,
@@ -134,6 +134,7 @@ class Worker:
         self.running: dict[tuple[str, int], _Running] = {}
         self.stats = WorkerStats()
         self._stopping = asyncio.Event()
+        self._closing = False
         self._stopped = asyncio.Event()
         self._slots = asyncio.Event()
         self._slots.set()
@@ -202,8 +203,12 @@ class Worker:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await self._flush_done()
-        for t in self._tasks:
+        # the flusher reports what is left, then it and the pump end by themselves
+        self._closing = True
+        self._done_event.set()
+        self._pump_wake.set()
+        _, stuck = await asyncio.wait(self._tasks, timeout=10)
+        for t in stuck:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -227,6 +232,7 @@ class Worker:
                 return []
             raise
         except _TRANSIENT as e:
+            reraise_if_cancelling()
             log.warning("redis unavailable; retrying", error=str(e))
             await asyncio.sleep(0.5)
             return []
@@ -244,6 +250,7 @@ class Worker:
                 try:
                     await self._process_wfts(self._shard_of_stream(stream), text(stream), entries)
                 except _TRANSIENT as e:
+                    reraise_if_cancelling()
                     log.warning("workflow task batch interrupted; tasks will be retried", error=str(e))
                     await asyncio.sleep(0.5)
 
@@ -395,6 +402,7 @@ class Worker:
                 try:
                     await self._start_activities(self._shard_of_stream(stream), text(stream), entries)
                 except _TRANSIENT as e:
+                    reraise_if_cancelling()
                     log.warning("activity batch interrupted; tasks will be retried", error=str(e))
                     await asyncio.sleep(0.5)
 
@@ -475,6 +483,7 @@ class Worker:
         adef = self.activities.get(info.activity_name)
         token = _current_activity.set(ctx)
         non_retryable = False
+        deadline: asyncio.Timeout | None = None
         try:
             if adef is None:
                 raise WorkflowError(
@@ -487,7 +496,8 @@ class Worker:
             except InvalidInputError:
                 non_retryable = True
                 raise
-            async with asyncio.timeout(budget):
+            deadline = asyncio.timeout(budget)
+            async with deadline:
                 if adef.is_async:
                     result = await adef.fn(*args)
                 else:
@@ -501,11 +511,17 @@ class Worker:
             # cancelled): nothing to report; the server's deadline decides.
             return
         except BaseException as e:
-            if isinstance(e, TimeoutError) and not isinstance(e, WorkflowError) and _timed_out_here(e):
-                e = WorkflowError(
-                    f"activity '{info.activity_name}' exceeded its start_to_close timeout",
-                    type="ActivityTimeoutError",
+            if isinstance(e, TimeoutError) and deadline is not None and deadline.expired():
+                # the attempt's deadline passed: the server's timer records the timeout
+                # (start_to_close, heartbeat or schedule_to_close) and retries; a report
+                # from here would only race it.
+                log.info(
+                    "activity attempt ran out of time",
+                    activity=info.activity_name,
+                    workflow_id=info.workflow_id,
+                    attempt=info.attempt,
                 )
+                return
             fail = failure_from_exception(e)
             nr = non_retryable or bool(fail.get("non_retryable"))
             r = self.running.get((info.run_id, info.seq))
@@ -527,12 +543,13 @@ class Worker:
         self._done_event.set()
 
     async def _flusher(self) -> None:
-        while True:
+        while not (self._closing and not self._done):
             await self._done_event.wait()
             self._done_event.clear()
             try:
                 await self._flush_done()
             except _TRANSIENT as e:
+                reraise_if_cancelling()
                 log.warning("could not report activity results; retrying", error=str(e))
                 await asyncio.sleep(0.5)
                 self._done_event.set()
@@ -599,6 +616,7 @@ class Worker:
                 [self.ks.prefix(r.shard), r.run, r.seq, r.attempt, pack(r.details)],
             )
         except _TRANSIENT as e:
+            reraise_if_cancelling()
             log.warning("heartbeat not recorded", error=str(e))
             res = b"ok"
         finally:
@@ -613,7 +631,7 @@ class Worker:
     # -- timers, reclaim, dead letters --------------------------------------------------
     async def _pump_loop(self) -> None:
         last_reclaim = 0.0
-        while True:
+        while not self._closing:
             wait = self.pump_interval
             try:
                 for s in self.ks.all_shards():
@@ -628,6 +646,7 @@ class Worker:
                     last_reclaim = time.monotonic()
                     await self._reclaim()
             except _TRANSIENT as e:
+                reraise_if_cancelling()
                 log.warning("timer pump: redis unavailable", error=str(e))
                 wait = 0.5
             if wait > 0:
@@ -685,13 +704,3 @@ class Worker:
                 reason=reason,
                 deliveries=deliveries,
             )
-
-
-def _timed_out_here(e: BaseException) -> bool:
-    """asyncio.timeout raises TimeoutError from CancelledError; a user's own
-    TimeoutError has no such cause."""
-    return (
-        isinstance(e.__cause__, asyncio.CancelledError)
-        or (e.__context__ is not None
-        and isinstance(e.__context__, asyncio.CancelledError))
-    )

@@ -1,0 +1,85 @@
+"""The workflows ``rillflow dev`` serves and runs: an order that fans out, retries a
+flaky payment and sleeps durably; a shipment whose activity fails for good."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from pydantic import BaseModel
+
+import rillflow as workflows
+from rillflow import activity
+
+
+class Order(BaseModel):
+    order_id: str
+    items: list[str]
+    amount: float
+
+
+@workflows.activity()
+async def reserve_stock(item: str) -> str:
+    await asyncio.sleep(0.01)
+    return f"reserved:{item}"
+
+
+@workflows.activity(retry_policy_initial_interval=timedelta(milliseconds=200))
+async def charge_card(order_id: str, amount: float) -> str:
+    if activity.info().attempt == 1:
+        raise ConnectionError("payment gateway did not answer")
+    return f"charge-{order_id}-{amount:.2f}"
+
+
+@workflows.activity()
+async def send_receipt(order_id: str, charge_id: str) -> str:
+    return f"receipt for {order_id} ({charge_id}) sent"
+
+
+@workflows.workflow.define(name="process_order", execution_timeout=timedelta(minutes=10))
+class ProcessOrder:
+    """Reserve every item in parallel, charge the card, wait, send the receipt."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, order: Order) -> dict[str, object]:
+        reservations = await asyncio.gather(*(reserve_stock(item) for item in order.items))
+        charge = await charge_card(order.order_id, order.amount)
+        await workflows.workflow.sleep(timedelta(milliseconds=300))
+        receipt = await send_receipt(order.order_id, charge)
+        return {
+            "execution_id": workflows.get_execution_id(),
+            "reservations": reservations,
+            "charge": charge,
+            "receipt": receipt,
+        }
+
+
+@workflows.activity(retry_policy_max_attempts=3, retry_policy_initial_interval=timedelta(milliseconds=100))
+async def validate_address(address: str) -> str:
+    raise workflows.WorkflowError(f"address {address!r} is not deliverable", non_retryable=True)
+
+
+@workflows.workflow.define(name="ship_order")
+class ShipOrder:
+    """Fails for good: its activity raises a non-retryable error."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, order_id: str, address: str) -> str:
+        return await validate_address(address)
+
+
+@workflows.activity()
+async def build_report(report_type: str, include_details: bool) -> dict[str, object]:
+    return {"report_type": report_type, "rows": 42 if include_details else 3}
+
+
+@workflows.workflow.define(name="report_workflow")
+class ReportWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, report_type: str, include_details: bool = False) -> dict[str, object]:
+        """Workflow implementation."""
+        return await build_report(report_type, include_details)
+
+
+WORKFLOWS = [ProcessOrder, ShipOrder, ReportWorkflow]
+ACTIVITIES = [reserve_stock, charge_card, send_receipt, validate_address, build_report]

@@ -1,0 +1,288 @@
+"""Workflows and activities the tests run, in-process and in worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import rillflow as workflows
+from pydantic import BaseModel
+from rillflow import activity, workflow
+
+FAST_RETRY = {"retry_policy_initial_interval": timedelta(milliseconds=100)}
+
+
+@workflows.activity()
+async def hello(name: str) -> str:
+    return f"hello {name}"
+
+
+@workflows.activity()
+def hello_sync(name: str) -> str:
+    return f"hi {name} from a thread"
+
+
+@workflows.workflow.define(name="hello_workflow")
+class HelloWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, name: str, times: int = 1) -> list[str]:
+        out = [await hello(name)]
+        out += await asyncio.gather(*(hello(f"{name}{i}") for i in range(1, times)))
+        out.append(await hello_sync(name))
+        return out
+
+
+class Params(BaseModel):
+    report_type: str
+    include_details: bool = False
+
+
+class Report(BaseModel):
+    title: str
+    lines: int
+
+
+@workflows.workflow.define(name="model_workflow")
+class ModelWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, params: Params) -> Report:
+        return Report(title=params.report_type.upper(), lines=10 if params.include_details else 1)
+
+
+@workflows.activity(retry_policy_max_attempts=5, retry_policy_backoff_coefficient=2.0, **FAST_RETRY)
+async def flaky(succeed_on: int) -> int:
+    att = activity.info().attempt
+    if att < succeed_on:
+        raise ConnectionError(f"attempt {att} failed")
+    return att
+
+
+@workflows.workflow.define(name="flaky_workflow")
+class FlakyWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, succeed_on: int) -> int:
+        return await flaky(succeed_on)
+
+
+@workflows.activity(retry_policy_max_attempts=5, **FAST_RETRY)
+async def refuses(reason: str) -> str:
+    raise workflows.WorkflowError(f"refused: {reason}", type="Refused", non_retryable=True)
+
+
+@workflows.workflow.define(name="catching_workflow")
+class CatchingWorkflow:
+    """Catches the ActivityError and reports what it carried."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, succeed_on: int) -> dict[str, object]:
+        try:
+            await flaky(succeed_on)
+        except workflows.ActivityError as e:
+            return {
+                "activity": e.activity_name,
+                "attempt": e.attempt,
+                "type": e.cause.type,
+                "message": e.cause.message,
+                "remote_stack": "ConnectionError" in e.cause.stack,
+            }
+        return {}
+
+
+@workflows.workflow.define(name="refusing_workflow")
+class RefusingWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, reason: str) -> str:
+        return await refuses(reason)
+
+
+@workflows.activity(
+    start_to_close_timeout=timedelta(milliseconds=500), retry_policy_max_attempts=2, **FAST_RETRY
+)
+async def sleeps(seconds: float) -> str:
+    await asyncio.sleep(seconds if activity.info().attempt == 1 else 0)
+    return f"attempt {activity.info().attempt}"
+
+
+@workflows.activity(
+    start_to_close_timeout=timedelta(seconds=5),
+    schedule_to_close_timeout=timedelta(milliseconds=800),
+    retry_policy_max_attempts=0,
+    **FAST_RETRY,
+)
+async def never_in_time(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "too late"
+
+
+@workflows.activity(heartbeat_timeout=timedelta(milliseconds=400), retry_policy_max_attempts=3, **FAST_RETRY)
+async def beats(items: int) -> dict[str, object]:
+    info = activity.info()
+    start = info.heartbeat_details[0]["done"] if info.heartbeat_details else 0
+    for i in range(start, items):
+        activity.heartbeat({"done": i + 1})
+        await asyncio.sleep(0.05)
+        if info.attempt == 1 and i == 2:
+            await asyncio.sleep(5)  # stops heartbeating: the attempt times out
+    return {"attempt": info.attempt, "resumed_from": start}
+
+
+@workflows.activity(retry_policy_max_attempts=2, **FAST_RETRY)
+async def beats_then_fails(items: int) -> dict[str, object]:
+    info = activity.info()
+    if info.attempt == 1:
+        activity.heartbeat({"done": items // 2})
+        raise RuntimeError("crashed half way")
+    return {"attempt": info.attempt, "details": info.heartbeat_details}
+
+
+@workflows.workflow.define(name="timeouts_workflow")
+class TimeoutsWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, which: str) -> object:
+        if which == "start_to_close":
+            return await sleeps(2.0)
+        if which == "start_to_close_exhausted":
+            return await sleeps_always(2.0)
+        if which == "schedule_to_close":
+            return await never_in_time(3.0)
+        if which == "heartbeat":
+            return await beats(6)
+        if which == "heartbeat_details":
+            return await beats_then_fails(10)
+        raise workflows.WorkflowError(f"unknown {which}")
+
+
+@workflows.activity(
+    start_to_close_timeout=timedelta(milliseconds=300), retry_policy_max_attempts=2, **FAST_RETRY
+)
+async def sleeps_always(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "never"
+
+
+@workflows.workflow.define(name="timer_workflow")
+class TimerWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, seconds: float) -> float:
+        t0 = workflow.now()
+        await workflow.sleep(timedelta(seconds=seconds))
+        await asyncio.sleep(0.01)
+        return (workflow.now() - t0).total_seconds()
+
+
+@workflows.activity()
+async def step(i: int) -> int:
+    return i + 1
+
+
+@workflows.workflow.define(name="sequential_workflow")
+class SequentialWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, steps: int) -> int:
+        total = 0
+        for i in range(steps):
+            total += await step(i)
+        return total
+
+
+@workflows.workflow.define(name="deterministic_helpers")
+class DeterministicHelpers:
+    @workflows.workflow.entrypoint
+    async def run(self) -> dict[str, object]:
+        r = workflow.random().randint(0, 10**9)
+        u = str(workflow.uuid4())
+        await step(0)  # a second workflow task: a replay must draw the same values
+        return {
+            "random": r,
+            "uuid": u,
+            "id": workflows.get_execution_id(),
+            "info_type": workflow.info().workflow_type,
+            "activity_sees": await whoami(),
+        }
+
+
+@workflows.activity()
+async def whoami() -> str | None:
+    return workflows.get_execution_id()
+
+
+@workflows.workflow.define(name="failing_workflow")
+class FailingWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, message: str) -> None:
+        raise workflows.WorkflowError(message, type="BusinessRule")
+
+
+@workflows.workflow.define(name="buggy_workflow")
+class BuggyWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> None:
+        {}["missing"]  # a bug: the workflow task fails and is retried, the run stays open
+
+
+@workflows.workflow.define(name="condition_workflow")
+class ConditionWorkflow:
+    def __init__(self) -> None:
+        self.ready = False
+
+    @workflows.workflow.entrypoint
+    async def run(self, timeout: float) -> str:
+        await workflow.wait_condition(lambda: self.ready, timeout=timedelta(seconds=timeout))
+        return "ready"
+
+
+@workflows.workflow.define(name="long_sleep", execution_timeout=timedelta(milliseconds=600))
+class LongSleep:
+    @workflows.workflow.entrypoint
+    async def run(self) -> None:
+        await workflow.sleep(60)
+
+
+@workflows.workflow.define(name="wait_for_race")
+class WaitForRace:
+    """asyncio.wait_for over an activity: the timer wins, the activity is cancelled."""
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sleeps_always(5.0), timeout=0.2)
+        return await hello("after")
+
+
+# -- for crash tests in worker processes ----------------------------------------------------
+@workflows.activity(start_to_close_timeout=timedelta(seconds=2), retry_policy_max_attempts=3, **FAST_RETRY)
+async def slow_marker(marker: str, seconds: float) -> str:
+    Path(f"{marker}.{activity.info().attempt}").write_text(str(os.getpid()))
+    await asyncio.sleep(seconds)
+    return f"done by {os.getpid()} on attempt {activity.info().attempt}"
+
+
+@workflows.workflow.define(name="crash_activity_workflow")
+class CrashActivityWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, marker: str, seconds: float) -> str:
+        return await slow_marker(marker, seconds)
+
+
+@workflows.workflow.define(name="crash_wft_workflow")
+class CrashWftWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, marker: str) -> str:
+        first = await hello("one")
+        if os.environ.get("RF_SLOW_WORKFLOW_TASK"):
+            Path(marker).write_text(str(os.getpid()))
+            time.sleep(30)  # wedged inside a workflow task until the worker is killed
+        return f"{first}; finished by {os.getpid()}"
+
+
+@workflows.workflow.define(name="many_workflow")
+class ManyWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, n: int) -> int:
+        a = await step(n)
+        await workflow.sleep(0.05)
+        return await step(a)
