@@ -125,7 +125,7 @@ class WorkerProcess:
 def worker_procs(tmp_path: Path) -> Iterator[Any]:
     procs: list[WorkerProcess] = []
 
-    def spawn(url: str, target: str = "tests.flows", **kw: Any) -> WorkerProcess:
+    def spawn(url: str, target: str = "tests.flows:SERVED", **kw: Any) -> WorkerProcess:
         p = WorkerProcess(url, target, log=tmp_path / f"worker{len(procs)}.log", **kw)
         procs.append(p)
         return p

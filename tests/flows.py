@@ -286,3 +286,54 @@ class ManyWorkflow:
         a = await step(n)
         await workflow.sleep(0.05)
         return await step(a)
+
+
+@workflows.activity(start_to_close_timeout=timedelta(seconds=1), retry_policy_max_attempts=3, **FAST_RETRY)
+async def late_reporter(marker: str) -> str:
+    att = activity.info().attempt
+    Path(f"{marker}.{att}").write_text("started")
+    await asyncio.sleep(5 if att == 1 else 0.5)
+    return f"attempt {att}"
+
+
+@workflows.workflow.define(name="late_workflow")
+class LateWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, marker: str) -> str:
+        return await late_reporter(marker)
+
+
+@workflows.workflow.define(name="nd_workflow")
+class NonDeterministicV1:
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        greeting = await hello("v1")
+        await workflow.sleep(0.5)
+        return greeting
+
+
+@workflows.workflow.define(name="nd_workflow")
+class NonDeterministicV2:
+    """The same workflow name with different code: calls another activity first."""
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        await step(1)
+        greeting = await hello("v2")
+        await workflow.sleep(0.5)
+        return greeting
+
+
+# what `rillflow worker tests.flows:SERVED` serves (the module holds two versions of nd_workflow)
+SERVED = [
+    HelloWorkflow,
+    ManyWorkflow,
+    TimerWorkflow,
+    CrashActivityWorkflow,
+    CrashWftWorkflow,
+    SequentialWorkflow,
+    hello,
+    hello_sync,
+    step,
+    slow_marker,
+]

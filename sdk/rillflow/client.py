@@ -10,7 +10,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import ID_RE, NAME_RE, Keyspace
 from rillflow_runtime.scripts import Scripts
@@ -107,6 +111,21 @@ def _dt(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, tz=UTC) if ms else None
 
 
+def make_redis(url: str, max_connections: int = 64) -> Redis:
+    """A client that waits for a free connection rather than failing, and rides out a
+    dropped connection or a restarting server by retrying with backoff (~10 s). Every
+    script is safe to run twice: a repeated transition is refused by its fence."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=None,
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.02), retries=25),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError, OSError],
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)
+
+
 def reraise_if_cancelling() -> None:
     """redis-py may turn a cancellation into a connection error: call this in an
     ``except`` that retries, so a cancelled loop still ends."""
@@ -121,7 +140,7 @@ class _ClosedWatcher:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.redis = Redis.from_url(client.url)
+        self.redis = make_redis(client.url, 2)
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.cursors: dict[str, str] = {}
         self.task: asyncio.Task[None] | None = None
@@ -203,7 +222,7 @@ class Client:
         """Connect to ``namespace``, creating it on first use with ``shards`` (default 1),
         ``retention`` of closed runs (default 7 days) and ``workflow_task_timeout``
         (default 10 s); a namespace's settings are fixed once created."""
-        redis = Redis.from_url(url, max_connections=max_connections, health_check_interval=30)
+        redis = make_redis(url, max_connections)
         try:
             settings = await ensure_namespace(redis, namespace, shards, retention, workflow_task_timeout)
         except BaseException:
@@ -286,7 +305,7 @@ class Client:
             [self.keyspace.prefix(shard), wid, run_id, name, task_queue, body, timeout_ms],
         )
         status, rid = text(res[0]), text(res[1])
-        if status == "running":
+        if status == "running" and rid != run_id:  # rid == run_id: our own start, retried
             raise WorkflowAlreadyStartedError(wid, rid)
         return WorkflowHandle(self, wid, rid, defn)
 
