@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+
 from rillflow import Client
 from rillflow_runtime.embedded import EmbeddedRedis
 

@@ -9,8 +9,9 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import rillflow as workflows
 from pydantic import BaseModel
+
+import rillflow as workflows
 from rillflow import activity, workflow
 
 FAST_RETRY = {"retry_policy_initial_interval": timedelta(milliseconds=100)}

@@ -6,9 +6,9 @@ import asyncio
 import itertools
 
 import pytest
+
 import rillflow as workflows
 from rillflow import Client, Worker
-
 from tests import flows
 from tests.conftest import FAST
 

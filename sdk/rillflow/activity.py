@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from rillflow_runtime.keyspace import NAME_RE
-
 from rillflow.errors import WorkflowDefinitionError
 from rillflow.executor import current_instance
 from rillflow.payloads import Signature
+from rillflow_runtime.keyspace import NAME_RE
 
 
 def _ms(d: timedelta | None) -> int:

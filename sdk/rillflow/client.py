@@ -15,9 +15,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rillflow_runtime.codec import pack, text, unpack
-from rillflow_runtime.keyspace import ID_RE, NAME_RE, Keyspace
-from rillflow_runtime.scripts import Scripts
 
 from rillflow.errors import (
     InvalidInputError,
@@ -31,6 +28,9 @@ from rillflow.errors import (
 from rillflow.history import HistoryEvent
 from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size
 from rillflow.workflow import WorkflowDefinition, get_workflow_definition
+from rillflow_runtime.codec import pack, text, unpack
+from rillflow_runtime.keyspace import ID_RE, NAME_RE, Keyspace
+from rillflow_runtime.scripts import Scripts
 
 DEFAULT_RETENTION = timedelta(days=7)
 

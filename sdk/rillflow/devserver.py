@@ -11,11 +11,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from rillflow_runtime.embedded import EmbeddedRedis, EmbeddedServerError, dir_lock
 
 from rillflow.client import Client
 from rillflow.errors import RillflowError, WorkflowFailureError
 from rillflow.history import HistoryEvent
+from rillflow_runtime.embedded import EmbeddedRedis, EmbeddedServerError, dir_lock
 
 
 def _summary(events: list[HistoryEvent]) -> str:

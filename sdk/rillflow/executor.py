@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from rillflow_runtime.codec import pack
-
 from rillflow.errors import (
     ActivityError,
     NonDeterminismError,
@@ -32,6 +30,7 @@ from rillflow.errors import (
     failure_from_exception,
 )
 from rillflow.history import COMMAND_EVENTS, INPUT_EVENTS, HistoryEvent
+from rillflow_runtime.codec import pack
 
 if TYPE_CHECKING:
     from rillflow.activity import ActivityDefinition

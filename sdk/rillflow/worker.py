@@ -22,8 +22,6 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rillflow_runtime.codec import pack, text, unpack
-from rillflow_runtime.keyspace import GROUP, NAME_RE
 
 from rillflow.activity import (
     ActivityContext,
@@ -42,6 +40,8 @@ from rillflow.executor import CachedRun, Command, WorkflowInfo, WorkflowInstance
 from rillflow.history import HistoryEvent
 from rillflow.payloads import check_size
 from rillflow.workflow import WorkflowDefinition, get_workflow_definition
+from rillflow_runtime.codec import pack, text, unpack
+from rillflow_runtime.keyspace import GROUP, NAME_RE
 
 log = structlog.get_logger("rillflow.worker")
 

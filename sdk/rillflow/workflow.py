@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from rillflow_runtime.keyspace import NAME_RE
-
 from rillflow.errors import WorkflowDefinitionError
 from rillflow.executor import WorkflowInfo, current_instance, require_instance
 from rillflow.payloads import Signature
+from rillflow_runtime.keyspace import NAME_RE
 
 T = TypeVar("T")
 _ENTRY_MARK = "__rillflow_entrypoint__"
