@@ -1,0 +1,153 @@
+"""The examples of the workflows and activities pages, with only the import line changed
+(``import mistralai.workflows as workflows`` -> ``import rillflow as workflows``).
+Where a page shows a bare decorator or uses a helper it does not define, the smallest
+missing piece is added and marked ``# added``."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import BaseModel
+
+# -- workflows page: defining a workflow ----------------------------------------------------
+import rillflow as workflows
+
+
+@workflows.workflow.define(name="report_workflow")
+class ReportWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, report_type: str, include_details: bool = False) -> dict:
+        """Workflow implementation."""
+        # Orchestrate activities here
+        ...
+
+
+# -- workflows page: single Pydantic model --------------------------------------------------
+from rillflow import workflow  # noqa: E402
+
+
+class ReportParams(BaseModel):
+    report_type: str
+    include_details: bool = False
+
+
+@workflow.define(name="report_params_workflow")  # the page reuses "report_workflow"
+class ReportParamsWorkflow:
+    @workflow.entrypoint
+    async def run(self, params: ReportParams) -> dict:
+        return {"report_type": params.report_type, "include_details": params.include_details}  # added
+
+
+# -- workflows page: execution timeout -------------------------------------------------------
+class MyParams(BaseModel):  # added
+    value: int
+
+
+class MyResult(BaseModel):  # added
+    doubled: int
+
+
+@workflow.define(name="long_running_workflow", execution_timeout=timedelta(days=7))
+class LongRunningWorkflow:
+    @workflow.entrypoint
+    async def run(self, params: MyParams) -> MyResult:
+        return MyResult(doubled=params.value * 2)  # added
+
+
+# -- workflows page: workflow execution context ----------------------------------------------
+@workflows.workflow.define(name="context_workflow")  # added around the page's one line
+class ContextWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        execution_id = workflows.get_execution_id()
+        return execution_id or ""
+
+
+# -- activities page ------------------------------------------------------------------------
+@workflows.activity()
+async def my_activity(input_data: str, count: int = 1) -> dict:
+    """Activity implementation"""
+    # Perform work here
+    return {"result": input_data, "processed_count": count}
+
+
+@workflows.activity(
+    name="custom_activity_name",  # Used for registration, execution, and observability
+)
+async def named_activity(x: int) -> int:  # added
+    return x + 1
+
+
+@workflows.activity(start_to_close_timeout=timedelta(minutes=10))
+async def timed_activity(x: int) -> int:  # added
+    return x * 10
+
+
+@workflows.activity(retry_policy_max_attempts=5, retry_policy_backoff_coefficient=2.0)
+async def retried_activity(x: int) -> int:  # added
+    return x - 1
+
+
+from rillflow import activity  # noqa: E402
+
+
+async def process_item(item: str) -> str:  # added
+    return item.upper()
+
+
+@workflows.activity(start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(seconds=30))
+async def long_running_task(items: list[str]) -> dict:
+    results = []
+    for i, item in enumerate(items):
+        result = await process_item(item)
+        results.append(result)
+        # Report progress to prevent timeout
+        activity.heartbeat({"processed": i + 1, "total": len(items)})
+    return {"results": results}
+
+
+@workflows.activity()
+async def parent_activity(input_data: str) -> dict:
+    """Parent activity that encapsulates a nested activity."""
+    # Some logic here
+    nested_result = await nested_activity(input_data)
+    return {"result_data": nested_result["result_data"]}
+
+
+@workflows.activity()
+async def nested_activity(input_data: str) -> dict:
+    """Nested activity."""
+    # Logic for the nested activity
+    return {"result_data": "processed_data"}
+
+
+@workflows.workflow.define(name="activities_page_workflow")  # added: runs the page's activities
+class ActivitiesPageWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, data: str) -> dict:
+        return {
+            "my_activity": await my_activity(data, count=2),
+            "named": await named_activity(1),
+            "timed": await timed_activity(2),
+            "retried": await retried_activity(3),
+            "long": await long_running_task(["a", "b"]),
+            "parent": await parent_activity(data),
+        }
+
+
+WORKFLOWS = [
+    ReportWorkflow,
+    ReportParamsWorkflow,
+    LongRunningWorkflow,
+    ContextWorkflow,
+    ActivitiesPageWorkflow,
+]
+ACTIVITIES = [
+    my_activity,
+    named_activity,
+    timed_activity,
+    retried_activity,
+    long_running_task,
+    parent_activity,
+    nested_activity,
+]
