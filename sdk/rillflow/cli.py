@@ -182,9 +182,9 @@ def worker(
     from rillflow.worker import Worker
 
     configure_logging(log_level)
-    wfs, acts = load_target(target)
 
     async def main() -> None:
+        wfs, acts = load_target(target)
         async with connect(url, namespace) as client:
             w = Worker(
                 client,
@@ -213,9 +213,9 @@ def start(
     namespace: NsOpt = "default",
 ) -> None:
     """Start a workflow; print its execution id (or, with --wait, its result)."""
-    data = _parse_input(input)
 
     async def main() -> None:
+        data = _parse_input(input)
         async with connect(url, namespace) as client:
             h = await client.start_workflow(
                 name,
@@ -225,10 +225,10 @@ def start(
                 execution_timeout=timedelta(seconds=execution_timeout) if execution_timeout else None,
             )
             if not wait:
-                out.print(h.id, highlight=False)
+                print(h.id)
                 return
             err.print(f"started {h.id}; waiting for the result")
-            out.print(_json(await h.result()), highlight=False)
+            print(_json(await h.result()))
 
     run(main)
 
@@ -248,7 +248,7 @@ def result(
                 value = await client.get_workflow_handle(execution_id).result(timeout=timeout)
             except TimeoutError as e:
                 raise Exit(1, f"no result within {timeout} s; the run is still open") from e
-            out.print(_json(value), highlight=False)
+            print(_json(value))
 
     run(main)
 
@@ -330,7 +330,7 @@ def history(
             if as_json:
                 for e in events:
                     rec = {"event_id": e.event_id, "time": e.time.isoformat(), "type": e.type, **e.attributes}
-                    out.print(json.dumps(rec, default=str), highlight=False, markup=False)
+                    print(json.dumps(rec, default=str))
                 return
             t = Table("id", "time", "type", "details")
             for e in events:

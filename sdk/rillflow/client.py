@@ -113,13 +113,13 @@ def _dt(ms: Any) -> datetime | None:
 
 def make_redis(url: str, max_connections: int = 64) -> Redis:
     """A client that waits for a free connection rather than failing, and rides out a
-    dropped connection or a restarting server by retrying with backoff (~10 s). Every
+    dropped connection or a restarting server by retrying with backoff (a few seconds). Every
     script is safe to run twice: a repeated transition is refused by its fence."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=None,
-        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.02), retries=25),
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.02), retries=12),
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError, OSError],
         health_check_interval=30,
     )
@@ -140,7 +140,9 @@ class _ClosedWatcher:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.redis = make_redis(client.url, 2)
+        # no automatic retry here: redis-py would re-issue a cancelled blocking XREAD
+        self.redis = Redis.from_url(client.url)
+        self.closing = False
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.cursors: dict[str, str] = {}
         self.task: asyncio.Task[None] | None = None
@@ -157,7 +159,7 @@ class _ClosedWatcher:
             self.task = asyncio.create_task(self._loop(), name="rillflow-closed-watcher")
 
     async def _loop(self) -> None:
-        while True:
+        while not self.closing:
             try:
                 resp = await self.redis.xread(self.cursors, block=5000, count=1000)
             except Exception:
@@ -185,6 +187,7 @@ class _ClosedWatcher:
                 del self.waiters[run_id]
 
     async def close(self) -> None:
+        self.closing = True
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
