@@ -1,0 +1,122 @@
+"""Throughput and latency of rillflow on this machine: one worker process, one load
+generator process (this one), one Redis. Prints one line per figure.
+
+    python -m load_tests.bench [--n 2000] [--url redis://...] [--shards 1]
+
+Without --url it starts an embedded server (AOF off, as a pure-speed baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rillflow import Client
+from rillflow_runtime.embedded import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def info(client: Client) -> tuple[int, int]:
+    stats = await client.redis.info("commandstats")
+    calls = sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+    mem = int((await client.redis.info("memory"))["used_memory"])
+    return calls, mem
+
+
+async def run_batch(client: Client, name: str, n: int, concurrency: int = 256) -> tuple[float, list[float]]:
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            t = time.perf_counter()
+            h = await client.start_workflow(name, {"i": i})
+            await h.result(timeout=300)
+            lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return time.perf_counter() - t0, lat
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
+
+
+async def bench(url: str, n: int, shards: int) -> None:
+    client = await Client.connect(url, namespace="bench", shards=shards)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rillflow.cli",
+            "worker",
+            "load_tests.flows:SERVED",
+            "--url",
+            url,
+            "--namespace",
+            "bench",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        await run_batch(client, "bench_w1", 200)  # warm-up: worker started, scripts loaded
+        print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, shards={shards}, n={n}")
+
+        c0, m0 = await info(client)
+        el, lat = await run_batch(client, "bench_w1", n)
+        c1, m1 = await info(client)
+        print(f"W1 workflows/s          {n / el:10.0f}   ({n} workflows of 1 activity in {el:.2f} s)")
+        print(f"W1 start->result p50/p99 {pct(lat, 0.5):8.1f} / {pct(lat, 0.99):.1f} ms (at {256} in flight)")
+        print(f"W1 redis commands/wf    {(c1 - c0) / n:10.1f}")
+        print(f"W1 redis bytes/wf       {(m1 - m0) / n:10.0f}   (closed runs kept for retention)")
+
+        n2 = max(n // 4, 50)
+        c0, _ = await info(client)
+        el, lat = await run_batch(client, "bench_w2", n2)
+        c1, _ = await info(client)
+        print(
+            f"W2 activities/s         {10 * n2 / el:10.0f}   ({n2} workflows of 10 sequential activities in {el:.2f} s)"
+        )
+        print(f"W2 workflows/s          {n2 / el:10.0f}")
+        print(f"W2 start->result p50/p99 {pct(lat, 0.5):8.1f} / {pct(lat, 0.99):.1f} ms")
+        print(f"W2 redis commands/wf    {(c1 - c0) / n2:10.1f}")
+
+        probe: list[float] = []
+        for i in range(50):
+            t = time.perf_counter()
+            await (await client.start_workflow("bench_w1", {"i": i})).result(timeout=30)
+            probe.append(time.perf_counter() - t)
+        print(f"latency probe p50       {statistics.median(probe) * 1000:10.2f} ms (50 sequential W1 runs)")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        await client.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--url")
+    ap.add_argument("--shards", type=int, default=1)
+    a = ap.parse_args()
+    if a.url:
+        asyncio.run(bench(a.url, a.n, a.shards))
+        return
+    with EmbeddedRedis() as server:
+        asyncio.run(bench(server.url, a.n, a.shards))
+
+
+if __name__ == "__main__":
+    main()
