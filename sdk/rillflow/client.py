@@ -161,7 +161,7 @@ class _ClosedWatcher:
     async def _loop(self) -> None:
         while not self.closing:
             try:
-                resp = await self.redis.xread(self.cursors, block=5000, count=1000)
+                resp: Any = await self.redis.xread(self.cursors, block=5000, count=1000)  # type: ignore[arg-type]
             except Exception:
                 reraise_if_cancelling()
                 await asyncio.sleep(0.5)
@@ -397,10 +397,12 @@ class WorkflowHandle:
     async def describe(self) -> WorkflowDescription:
         run = await self._resolve_run()
         ks, r = self.client.keyspace, self.client.redis
-        fields = {text(k): v for k, v in (await r.hgetall(ks.run(self.shard, run))).items()}
+        fields: dict[str, Any] = {text(k): v for k, v in (await r.hgetall(ks.run(self.shard, run))).items()}
         if not fields:
             raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
-        acts_raw = {text(k): v for k, v in (await r.hgetall(ks.acts(self.shard, run))).items()}
+        acts_raw: dict[str, Any] = {
+            text(k): v for k, v in (await r.hgetall(ks.acts(self.shard, run))).items()
+        }
         pending = []
         for key, val in acts_raw.items():
             if ":" in key:
@@ -440,7 +442,7 @@ class WorkflowHandle:
 
     async def history(self) -> list[HistoryEvent]:
         run = await self._resolve_run()
-        entries = await self.client.redis.xrange(self.client.keyspace.history(self.shard, self.id, run))
+        entries: Any = await self.client.redis.xrange(self.client.keyspace.history(self.shard, self.id, run))
         return [HistoryEvent.from_entry(e) for e in entries]
 
     async def terminate(self, reason: str = "") -> None:

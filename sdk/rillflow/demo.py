@@ -65,7 +65,8 @@ class ShipOrder:
 
     @workflows.workflow.entrypoint
     async def run(self, order_id: str, address: str) -> str:
-        return await validate_address(address)
+        valid: str = await validate_address(address)
+        return valid
 
 
 @workflows.activity()
@@ -78,7 +79,8 @@ class ReportWorkflow:
     @workflows.workflow.entrypoint
     async def run(self, report_type: str, include_details: bool = False) -> dict[str, object]:
         """Workflow implementation."""
-        return await build_report(report_type, include_details)
+        report: dict[str, object] = await build_report(report_type, include_details)
+        return report
 
 
 WORKFLOWS = [ProcessOrder, ShipOrder, ReportWorkflow]

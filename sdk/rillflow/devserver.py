@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from rillflow.cli import event_details
 from rillflow.client import Client
 from rillflow.errors import RillflowError, WorkflowFailureError
 from rillflow.history import HistoryEvent
@@ -44,10 +45,8 @@ async def _demo(client: Client, out: Console) -> None:
     out.print(f"[green]report_workflow completed[/green]: {await h3.result(timeout=30)}")
     table = Table("id", "+ms", "event", title=f"history of {h1.id}")
     events = await h1.history()
-    for e in events:
-        from rillflow.cli import event_details
-
-        table.add_row(str(e.event_id), str(e.time_ms - events[0].time_ms), f"{e.type} {event_details(e)}")
+    for ev in events:
+        table.add_row(str(ev.event_id), str(ev.time_ms - events[0].time_ms), f"{ev.type} {event_details(ev)}")
     out.print(table)
     out.print(f"ship_order history: {_summary(await h2.history())}")
 

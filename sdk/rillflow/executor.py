@@ -85,7 +85,10 @@ class WorkflowTaskError(Exception):
 
 
 class WorkflowLoop(asyncio.AbstractEventLoop):
-    """An event loop that only runs when its instance steps it."""
+    """An event loop that only runs when its instance steps it.
+
+    It implements what coroutines, futures, tasks and timers use; I/O, subprocesses
+    and signals stay abstract on purpose: workflow code must not use them."""
 
     def __init__(self, instance: WorkflowInstance) -> None:
         self.instance = instance
@@ -96,22 +99,22 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     def time(self) -> float:
         return self._now
 
-    def call_soon(self, callback: Callable[..., Any], *args: Any, context: Any = None) -> asyncio.Handle:
+    def call_soon(self, callback: Callable[..., Any], *args: Any, context: Any = None) -> asyncio.Handle:  # type: ignore[override]
         h = asyncio.Handle(callback, args, self, context)
         self.ready.append(h)
         return h
 
-    def call_soon_threadsafe(
+    def call_soon_threadsafe(  # type: ignore[override]
         self, callback: Callable[..., Any], *args: Any, context: Any = None
     ) -> asyncio.Handle:
         raise RuntimeError("threads are not allowed in workflow code; use an activity")
 
-    def call_later(
+    def call_later(  # type: ignore[override]
         self, delay: float, callback: Callable[..., Any], *args: Any, context: Any = None
     ) -> asyncio.TimerHandle:
         return self.instance.start_timer(delay, callback, args, context)
 
-    def call_at(
+    def call_at(  # type: ignore[override]
         self, when: float, callback: Callable[..., Any], *args: Any, context: Any = None
     ) -> asyncio.TimerHandle:
         return self.instance.start_timer(when - self._now, callback, args, context)
@@ -142,7 +145,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     def default_exception_handler(self, context: dict[str, Any]) -> None:
         self.call_exception_handler(context)
 
-    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:
+    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:  # type: ignore[override]
         raise RuntimeError("run_in_executor is not allowed in workflow code; use an activity")
 
 
@@ -167,7 +170,7 @@ class WorkflowInstance:
     def __init__(self, defn: WorkflowDefinition, info: WorkflowInfo) -> None:
         self.defn = defn
         self.info = info
-        self.loop = WorkflowLoop(self)
+        self.loop = WorkflowLoop(self)  # type: ignore[abstract]
         self.obj = defn.cls()
         self.commands: list[Command] = []
         self.activity_seq = 0

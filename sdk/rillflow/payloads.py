@@ -61,14 +61,14 @@ class Signature:
         self.single_model: type[BaseModel] | None = None
         if len(self.params) == 1 and _is_model(hints.get(self.params[0].name)):
             self.single_model = hints[self.params[0].name]
-            self.input_model: type[BaseModel] = self.single_model  # type: ignore[assignment]
+            self.input_model: type[BaseModel] = self.single_model
         else:
             fields: dict[str, Any] = {}
             for p in self.params:
                 default = ... if p.default is inspect.Parameter.empty else p.default
                 fields[p.name] = (hints.get(p.name, Any), default)
             try:
-                self.input_model = create_model(  # type: ignore[call-overload]
+                self.input_model = create_model(
                     f"{self.fn_name}_Input",
                     __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=False),
                     **fields,

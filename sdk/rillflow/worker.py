@@ -341,7 +341,7 @@ class Worker:
         key = self.ks.history(shard, wid, run)
         out: list[HistoryEvent] = []
         while True:
-            page = await self.redis.xrange(key, min=f"({after}-0", max="+", count=MAX_EVENTS_PER_START)
+            page: Any = await self.redis.xrange(key, min=f"({after}-0", max="+", count=MAX_EVENTS_PER_START)
             out += [HistoryEvent.from_entry(e) for e in page]
             if len(page) < MAX_EVENTS_PER_START:
                 return out
