@@ -1,0 +1,49 @@
+"""A one-screen view of a namespace for operators: keys by kind, task-queue backlogs,
+messages in flight, dead letters, due timers.
+
+    python scripts/keyspace.py --url redis://127.0.0.1:6379/0 [--namespace default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+
+import redis
+
+KIND = re.compile(r"^rf:\{[^}]+\}:(wf|run|h|act|buf|q|timers|closed|meta)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--namespace", default="default")
+    a = ap.parse_args()
+    r = redis.Redis.from_url(a.url, decode_responses=True)
+    meta = r.hgetall(f"rf:{{{a.namespace}}}:meta")
+    if not meta:
+        raise SystemExit(f"no namespace {a.namespace!r} at {a.url}")
+    print(f"namespace {a.namespace}: {meta}")
+    counts: collections.Counter[str] = collections.Counter()
+    queues = []
+    for key in r.scan_iter(f"rf:{{{a.namespace}:*"):
+        m = KIND.match(key)
+        counts[m.group(1) if m else "other"] += 1
+        if ":q:" in key:
+            queues.append(key)
+    print("keys:", dict(counts))
+    for q in sorted(queues):
+        line = f"{q}: length {r.xlen(q)}"
+        if not q.endswith(":dlq"):
+            pending = r.xpending(q, "rf") if r.exists(q) else {"pending": 0}
+            line += f", in flight {pending['pending']}"
+        print(line)
+    for shard in range(int(meta.get("shards", 1))):
+        t = f"rf:{{{a.namespace}:{shard}}}:timers"
+        nxt = r.zrange(t, 0, 0, withscores=True)
+        print(f"{t}: {r.zcard(t)} due entries; next {nxt[0] if nxt else '-'}")
+
+
+if __name__ == "__main__":
+    main()
