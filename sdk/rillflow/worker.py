@@ -12,13 +12,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import anyio.to_thread
 import structlog
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -97,6 +98,7 @@ class Worker:
         reclaim_idle: timedelta = timedelta(seconds=30),
         pump_interval: float = 0.5,
         max_deliveries: int = 3,
+        sticky_schedule_timeout: timedelta | None = timedelta(seconds=2),
         identity: str | None = None,
     ) -> None:
         if not NAME_RE.fullmatch(task_queue):
@@ -127,9 +129,19 @@ class Worker:
         self.pump_interval = pump_interval
         self.max_deliveries = max_deliveries
         self.identity = identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if not NAME_RE.fullmatch(self.identity):
+            raise RillflowError(
+                f"worker identity {self.identity!r} is invalid: use letters, digits, '_', '-', '.'"
+            )
+        # a run's next workflow task goes to this worker's own stream while it caches the
+        # run; another worker takes it if this one does not start it within the timeout
+        self.sticky_ms = int(sticky_schedule_timeout.total_seconds() * 1000) if sticky_schedule_timeout else 0
         self.ks = client.keyspace
         self.scripts = client.scripts
         self.redis = client.redis
+        # blocking reads get their own connections without automatic retry: redis-py
+        # would re-issue a cancelled XREADGROUP, and a stopping worker must stop reading
+        self._reader = Redis.from_url(client.url, max_connections=workflow_pollers + 2)
         self.cache: collections.OrderedDict[str, CachedRun] = collections.OrderedDict()
         self.running: dict[tuple[str, int], _Running] = {}
         self.stats = WorkerStats()
@@ -180,10 +192,10 @@ class Worker:
             activities=sorted(self.activities),
         )
         if self.workflows:
-            self._pollers += [asyncio.create_task(self._wft_poller()) for _ in range(self.workflow_pollers)]
+            self._pollers += [self._spawn(self._wft_poller) for _ in range(self.workflow_pollers)]
         if self.activities:
-            self._pollers.append(asyncio.create_task(self._act_poller()))
-        self._tasks += [asyncio.create_task(self._pump_loop()), asyncio.create_task(self._flusher())]
+            self._pollers.append(self._spawn(self._act_poller))
+        self._tasks += [self._spawn(self._pump_loop), self._spawn(self._flusher)]
         self._ready.set()
         try:
             await self._stopping.wait()
@@ -192,10 +204,30 @@ class Worker:
             self._stopped.set()
             log.info("worker stopped", identity=self.identity)
 
+    def _spawn(self, loop_fn: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        """Run one of the worker's loops; an unexpected error is logged with its stack
+        and the loop restarts, so one bad reply never silently stops a worker."""
+
+        async def guarded() -> None:
+            while True:
+                try:
+                    await loop_fn()
+                    return
+                except Exception:
+                    reraise_if_cancelling()
+                    log.exception("worker loop failed; restarting it", loop=loop_fn.__name__)
+                    await asyncio.sleep(1.0)
+
+        return asyncio.create_task(guarded(), name=f"rillflow-{loop_fn.__name__}")
+
     async def _drain(self) -> None:
         for t in self._pollers:
             t.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
+        sticky = self._sticky_streams()
+        if sticky:  # what is left there is moved to the shared queue by the K timers
+            with contextlib.suppress(*_TRANSIENT):
+                await self.redis.delete(*sticky)
         tasks = [r.task for r in self.running.values()]
         if tasks:
             log.info("waiting for running activities", count=len(tasks), grace_s=self.grace)
@@ -211,8 +243,20 @@ class Worker:
         for t in stuck:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._reader.aclose()
+
+    def _sticky_streams(self) -> list[str]:
+        if not (self.sticky_ms and self.workflows):
+            return []
+        return [self.ks.queue(s, self.task_queue, f"wft@{self.identity}") for s in self.ks.all_shards()]
 
     async def _ensure_groups(self) -> None:
+        for stream in self._sticky_streams():
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
         for s in self.ks.all_shards():
             for kind in ("wft", "act"):
                 try:
@@ -225,7 +269,7 @@ class Worker:
 
     async def _read(self, streams: dict[str, str], count: int) -> Any:
         try:
-            return await self.redis.xreadgroup(GROUP, self.identity, streams, count=count, block=1000)  # type: ignore[arg-type]
+            return await self._reader.xreadgroup(GROUP, self.identity, streams, count=count, block=1000)  # type: ignore[arg-type]
         except ResponseError as e:
             if "NOGROUP" in str(e):
                 await self._ensure_groups()
@@ -244,6 +288,7 @@ class Worker:
     # -- workflow tasks -----------------------------------------------------------------
     async def _wft_poller(self) -> None:
         streams = {self.ks.queue(s, self.task_queue, "wft"): ">" for s in self.ks.all_shards()}
+        streams.update({stream: ">" for stream in self._sticky_streams()})
         while not self._stopping.is_set():
             resp = await self._read(streams, self.batch_size)
             for stream, entries in resp or []:
@@ -267,7 +312,7 @@ class Worker:
             return
         args: list[Any] = [
             self.ks.prefix(shard),
-            self.task_queue,
+            stream,
             self.client.settings.workflow_task_timeout_ms,
             MAX_EVENTS_PER_START,
         ]
@@ -304,7 +349,13 @@ class Worker:
                 )
                 failed.append((run, fence, failure_from_exception(e)))
         if done:
-            args = [self.ks.prefix(shard), self.task_queue, self.client.settings.retention_ms]
+            args = [
+                self.ks.prefix(shard),
+                self.task_queue,
+                self.client.settings.retention_ms,
+                self.identity,
+                self.sticky_ms,
+            ]
             wake = False
             for run, fence, cmds, _ in done:
                 args += [run, fence, len(cmds)]

@@ -34,9 +34,19 @@ local function append(run, wid, etype, body, t)
   return eid
 end
 
+-- Queue a workflow task: on the sticky stream of the worker that holds the run in its
+-- cache, if there is one (moved to the shared stream by the K timer unless that worker
+-- starts it in time), else on the task queue's shared stream.
 local function schedule_wft(run, tq)
-  local id = redis.call('XADD', queue_key(tq, 'wft'), '*', 'run', run)
-  redis.call('HSET', run_key(run), 'wft', 'scheduled', 'wft_msg', id)
+  local rk = run_key(run)
+  local st = redis.call('HMGET', rk, 'sticky', 'sticky_ms')
+  local q = queue_key(tq, 'wft')
+  if st[1] and st[1] ~= '' then q = queue_key(tq, 'wft@' .. st[1]) end
+  local id = redis.call('XADD', q, '*', 'run', run)
+  redis.call('HSET', rk, 'wft', 'scheduled', 'wft_msg', id, 'wft_q', q)
+  if st[1] and st[1] ~= '' then
+    redis.call('ZADD', TIMERS, NOW + tonumber(st[2]), 'K|' .. run .. '|' .. id)
+  end
   return id
 end
 
@@ -78,10 +88,10 @@ end
 -- stream they block on, and the retention clock.
 local function close_run(run, status, etype, body, retention_ms)
   local rk = run_key(run)
-  local r = redis.call('HMGET', rk, 'wid', 'tq', 'wft', 'wft_msg')
+  local r = redis.call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg')
   local wid = r[1]
   append(run, wid, etype, body)
-  if r[3] == 'scheduled' then drop_msg(queue_key(r[2], 'wft'), r[4]) end
+  if r[3] == 'scheduled' then drop_msg(r[2], r[4]) end
   redis.call('HSET', rk, 'status', status, 'closed_ms', NOW, 'wft', '', 'outcome', body,
     'outcome_type', etype)
   if redis.call('HGET', wf_key(wid), 'run') == run then

@@ -1,7 +1,8 @@
 -- Move what is due in the shard's timers zset (any worker; each due entry is handled
 -- once because it is removed in the same script). ARGV: prefix, batch size, retention ms.
 -- Members: T|run|seq timer, A|run|seq|att attempt deadline, S|run|seq schedule-to-close,
--- R|run|seq|att retry, X|run execution timeout, W|run|fence task timeout, B|run task retry.
+-- R|run|seq|att retry, X|run execution timeout, W|run|fence task timeout, B|run task retry,
+-- K|run|msg a sticky task its worker did not start in time (moved to the shared queue).
 -- Returns {handled, next due ms or -1, now ms}.
 local limit, retention = tonumber(ARGV[2]), tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', TIMERS, '-inf', NOW, 'LIMIT', 0, limit)
@@ -11,7 +12,7 @@ for _, m in ipairs(due) do
   for p in string.gmatch(m, '[^|]+') do parts[#parts + 1] = p end
   local kind, run = parts[1], parts[2]
   local rk = run_key(run)
-  local r = redis.call('HMGET', rk, 'status', 'wid', 'tq', 'wft', 'wft_seq', 'wft_msg')
+  local r = redis.call('HMGET', rk, 'status', 'wid', 'tq', 'wft', 'wft_seq', 'wft_msg', 'wft_q')
   if r[1] == 'running' then
     local wid = r[2]
     if kind == 'T' then
@@ -44,9 +45,21 @@ for _, m in ipairs(due) do
         cmsgpack.pack({ reason = 'execution timeout' }), retention)
     elseif kind == 'W' then
       if r[4] == 'started' and tonumber(r[5]) == tonumber(parts[3]) then
-        drop_msg(queue_key(r[3], 'wft'), r[6])
+        drop_msg(r[7], r[6])
+        redis.call('HSET', rk, 'sticky', '')
         append(run, wid, 'WorkflowTaskTimedOut', cmsgpack.pack({ fence = tonumber(parts[3]) }))
         flush_buffer(run, wid)
+        schedule_wft(run, r[3])
+      end
+    elseif kind == 'K' then
+      if r[4] == 'scheduled' and r[6] == parts[3] then
+        drop_msg(r[7], r[6])
+        -- a stream without a group is a departed worker's, recreated by this XADD
+        if redis.call('EXISTS', r[7]) == 1 and redis.call('XLEN', r[7]) == 0
+            and #redis.call('XINFO', 'GROUPS', r[7]) == 0 then
+          redis.call('DEL', r[7])
+        end
+        redis.call('HSET', rk, 'sticky', '')
         schedule_wft(run, r[3])
       end
     elseif kind == 'B' then

@@ -1,19 +1,18 @@
 -- Complete a batch of workflow tasks (worker). ARGV: prefix, task_queue, retention ms,
--- then per task: run_id, fence, number of commands, and per command three values:
+-- the worker's identity, its sticky schedule timeout ms (0 = no sticky queue), then per task: run_id, fence, number of commands, and per command three values:
 -- a one-letter kind, the event body, an aux msgpack array the script reads.
 -- Kinds: A schedule activity, T start timer, C cancel timer, X cancel activity,
 -- D complete workflow, F fail workflow.
 -- Per task returns {'ok', last command event id} or {'refused', why}.
-local tq, retention = ARGV[2], tonumber(ARGV[3])
-local wq = queue_key(tq, 'wft')
+local tq, retention, worker, sticky_ms = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local out = {}
-local i = 4
+local i = 6
 while i <= #ARGV do
   local run, fence, ncmd = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local cmds_at = i + 3
   i = cmds_at + ncmd * 3
   local rk = run_key(run)
-  local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_seq', 'wid', 'wft_msg', 'wft_start_ms')
+  local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_seq', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q')
   if r[1] ~= 'running' then
     out[#out + 1] = { 'refused', 'run is ' .. tostring(r[1] or 'gone') }
   elseif r[2] ~= 'started' or tonumber(r[3]) ~= fence then
@@ -23,7 +22,7 @@ while i <= #ARGV do
     redis.call('ZREM', TIMERS, 'W|' .. run .. '|' .. fence)
     redis.call('HDEL', rk, 'wft_failures', 'wft_failure')
     append(run, wid, 'WorkflowTaskCompleted',
-      cmsgpack.pack({ t0 = tonumber(r[6]), fence = fence }))
+      cmsgpack.pack({ t0 = tonumber(r[6]), fence = fence, worker = worker }))
     local closed = false
     for c = cmds_at, cmds_at + ncmd * 3 - 1, 3 do
       local kind, body = ARGV[c], ARGV[c + 1]
@@ -65,8 +64,14 @@ while i <= #ARGV do
       end
     end
     local last = tonumber(redis.call('HGET', rk, 'last_eid'))
-    drop_msg(wq, r[5])
+    drop_msg(r[7], r[5])
     if not closed then
+      -- the next task of this run goes to this worker, which now holds it in cache
+      if tonumber(sticky_ms) > 0 then
+        redis.call('HSET', rk, 'sticky', worker, 'sticky_ms', sticky_ms)
+      else
+        redis.call('HSET', rk, 'sticky', '')
+      end
       if flush_buffer(run, wid) > 0 then
         schedule_wft(run, tq)
       else

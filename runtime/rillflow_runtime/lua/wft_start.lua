@@ -1,9 +1,8 @@
--- Start a batch of workflow tasks (worker). ARGV: prefix, task_queue, task timeout ms,
+-- Start a batch of workflow tasks (worker). ARGV: prefix, the stream read, task timeout ms,
 -- max events returned, then per task: run_id, message id, last event id the worker has.
 -- Per task returns {'ok', fence, now, wid, wtype, last_eid, start_ms, events, attempt}
 -- or {'stale'} (the message was dropped) or {'busy'} (started elsewhere, in flight).
-local tq, timeout, max_events = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local wq = queue_key(tq, 'wft')
+local wq, timeout, max_events = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local out = {}
 for i = 5, #ARGV, 3 do
   local run, msg, since = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -13,6 +12,7 @@ for i = 5, #ARGV, 3 do
   if r[1] == 'running' and r[3] == msg and r[2] == 'scheduled' then
     local fence = redis.call('HINCRBY', rk, 'wft_seq', 1)
     redis.call('HSET', rk, 'wft', 'started', 'wft_start_ms', NOW)
+    redis.call('ZREM', TIMERS, 'K|' .. run .. '|' .. msg)
     redis.call('ZADD', TIMERS, NOW + timeout, 'W|' .. run .. '|' .. fence)
     local events = redis.call('XRANGE', hist_key(r[4], run), (since + 1) .. '-0', '+',
       'COUNT', max_events)
