@@ -315,6 +315,7 @@ class Worker:
             stream,
             self.client.settings.workflow_task_timeout_ms,
             MAX_EVENTS_PER_START,
+            self.identity,
         ]
         for msgid, run, since in items:
             args += [run, msgid, since]
@@ -468,12 +469,12 @@ class Worker:
             items.append((text(msgid), run, seq, att))
         if not items:
             return
-        args: list[Any] = [self.ks.prefix(shard), self.task_queue]
+        args: list[Any] = [self.ks.prefix(shard), self.task_queue, self.identity]
         for msgid, run, seq, att in items:
             args += [run, seq, att, msgid]
         res = await self.scripts.call("act_start", self.ks.timers(shard), args)
         for (_msgid, run, seq, att), r in zip(items, res, strict=True):
-            if text(r[0]) != "ok":
+            if text(r[0]) != "ok" or (run, seq) in self.running:  # ours already, reclaimed
                 continue
             self._launch(shard, run, seq, att, r[1], r[2], text(r[3]), text(r[4]), int(r[5]), int(r[6]))
         if len(self.running) >= self.max_concurrent_activities:

@@ -1,24 +1,29 @@
--- Start a batch of activity tasks (worker). ARGV: prefix, task_queue, then per task:
--- run_id, seq, attempt, message id. Per task returns
+-- Start a batch of activity tasks (worker). ARGV: prefix, task_queue, worker identity,
+-- then per task: run_id, seq, attempt, message id. A repeat of this call by the same worker
+-- (a client retry after a dropped connection) answers the same. Per task returns
 -- {'ok', scheduled body, heartbeat details, wid, wtype, now, deadline} or {'stale'} or {'running'}.
-local aq = queue_key(ARGV[2], 'act')
+local aq, worker = queue_key(ARGV[2], 'act'), ARGV[3]
 local out = {}
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local run, seq, att, msg = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   local r = redis.call('HMGET', run_key(run), 'status', 'wid', 'wtype')
   local s = (r[1] == 'running') and act_get(run, seq) or nil
-  if s and s.att == att and s.msg == msg and s.st == 'scheduled' then
-    s.st = 'started'
-    s.started = NOW
-    local dl = NOW + s.stc
-    if s.hbt > 0 and NOW + s.hbt < dl then dl = NOW + s.hbt end
-    if s.s2c > 0 and s.sched + s.s2c < dl then dl = s.sched + s.s2c end
-    s.dl = dl
-    act_put(run, seq, s)
-    redis.call('ZADD', TIMERS, dl, 'A|' .. run .. '|' .. seq .. '|' .. att)
+  local again = s and s.att == att and s.msg == msg and s.st == 'started' and s.by == worker
+  if s and s.att == att and s.msg == msg and (s.st == 'scheduled' or again) then
+    if not again then
+      s.st = 'started'
+      s.started = NOW
+      s.by = worker
+      local dl = NOW + s.stc
+      if s.hbt > 0 and NOW + s.hbt < dl then dl = NOW + s.hbt end
+      if s.s2c > 0 and s.sched + s.s2c < dl then dl = s.sched + s.s2c end
+      s.dl = dl
+      act_put(run, seq, s)
+      redis.call('ZADD', TIMERS, dl, 'A|' .. run .. '|' .. seq .. '|' .. att)
+    end
     local ak = act_key(run)
     out[#out + 1] = { 'ok', redis.call('HGET', ak, seq .. ':b'),
-      redis.call('HGET', ak, seq .. ':hb') or '', r[2], r[3], NOW, dl }
+      redis.call('HGET', ak, seq .. ':hb') or '', r[2], r[3], NOW, s.dl }
   elseif s and s.att == att and s.msg == msg and s.st == 'started' then
     out[#out + 1] = { 'running' }
   else
