@@ -276,7 +276,8 @@ class CrashWftWorkflow:
         first = await hello("one")
         if os.environ.get("RF_SLOW_WORKFLOW_TASK"):
             Path(marker).write_text(str(os.getpid()))
-            time.sleep(30)  # wedged inside a workflow task until the worker is killed
+            with workflow.unsafe.skip_determinism_enforcement():
+                time.sleep(30)  # wedged inside a workflow task until the worker is killed
         return f"{first}; finished by {os.getpid()}"
 
 
@@ -323,6 +324,33 @@ class NonDeterministicV2:
         greeting = await hello("v2")
         await workflow.sleep(0.5)
         return greeting
+
+
+@workflows.workflow.define(name="blocking_workflow")
+class BlockingWorkflow:
+    """Makes the mistakes the determinism guard refuses."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, mistake: str) -> str:
+        if mistake == "sleep":
+            time.sleep(0.01)
+        elif mistake == "thread":
+            import threading
+
+            threading.Thread(target=print).start()
+        elif mistake == "network":
+            import socket
+
+            socket.create_connection(("127.0.0.1", 9), timeout=0.1)
+        return "no mistake"
+
+
+@workflows.workflow.define(name="unguarded_workflow", enforce_determinism=False)
+class UnguardedWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        time.sleep(0.01)  # allowed: the guard is off for this workflow
+        return "slept"
 
 
 # what `rillflow worker tests.flows:SERVED` serves (the module holds two versions of nd_workflow)

@@ -196,3 +196,30 @@ def test_workflow_calls_outside_a_workflow_are_refused() -> None:
         workflows.workflow.now()
     with pytest.raises(RuntimeError, match=r"activity\.info\(\) can only be called while an activity runs"):
         workflows.activity.info()
+
+
+@pytest.mark.parametrize(
+    ("mistake", "message"),
+    [
+        ("sleep", "time.sleep: time.sleep() blocks the worker; use `await workflow.sleep(...)`"),
+        ("thread", "threads are not allowed in workflow code"),
+        ("network", "network I/O belongs in an activity"),
+    ],
+)
+async def test_determinism_guard_refuses_blocking_calls(client: Client, mistake: str, message: str) -> None:
+    async with Worker(client, workflows=[flows.BlockingWorkflow, flows.UnguardedWorkflow], **FAST):  # type: ignore[arg-type]
+        h = await client.start_workflow(flows.BlockingWorkflow, {"mistake": mistake})
+        await wait_until(lambda: _wft_failed(h), 10)
+        assert await client.execute_workflow(flows.UnguardedWorkflow, result_timeout=10) == "slept"
+    d = await h.describe()
+    assert d.status == "running"  # a bug in the code: the task fails and is retried
+    assert d.last_workflow_task_failure is not None
+    assert message in d.last_workflow_task_failure.message
+    assert "RestrictedWorkflowAccessError" in d.last_workflow_task_failure.message
+
+
+async def test_guard_does_not_touch_activities_or_other_code() -> None:
+    import time
+
+    time.sleep(0.001)  # outside workflow code: allowed
+    assert await flows.hello("x") == "hello x"

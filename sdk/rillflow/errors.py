@@ -99,6 +99,10 @@ class NonDeterminismError(RillflowError):
     """Workflow code no longer produces the commands its history records."""
 
 
+class RestrictedWorkflowAccessError(RillflowError):
+    """Workflow code did something that would break replay (blocking I/O, threads)."""
+
+
 class WorkflowDefinitionError(RillflowError, TypeError):
     """A workflow or activity definition breaks a rule, found when it is decorated."""
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import asyncio.events as _events
 import collections
-import contextvars
+import contextlib
+import functools
 import random
+import sys
+import threading
+import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from rillflow.errors import (
     ActivityError,
     NonDeterminismError,
+    RestrictedWorkflowAccessError,
     WorkflowError,
     exception_from_failure,
     failure_from_exception,
@@ -149,7 +154,58 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         raise RuntimeError("run_in_executor is not allowed in workflow code; use an activity")
 
 
-_guard: contextvars.ContextVar[bool] = contextvars.ContextVar("rillflow_in_workflow", default=False)
+# -- the determinism guard -----------------------------------------------------------------
+# While a workflow task steps workflow code, these audit events (on that thread only) are
+# refused with a message saying what to use instead. Activities, worker threads and the
+# rest of the process are untouched.
+_REFUSED = {
+    "time.sleep": "time.sleep() blocks the worker; use `await workflow.sleep(...)`, a durable timer",
+    "socket.connect": "network I/O belongs in an activity",
+    "socket.getaddrinfo": "network I/O belongs in an activity",
+    "subprocess.Popen": "subprocesses belong in an activity",
+    "os.system": "subprocesses belong in an activity",
+    "os.posix_spawn": "subprocesses belong in an activity",
+    "_thread.start_new_thread": "threads are not allowed in workflow code; use asyncio tasks or activities",
+}
+
+
+class _Guard:
+    thread: int | None = None  # the thread stepping workflow code, while it does
+    suspended = 0  # inside workflow.unsafe.skip_determinism_enforcement()
+
+
+def _audit(event: str, _args: tuple[Any, ...]) -> None:
+    if event in _REFUSED and _Guard.thread == threading.get_ident() and not _Guard.suspended:
+        raise RestrictedWorkflowAccessError(
+            f"{event}: {_REFUSED[event]}. (Refused while a workflow task runs; "
+            "`workflow.unsafe.skip_determinism_enforcement()` lifts this for a block.)"
+        )
+
+
+def _guarded(event: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """For calls Python 3.11 raises no audit event for."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if _Guard.thread is not None:
+            _audit(event, args)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+sys.addaudithook(_audit)
+time.sleep = _guarded("time.sleep", time.sleep)
+threading.Thread.start = _guarded("_thread.start_new_thread", threading.Thread.start)  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def skip_determinism_enforcement() -> Iterator[None]:
+    _Guard.suspended += 1
+    try:
+        yield
+    finally:
+        _Guard.suspended -= 1
 
 
 def current_instance() -> WorkflowInstance | None:
@@ -202,7 +258,9 @@ class WorkflowInstance:
     def _run_until_blocked(self) -> None:
         prev = _events._get_running_loop()
         _events._set_running_loop(self.loop)
-        token = _guard.set(True)
+        prev_guard = _Guard.thread
+        if self.defn.enforce_determinism:
+            _Guard.thread = threading.get_ident()
         try:
             while True:
                 while self.loop.ready and self.task_error is None:
@@ -212,7 +270,7 @@ class WorkflowInstance:
                 if self.task_error is not None or not self._check_conditions():
                     return
         finally:
-            _guard.reset(token)
+            _Guard.thread = prev_guard
             _events._set_running_loop(prev)
 
     def _check_conditions(self) -> bool:

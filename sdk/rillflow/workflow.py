@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import random as _random
 import uuid as _uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from rillflow.errors import WorkflowDefinitionError
-from rillflow.executor import WorkflowInfo, current_instance, require_instance
+from rillflow.executor import WorkflowInfo, current_instance, require_instance, skip_determinism_enforcement
 from rillflow.payloads import Signature
 from rillflow_runtime.keyspace import NAME_RE
 
@@ -31,6 +32,7 @@ class WorkflowDefinition:
     description: str | None = None
     display_name: str | None = None
     schedules: tuple[Any, ...] = ()
+    enforce_determinism: bool = True
 
 
 def get_workflow_definition(cls: Any) -> WorkflowDefinition:
@@ -56,6 +58,7 @@ class workflow:
         schedules: list[Any] | None = None,
         workflow_display_name: str | None = None,
         execution_timeout: timedelta = DEFAULT_EXECUTION_TIMEOUT,
+        enforce_determinism: bool | None = None,
         **_unused: Any,
     ) -> Callable[[type[T]], type[T]]:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name) or "." in name:
@@ -89,6 +92,7 @@ class workflow:
                 description=workflow_description or inspect.getdoc(cls),
                 display_name=workflow_display_name,
                 schedules=tuple(schedules or ()),
+                enforce_determinism=enforce_determinism is not False,
             )
             return cls
 
@@ -100,6 +104,17 @@ class workflow:
             raise WorkflowDefinitionError(f"'{fn.__name__}' must be async function. Use `async def`.")
         setattr(fn, _ENTRY_MARK, Signature(fn, what="workflow entrypoint", require_annotations=True))
         return fn
+
+    class unsafe:
+        """Escape hatches from the determinism guard, for code you know replays the same."""
+
+        skip_determinism_enforcement = staticmethod(skip_determinism_enforcement)
+
+        @staticmethod
+        @contextlib.contextmanager
+        def imports_passed_through() -> Iterator[None]:
+            """Accepted for compatibility: imports are never restricted here."""
+            yield
 
     # -- inside workflow code ---------------------------------------------------------------
     @staticmethod
