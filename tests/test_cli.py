@@ -112,3 +112,11 @@ def test_dev_runs_the_demo(tmp_path: Path) -> None:
     assert "ActivityTaskRetrying" in p.stdout  # the flaky payment was retried
     assert (tmp_path / "data" / "appendonlydir").exists()  # AOF on
     assert not (tmp_path / "dev" / "url").exists()  # cleaned up on exit
+
+
+def test_worker_serves_a_whole_module(redis_url: str, worker_procs: Any) -> None:
+    """What docker-compose's worker service runs: every workflow and activity in a module."""
+    worker_procs(redis_url, target="rillflow.demo")
+    p = rf("start", "report_workflow", "--input", '{"report_type": "weekly"}', "--wait", "--url", redis_url)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"report_type": "weekly", "rows": 3}
