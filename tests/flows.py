@@ -197,6 +197,7 @@ class DeterministicHelpers:
         r = workflow.random().randint(0, 10**9)
         u = str(workflow.uuid4())
         await step(0)  # a second workflow task: a replay must draw the same values
+        assert workflow.in_workflow()
         return {
             "random": r,
             "uuid": u,

@@ -277,3 +277,4 @@ async def test_nested_and_direct_activity_calls_are_plain_calls() -> None:
     assert await flows.hello("x") == "hello x"
     assert flows.hello_sync("y") == "hi y from a thread"
     assert workflows.get_execution_id() is None
+    assert not workflows.workflow.in_workflow()

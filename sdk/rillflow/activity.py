@@ -150,7 +150,6 @@ class _ActivityNamespace:
 
     heartbeat = staticmethod(activity_heartbeat)
     info = staticmethod(_activity_info)
-    Info = ActivityInfo
 
     def __call__(
         self,

@@ -22,7 +22,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -477,4 +477,3 @@ def _show(ident: tuple[Any, ...] | None) -> str:
 class CachedRun:
     instance: WorkflowInstance
     last_event_id: int
-    busy: bool = field(default=False)

@@ -29,14 +29,6 @@ INPUT_EVENTS = frozenset(
         "TimerFired",
     }
 )
-CLOSE_EVENTS = frozenset(
-    {
-        "WorkflowExecutionCompleted",
-        "WorkflowExecutionFailed",
-        "WorkflowExecutionTimedOut",
-        "WorkflowExecutionTerminated",
-    }
-)
 
 
 @dataclass(frozen=True)

@@ -125,9 +125,6 @@ class Signature:
     def load_result(self, data: Any) -> Any:
         return self.result_adapter.validate_python(data)
 
-    def input_schema(self) -> dict[str, Any]:
-        return self.input_model.model_json_schema()
-
 
 def _describe(e: ValidationError) -> str:
     parts = []

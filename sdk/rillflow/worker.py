@@ -13,7 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -77,7 +77,6 @@ class WorkerStats:
     cache_misses: int = 0
     refused: int = 0
     dead_lettered: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Worker:

@@ -7,7 +7,7 @@ local wk = wf_key(wid)
 local cur = redis.call('HMGET', wk, 'run', 'status')
 if cur[2] == 'running' then return { 'running', cur[1] } end
 redis.call('DEL', wk)
-redis.call('HSET', wk, 'run', run, 'status', 'running', 'first_run', run)
+redis.call('HSET', wk, 'run', run, 'status', 'running')
 redis.call('HSET', run_key(run), 'wid', wid, 'wtype', wtype, 'tq', tq, 'status', 'running',
   'last_eid', 0, 'start_ms', NOW, 'wft_seq', 0, 'deadline_ms', NOW + timeout)
 append(run, wid, 'WorkflowExecutionStarted', body)
