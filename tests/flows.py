@@ -354,6 +354,28 @@ class UnguardedWorkflow:
         return "slept"
 
 
+@workflows.activity(heartbeat_timeout=timedelta(seconds=1))
+async def beats_until_cancelled(marker: str) -> str:
+    try:
+        for _ in range(100):
+            activity.heartbeat("alive")
+            await asyncio.sleep(0.05)
+    except asyncio.CancelledError:
+        Path(marker).write_text("cancelled")
+        raise
+    return "ran to the end"
+
+
+@workflows.workflow.define(name="give_up_workflow")
+class GiveUpWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, marker: str) -> str:
+        try:
+            return await asyncio.wait_for(beats_until_cancelled(marker), timeout=0.3)
+        except TimeoutError:
+            return "gave up"
+
+
 # what `rillflow worker tests.flows:SERVED` serves (the module holds two versions of nd_workflow)
 SERVED = [
     HelloWorkflow,

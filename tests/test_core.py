@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 import rillflow as workflows
 from rillflow import Client, Worker
 from tests import flows
-from tests.conftest import FAST
+from tests.conftest import FAST, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -278,3 +281,30 @@ async def test_nested_and_direct_activity_calls_are_plain_calls() -> None:
     assert flows.hello_sync("y") == "hi y from a thread"
     assert workflows.get_execution_id() is None
     assert not workflows.workflow.in_workflow()
+
+
+async def test_cancelled_activity_learns_it_at_its_next_heartbeat(client: Client, tmp_path: Path) -> None:
+    marker = tmp_path / "cancelled"
+    acts = [flows.beats_until_cancelled]
+    async with Worker(client, workflows=[flows.GiveUpWorkflow], activities=acts, **FAST) as w:  # type: ignore[arg-type]
+        h = await client.start_workflow(flows.GiveUpWorkflow, {"marker": str(marker)})
+        assert await h.result(timeout=10) == "gave up"
+        await wait_until(marker.exists, 5)  # the heartbeat answered "gone": the attempt was cancelled
+        await wait_until(lambda: not w.running, 5)
+    assert "ActivityTaskCancelRequested" in types(await h.history())
+
+
+async def test_message_read_by_a_dead_worker_is_reclaimed(client: Client) -> None:
+    ks = client.keyspace
+    async with Worker(client, workflows=[flows.ManyWorkflow], **FAST):  # type: ignore[arg-type]
+        h = await client.start_workflow(flows.ManyWorkflow, {"n": 1})
+        act = ks.queue(0, "default", "act")
+        await wait_until(lambda: client.redis.xlen(act), 10)
+        # a worker reads the activity task and dies before starting it
+        got: Any = await client.redis.xreadgroup("rf", "ghost", {act: ">"}, count=1)
+        assert got
+        async with Worker(
+            client, activities=[flows.step], pump_interval=0.05, reclaim_idle=timedelta(milliseconds=300)
+        ):
+            assert await h.result(timeout=10) == 3
+    assert [e.attributes["att"] for e in await h.history() if e.type == "ActivityTaskCompleted"] == [1, 1]
