@@ -38,6 +38,58 @@ class ReportParamsWorkflow:
         return {"report_type": params.report_type, "include_details": params.include_details}  # added
 
 
+# -- workflows page: union of Pydantic models ----------------------------------------------
+from pydantic import ConfigDict  # noqa: E402
+
+
+class PromptInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+
+
+class CountInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    count: int
+
+
+@workflow.define(name="flexible_workflow")
+class FlexibleWorkflow:
+    @workflow.entrypoint
+    async def run(self, params: PromptInput | CountInput) -> str:
+        if isinstance(params, PromptInput):
+            return f"prompt: {params.prompt}"
+        return f"count: {params.count}"
+
+
+# -- workflows page: optional union (| None) --------------------------------------------------
+@workflow.define(name="optional_workflow")
+class OptionalWorkflow:
+    @workflow.entrypoint
+    async def run(self, params: PromptInput | CountInput | None) -> str:
+        if params is None:
+            return "no input"
+        if isinstance(params, PromptInput):
+            return f"prompt: {params.prompt}"
+        return f"count: {params.count}"
+
+
+# -- workflows page: a named RootModel for a union with a non-model type ----------------------
+from pydantic import RootModel  # noqa: E402
+
+
+class PromptOrRaw(RootModel[PromptInput | str]):
+    pass
+
+
+@workflow.define(name="my_workflow")
+class MyWorkflow:
+    @workflow.entrypoint
+    async def run(self, params: PromptOrRaw) -> str:
+        if isinstance(params.root, PromptInput):
+            return f"structured: {params.root.prompt}"
+        return f"raw: {params.root}"
+
+
 # -- workflows page: execution timeout -------------------------------------------------------
 class MyParams(BaseModel):  # added
     value: int
@@ -141,6 +193,9 @@ WORKFLOWS = [
     LongRunningWorkflow,
     ContextWorkflow,
     ActivitiesPageWorkflow,
+    FlexibleWorkflow,
+    OptionalWorkflow,
+    MyWorkflow,
 ]
 ACTIVITIES = [
     my_activity,

@@ -1,20 +1,23 @@
 """How a function's parameters and return value become data on the wire, and back.
 
 One set of rules for entrypoints and activities (and, later, signal, query and update
-handlers): the input is a JSON object keyed by parameter name, defaults applied and
-unknown keys refused; a single pydantic model parameter is the input itself, its fields
-at the top level. Values are pydantic's JSON-mode dump, validated back into the
-declared types on the way in.
+handlers), those of the workflows page: the input is a JSON object keyed by parameter
+name, defaults applied and unknown keys refused; a single pydantic model parameter is
+the input itself, its fields at the top level; a union of models (optionally with None)
+is tried member by member, left to right, the first that validates wins; a union that
+mixes a model with another type is refused when the function is decorated. Values are
+pydantic's JSON-mode dump, validated back into the declared types on the way in.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, create_model
 
 from rillflow.errors import InvalidInputError, WorkflowDefinitionError
 
@@ -23,6 +26,10 @@ DEFAULT_MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 
 def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
 
 
 class Signature:
@@ -58,25 +65,42 @@ class Signature:
         self.hints = hints
         self.return_type: Any = hints.get("return", Any)
         self.result_adapter: TypeAdapter[Any] = TypeAdapter(self.return_type)
-        self.single_model: type[BaseModel] | None = None
-        if len(self.params) == 1 and _is_model(hints.get(self.params[0].name)):
-            self.single_model = hints[self.params[0].name]
-            self.input_model: type[BaseModel] = self.single_model
-        else:
-            fields: dict[str, Any] = {}
-            for p in self.params:
-                default = ... if p.default is inspect.Parameter.empty else p.default
-                fields[p.name] = (hints.get(p.name, Any), default)
-            try:
-                self.input_model = create_model(
-                    f"{self.fn_name}_Input",
-                    __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=False),
-                    **fields,
-                )
-            except Exception as e:
-                raise WorkflowDefinitionError(
-                    f"Cannot generate Pydantic model from parameters of '{self.fn_name}': {e}"
-                ) from e
+        self.input_model, self.mode = self._input_model()
+
+    def _input_model(self) -> tuple[type[BaseModel], str]:
+        """The rules of the workflows page: a single model is the input itself; a union of
+        models (and None) is tried member by member, first match wins; anything else is
+        an object keyed by parameter name, unknown keys refused."""
+        if len(self.params) == 1:
+            p = self.params[0]
+            tp = self.hints.get(p.name, Any)
+            if _is_model(tp):
+                return tp, "model"
+            members = typing.get_args(tp) if _is_union(tp) else ()
+            if any(_is_model(m) for m in members):
+                bad = [m for m in members if m is not type(None) and not _is_model(m)]
+                if bad:
+                    names = ", ".join(getattr(m, "__name__", repr(m)) for m in bad)
+                    raise WorkflowDefinitionError(
+                        f"Cannot generate Pydantic model from parameters of '{self.fn_name}': "
+                        f"Parameter '{p.name}' of '{self.fn_name}' has unsupported union members: {names}. "
+                        "Union inputs only support Pydantic BaseModel subclasses and None. "
+                        "Use a dedicated BaseModel instead."
+                    )
+                root: Any = Annotated[tp, Field(union_mode="left_to_right")]
+                union_model = type(f"{self.fn_name}_Input", (RootModel[root],), {"__module__": __name__})
+                return union_model, "union"
+        fields: dict[str, Any] = {}
+        for p in self.params:
+            default = ... if p.default is inspect.Parameter.empty else p.default
+            fields[p.name] = (self.hints.get(p.name, Any), default)
+        try:
+            model = create_model(f"{self.fn_name}_Input", __config__=ConfigDict(extra="forbid"), **fields)
+        except Exception as e:
+            raise WorkflowDefinitionError(
+                f"Cannot generate Pydantic model from parameters of '{self.fn_name}': {e}"
+            ) from e
+        return model, "fields"
 
     # -- caller side --------------------------------------------------------------------
     def encode_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -85,32 +109,36 @@ class Signature:
             bound = inspect.Signature(self.params).bind(*args, **kwargs)
         except TypeError as e:
             raise InvalidInputError(f"{self.what} '{self.fn_name}' called with {e}") from e
+        if self.mode != "fields":
+            return self.encode_input(bound.arguments.get(self.params[0].name))
         return self.encode_input(dict(bound.arguments))
 
     def encode_input(self, data: Any) -> Any:
-        """Validate caller-supplied input (a mapping by parameter name, a model
-        instance, or the model's fields) and return it as JSON-like data."""
-        if self.single_model is not None:
-            if (
-                isinstance(data, dict)
-                and set(data) == {self.params[0].name}
-                and self.params[0].name not in self.single_model.model_fields
-            ):
-                data = data[self.params[0].name]
-            model = self._validate(data)
-            return model.model_dump(mode="json")
-        if isinstance(data, BaseModel):
-            data = data.model_dump()
-        model = self._validate({} if data is None else data)
-        return model.model_dump(mode="json")
+        """Validate caller-supplied input and return it as JSON-like data: an object keyed
+        by parameter name, or for a single model (or union of models) the model's own
+        data, as the workflows page shows."""
+        return self._validate(self._normalize(data)).model_dump(mode="json")
 
     # -- callee side --------------------------------------------------------------------
     def decode_input(self, data: Any) -> list[Any]:
         """Wire data as the positional arguments of the call."""
-        model = self._validate({} if data is None and self.single_model is None else data)
-        if self.single_model is not None:
+        model = self._validate(self._normalize(data))
+        if self.mode == "model":
             return [model]
+        if self.mode == "union":
+            return [model.root]  # type: ignore[attr-defined]
         return [getattr(model, p.name) for p in self.params]
+
+    def _normalize(self, data: Any) -> Any:
+        """No input means all defaults (a RootModel input takes None as it is); a bare
+        value for a one-parameter function is that parameter."""
+        if isinstance(data, BaseModel) and self.mode == "fields":
+            return data.model_dump()
+        if data is None:
+            return None if self.mode == "union" or issubclass(self.input_model, RootModel) else {}
+        if self.mode == "fields" and not isinstance(data, dict) and len(self.params) == 1:
+            return {self.params[0].name: data}
+        return data
 
     def _validate(self, data: Any) -> BaseModel:
         try:
@@ -124,6 +152,15 @@ class Signature:
 
     def load_result(self, data: Any) -> Any:
         return self.result_adapter.validate_python(data)
+
+    # -- schemas, as a console renders a form ---------------------------------------------
+    def input_schema(self) -> dict[str, Any]:
+        return self.input_model.model_json_schema()
+
+    def output_schema(self) -> dict[str, Any] | None:
+        if self.return_type is type(None) or self.return_type is None:
+            return None
+        return self.result_adapter.json_schema()
 
 
 def _describe(e: ValidationError) -> str:

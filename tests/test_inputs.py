@@ -1,0 +1,156 @@
+"""Input shapes exactly as the workflows page says, for entrypoints and activities alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+import rillflow as workflows
+from rillflow import Client, Worker, get_workflow_definition
+from rillflow.payloads import Signature
+from tests import seed_examples as ex
+from tests.conftest import FAST
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_pages_union_examples_run(client: Client) -> None:
+    async with Worker(client, workflows=ex.WORKFLOWS, activities=ex.ACTIVITIES, **FAST):  # type: ignore[arg-type]
+
+        def run(wf: Any, params: Any = None) -> Any:
+            return client.execute_workflow(wf, params, result_timeout=10)
+
+        assert await run(ex.FlexibleWorkflow, {"prompt": "hello"}) == "prompt: hello"
+        assert await run(ex.FlexibleWorkflow, {"count": 42}) == "count: 42"
+        # by name too: the worker applies the same rules
+        assert await run("flexible_workflow", {"count": 7}) == "count: 7"
+        assert await run(ex.OptionalWorkflow) == "no input"
+        assert await run(ex.OptionalWorkflow, {"prompt": "p"}) == "prompt: p"
+        assert await run(ex.MyWorkflow, {"prompt": "x"}) == "structured: x"
+        assert await run(ex.MyWorkflow, "just text") == "raw: just text"
+
+
+async def test_a_union_that_matches_no_member_is_refused_before_anything_is_written(client: Client) -> None:
+    before = sorted([k async for k in client.redis.scan_iter("rf:*")])
+    with pytest.raises(workflows.InvalidInputError) as ei:
+        await client.start_workflow(ex.FlexibleWorkflow, {"count": 42, "extra": "field"})
+    assert "extra: Extra inputs are not permitted" in str(ei.value)
+    assert sorted([k async for k in client.redis.scan_iter("rf:*")]) == before
+
+
+def test_mixing_a_model_with_a_primitive_fails_at_definition_with_the_pages_message() -> None:
+    with pytest.raises(workflows.WorkflowDefinitionError) as ei:
+
+        @workflows.workflow.define(name="my_workflow")
+        class MixedWorkflow:
+            @workflows.workflow.entrypoint
+            async def run(self, params: ex.PromptInput | str) -> str: ...
+
+    assert str(ei.value) == (
+        "Cannot generate Pydantic model from parameters of 'run': "
+        "Parameter 'params' of 'run' has unsupported union members: str. "
+        "Union inputs only support Pydantic BaseModel subclasses and None. "
+        "Use a dedicated BaseModel instead."
+    )
+
+    async def mixed_activity(x: ex.CountInput | int | str) -> None: ...
+
+    with pytest.raises(workflows.WorkflowDefinitionError, match="unsupported union members: int, str"):
+        Signature(mixed_activity, what="activity", require_annotations=False)
+
+
+class First(BaseModel):
+    x: int
+
+
+class Second(BaseModel):
+    x: int
+    y: int = 0
+
+
+def test_union_members_are_tried_left_to_right_not_smart() -> None:
+    """Pydantic's default smart mode would pick Second (more fields set); the page
+    promises the first member that validates."""
+
+    async def run(params: First | Second) -> str: ...
+
+    sig = Signature(run, what="workflow entrypoint", require_annotations=True)
+    (chosen,) = sig.decode_input({"x": 1, "y": 2})
+    assert type(chosen) is First
+
+
+def test_primitive_and_multi_parameter_inputs() -> None:
+    sig = get_workflow_definition(ex.ReportWorkflow).sig
+    assert sig.decode_input({"report_type": "daily"}) == ["daily", False]  # defaults applied
+    assert sig.decode_input({"report_type": "daily", "include_details": True}) == ["daily", True]
+    with pytest.raises(workflows.InvalidInputError, match="report_type: Field required"):
+        sig.decode_input({})
+    with pytest.raises(workflows.InvalidInputError, match="other: Extra inputs are not permitted"):
+        sig.decode_input({"report_type": "d", "other": 1})
+
+
+SCHEMAS: dict[str, Any] = {
+    "report_workflow": {
+        "additionalProperties": False,
+        "properties": {
+            "report_type": {"title": "Report Type", "type": "string"},
+            "include_details": {"default": False, "title": "Include Details", "type": "boolean"},
+        },
+        "required": ["report_type"],
+        "title": "run_Input",
+        "type": "object",
+    },
+    "report_params_workflow": {
+        "properties": {
+            "report_type": {"title": "Report Type", "type": "string"},
+            "include_details": {"default": False, "title": "Include Details", "type": "boolean"},
+        },
+        "required": ["report_type"],
+        "title": "ReportParams",
+        "type": "object",
+    },
+    "optional_workflow": {
+        "$defs": {
+            "CountInput": {
+                "additionalProperties": False,
+                "properties": {"count": {"title": "Count", "type": "integer"}},
+                "required": ["count"],
+                "title": "CountInput",
+                "type": "object",
+            },
+            "PromptInput": {
+                "additionalProperties": False,
+                "properties": {"prompt": {"title": "Prompt", "type": "string"}},
+                "required": ["prompt"],
+                "title": "PromptInput",
+                "type": "object",
+            },
+        },
+        "anyOf": [{"$ref": "#/$defs/PromptInput"}, {"$ref": "#/$defs/CountInput"}, {"type": "null"}],
+        "title": "run_Input",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_input_schema_snapshots(name: str) -> None:
+    cls = next(c for c in ex.WORKFLOWS if get_workflow_definition(c).name == name)
+    assert get_workflow_definition(cls).sig.input_schema() == SCHEMAS[name]
+
+
+def test_output_schemas() -> None:
+    assert get_workflow_definition(ex.LongRunningWorkflow).sig.output_schema() == {
+        "properties": {"doubled": {"title": "Doubled", "type": "integer"}},
+        "required": ["doubled"],
+        "title": "MyResult",
+        "type": "object",
+    }
+    assert get_workflow_definition(ex.FlexibleWorkflow).sig.output_schema() == {"type": "string"}
+
+
+async def test_activities_follow_the_same_rules(client: Client) -> None:
+    assert ex.my_activity.sig.decode_input({"input_data": "a"}) == ["a", 1]
+    union_activity = Signature(ex.FlexibleWorkflow.run, what="activity", require_annotations=True)
+    assert union_activity.decode_input({"count": 3}) == [ex.CountInput(count=3)]
