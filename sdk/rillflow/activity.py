@@ -121,7 +121,6 @@ class ActivityContext:
     def __init__(self, info: ActivityInfo, on_heartbeat: Callable[[list[Any]], None]) -> None:
         self.info = info
         self.on_heartbeat = on_heartbeat
-        self.cancelled = False
 
 
 _current_activity: contextvars.ContextVar[ActivityContext | None] = contextvars.ContextVar(

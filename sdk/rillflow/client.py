@@ -126,6 +126,13 @@ def make_redis(url: str, max_connections: int = 64) -> Redis:
     return Redis(connection_pool=pool)
 
 
+def make_blocking_reader(url: str, max_connections: int = 2) -> Redis:
+    """Connections for blocking reads (XREAD/XREADGROUP BLOCK), without automatic retry:
+    redis-py would re-issue a cancelled blocking read, so a stopping loop would keep
+    reading. The loops that use it retry by themselves."""
+    return Redis.from_url(url, max_connections=max_connections)
+
+
 def reraise_if_cancelling() -> None:
     """redis-py may turn a cancellation into a connection error: call this in an
     ``except`` that retries, so a cancelled loop still ends."""
@@ -140,8 +147,7 @@ class _ClosedWatcher:
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        # no automatic retry here: redis-py would re-issue a cancelled blocking XREAD
-        self.redis = Redis.from_url(client.url)
+        self.redis = make_blocking_reader(client.url)
         self.closing = False
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.cursors: dict[str, str] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 
 class RillflowError(Exception):
     """Base of the errors rillflow itself raises (usage, configuration, state)."""
@@ -118,7 +120,7 @@ def failure_from_exception(exc: BaseException) -> dict[str, Any]:
             "stack": exc.stack or stack,
         }
         if exc.details:
-            rec["details"] = _jsonable(exc.details)
+            rec["details"] = jsonable(exc.details)
         if isinstance(exc, ActivityError):
             rec["activity_name"] = exc.activity_name
             rec["attempt"] = exc.attempt
@@ -153,7 +155,7 @@ def exception_from_failure(rec: dict[str, Any]) -> WorkflowError:
     return err
 
 
-def _jsonable(value: Any) -> Any:
-    from pydantic_core import to_jsonable_python
-
+def jsonable(value: Any) -> Any:
+    """Any value as JSON-like data, for details that cross processes (``repr`` as a
+    last resort, so reporting a failure never fails)."""
     return to_jsonable_python(value, fallback=repr)

@@ -14,12 +14,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio.to_thread
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -30,12 +29,13 @@ from rillflow.activity import (
     ActivityInfo,
     _current_activity,
 )
-from rillflow.client import Client, reraise_if_cancelling
+from rillflow.client import Client, make_blocking_reader, reraise_if_cancelling
 from rillflow.errors import (
     InvalidInputError,
     RillflowError,
     WorkflowError,
     failure_from_exception,
+    jsonable,
 )
 from rillflow.executor import CachedRun, Command, WorkflowInfo, WorkflowInstance, run_task
 from rillflow.history import HistoryEvent
@@ -138,9 +138,7 @@ class Worker:
         self.ks = client.keyspace
         self.scripts = client.scripts
         self.redis = client.redis
-        # blocking reads get their own connections without automatic retry: redis-py
-        # would re-issue a cancelled XREADGROUP, and a stopping worker must stop reading
-        self._reader = Redis.from_url(client.url, max_connections=workflow_pollers + 2)
+        self._reader = make_blocking_reader(client.url, workflow_pollers + 2)
         self.cache: collections.OrderedDict[str, CachedRun] = collections.OrderedDict()
         self.running: dict[tuple[str, int], _Running] = {}
         self.stats = WorkerStats()
@@ -250,21 +248,13 @@ class Worker:
         return [self.ks.queue(s, self.task_queue, f"wft@{self.identity}") for s in self.ks.all_shards()]
 
     async def _ensure_groups(self) -> None:
-        for stream in self._sticky_streams():
+        streams = [self.ks.queue(s, self.task_queue, k) for s in self.ks.all_shards() for k in ("wft", "act")]
+        for stream in streams + self._sticky_streams():
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
             except ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
-        for s in self.ks.all_shards():
-            for kind in ("wft", "act"):
-                try:
-                    await self.redis.xgroup_create(
-                        self.ks.queue(s, self.task_queue, kind), GROUP, id="0", mkstream=True
-                    )
-                except ResponseError as e:
-                    if "BUSYGROUP" not in str(e):
-                        raise
 
     async def _read(self, streams: dict[str, str], count: int) -> Any:
         try:
@@ -430,8 +420,6 @@ class Worker:
                 "Register the workflow class with this task queue's workers.",
                 type="WorkflowNotRegistered",
             )
-        from datetime import UTC, datetime
-
         info = WorkflowInfo(
             wid, run, wtype, self.task_queue, datetime.fromtimestamp(start_ms / 1000, tz=UTC), attempt
         )
@@ -507,14 +495,13 @@ class Worker:
             heartbeat_timeout=timedelta(milliseconds=hbt_ms) if hbt_ms else None,
         )
         key = (run, seq)
-        holder: dict[str, _Running] = {}
-        ctx = ActivityContext(info, lambda details: self._heartbeat(holder["r"], details))
+        # `r` is bound below, before the task's first step can call heartbeat
+        ctx = ActivityContext(info, lambda details: self._heartbeat(r, details))
         budget = max(0.001, (deadline - now) / 1000)
         task = asyncio.create_task(
             self._run_activity(shard, sched, ctx, budget), name=f"activity:{info.activity_name}:{wid}:{seq}"
         )
         r = _Running(task, ctx, shard, run, seq, att, throttle=(0.8 * hbt_ms / 1000) if hbt_ms else 30.0)
-        holder["r"] = r
         self.running[key] = r
         self.stats.activities += 1
 
@@ -629,9 +616,7 @@ class Worker:
         self._pump_wake.set()
 
     def _heartbeat(self, r: _Running, details: list[Any]) -> None:
-        from pydantic_core import to_jsonable_python
-
-        r.details = to_jsonable_python(details, fallback=repr)
+        r.details = jsonable(details)
         r.dirty = True
         loop = self._loop
         assert loop is not None
@@ -674,7 +659,6 @@ class Worker:
             r.sending = False
         if text(res) == "gone":
             r.gone = True
-            r.ctx.cancelled = True
             r.task.cancel()
         elif r.dirty:
             self._maybe_send(r)

@@ -14,12 +14,9 @@ for i = 4, #ARGV, 4 do
       s.st = 'started'
       s.started = NOW
       s.by = worker
-      local dl = NOW + s.stc
-      if s.hbt > 0 and NOW + s.hbt < dl then dl = NOW + s.hbt end
-      if s.s2c > 0 and s.sched + s.s2c < dl then dl = s.sched + s.s2c end
-      s.dl = dl
+      s.dl = act_deadline(s)
       act_put(run, seq, s)
-      redis.call('ZADD', TIMERS, dl, 'A|' .. run .. '|' .. seq .. '|' .. att)
+      redis.call('ZADD', TIMERS, s.dl, 'A|' .. run .. '|' .. seq .. '|' .. att)
     end
     local ak = act_key(run)
     out[#out + 1] = { 'ok', redis.call('HGET', ak, seq .. ':b'),

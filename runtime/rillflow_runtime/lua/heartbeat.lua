@@ -6,10 +6,7 @@ if redis.call('HGET', run_key(run), 'status') ~= 'running' then return 'gone' en
 local s = act_get(run, seq)
 if not s or s.att ~= att or s.st ~= 'started' then return 'gone' end
 redis.call('HSET', act_key(run), seq .. ':hb', details)
-local dl = s.started + s.stc
-if s.hbt > 0 and NOW + s.hbt < dl then dl = NOW + s.hbt end
-if s.s2c > 0 and s.sched + s.s2c < dl then dl = s.sched + s.s2c end
-s.dl = dl
+s.dl = act_deadline(s)
 act_put(run, seq, s)
-redis.call('ZADD', TIMERS, dl, 'A|' .. run .. '|' .. seq .. '|' .. att)
+redis.call('ZADD', TIMERS, s.dl, 'A|' .. run .. '|' .. seq .. '|' .. att)
 return 'ok'

@@ -122,6 +122,15 @@ local function act_forget(run, seq, s)
     'R|' .. run .. '|' .. seq .. '|' .. s.att, 'S|' .. run .. '|' .. seq)
 end
 
+-- An attempt's deadline: the earliest of start-to-close, the next heartbeat and
+-- schedule-to-close.
+local function act_deadline(s)
+  local dl = s.started + s.stc
+  if s.hbt > 0 and NOW + s.hbt < dl then dl = NOW + s.hbt end
+  if s.s2c > 0 and s.sched + s.s2c < dl then dl = s.sched + s.s2c end
+  return dl
+end
+
 local function act_dispatch(run, seq, s)
   s.msg = redis.call('XADD', queue_key(s.tq, 'act'), '*', 'run', run, 'seq', seq, 'att', s.att)
   s.st = 'scheduled'
