@@ -154,3 +154,11 @@ async def test_activities_follow_the_same_rules(client: Client) -> None:
     assert ex.my_activity.sig.decode_input({"input_data": "a"}) == ["a", 1]
     union_activity = Signature(ex.FlexibleWorkflow.run, what="activity", require_annotations=True)
     assert union_activity.decode_input({"count": 3}) == [ex.CountInput(count=3)]
+
+
+def test_an_option_rillflow_does_not_have_is_refused_not_ignored() -> None:
+    # the anchor's `workflow_description`, not `description`; and no silent no-op options
+    with pytest.raises(TypeError, match="unexpected keyword argument 'description'"):
+        workflows.workflow.define(name="x", description="d")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sticky_to_worker'"):
+        workflows.activity(sticky_to_worker=True)  # type: ignore[call-arg]

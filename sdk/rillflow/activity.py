@@ -162,7 +162,6 @@ class _ActivityNamespace:
         retry_policy_initial_interval: timedelta = timedelta(seconds=1),
         retry_policy_max_interval: timedelta = timedelta(seconds=100),
         task_queue: str | None = None,
-        **_unused: Any,
     ) -> Callable[[Callable[..., Any]], ActivityDefinition]:
         options = ActivityOptions(
             start_to_close_timeout=start_to_close_timeout,

@@ -59,7 +59,6 @@ class workflow:
         workflow_display_name: str | None = None,
         execution_timeout: timedelta = DEFAULT_EXECUTION_TIMEOUT,
         enforce_determinism: bool | None = None,
-        **_unused: Any,
     ) -> Callable[[type[T]], type[T]]:
         if not isinstance(name, str) or not NAME_RE.fullmatch(name) or "." in name:
             raise WorkflowDefinitionError(
