@@ -376,6 +376,29 @@ class GiveUpWorkflow:
             return "gave up"
 
 
+@workflows.activity(retry_policy_max_attempts=3, **FAST_RETRY)
+async def wrong_result(n: int) -> int:
+    return f"{n} items"  # type: ignore[return-value]
+
+
+@workflows.workflow.define(name="wrong_result_workflow")
+class WrongResultWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> dict[str, object]:
+        try:
+            await wrong_result(3)
+        except workflows.ActivityError as e:
+            return {"attempt": e.attempt, "type": e.cause.type, "message": e.cause.message}
+        return {}
+
+
+@workflows.workflow.define(name="loose_result_workflow")
+class LooseResultWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, n: int) -> int:
+        return f"{n} items"  # type: ignore[return-value]
+
+
 # what `rillflow worker tests.flows:SERVED` serves (the module holds two versions of nd_workflow)
 SERVED = [
     HelloWorkflow,

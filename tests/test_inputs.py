@@ -10,6 +10,7 @@ from pydantic import BaseModel
 import rillflow as workflows
 from rillflow import Client, Worker, get_workflow_definition
 from rillflow.payloads import Signature
+from tests import flows
 from tests import seed_examples as ex
 from tests.conftest import FAST
 
@@ -162,3 +163,18 @@ def test_an_option_rillflow_does_not_have_is_refused_not_ignored() -> None:
         workflows.workflow.define(name="x", description="d")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="unexpected keyword argument 'sticky_to_worker'"):
         workflows.activity(sticky_to_worker=True)  # type: ignore[call-arg]
+
+
+async def test_results_are_checked_against_the_return_annotation(client: Client) -> None:
+    wfs = [flows.WrongResultWorkflow, flows.LooseResultWorkflow]
+    async with Worker(client, workflows=wfs, activities=[flows.wrong_result], **FAST):  # type: ignore[arg-type]
+        # an activity's wrong result is a bug: it fails at once, without retries
+        r = await client.execute_workflow(flows.WrongResultWorkflow, result_timeout=10)
+        assert r["attempt"] == 1 and r["type"] == "InvalidResultError"
+        assert r["message"].startswith(
+            "the result of activity 'wrong_result' does not match its return annotation int: "
+        )
+        # a workflow's completes as returned (failing it would hang the run until a deploy)
+        h = await client.start_workflow(flows.LooseResultWorkflow, {"n": 3})
+        assert await h.result(timeout=10) == "3 items"
+        assert (await h.describe()).status == "completed"

@@ -9,6 +9,7 @@ from rillflow.client import Client, WorkflowDescription, WorkflowHandle
 from rillflow.errors import (
     ActivityError,
     InvalidInputError,
+    InvalidResultError,
     NonDeterminismError,
     PayloadTooLargeError,
     RestrictedWorkflowAccessError,
@@ -32,6 +33,7 @@ __all__ = [
     "Client",
     "HistoryEvent",
     "InvalidInputError",
+    "InvalidResultError",
     "NonDeterminismError",
     "PayloadTooLargeError",
     "RestrictedWorkflowAccessError",

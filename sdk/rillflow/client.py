@@ -387,7 +387,7 @@ class WorkflowHandle:
         body = unpack(outcome) if outcome else {}
         if text(otype) == "WorkflowExecutionCompleted":
             value = body.get("result")
-            return self.defn.sig.load_result(value) if self.defn else value
+            return self.defn.sig.load_result_leniently(value) if self.defn else value
         if "failure" in body:
             cause = exception_from_failure(body["failure"])
         else:

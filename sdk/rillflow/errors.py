@@ -93,6 +93,10 @@ class InvalidInputError(RillflowError, ValueError):
     """Input that does not validate; nothing was written."""
 
 
+class InvalidResultError(RillflowError, ValueError):
+    """A workflow or activity returned a value its return annotation does not allow."""
+
+
 class PayloadTooLargeError(RillflowError, ValueError):
     pass
 

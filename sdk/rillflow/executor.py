@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from rillflow.errors import (
     ActivityError,
+    InvalidResultError,
     NonDeterminismError,
     RestrictedWorkflowAccessError,
     WorkflowError,
@@ -36,6 +39,8 @@ from rillflow.errors import (
 )
 from rillflow.history import COMMAND_EVENTS, INPUT_EVENTS, HistoryEvent
 from rillflow_runtime.codec import pack
+
+log = structlog.get_logger("rillflow.workflow")
 
 if TYPE_CHECKING:
     from rillflow.activity import ActivityDefinition
@@ -337,7 +342,20 @@ class WorkflowInstance:
         try:
             args = sig.decode_input(data)
             result = await getattr(self.obj, self.defn.entry_name)(*args)
-            encoded = pack({"result": sig.dump_result(result)})
+            try:
+                data = sig.dump_result(result)
+            except InvalidResultError as e:
+                # Failing here would leave the run open until the code changes; the
+                # result is recorded as returned and the mismatch is said out loud.
+                if not self.replaying:
+                    log.warning(
+                        "workflow result does not match its return annotation; recorded as returned",
+                        workflow=self.defn.name,
+                        execution_id=self.info.workflow_id,
+                        error=str(e),
+                    )
+                data = sig.dump_unchecked(result)
+            encoded = pack({"result": data})
         except (WorkflowError, TimeoutError) as e:
             self._close("F", pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
         except asyncio.CancelledError:

@@ -15,13 +15,42 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, create_model
+from pydantic_core import to_jsonable_python
 
-from rillflow.errors import InvalidInputError, WorkflowDefinitionError
+from rillflow.errors import InvalidInputError, InvalidResultError, WorkflowDefinitionError
 
 DEFAULT_MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InputShape:
+    """How raw input becomes what the input model validates. The registry stores it
+    beside the input schema, so a client that knows only a workflow's name normalises
+    input exactly as the worker will."""
+
+    mode: str  # "fields" (an object keyed by parameter name), "model", or "union"
+    params: tuple[str, ...]
+    root: bool = False  # the input model is a RootModel: it takes its value as it is
+
+    def normalize(self, data: Any) -> Any:
+        """No input means all defaults (a root input takes None as it is); a bare value
+        for a one-parameter function is that parameter."""
+        if data is None:
+            return None if self.root else {}
+        if self.mode == "fields" and not isinstance(data, dict) and len(self.params) == 1:
+            return {self.params[0]: data}
+        return data
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "params": list(self.params), "root": self.root}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InputShape:
+        return cls(str(data["mode"]), tuple(data.get("params", ())), bool(data.get("root")))
 
 
 def _is_model(tp: Any) -> bool:
@@ -66,6 +95,11 @@ class Signature:
         self.return_type: Any = hints.get("return", Any)
         self.result_adapter: TypeAdapter[Any] = TypeAdapter(self.return_type)
         self.input_model, self.mode = self._input_model()
+        self.shape = InputShape(
+            self.mode,
+            tuple(p.name for p in self.params),
+            root=self.mode == "union" or issubclass(self.input_model, RootModel),
+        )
 
     def _input_model(self) -> tuple[type[BaseModel], str]:
         """The rules of the workflows page: a single model is the input itself; a union of
@@ -130,15 +164,9 @@ class Signature:
         return [getattr(model, p.name) for p in self.params]
 
     def _normalize(self, data: Any) -> Any:
-        """No input means all defaults (a RootModel input takes None as it is); a bare
-        value for a one-parameter function is that parameter."""
         if isinstance(data, BaseModel) and self.mode == "fields":
             return data.model_dump()
-        if data is None:
-            return None if self.mode == "union" or issubclass(self.input_model, RootModel) else {}
-        if self.mode == "fields" and not isinstance(data, dict) and len(self.params) == 1:
-            return {self.params[0].name: data}
-        return data
+        return self.shape.normalize(data)
 
     def _validate(self, data: Any) -> BaseModel:
         try:
@@ -148,10 +176,32 @@ class Signature:
 
     # -- results ------------------------------------------------------------------------
     def dump_result(self, value: Any) -> Any:
-        return self.result_adapter.dump_python(value, mode="json")
+        """The value checked against the return annotation, as JSON-like data: a wrong
+        result is caught where it is produced, not where it is read."""
+        try:
+            checked = self.result_adapter.validate_python(value)
+        except ValidationError as e:
+            raise InvalidResultError(
+                f"the result of {self.what} '{self.fn_name}' does not match its return annotation "
+                f"{_type_name(self.return_type)}: {_describe(e)}"
+            ) from e
+        return self.result_adapter.dump_python(checked, mode="json")
+
+    @staticmethod
+    def dump_unchecked(value: Any) -> Any:
+        """A value that does not match its annotation, as JSON-like data all the same."""
+        return to_jsonable_python(value)
 
     def load_result(self, data: Any) -> Any:
         return self.result_adapter.validate_python(data)
+
+    def load_result_leniently(self, data: Any) -> Any:
+        """The declared type when the stored data is one, else the data as stored: a
+        workflow may have completed with a result its annotation does not describe."""
+        try:
+            return self.result_adapter.validate_python(data)
+        except ValidationError:
+            return data
 
     # -- schemas, as a console renders a form ---------------------------------------------
     def input_schema(self) -> dict[str, Any]:
@@ -161,6 +211,10 @@ class Signature:
         if self.return_type is type(None) or self.return_type is None:
             return None
         return self.result_adapter.json_schema()
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
 
 
 def _describe(e: ValidationError) -> str:

@@ -32,6 +32,7 @@ from rillflow.activity import (
 from rillflow.client import Client, make_blocking_reader, reraise_if_cancelling
 from rillflow.errors import (
     InvalidInputError,
+    InvalidResultError,
     RillflowError,
     WorkflowError,
     failure_from_exception,
@@ -561,7 +562,8 @@ class Worker:
                 )
                 return
             fail = failure_from_exception(e)
-            nr = non_retryable or bool(fail.get("non_retryable"))
+            # a result the annotation refuses is a bug in the activity: retrying repeats it
+            nr = non_retryable or isinstance(e, InvalidResultError) or bool(fail.get("non_retryable"))
             r = self.running.get((info.run_id, info.seq))
             hb = pack(r.details) if r is not None and r.details is not None else b""
             body = pack({"seq": info.seq, "att": info.attempt, "failure": fail})
