@@ -71,7 +71,11 @@ async def bench(url: str, n: int, shards: int) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
-        await run_batch(client, "bench_w1", 200)  # warm-up: worker started, scripts loaded
+        while "bench_w2" not in await client.registry.names():  # as in production: workers are up
+            if worker.poll() is not None:
+                raise SystemExit(f"the worker exited with {worker.returncode}")
+            await asyncio.sleep(0.05)
+        await run_batch(client, "bench_w1", 200)  # warm-up: scripts loaded, routes known
         print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, shards={shards}, n={n}")
 
         c0, m0 = await info(client)

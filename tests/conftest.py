@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ import redis
 
 from rillflow import Client
 from rillflow_runtime.embedded import EmbeddedRedis
+from rillflow_runtime.keyspace import Keyspace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,11 +85,17 @@ class WorkerProcess:
         target: str,
         *,
         namespace: str = "default",
+        task_queue: str = "default",
+        heartbeat: float = 10.0,
         env: dict[str, str] | None = None,
         grace: float = 30.0,
         log: Path | None = None,
+        wait: bool = True,
     ) -> None:
         self.log = log
+        self.url = url
+        self.namespace = namespace
+        self.identity = f"test-worker-{uuid.uuid4().hex[:8]}"
         args = [
             sys.executable,
             "-m",
@@ -100,6 +108,12 @@ class WorkerProcess:
             namespace,
             "--grace",
             str(grace),
+            "--identity",
+            self.identity,
+            "--task-queue",
+            task_queue,
+            "--heartbeat",
+            str(heartbeat),
         ]
         self.proc = subprocess.Popen(
             args,
@@ -108,6 +122,20 @@ class WorkerProcess:
             stdout=subprocess.DEVNULL,
             stderr=open(log, "w") if log else subprocess.DEVNULL,  # noqa: SIM115
         )
+        if wait:
+            self.wait_registered()
+
+    def wait_registered(self, timeout: float = 30.0) -> None:
+        """Until the worker has published what it serves (its liveness record exists)."""
+        key = Keyspace(self.namespace, 1).worker(self.identity)
+        with redis.Redis.from_url(self.url) as r:
+            deadline = time.monotonic() + timeout
+            while not r.exists(key):
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"worker exited with {self.proc.returncode}: {self.output()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"worker did not register within {timeout} s: {self.output()}")
+                time.sleep(0.05)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import rillflow as workflows
 from rillflow import activity, workflow
@@ -374,6 +374,25 @@ class GiveUpWorkflow:
             return await asyncio.wait_for(beats_until_cancelled(marker), timeout=0.3)
         except TimeoutError:
             return "gave up"
+
+
+class Line(BaseModel):
+    sku: str
+    qty: int = Field(ge=1)
+
+
+class Order(BaseModel):
+    customer: str
+    lines: list[Line]
+
+
+@workflows.workflow.define(name="order_workflow", workflow_description="Totals an order.\nSecond line.")
+class OrderWorkflow:
+    """Nested input, so that validation errors carry a path (lines.1.qty)."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, order: Order) -> int:
+        return sum(line.qty for line in order.lines)
 
 
 @workflows.activity(retry_policy_max_attempts=3, **FAST_RETRY)

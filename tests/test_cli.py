@@ -90,7 +90,22 @@ def test_errors_have_exit_codes(redis_url: str) -> None:
     assert p.returncode == 2 and "no Redis URL" in p.stderr
 
 
-@pytest.mark.parametrize("cmd", ["dev", "worker", "start", "result", "describe", "history", "terminate"])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "dev",
+        "worker",
+        "start",
+        "result",
+        "describe",
+        "history",
+        "terminate",
+        "workflows",
+        "workers",
+        "schema",
+        "unregister",
+    ],
+)
 def test_help_everywhere(cmd: str) -> None:
     p = rf(cmd, "--help")
     assert p.returncode == 0 and "Usage" in p.stdout
@@ -120,3 +135,69 @@ def test_worker_serves_a_whole_module(redis_url: str, worker_procs: Any) -> None
     p = rf("start", "report_workflow", "--input", '{"report_type": "weekly"}', "--wait", "--url", redis_url)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == {"report_type": "weekly", "rows": 3}
+
+
+def test_registry_commands(redis_url: str, worker_procs: Any) -> None:
+    url = ["--url", redis_url]
+    p = rf("workflows", *url)
+    assert p.returncode == 0 and "no workflows registered in namespace 'default'" in p.stderr
+    w1 = worker_procs(redis_url, task_queue="blue")
+    w2 = worker_procs(redis_url, target="tests.flows:OrderWorkflow", task_queue="green")
+
+    p = rf("workflows", *url)
+    assert p.returncode == 0, p.stderr
+    rows = {tuple(line.split("│")[1:4]) for line in p.stdout.splitlines() if "│" in line}
+    rows = {tuple(c.strip() for c in r) for r in rows}
+    assert ("hello_workflow", "blue", "1") in rows and ("order_workflow", "green", "1") in rows
+    assert "Totals an order." in p.stdout and "Second line" not in p.stdout
+    p = rf("workflows", "--json", *url)
+    recs = {r["name"]: r for r in map(json.loads, p.stdout.splitlines())}
+    assert recs["order_workflow"]["live_workers"] == {"green": [w2.identity]}
+    assert recs["hello_workflow"]["registered_by"] == w1.identity
+
+    p = rf("workers", "--json", *url)
+    live = {r["identity"]: r for r in map(json.loads, p.stdout.splitlines())}
+    assert set(live) == {w1.identity, w2.identity}
+    assert live[w2.identity]["task_queue"] == "green" and live[w2.identity]["workflows"] == ["order_workflow"]
+    assert w1.identity in rf("workers", *url).stdout
+
+    p = rf("schema", "order_workflow", *url)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["input"]["required"] == ["customer", "lines"]
+    assert doc["output"] == {"type": "integer"}
+    assert doc["signals"] == doc["queries"] == doc["updates"] == []
+    p = rf("schema", "order_workflow", "--part", "input", *url)
+    assert json.loads(p.stdout) == doc["input"]
+    p = rf("schema", "ordr_workflow", *url)
+    assert p.returncode == 3 and "no workflow named 'ordr_workflow'" in p.stderr
+    assert "hello_workflow" in p.stderr and "order_workflow" in p.stderr
+    p = rf("schema", "order_workflow", "--part", "nope", *url)
+    assert p.returncode == 2 and "--part must be one of" in p.stderr
+
+    # start validates against the registered schema and routes to the registered queue
+    p = rf("start", "order_workflow", "-i", '{"customer": "c", "lines": [{"sku": "a", "qty": 0}]}', *url)
+    assert p.returncode == 2 and "lines.0.qty: 0 is less than the minimum of 1" in p.stderr
+    p = rf(
+        "start",
+        "order_workflow",
+        "-i",
+        '{"customer": "c", "lines": [{"sku": "a", "qty": 4}]}',
+        "--wait",
+        *url,
+    )
+    assert p.returncode == 0 and json.loads(p.stdout) == 4
+    p = rf("start", "ordr_workflow", "-i", "{}", *url)
+    assert p.returncode == 3 and "no worker has registered a workflow named 'ordr_workflow'" in p.stderr
+    p = rf("start", "later_workflow", "--allow-unregistered", "-q", "green", "--id", "later-1", *url)
+    assert p.returncode == 0 and p.stdout.strip() == "later-1"
+
+    # a queue whose workers have gone can be forgotten; one with live workers cannot
+    p = rf("unregister", "order_workflow", *url)
+    assert p.returncode == 2 and f"still has live workers (green: {w2.identity})" in p.stderr
+    assert w2.terminate() == 0
+    p = rf("unregister", "order_workflow", *url)
+    assert p.returncode == 0 and "unregistered order_workflow from green" in p.stdout
+    p = rf("workflows", "--json", *url)
+    names = [json.loads(line)["name"] for line in p.stdout.splitlines()]
+    assert "order_workflow" not in names and "hello_workflow" in names

@@ -27,6 +27,28 @@ class Keyspace:
     def meta_key(namespace: str) -> str:
         return f"rf:{{{namespace}}}:meta"
 
+    # -- namespace-level keys: the registry of workflows and the live workers -------------
+    def ns_key(self, what: str) -> str:
+        return f"rf:{{{self.namespace}}}:{what}"
+
+    @property
+    def registry(self) -> str:
+        """A set of every workflow name ever registered in the namespace."""
+        return self.ns_key("registry")
+
+    def registry_entry(self, name: str) -> str:
+        """One workflow's definition (``spec``) and the task queues it was registered on."""
+        return self.ns_key(f"registry:{name}")
+
+    @property
+    def workers(self) -> str:
+        """A sorted set of worker identities (score: last heartbeat, ms)."""
+        return self.ns_key("workers")
+
+    def worker(self, identity: str) -> str:
+        """A worker's liveness record, which expires unless the worker refreshes it."""
+        return self.ns_key(f"worker:{identity}")
+
     def prefix(self, shard: int) -> str:
         return f"rf:{{{self.namespace}:{shard}}}:"
 

@@ -19,9 +19,11 @@ from rillflow.errors import (
     WorkflowError,
     WorkflowFailureError,
     WorkflowNotFoundError,
+    WorkflowNotRegisteredError,
 )
 from rillflow.executor import WorkflowInfo
 from rillflow.history import HistoryEvent
+from rillflow.registry import RegisteredWorkflow, WorkerInfo
 from rillflow.worker import Worker
 from rillflow.workflow import get_execution_id, get_workflow_definition, workflow
 
@@ -36,9 +38,11 @@ __all__ = [
     "InvalidResultError",
     "NonDeterminismError",
     "PayloadTooLargeError",
+    "RegisteredWorkflow",
     "RestrictedWorkflowAccessError",
     "RillflowError",
     "Worker",
+    "WorkerInfo",
     "WorkflowAlreadyStartedError",
     "WorkflowDefinitionError",
     "WorkflowDescription",
@@ -47,6 +51,7 @@ __all__ = [
     "WorkflowHandle",
     "WorkflowInfo",
     "WorkflowNotFoundError",
+    "WorkflowNotRegisteredError",
     "__version__",
     "activity",
     "activity_heartbeat",

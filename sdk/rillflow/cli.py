@@ -33,6 +33,7 @@ from rillflow.errors import (
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
     WorkflowNotFoundError,
+    WorkflowNotRegisteredError,
 )
 from rillflow.history import HistoryEvent
 
@@ -93,7 +94,7 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
     except (InvalidInputError, PayloadTooLargeError) as e:
         err.print(f"[red]invalid input:[/red] {e}")
         raise typer.Exit(2) from None
-    except (WorkflowNotFoundError, WorkflowAlreadyStartedError) as e:
+    except (WorkflowNotFoundError, WorkflowNotRegisteredError, WorkflowAlreadyStartedError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(3) from None
     except WorkflowFailureError as e:
@@ -124,7 +125,7 @@ def _json(value: Any) -> str:
 
 def _parse_input(raw: str | None) -> Any:
     if raw is None:
-        return {}
+        return None
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
@@ -173,6 +174,12 @@ def worker(
     task_queue: Annotated[str, typer.Option("--task-queue", "-q")] = "default",
     max_concurrent_activities: Annotated[int, typer.Option()] = 100,
     grace: Annotated[float, typer.Option(help="seconds running activities get to finish on SIGTERM")] = 30.0,
+    identity: Annotated[
+        str | None, typer.Option(help="the worker's name in `rillflow workers` (default: host-pid-random)")
+    ] = None,
+    heartbeat: Annotated[
+        float, typer.Option(help="seconds between liveness refreshes; the record lives three times that")
+    ] = 10.0,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
     log_level: Annotated[str, typer.Option()] = "info",
@@ -193,6 +200,8 @@ def worker(
                 acts,
                 max_concurrent_activities=max_concurrent_activities,
                 graceful_shutdown_timeout=timedelta(seconds=grace),
+                identity=identity,
+                heartbeat_interval=timedelta(seconds=heartbeat),
             )
             _sigterm_to_stop(w._stopping.set)
             await w.run()
@@ -204,15 +213,27 @@ def worker(
 @app.command()
 def start(
     name: Annotated[str, typer.Argument(help="workflow name")],
-    input: Annotated[str | None, typer.Option("--input", "-i", help="input as a JSON object")] = None,
+    input: Annotated[
+        str | None, typer.Option("--input", "-i", help="input as JSON (see `rillflow schema NAME`)")
+    ] = None,
     id: Annotated[str | None, typer.Option("--id", help="execution id (default: a new uuid)")] = None,
-    task_queue: Annotated[str, typer.Option("--task-queue", "-q")] = "default",
+    task_queue: Annotated[
+        str | None,
+        typer.Option("--task-queue", "-q", help="default: the queue the workflow is registered on"),
+    ] = None,
     execution_timeout: Annotated[float | None, typer.Option(help="seconds")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the result and print it")] = False,
+    allow_unregistered: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unregistered", help="start even if no worker has registered NAME yet (no validation)"
+        ),
+    ] = False,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
 ) -> None:
-    """Start a workflow; print its execution id (or, with --wait, its result)."""
+    """Start a workflow; print its execution id (or, with --wait, its result). The input
+    is checked against the registered schema first: nothing is written if it fails."""
 
     async def main() -> None:
         data = _parse_input(input)
@@ -223,6 +244,7 @@ def start(
                 execution_id=id,
                 task_queue=task_queue,
                 execution_timeout=timedelta(seconds=execution_timeout) if execution_timeout else None,
+                allow_unregistered=allow_unregistered,
             )
             if not wait:
                 print(h.id)
@@ -356,6 +378,130 @@ def terminate(
             except RillflowError as e:
                 raise Exit(3, str(e)) from e
             out.print(f"terminated {execution_id}")
+
+    run(main)
+
+
+# -- registry -----------------------------------------------------------------------------
+@app.command()
+def workflows(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per workflow")] = False,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """List the workflows registered in the namespace: task queues and live workers."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            entries = await client.registry.workflows()
+            if as_json:
+                for e in entries:
+                    rec = {
+                        "name": e.name,
+                        "description": e.description,
+                        "task_queues": {q: at.isoformat() for q, at in e.task_queues.items()},
+                        "live_workers": e.live_workers,
+                        "registered_at": e.registered_at.isoformat(),
+                        "registered_by": e.registered_by,
+                    }
+                    print(json.dumps(rec))
+                return
+            if not entries:
+                err.print(f"no workflows registered in namespace {namespace!r}: start a worker")
+                return
+            t = Table("workflow", "task queue", "live workers", "description")
+            for e in entries:
+                for q in sorted(e.live_workers):
+                    n = len(e.live_workers[q])
+                    t.add_row(
+                        e.name, q, str(n) if n else "[red]0[/red]", (e.description or "").split("\n")[0]
+                    )
+            out.print(t)
+
+    run(main)
+
+
+@app.command()
+def workers(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per worker")] = False,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """List the live workers: task queue, what they serve, last heartbeat."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            live = await client.registry.workers()
+            if as_json:
+                for w in live:
+                    print(json.dumps({**w.__dict__, "expires_in": w.expires_in.total_seconds()}, default=str))
+                return
+            t = Table("identity", "task queue", "workflows", "activities", "started", "last heartbeat")
+            for w in live:
+                t.add_row(
+                    w.identity,
+                    w.task_queue,
+                    ", ".join(w.workflows),
+                    str(len(w.activities)),
+                    w.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    w.heartbeat_at.strftime("%H:%M:%S"),
+                )
+            out.print(t)
+
+    run(main)
+
+
+@app.command()
+def schema(
+    name: Annotated[str, typer.Argument(help="workflow name")],
+    part: Annotated[
+        str, typer.Option("--part", help="all, input, output, signals, queries or updates")
+    ] = "all",
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """Print a workflow's registered JSON schemas: input, output and handlers."""
+    parts = ("all", "input", "output", "signals", "queries", "updates")
+    if part not in parts:
+        raise typer.BadParameter(f"--part must be one of {', '.join(parts)}")
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            e = await client.registry.workflow(name, with_workers=False)
+            if e is None:
+                known = await client.registry.names()
+                raise Exit(
+                    3,
+                    f"no workflow named {name!r} is registered in namespace {namespace!r} "
+                    f"(registered: {', '.join(known) if known else 'none yet'})",
+                )
+            doc: dict[str, Any] = {
+                "name": e.name,
+                "input": e.input_schema,
+                "output": e.output_schema,
+                **{k: e.handlers.get(k, []) for k in ("signals", "queries", "updates")},
+            }
+            print(_json(doc if part == "all" else doc[part]))
+
+    run(main)
+
+
+@app.command()
+def unregister(
+    name: Annotated[str, typer.Argument(help="workflow name")],
+    task_queue: Annotated[
+        str | None, typer.Option("--task-queue", "-q", help="only this queue (default: every queue)")
+    ] = None,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """Forget a registration no worker serves any more (e.g. a queue the workflow left).
+    Refused while a live worker serves it there; runs and their history are untouched."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            queues = await client.registry.forget(name, task_queue)
+            print(f"unregistered {name} from {', '.join(queues)}")
 
     run(main)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,11 +24,13 @@ from rillflow.errors import (
     WorkflowError,
     WorkflowFailureError,
     WorkflowNotFoundError,
+    WorkflowNotRegisteredError,
     exception_from_failure,
 )
 from rillflow.history import HistoryEvent
 from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size
-from rillflow.workflow import WorkflowDefinition, get_workflow_definition
+from rillflow.registry import RegisteredWorkflow, Registry
+from rillflow.workflow import DEFAULT_EXECUTION_TIMEOUT, WorkflowDefinition, get_workflow_definition
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import ID_RE, NAME_RE, Keyspace
 from rillflow_runtime.scripts import Scripts
@@ -205,7 +208,14 @@ class Client:
     """A connection to one namespace. ``await Client.connect(url)``."""
 
     def __init__(
-        self, redis: Redis, namespace: str, settings: NamespaceSettings, *, max_payload_bytes: int, url: str
+        self,
+        redis: Redis,
+        namespace: str,
+        settings: NamespaceSettings,
+        *,
+        max_payload_bytes: int,
+        url: str,
+        registry_cache: timedelta = timedelta(seconds=1),
     ) -> None:
         self.url = url
         self.redis = redis
@@ -213,8 +223,13 @@ class Client:
         self.settings = settings
         self.keyspace = Keyspace(namespace, settings.shards)
         self.scripts = Scripts(redis)
+        self.registry = Registry(redis, self.keyspace)
         self.max_payload_bytes = max_payload_bytes
         self._watcher: _ClosedWatcher | None = None
+        # name -> (when read, registration): a start by name costs no round trip in the
+        # steady state; a registration no older than this is trusted, absence never is
+        self._registry_cache_s = registry_cache.total_seconds()
+        self._registered: dict[str, tuple[float, RegisteredWorkflow]] = {}
 
     @classmethod
     async def connect(
@@ -227,17 +242,27 @@ class Client:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         max_connections: int = 64,
         workflow_task_timeout: timedelta | None = None,
+        registry_cache: timedelta = timedelta(seconds=1),
     ) -> Client:
         """Connect to ``namespace``, creating it on first use with ``shards`` (default 1),
         ``retention`` of closed runs (default 7 days) and ``workflow_task_timeout``
-        (default 10 s); a namespace's settings are fixed once created."""
+        (default 10 s); a namespace's settings are fixed once created. Starts trust a
+        workflow's registration (its schema and task queues) read within
+        ``registry_cache``."""
         redis = make_redis(url, max_connections)
         try:
             settings = await ensure_namespace(redis, namespace, shards, retention, workflow_task_timeout)
         except BaseException:
             await redis.aclose()
             raise
-        return cls(redis, namespace, settings, max_payload_bytes=max_payload_bytes, url=url)
+        return cls(
+            redis,
+            namespace,
+            settings,
+            max_payload_bytes=max_payload_bytes,
+            url=url,
+            registry_cache=registry_cache,
+        )
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -263,28 +288,26 @@ class Client:
         params: Any = None,
         *,
         execution_id: str | None = None,
-        task_queue: str = "default",
+        task_queue: str | None = None,
         execution_timeout: timedelta | None = None,
+        allow_unregistered: bool = False,
     ) -> WorkflowHandle:
-        """Start a run; returns at once with a handle. The input is validated against
-        the workflow's entrypoint (given the class) before anything is written."""
-        defn: WorkflowDefinition | None = None
-        if isinstance(workflow, str):
-            name = workflow
-            if isinstance(params, BaseModel):
-                params = params.model_dump(mode="json")
-            data = params if params is not None else {}
-            if not isinstance(data, dict):
-                raise InvalidInputError(
-                    f"input for workflow '{name}' must be a JSON object keyed by parameter name"
-                )
-        else:
-            defn = get_workflow_definition(workflow)
-            name = defn.name
-            data = defn.sig.encode_input(params)
+        """Start a run; returns at once with a handle.
+
+        Given a name, nothing is written unless a worker has registered that workflow
+        in the namespace (on ``task_queue``, which defaults to the queue it is
+        registered on) and the input validates against the registered input schema;
+        ``allow_unregistered=True`` starts a name no worker has registered yet. Given
+        the class, the input is validated against its entrypoint and the class itself
+        is the proof that the workflow exists, so it may start before any worker has
+        deployed. Either way the run goes to ``task_queue``, else to the one queue the
+        workflow is registered on, else to ``"default"``, and waits there for a worker.
+        """
+        defn = None if isinstance(workflow, str) else get_workflow_definition(workflow)
+        name = defn.name if defn else str(workflow)
         if not NAME_RE.fullmatch(name):
             raise InvalidInputError(f"workflow name {name!r} is invalid")
-        if not NAME_RE.fullmatch(task_queue):
+        if task_queue is not None and not NAME_RE.fullmatch(task_queue):
             raise InvalidInputError(
                 f"task queue {task_queue!r} is invalid: use letters, digits, '_', '-', '.'"
             )
@@ -293,14 +316,30 @@ class Client:
             raise InvalidInputError(
                 f"execution_id {wid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.'"
             )
-        timeout = execution_timeout or (defn.execution_timeout if defn else timedelta(hours=1))
-        if timeout.total_seconds() <= 0:
+        if execution_timeout is not None and execution_timeout.total_seconds() <= 0:
             raise InvalidInputError("execution_timeout must be positive")
+        entry: RegisteredWorkflow | None = None
+        if defn is not None:
+            data = defn.sig.encode_input(params)
+            tq = await self._route(name, task_queue)
+        else:
+            if isinstance(params, BaseModel):
+                params = params.model_dump(mode="json")
+            entry = await self._registration(name)
+            tq = await self._resolve_queue(name, task_queue, entry, allow_unregistered)
+            data = entry.check_input(params) if entry else params
+        timeout = execution_timeout or (
+            defn.execution_timeout
+            if defn
+            else entry.execution_timeout
+            if entry
+            else DEFAULT_EXECUTION_TIMEOUT
+        )
         timeout_ms = int(timeout.total_seconds() * 1000)
         body = pack(
             {
                 "workflow_type": name,
-                "task_queue": task_queue,
+                "task_queue": tq,
                 "input": data,
                 "execution_timeout_ms": timeout_ms,
             }
@@ -311,12 +350,62 @@ class Client:
         res = await self.scripts.call(
             "start",
             self.keyspace.timers(shard),
-            [self.keyspace.prefix(shard), wid, run_id, name, task_queue, body, timeout_ms],
+            [self.keyspace.prefix(shard), wid, run_id, name, tq, body, timeout_ms],
         )
         status, rid = text(res[0]), text(res[1])
         if status == "running" and rid != run_id:  # rid == run_id: our own start, retried
             raise WorkflowAlreadyStartedError(wid, rid)
         return WorkflowHandle(self, wid, rid, defn)
+
+    async def _route(self, name: str, task_queue: str | None) -> str:
+        """The task queue to start a workflow given by class on."""
+        if task_queue is not None:
+            return task_queue
+        entry = await self._registration(name)
+        return await self._resolve_queue(name, None, entry, allow_unregistered=True)
+
+    async def _registration(self, name: str) -> RegisteredWorkflow | None:
+        now = time.monotonic()
+        hit = self._registered.get(name)
+        if hit is not None and now - hit[0] < self._registry_cache_s:
+            return hit[1]
+        entry = await self.registry.workflow(name, with_workers=False)
+        if entry is None:
+            self._registered.pop(name, None)
+        else:
+            self._registered[name] = (now, entry)
+        return entry
+
+    async def _resolve_queue(
+        self, name: str, task_queue: str | None, entry: RegisteredWorkflow | None, allow_unregistered: bool
+    ) -> str:
+        queues = sorted(entry.task_queues) if entry else []
+        if task_queue is None and len(queues) > 1:
+            # a queue the workflow has moved away from stays registered: the live ones count
+            served = sorted({w.task_queue for w in await self.registry.workers() if name in w.workflows})
+            if len(served) != 1:
+                raise InvalidInputError(
+                    f"workflow '{name}' is registered on several task queues ({', '.join(queues)}"
+                    f"{'; live workers on ' + ', '.join(served) if served else '; none has a live worker'}"
+                    "): pass task_queue= to choose one"
+                )
+            return served[0]
+        if task_queue is None and queues:
+            return queues[0]
+        if task_queue in queues or allow_unregistered:
+            return task_queue or "default"
+        if entry is not None:
+            raise WorkflowNotRegisteredError(
+                f"workflow '{name}' is registered on task queue(s) {', '.join(queues)}, "
+                f"not on '{task_queue}'. Start it on one of those, or pass allow_unregistered=True "
+                "if its workers for that queue have not been deployed yet"
+            )
+        known = await self.registry.names()
+        raise WorkflowNotRegisteredError(
+            f"no worker has registered a workflow named '{name}' in namespace '{self.namespace}' "
+            f"(registered: {', '.join(known) if known else 'none yet'}). Check the name and the "
+            "namespace, or pass allow_unregistered=True to start it before its workers are deployed"
+        )
 
     async def execute_workflow(self, workflow: type | str, params: Any = None, **kwargs: Any) -> Any:
         """Start a run and wait for its result."""

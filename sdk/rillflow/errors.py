@@ -97,6 +97,11 @@ class InvalidResultError(RillflowError, ValueError):
     """A workflow or activity returned a value its return annotation does not allow."""
 
 
+class WorkflowNotRegisteredError(RillflowError, LookupError):
+    """No worker has ever registered this workflow name (on this task queue) in the
+    namespace; nothing was written."""
+
+
 class PayloadTooLargeError(RillflowError, ValueError):
     pass
 

@@ -41,6 +41,7 @@ from rillflow.errors import (
 from rillflow.executor import CachedRun, Command, WorkflowInfo, WorkflowInstance, run_task
 from rillflow.history import HistoryEvent
 from rillflow.payloads import check_size
+from rillflow.registry import workflow_spec
 from rillflow.workflow import WorkflowDefinition, get_workflow_definition
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import GROUP, NAME_RE
@@ -99,6 +100,7 @@ class Worker:
         pump_interval: float = 0.5,
         max_deliveries: int = 3,
         sticky_schedule_timeout: timedelta | None = timedelta(seconds=2),
+        heartbeat_interval: timedelta = timedelta(seconds=10),
         identity: str | None = None,
     ) -> None:
         if not NAME_RE.fullmatch(task_queue):
@@ -136,6 +138,10 @@ class Worker:
         # a run's next workflow task goes to this worker's own stream while it caches the
         # run; another worker takes it if this one does not start it within the timeout
         self.sticky_ms = int(sticky_schedule_timeout.total_seconds() * 1000) if sticky_schedule_timeout else 0
+        # the liveness record lives three intervals: one missed refresh is not death
+        self.heartbeat_s = heartbeat_interval.total_seconds()
+        if self.heartbeat_s <= 0:
+            raise RillflowError("heartbeat_interval must be positive")
         self.ks = client.keyspace
         self.scripts = client.scripts
         self.redis = client.redis
@@ -156,6 +162,7 @@ class Worker:
         self._main: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started_ms = 0
 
     # -- lifecycle ----------------------------------------------------------------------
     async def __aenter__(self) -> Worker:
@@ -181,6 +188,8 @@ class Worker:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._ensure_groups()
+        self._started_ms = int(time.time() * 1000)
+        await self._publish()
         log.info(
             "worker started",
             identity=self.identity,
@@ -193,6 +202,7 @@ class Worker:
             self._pollers += [self._spawn(self._wft_poller) for _ in range(self.workflow_pollers)]
         if self.activities:
             self._pollers.append(self._spawn(self._act_poller))
+        self._pollers.append(self._spawn(self._liveness_loop))
         self._tasks += [self._spawn(self._pump_loop), self._spawn(self._flusher)]
         self._ready.set()
         try:
@@ -222,6 +232,8 @@ class Worker:
         for t in self._pollers:
             t.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
+        with contextlib.suppress(*_TRANSIENT):
+            await self.client.registry.withdraw(self.identity)
         sticky = self._sticky_streams()
         if sticky:  # what is left there is moved to the shared queue by the K timers
             with contextlib.suppress(*_TRANSIENT):
@@ -242,6 +254,39 @@ class Worker:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._reader.aclose()
+
+    # -- registry and liveness --------------------------------------------------------------
+    def _liveness_record(self) -> dict[str, Any]:
+        return {
+            "identity": self.identity,
+            "task_queue": self.task_queue,
+            "workflows": sorted(self.workflows),
+            "activities": sorted(self.activities),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_ms": self._started_ms,
+            "heartbeat_ms": int(time.time() * 1000),
+        }
+
+    @property
+    def _liveness_ttl_ms(self) -> int:
+        return int(self.heartbeat_s * 3000)
+
+    async def _publish(self) -> None:
+        specs = [workflow_spec(d, self.task_queue, self.identity) for d in self.workflows.values()]
+        await self.client.registry.publish(specs, self._liveness_record(), self._liveness_ttl_ms)
+
+    async def _liveness_loop(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                if not await self.client.registry.refresh(self._liveness_record(), self._liveness_ttl_ms):
+                    # expired (a long pause, or Redis lost it): say again what this worker serves
+                    log.warning("liveness record had expired; registering again", identity=self.identity)
+                    await self._publish()
+            except _TRANSIENT as e:
+                reraise_if_cancelling()
+                log.warning("could not refresh the liveness record; retrying", error=str(e))
 
     def _sticky_streams(self) -> list[str]:
         if not (self.sticky_ms and self.workflows):

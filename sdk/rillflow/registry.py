@@ -1,0 +1,288 @@
+"""Which workflows a namespace has, their schemas, and which workers serve them now.
+
+Workers publish the definitions they serve when they start, and keep a liveness record
+that expires unless they refresh it. Clients read both: to refuse a name no worker ever
+registered and input its schema refuses, before anything is written, and to show
+operators what runs where. Everything is JSON, so ``redis-cli`` shows it as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as SchemaError
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from rillflow.errors import InvalidInputError, RillflowError, WorkflowNotRegisteredError, jsonable
+from rillflow.payloads import InputShape
+from rillflow.workflow import WorkflowDefinition
+from rillflow_runtime.codec import text
+from rillflow_runtime.keyspace import Keyspace
+
+_SPEC = "spec"
+_QUEUE = "q:"  # field prefix: "q:<task queue>" -> when it was last registered there (ms)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _dt(ms: Any) -> datetime:
+    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A live worker, as its liveness record describes it."""
+
+    identity: str
+    task_queue: str
+    workflows: list[str]
+    activities: list[str]
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    expires_in: timedelta
+
+
+@dataclass(frozen=True)
+class RegisteredWorkflow:
+    """A workflow as the workers that serve it registered it (the latest one wins)."""
+
+    name: str
+    display_name: str | None
+    description: str | None
+    task_queues: dict[str, datetime]  # queue -> last registered there
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any] | None
+    input_shape: InputShape
+    handlers: dict[str, list[dict[str, Any]]]
+    schedules: list[Any]
+    execution_timeout: timedelta
+    registered_at: datetime
+    registered_by: str
+    spec_json: str = field(repr=False)
+    live_workers: dict[str, list[str]] = field(default_factory=dict)  # queue -> identities
+
+    def check_input(self, data: Any) -> Any:
+        """``data`` normalised as the worker will, if the registered input schema accepts
+        it; otherwise :class:`InvalidInputError` listing every error with its path."""
+        data = self.input_shape.normalize(data)
+        errors = sorted(_validator(self.spec_json).iter_errors(data), key=lambda e: list(e.absolute_path))
+        if errors:
+            raise InvalidInputError(
+                f"invalid input for workflow '{self.name}' (its registered input schema): "
+                + "; ".join(_describe(e) for e in errors)
+            )
+        return data
+
+
+def workflow_spec(defn: WorkflowDefinition, task_queue: str, identity: str) -> dict[str, Any]:
+    """What a worker publishes about one workflow it serves."""
+    return {
+        "name": defn.name,
+        "display_name": defn.display_name,
+        "description": defn.description,
+        "input_schema": defn.sig.input_schema(),
+        "output_schema": defn.sig.output_schema(),
+        "input_shape": defn.sig.shape.to_json(),
+        "handlers": {"signals": [], "queries": [], "updates": []},
+        "schedules": jsonable(list(defn.schedules)),
+        "execution_timeout_s": defn.execution_timeout.total_seconds(),
+        "task_queue": task_queue,
+        "registered_ms": _now_ms(),
+        "registered_by": identity,
+    }
+
+
+class Registry:
+    """The namespace's registry, read and written through one client's connection."""
+
+    def __init__(self, redis: Redis, keyspace: Keyspace) -> None:
+        self.redis = redis
+        self.ks = keyspace
+
+    # -- workers' side ------------------------------------------------------------------
+    async def publish(self, specs: list[dict[str, Any]], worker: dict[str, Any], ttl_ms: int) -> None:
+        """Register definitions and the worker's liveness record in one transaction."""
+        ks = self.ks
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for spec in specs:
+                pipe.sadd(ks.registry, spec["name"])
+                pipe.hset(
+                    ks.registry_entry(spec["name"]),
+                    mapping={_SPEC: json.dumps(spec), _QUEUE + spec["task_queue"]: spec["registered_ms"]},
+                )
+            pipe.set(ks.worker(worker["identity"]), json.dumps(worker), px=ttl_ms)
+            pipe.zadd(ks.workers, {worker["identity"]: worker["heartbeat_ms"]})
+            await pipe.execute()
+
+    async def refresh(self, worker: dict[str, Any], ttl_ms: int) -> bool:
+        """Extend a liveness record; False if it had expired (the worker re-publishes)."""
+        ok = await self.redis.set(self.ks.worker(worker["identity"]), json.dumps(worker), px=ttl_ms, xx=True)
+        if ok:
+            await self.redis.zadd(self.ks.workers, {worker["identity"]: worker["heartbeat_ms"]})
+        return bool(ok)
+
+    async def withdraw(self, identity: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.ks.worker(identity))
+            pipe.zrem(self.ks.workers, identity)
+            await pipe.execute()
+
+    # -- operators' side ----------------------------------------------------------------
+    async def forget(self, name: str, task_queue: str | None = None) -> list[str]:
+        """Unregister ``name`` from ``task_queue`` (default: every queue), e.g. after its
+        workers moved to another queue; returns the queues it was removed from. Refused
+        while a live worker still serves it there: that worker would register it again."""
+        key = self.ks.registry_entry(name)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                # a worker registering it meanwhile aborts the transaction: check again
+                await pipe.watch(key)
+                raw = await pipe.hgetall(key)
+                entry = _with_workers(_entry(raw), await self.workers()) if raw else None
+                queues = self._forgettable(name, task_queue, entry)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.hdel(key, *(_QUEUE + q for q in queues))
+                if entry is not None and set(queues) == set(entry.task_queues):
+                    pipe.delete(key)
+                    pipe.srem(self.ks.registry, name)
+                with contextlib.suppress(WatchError):
+                    await pipe.execute()
+                    return queues
+
+    def _forgettable(self, name: str, task_queue: str | None, entry: RegisteredWorkflow | None) -> list[str]:
+        if entry is None:
+            raise WorkflowNotRegisteredError(
+                f"no workflow named '{name}' is registered in namespace '{self.ks.namespace}'"
+            )
+        queues = sorted(entry.task_queues) if task_queue is None else [task_queue]
+        if task_queue is not None and task_queue not in entry.task_queues:
+            raise WorkflowNotRegisteredError(
+                f"workflow '{name}' is not registered on task queue '{task_queue}' "
+                f"(it is on: {', '.join(sorted(entry.task_queues))})"
+            )
+        busy = {q: ids for q in queues if (ids := entry.live_workers.get(q))}
+        if busy:
+            raise RillflowError(
+                f"workflow '{name}' still has live workers ("
+                + "; ".join(f"{q}: {', '.join(ids)}" for q, ids in sorted(busy.items()))
+                + "): stop them first, or they register it again"
+            )
+        return queues
+
+    # -- clients' side ------------------------------------------------------------------
+    async def names(self) -> list[str]:
+        return sorted(text(n) for n in await self.redis.smembers(self.ks.registry))
+
+    async def workflow(self, name: str, *, with_workers: bool = True) -> RegisteredWorkflow | None:
+        raw = await self.redis.hgetall(self.ks.registry_entry(name))
+        if not raw:
+            return None
+        entry = _entry(raw)
+        return _with_workers(entry, await self.workers()) if with_workers else entry
+
+    async def workflows(self) -> list[RegisteredWorkflow]:
+        names = await self.names()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for n in names:
+                pipe.hgetall(self.ks.registry_entry(n))
+            raws = await pipe.execute()
+        live = await self.workers()
+        return [_with_workers(_entry(raw), live) for raw in raws if raw]
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The workers whose liveness record has not expired; the index forgets the rest."""
+        members: list[bytes] = await self.redis.zrange(self.ks.workers, 0, -1)  # type: ignore[assignment]
+        ids = [text(i) for i in members]
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i in ids:
+                pipe.get(self.ks.worker(i))
+                pipe.pttl(self.ks.worker(i))
+            res = await pipe.execute()
+        live, gone = [], []
+        for i, raw, ttl in zip(ids, res[::2], res[1::2], strict=True):
+            if raw is None:
+                gone.append(i)
+                continue
+            rec = json.loads(raw)
+            live.append(
+                WorkerInfo(
+                    identity=rec["identity"],
+                    task_queue=rec["task_queue"],
+                    workflows=rec["workflows"],
+                    activities=rec["activities"],
+                    host=rec["host"],
+                    pid=int(rec["pid"]),
+                    started_at=_dt(rec["started_ms"]),
+                    heartbeat_at=_dt(rec["heartbeat_ms"]),
+                    expires_in=timedelta(milliseconds=max(int(ttl), 0)),
+                )
+            )
+        if gone:
+            await self.redis.zrem(self.ks.workers, *gone)
+        return live
+
+
+def _entry(raw: dict[Any, Any]) -> RegisteredWorkflow:
+    fields = {text(k): text(v) for k, v in raw.items()}
+    spec_json = fields[_SPEC]
+    spec = json.loads(spec_json)
+    return RegisteredWorkflow(
+        name=spec["name"],
+        display_name=spec.get("display_name"),
+        description=spec.get("description"),
+        task_queues={k[len(_QUEUE) :]: _dt(v) for k, v in sorted(fields.items()) if k.startswith(_QUEUE)},
+        input_schema=spec["input_schema"],
+        output_schema=spec.get("output_schema"),
+        input_shape=InputShape.from_json(spec["input_shape"]),
+        handlers=spec.get("handlers", {}),
+        schedules=spec.get("schedules", []),
+        execution_timeout=timedelta(seconds=float(spec["execution_timeout_s"])),
+        registered_at=_dt(spec["registered_ms"]),
+        registered_by=spec["registered_by"],
+        spec_json=spec_json,
+    )
+
+
+def _with_workers(entry: RegisteredWorkflow, live: list[WorkerInfo]) -> RegisteredWorkflow:
+    by_queue: dict[str, list[str]] = {q: [] for q in entry.task_queues}
+    for w in live:
+        if entry.name in w.workflows:
+            by_queue.setdefault(w.task_queue, []).append(w.identity)
+    return replace(entry, live_workers=by_queue)
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(spec_json: str) -> Draft202012Validator:
+    """Compiled once per registered version of a workflow, not once per start."""
+    return Draft202012Validator(json.loads(spec_json)["input_schema"])
+
+
+def _describe(e: SchemaError) -> str:
+    path = ".".join(str(p) for p in e.absolute_path) or "(input)"
+    if e.validator in ("anyOf", "oneOf") and e.context:
+        # say why each member refused it, not only that none matched
+        members: dict[int, list[str]] = {}
+        for sub in e.context:
+            members.setdefault(int(sub.schema_path[0]), []).append(_describe(sub))
+        options: Any = e.validator_value
+        parts = []
+        for idx, msgs in sorted(members.items()):
+            opt = options[idx]
+            label = opt.get("$ref", "").rsplit("/", 1)[-1] or opt.get("title") or opt.get("type") or str(idx)
+            parts.append(f"{label}: {', '.join(msgs)}")
+        return f"{path}: matches none of the accepted shapes ({'; '.join(parts)})"
+    return f"{path}: {e.message}"
