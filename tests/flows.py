@@ -418,6 +418,69 @@ class LooseResultWorkflow:
         return f"{n} items"  # type: ignore[return-value]
 
 
+class Tag(BaseModel):
+    key: str
+    weight: int = Field(ge=0)
+
+
+@workflows.workflow.define(name="inbox_workflow")
+class InboxWorkflow:
+    """Collects signals until told to finish, running an activity per message."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.done = False
+
+    @workflows.workflow.signal(description="a message, handled while the workflow runs")
+    async def message(self, text: str, times: int = 1) -> None:
+        self.log.append(f"message {text} x{times}")
+        echoed = await hello(text)  # an async handler may call activities
+        self.log.append(f"echo {echoed}")
+
+    @workflows.workflow.signal(name="tag")
+    def tag_signal(self, tag: Tag) -> None:
+        self.log.append(f"tag {tag.key}={tag.weight}")
+
+    @workflows.workflow.signal()
+    def meta(self, source: str, **extra: object) -> None:
+        self.log.append(f"meta {source} {sorted(extra.items())}")
+
+    @workflows.workflow.signal()
+    def finish(self) -> None:
+        self.done = True
+
+    @workflows.workflow.signal()
+    def reject(self, why: str) -> None:
+        raise workflows.WorkflowError(f"rejected: {why}", non_retryable=True)
+
+    @workflows.workflow.signal()
+    def buggy(self) -> None:
+        raise RuntimeError("a bug in a signal handler")
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> list[str]:
+        self.log.append("started")
+        # finish only when no handler is still awaiting its activity
+        await workflows.workflow.wait_condition(lambda: self.done and workflow.all_handlers_finished())
+        return self.log
+
+
+@workflows.workflow.define(name="last_word_workflow", enforce_determinism=False)
+class LastWordWorkflow:
+    def __init__(self) -> None:
+        self.words: list[str] = []
+
+    @workflows.workflow.signal()
+    def say(self, word: str) -> None:
+        self.words.append(word)
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> list[str]:
+        await workflows.workflow.wait_condition(lambda: len(self.words) > 0)
+        time.sleep(1.0)  # a slow last workflow task: a signal arrives while it runs
+        return self.words
+
+
 # what `rillflow worker tests.flows:SERVED` serves (the module holds two versions of nd_workflow)
 SERVED = [
     HelloWorkflow,

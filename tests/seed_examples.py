@@ -115,6 +115,28 @@ class ContextWorkflow:
         return execution_id or ""
 
 
+# -- workflows page: signals ------------------------------------------------------------------
+class ApprovalData(BaseModel):  # added
+    approver: str
+
+
+@workflows.workflow.define(name="invoice_workflow")  # added around the page's handler
+class InvoiceWorkflow:
+    def __init__(self) -> None:
+        self.approved = False
+        self.approver = ""
+
+    @workflows.workflow.signal(name="approve", description="Approval signal")
+    async def approve_signal(self, data: ApprovalData) -> None:
+        self.approved = True
+        self.approver = data.approver  # added
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        await workflows.workflow.wait_condition(lambda: self.approved)
+        return f"approved by {self.approver}"
+
+
 # -- activities page ------------------------------------------------------------------------
 @workflows.activity()
 async def my_activity(input_data: str, count: int = 1) -> dict:
@@ -196,6 +218,7 @@ WORKFLOWS = [
     FlexibleWorkflow,
     OptionalWorkflow,
     MyWorkflow,
+    InvoiceWorkflow,
 ]
 ACTIVITIES = [
     my_activity,

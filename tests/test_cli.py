@@ -100,6 +100,7 @@ def test_errors_have_exit_codes(redis_url: str) -> None:
         "describe",
         "history",
         "terminate",
+        "signal",
         "workflows",
         "workers",
         "schema",

@@ -19,6 +19,7 @@ NAMES = (
     "heartbeat",
     "pump",
     "terminate",
+    "signal",
     "dead_letter",
 )
 

@@ -11,7 +11,7 @@ import contextlib
 import importlib
 import json
 import os
-import signal
+import signal as _signals
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
@@ -163,7 +163,7 @@ def load_target(target: str) -> tuple[list[type], list[ActivityDefinition]]:
 
 def _sigterm_to_stop(stop: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (_signals.SIGTERM, _signals.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop)
 
@@ -378,6 +378,25 @@ def terminate(
             except RillflowError as e:
                 raise Exit(3, str(e)) from e
             out.print(f"terminated {execution_id}")
+
+    run(main)
+
+
+@app.command("signal")
+def send_signal(
+    execution_id: str,
+    name: Annotated[str, typer.Argument(help="signal name (see `rillflow schema WORKFLOW`)")],
+    input: Annotated[str | None, typer.Option("--input", "-i", help="the signal's input as JSON")] = None,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """Send a signal to a running execution. The input is checked against the
+    registered schema first: nothing is sent if it fails."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            await client.get_workflow_handle(execution_id).signal(name, _parse_input(input))
+            out.print(f"signalled {execution_id}: {name}")
 
     run(main)
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,7 +31,12 @@ from rillflow.errors import (
 from rillflow.history import HistoryEvent
 from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size
 from rillflow.registry import RegisteredWorkflow, Registry
-from rillflow.workflow import DEFAULT_EXECUTION_TIMEOUT, WorkflowDefinition, get_workflow_definition
+from rillflow.workflow import (
+    DEFAULT_EXECUTION_TIMEOUT,
+    WorkflowDefinition,
+    get_workflow_definition,
+    handler_definition,
+)
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import ID_RE, NAME_RE, Keyspace
 from rillflow_runtime.scripts import Scripts
@@ -539,6 +545,49 @@ class WorkflowHandle:
         run = await self._resolve_run()
         entries: Any = await self.client.redis.xrange(self.client.keyspace.history(self.shard, self.id, run))
         return [HistoryEvent.from_entry(e) for e in entries]
+
+    async def signal(
+        self, signal: str | Callable[..., Any], payload: Any = None, *, request_id: str | None = None
+    ) -> None:
+        """Send a signal: ``signal`` is its name or the decorated handler method. Returns
+        once it is recorded (buffered, if a workflow task is running); the workflow
+        handles it in history order. The payload is validated first, against the handler
+        (known from the class) or the registered schema (given only names), and nothing
+        is sent if it fails. A retry with the same ``request_id`` is delivered once."""
+        h = handler_definition(signal)
+        name = h.name if h else str(signal)
+        if not NAME_RE.fullmatch(name):
+            raise InvalidInputError(f"signal name {name!r} is invalid")
+        if self.defn is not None:
+            h = self.defn.signal(name)
+        if h is not None:
+            data = h.sig.encode_input(payload)
+        else:
+            if isinstance(payload, BaseModel):
+                payload = payload.model_dump(mode="json")
+            wtype = await self._workflow_type()
+            entry = await self.client._registration(wtype)
+            data = entry.check_handler_input("signals", name, payload) if entry else payload
+        body = pack({"name": name, "input": data})
+        check_size(body, self.client.max_payload_bytes, f"signal '{name}'")
+        ks = self.client.keyspace
+        res = await self.client.scripts.call(
+            "signal",
+            ks.timers(self.shard),
+            [ks.prefix(self.shard), self.id, self.run_id or "", body, request_id or uuid.uuid4().hex],
+        )
+        if text(res[0]) == "not_running":
+            raise WorkflowNotFoundError(
+                f"workflow execution {self.id!r} is not running (closed, or never started): "
+                f"signal '{name}' was not delivered"
+            )
+
+    async def _workflow_type(self) -> str:
+        run = await self._resolve_run()
+        wtype = await self.client.redis.hget(self.client.keyspace.run(self.shard, run), "wtype")
+        if wtype is None:
+            raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
+        return text(wtype)
 
     async def terminate(self, reason: str = "") -> None:
         ks = self.client.keyspace

@@ -15,6 +15,7 @@ import asyncio.events as _events
 import collections
 import contextlib
 import functools
+import inspect
 import random
 import sys
 import threading
@@ -30,6 +31,7 @@ import structlog
 
 from rillflow.errors import (
     ActivityError,
+    InvalidInputError,
     InvalidResultError,
     NonDeterminismError,
     RestrictedWorkflowAccessError,
@@ -239,6 +241,7 @@ class WorkflowInstance:
         self.activities: dict[int, tuple[asyncio.Future[Any], ActivityDefinition]] = {}
         self.timers: dict[int, DurableTimer] = {}
         self.conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self.handlers_running = 0
         self.now_ms = 0
         self.replaying = False
         self.closed = False
@@ -305,6 +308,8 @@ class WorkflowInstance:
         a = ev.attributes
         if ev.type == "WorkflowExecutionStarted":
             self.loop.create_task(self._main(a.get("input")), name=f"workflow:{self.info.workflow_id}")
+        elif ev.type == "WorkflowExecutionSignaled":
+            self._signal(str(a.get("name")), a.get("input"))
         elif ev.type == "TimerFired":
             h = self.timers.pop(int(a["seq"]), None)
             if h is not None and not h.cancelled():
@@ -367,6 +372,42 @@ class WorkflowInstance:
 
             check_size(encoded, self.max_payload_bytes, f"result of workflow '{self.defn.name}'")
             self._close("D", encoded, ("CompleteWorkflow",))
+
+    def _signal(self, name: str, data: Any) -> None:
+        """Run a signal's handler in history order. One that cannot run is dropped with
+        a warning, as a client that knows the workflow never sends it."""
+        h = self.defn.signals.get(name)
+        why = None
+        if h is None:
+            why = f"workflow '{self.defn.name}' has no signal handler named '{name}'"
+        else:
+            try:
+                args, kwargs = h.sig.decode_call(data)
+            except InvalidInputError as e:
+                why = str(e)
+        if h is None or why is not None:
+            if not self.replaying:
+                log.warning("signal dropped", execution_id=self.info.workflow_id, signal=name, reason=why)
+            return
+        self.handlers_running += 1
+        self.loop.create_task(self._handle(h.method, args, kwargs), name=f"signal:{name}")
+
+    async def _handle(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """A handler's errors count as the entrypoint's would: a WorkflowError fails the
+        run, anything else (a bug) fails the workflow task."""
+        try:
+            res = getattr(self.obj, method)(*args, **kwargs)
+            if inspect.isawaitable(res):
+                await res
+        except (WorkflowError, TimeoutError) as e:
+            if not self.closed:
+                self._close("F", pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            self.note_background_error(e)
+        finally:
+            self.handlers_running -= 1
 
     def _close(self, kind: str, body: bytes, ident: tuple[Any, ...]) -> None:
         self.closed = True

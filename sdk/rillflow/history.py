@@ -23,6 +23,7 @@ COMMAND_EVENTS = frozenset(
 INPUT_EVENTS = frozenset(
     {
         "WorkflowExecutionStarted",
+        "WorkflowExecutionSignaled",
         "ActivityTaskCompleted",
         "ActivityTaskFailed",
         "ActivityTaskTimedOut",

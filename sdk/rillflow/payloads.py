@@ -64,9 +64,13 @@ def _is_union(tp: Any) -> bool:
 class Signature:
     """The input model and result adapter of one callable."""
 
-    def __init__(self, fn: Callable[..., Any], *, what: str, require_annotations: bool) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], *, what: str, require_annotations: bool, allow_kwargs: bool = False
+    ) -> None:
         self.fn_name = fn.__name__
         self.what = what
+        # a handler that takes **kwargs accepts keys beyond its parameters and gets them there
+        self.var_kw: str | None = None
         sig = inspect.signature(fn)
         try:
             hints = typing.get_type_hints(fn)
@@ -76,7 +80,14 @@ class Signature:
         for p in sig.parameters.values():
             if p.name == "self":
                 continue
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            if p.kind == p.VAR_KEYWORD:
+                if not allow_kwargs:
+                    raise WorkflowDefinitionError(
+                        f"'{self.fn_name}' has **{p.name} which is not supported for this handler type."
+                    )
+                self.var_kw = p.name
+                continue
+            if p.kind == p.VAR_POSITIONAL:
                 raise WorkflowDefinitionError(
                     f"{what} '{self.fn_name}' has *{p.name}, which is not supported: "
                     "declare each parameter by name"
@@ -105,7 +116,7 @@ class Signature:
         """The rules of the workflows page: a single model is the input itself; a union of
         models (and None) is tried member by member, first match wins; anything else is
         an object keyed by parameter name, unknown keys refused."""
-        if len(self.params) == 1:
+        if len(self.params) == 1 and self.var_kw is None:
             p = self.params[0]
             tp = self.hints.get(p.name, Any)
             if _is_model(tp):
@@ -129,7 +140,8 @@ class Signature:
             default = ... if p.default is inspect.Parameter.empty else p.default
             fields[p.name] = (self.hints.get(p.name, Any), default)
         try:
-            model = create_model(f"{self.fn_name}_Input", __config__=ConfigDict(extra="forbid"), **fields)
+            config = ConfigDict(extra="allow" if self.var_kw else "forbid")
+            model = create_model(f"{self.fn_name}_Input", __config__=config, **fields)
         except Exception as e:
             raise WorkflowDefinitionError(
                 f"Cannot generate Pydantic model from parameters of '{self.fn_name}': {e}"
@@ -145,7 +157,10 @@ class Signature:
             raise InvalidInputError(f"{self.what} '{self.fn_name}' called with {e}") from e
         if self.mode != "fields":
             return self.encode_input(bound.arguments.get(self.params[0].name))
-        return self.encode_input(dict(bound.arguments))
+        data = dict(bound.arguments)
+        if self.var_kw:
+            data.update(data.pop(self.var_kw, {}))
+        return self.encode_input(data)
 
     def encode_input(self, data: Any) -> Any:
         """Validate caller-supplied input and return it as JSON-like data: an object keyed
@@ -156,12 +171,17 @@ class Signature:
     # -- callee side --------------------------------------------------------------------
     def decode_input(self, data: Any) -> list[Any]:
         """Wire data as the positional arguments of the call."""
+        return self.decode_call(data)[0]
+
+    def decode_call(self, data: Any) -> tuple[list[Any], dict[str, Any]]:
+        """Wire data as the call's positional arguments, and the keys beyond its
+        parameters for a function that takes ``**kwargs``."""
         model = self._validate(self._normalize(data))
         if self.mode == "model":
-            return [model]
+            return [model], {}
         if self.mode == "union":
-            return [model.root]  # type: ignore[attr-defined]
-        return [getattr(model, p.name) for p in self.params]
+            return [model.root], {}  # type: ignore[attr-defined]
+        return [getattr(model, p.name) for p in self.params], dict(model.model_extra or {})
 
     def _normalize(self, data: Any) -> Any:
         if isinstance(data, BaseModel) and self.mode == "fields":

@@ -77,12 +77,19 @@ class RegisteredWorkflow:
         """``data`` normalised as the worker will, if the registered input schema accepts
         it; otherwise :class:`InvalidInputError` listing every error with its path."""
         data = self.input_shape.normalize(data)
-        errors = sorted(_validator(self.spec_json).iter_errors(data), key=lambda e: list(e.absolute_path))
-        if errors:
-            raise InvalidInputError(
-                f"invalid input for workflow '{self.name}' (its registered input schema): "
-                + "; ".join(_describe(e) for e in errors)
-            )
+        _check(_validator(self.spec_json, "", ""), data, f"workflow '{self.name}'")
+        return data
+
+    def check_handler_input(self, kind: str, name: str, data: Any) -> Any:
+        """The same for a handler's input; ``kind`` is ``"signals"`` (later queries and
+        updates). An unknown handler name is refused, naming the known ones."""
+        handler = next((h for h in self.handlers.get(kind, []) if h["name"] == name), None)
+        what = kind[:-1]
+        if handler is None:
+            has = ", ".join(h["name"] for h in self.handlers.get(kind, [])) or "none"
+            raise InvalidInputError(f"workflow '{self.name}' has no {what} '{name}' (its {kind}: {has})")
+        data = InputShape.from_json(handler["input_shape"]).normalize(data)
+        _check(_validator(self.spec_json, kind, name), data, f"{what} '{name}' of workflow '{self.name}'")
         return data
 
 
@@ -95,7 +102,7 @@ def workflow_spec(defn: WorkflowDefinition, task_queue: str, identity: str) -> d
         "input_schema": defn.sig.input_schema(),
         "output_schema": defn.sig.output_schema(),
         "input_shape": defn.sig.shape.to_json(),
-        "handlers": {"signals": [], "queries": [], "updates": []},
+        "handlers": defn.handler_specs(),
         "schedules": jsonable(list(defn.schedules)),
         "execution_timeout_s": defn.execution_timeout.total_seconds(),
         "task_queue": task_queue,
@@ -266,9 +273,22 @@ def _with_workers(entry: RegisteredWorkflow, live: list[WorkerInfo]) -> Register
 
 
 @functools.lru_cache(maxsize=256)
-def _validator(spec_json: str) -> Draft202012Validator:
-    """Compiled once per registered version of a workflow, not once per start."""
-    return Draft202012Validator(json.loads(spec_json)["input_schema"])
+def _validator(spec_json: str, kind: str, name: str) -> Draft202012Validator:
+    """Compiled once per registered version of a workflow (or handler), not once per call."""
+    spec = json.loads(spec_json)
+    if not kind:
+        return Draft202012Validator(spec["input_schema"])
+    handler = next(h for h in spec["handlers"][kind] if h["name"] == name)
+    return Draft202012Validator(handler["input_schema"])
+
+
+def _check(validator: Draft202012Validator, data: Any, what: str) -> None:
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise InvalidInputError(
+            f"invalid input for {what} (its registered input schema): "
+            + "; ".join(_describe(e) for e in errors)
+        )
 
 
 def _describe(e: SchemaError) -> str:

@@ -8,18 +8,40 @@ import inspect
 import random as _random
 import uuid as _uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from rillflow.errors import WorkflowDefinitionError
+from rillflow.errors import InvalidInputError, WorkflowDefinitionError
 from rillflow.executor import WorkflowInfo, current_instance, require_instance, skip_determinism_enforcement
 from rillflow.payloads import Signature
 from rillflow_runtime.keyspace import NAME_RE
 
 T = TypeVar("T")
 _ENTRY_MARK = "__rillflow_entrypoint__"
+_HANDLER_MARK = "__rillflow_handler__"
 DEFAULT_EXECUTION_TIMEOUT = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class HandlerDefinition:
+    """A message a running workflow accepts: a signal (fire-and-forget)."""
+
+    kind: str  # "signal"
+    name: str
+    method: str
+    sig: Signature
+    is_async: bool
+    description: str | None = None
+
+    def spec(self) -> dict[str, Any]:
+        """What the registry publishes about it, as a console renders a form."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": self.sig.input_schema(),
+            "input_shape": self.sig.shape.to_json(),
+        }
 
 
 @dataclass(frozen=True)
@@ -33,6 +55,28 @@ class WorkflowDefinition:
     display_name: str | None = None
     schedules: tuple[Any, ...] = ()
     enforce_determinism: bool = True
+    signals: dict[str, HandlerDefinition] = field(default_factory=dict)
+
+    def handler_specs(self) -> dict[str, list[dict[str, Any]]]:
+        """Each kind's handlers sorted by name, so the published spec is deterministic."""
+        return {
+            "signals": [self.signals[n].spec() for n in sorted(self.signals)],
+            "queries": [],
+            "updates": [],
+        }
+
+    def signal(self, name: str) -> HandlerDefinition:
+        h = self.signals.get(name)
+        if h is None:
+            has = ", ".join(sorted(self.signals)) or "none"
+            raise InvalidInputError(f"workflow '{self.name}' has no signal '{name}' (its signals: {has})")
+        return h
+
+
+def handler_definition(fn: Any) -> HandlerDefinition | None:
+    """The handler a method decorated with ``@workflow.signal`` defines, if it is one."""
+    h = getattr(fn, _HANDLER_MARK, None)
+    return h if isinstance(h, HandlerDefinition) else None
 
 
 def get_workflow_definition(cls: Any) -> WorkflowDefinition:
@@ -82,6 +126,17 @@ class workflow:
                     f"workflow '{name}' has {len(entries)} entrypoints ({names}); keep exactly one"
                 )
             entry_name, fn = entries[0]
+            signals: dict[str, HandlerDefinition] = {}
+            for _, m in inspect.getmembers(cls):
+                h = getattr(m, _HANDLER_MARK, None)
+                if not isinstance(h, HandlerDefinition):
+                    continue
+                if h.name in signals:
+                    raise WorkflowDefinitionError(
+                        f"workflow '{name}' has two signal handlers named '{h.name}' "
+                        f"({signals[h.name].method} and {h.method}); give each its own name"
+                    )
+                signals[h.name] = h
             cls.__rillflow_workflow__ = WorkflowDefinition(  # type: ignore[attr-defined]
                 name=name,
                 cls=cls,
@@ -92,6 +147,7 @@ class workflow:
                 display_name=workflow_display_name,
                 schedules=tuple(schedules or ()),
                 enforce_determinism=enforce_determinism is not False,
+                signals=signals,
             )
             return cls
 
@@ -103,6 +159,38 @@ class workflow:
             raise WorkflowDefinitionError(f"'{fn.__name__}' must be async function. Use `async def`.")
         setattr(fn, _ENTRY_MARK, Signature(fn, what="workflow entrypoint", require_annotations=True))
         return fn
+
+    @staticmethod
+    def signal(
+        name: str | None = None, description: str | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A fire-and-forget message to a running workflow: the handler (sync or async)
+        runs in the workflow, in history order, and usually changes its state."""
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if not callable(fn) or not hasattr(fn, "__name__"):
+                raise WorkflowDefinitionError("@workflow.signal(...) decorates a method")
+            sig_name = name or fn.__name__
+            if not isinstance(sig_name, str) or not NAME_RE.fullmatch(sig_name) or "." in sig_name:
+                raise WorkflowDefinitionError(
+                    f"signal name {sig_name!r} is invalid: use 1-128 characters of letters, digits, '_' and '-'"
+                )
+            sig = Signature(fn, what="signal", require_annotations=True, allow_kwargs=True)
+            setattr(
+                fn,
+                _HANDLER_MARK,
+                HandlerDefinition(
+                    kind="signal",
+                    name=sig_name,
+                    method=fn.__name__,
+                    sig=sig,
+                    is_async=inspect.iscoroutinefunction(fn),
+                    description=description,
+                ),
+            )
+            return fn
+
+        return decorate
 
     class unsafe:
         """Escape hatches from the determinism guard, for code you know replays the same."""
@@ -123,6 +211,12 @@ class workflow:
     @staticmethod
     def info() -> WorkflowInfo:
         return require_instance("workflow.info()").info
+
+    @staticmethod
+    def all_handlers_finished() -> bool:
+        """No signal handler is still running: wait for this before returning, so that
+        the run does not close while a handler awaits an activity."""
+        return require_instance("workflow.all_handlers_finished()").handlers_running == 0
 
     @staticmethod
     def now() -> datetime:

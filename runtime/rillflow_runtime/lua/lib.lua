@@ -16,6 +16,7 @@ local function hist_key(wid, run) return P .. 'h:' .. wid .. ':' .. run end
 local function act_key(run) return P .. 'act:' .. run end
 local function buf_key(run) return P .. 'buf:' .. run end
 local function wf_key(wid) return P .. 'wf:' .. wid end
+local function sig_key(run) return P .. 'sig:' .. run end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
 
 -- Remove a task message for good: XACK + XDEL keep a task stream's length equal to
@@ -62,6 +63,15 @@ local function flush_buffer(run, wid)
   return #items / 3
 end
 
+-- Whether a signal is waiting in the buffer: a run must not close without seeing it.
+local function signal_buffered(run)
+  local items = redis.call('LRANGE', buf_key(run), 0, -1)
+  for i = 1, #items, 3 do
+    if items[i] == 'WorkflowExecutionSignaled' then return true end
+  end
+  return false
+end
+
 -- An event the workflow must see: buffered while a task is started, otherwise
 -- appended, with a workflow task scheduled unless one already is (or is backing off).
 local function deliver(run, etype, body)
@@ -69,6 +79,8 @@ local function deliver(run, etype, body)
   if r[1] ~= 'running' then return false end
   if r[2] == 'started' then
     redis.call('RPUSH', buf_key(run), etype, NOW, body)
+    -- the task that closes the run looks for buffered signals only when this is set
+    if etype == 'WorkflowExecutionSignaled' then redis.call('HSET', run_key(run), 'sigbuf', 1) end
   else
     append(run, r[3], etype, body)
     if r[2] ~= 'scheduled' and r[2] ~= 'backoff' then schedule_wft(run, r[4]) end
@@ -77,7 +89,7 @@ local function deliver(run, etype, body)
 end
 
 local function expire_run(run, wid, retention_ms)
-  for _, k in ipairs({ run_key(run), hist_key(wid, run), act_key(run) }) do
+  for _, k in ipairs({ run_key(run), hist_key(wid, run), act_key(run), sig_key(run) }) do
     redis.call('PEXPIRE', k, retention_ms)
   end
   local wk = wf_key(wid)
