@@ -481,6 +481,35 @@ class LastWordWorkflow:
         return self.words
 
 
+@workflows.workflow.define(name="queried_workflow")
+class QueriedWorkflow:
+    def __init__(self) -> None:
+        self.value = 10
+        self.done = False
+
+    @workflows.workflow.query()
+    def ratio(self, of: int) -> int:
+        return self.value // of
+
+    @workflows.workflow.query()
+    def meddle(self) -> str:
+        hello("from a query")  # schedules an activity: not what a query may do
+        return "meddled"
+
+    @workflows.workflow.query()
+    def wrong_type(self) -> int:
+        return "ten"  # type: ignore[return-value]
+
+    @workflows.workflow.signal()
+    def finish(self) -> None:
+        self.done = True
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        await workflows.workflow.wait_condition(lambda: self.done)
+        return await hello("done")
+
+
 # what `rillflow worker tests.flows:SERVED` serves (the module holds two versions of nd_workflow)
 SERVED = [
     HelloWorkflow,

@@ -137,6 +137,45 @@ class InvoiceWorkflow:
         return f"approved by {self.approver}"
 
 
+# -- workflows page: queries ------------------------------------------------------------------
+class WorkflowStatus(BaseModel):  # added
+    progress: float
+    status: str
+
+
+@workflows.workflow.define(name="batch_workflow")  # added around the page's handler
+class BatchWorkflow:
+    def __init__(self) -> None:
+        self.progress = 0.0
+        self.current_status = "waiting"
+        self.resumed = False
+
+    @workflows.workflow.query(name="get_status", description="Get current status")
+    def get_status(self) -> WorkflowStatus:
+        return WorkflowStatus(progress=self.progress, status=self.current_status)
+
+    @workflows.workflow.query()  # added: a query with input
+    def progress_at_least(self, fraction: float) -> bool:
+        return self.progress >= fraction
+
+    @workflows.workflow.signal()  # added
+    def resume(self) -> None:
+        self.resumed = True
+
+    @workflows.workflow.entrypoint
+    async def run(self, items: list[int]) -> int:  # added
+        total = 0
+        for i, x in enumerate(items):
+            self.current_status = f"processing item {i + 1} of {len(items)}"
+            total += await timed_activity(x)
+            self.progress = (i + 1) / len(items)
+            if i == 0:
+                self.current_status = "paused"
+                await workflows.workflow.wait_condition(lambda: self.resumed)
+        self.current_status = "done"
+        return total
+
+
 # -- activities page ------------------------------------------------------------------------
 @workflows.activity()
 async def my_activity(input_data: str, count: int = 1) -> dict:
@@ -219,6 +258,7 @@ WORKFLOWS = [
     OptionalWorkflow,
     MyWorkflow,
     InvoiceWorkflow,
+    BatchWorkflow,
 ]
 ACTIVITIES = [
     my_activity,

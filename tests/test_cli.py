@@ -101,6 +101,7 @@ def test_errors_have_exit_codes(redis_url: str) -> None:
         "history",
         "terminate",
         "signal",
+        "query",
         "workflows",
         "workers",
         "schema",

@@ -73,6 +73,10 @@ class Keyspace:
     def acts(self, shard: int, run_id: str) -> str:
         return f"{self.prefix(shard)}act:{run_id}"
 
+    def query_reply(self, shard: int, request_id: str) -> str:
+        """A list a query's caller blocks on; the worker pushes the answer there."""
+        return f"{self.prefix(shard)}qr:{request_id}"
+
     def queue(self, shard: int, task_queue: str, kind: str) -> str:
         """``kind`` is ``wft`` (workflow tasks) or ``act`` (activity tasks)."""
         return f"{self.prefix(shard)}q:{task_queue}:{kind}"

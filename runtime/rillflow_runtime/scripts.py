@@ -20,6 +20,7 @@ NAMES = (
     "pump",
     "terminate",
     "signal",
+    "query",
     "dead_letter",
 )
 

@@ -20,6 +20,8 @@ from rillflow.errors import (
     WorkflowFailureError,
     WorkflowNotFoundError,
     WorkflowNotRegisteredError,
+    WorkflowQueryFailedError,
+    WorkflowQueryTimeoutError,
 )
 from rillflow.executor import WorkflowInfo
 from rillflow.history import HistoryEvent
@@ -52,6 +54,8 @@ __all__ = [
     "WorkflowInfo",
     "WorkflowNotFoundError",
     "WorkflowNotRegisteredError",
+    "WorkflowQueryFailedError",
+    "WorkflowQueryTimeoutError",
     "__version__",
     "activity",
     "activity_heartbeat",

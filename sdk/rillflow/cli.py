@@ -34,6 +34,8 @@ from rillflow.errors import (
     WorkflowFailureError,
     WorkflowNotFoundError,
     WorkflowNotRegisteredError,
+    WorkflowQueryFailedError,
+    WorkflowQueryTimeoutError,
 )
 from rillflow.history import HistoryEvent
 
@@ -97,6 +99,12 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
     except (WorkflowNotFoundError, WorkflowNotRegisteredError, WorkflowAlreadyStartedError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(3) from None
+    except WorkflowQueryFailedError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    except WorkflowQueryTimeoutError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(5) from None
     except WorkflowFailureError as e:
         err.print(f"[red]{e}[/red]")
         if e.cause.stack:
@@ -397,6 +405,26 @@ def send_signal(
         async with connect(url, namespace) as client:
             await client.get_workflow_handle(execution_id).signal(name, _parse_input(input))
             out.print(f"signalled {execution_id}: {name}")
+
+    run(main)
+
+
+@app.command()
+def query(
+    execution_id: str,
+    name: Annotated[str, typer.Argument(help="query name (see `rillflow schema WORKFLOW`)")],
+    input: Annotated[str | None, typer.Option("--input", "-i", help="the query's input as JSON")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for a worker's answer")] = 10.0,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """Ask a worker for a query's answer about an execution (running or closed) and
+    print it as JSON. Exit 1 if the handler raised, 5 if no worker answered in time."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            h = client.get_workflow_handle(execution_id)
+            print(_json(await h.query(name, _parse_input(input), timeout=timedelta(seconds=timeout))))
 
     run(main)
 

@@ -26,6 +26,8 @@ from rillflow.errors import (
     WorkflowFailureError,
     WorkflowNotFoundError,
     WorkflowNotRegisteredError,
+    WorkflowQueryFailedError,
+    WorkflowQueryTimeoutError,
     exception_from_failure,
 )
 from rillflow.history import HistoryEvent
@@ -33,6 +35,8 @@ from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size
 from rillflow.registry import RegisteredWorkflow, Registry
 from rillflow.workflow import (
     DEFAULT_EXECUTION_TIMEOUT,
+    HANDLER_KINDS,
+    HandlerDefinition,
     WorkflowDefinition,
     get_workflow_definition,
     handler_definition,
@@ -554,20 +558,7 @@ class WorkflowHandle:
         handles it in history order. The payload is validated first, against the handler
         (known from the class) or the registered schema (given only names), and nothing
         is sent if it fails. A retry with the same ``request_id`` is delivered once."""
-        h = handler_definition(signal)
-        name = h.name if h else str(signal)
-        if not NAME_RE.fullmatch(name):
-            raise InvalidInputError(f"signal name {name!r} is invalid")
-        if self.defn is not None:
-            h = self.defn.signal(name)
-        if h is not None:
-            data = h.sig.encode_input(payload)
-        else:
-            if isinstance(payload, BaseModel):
-                payload = payload.model_dump(mode="json")
-            wtype = await self._workflow_type()
-            entry = await self.client._registration(wtype)
-            data = entry.check_handler_input("signals", name, payload) if entry else payload
+        name, data, _ = await self._handler_input("signal", signal, payload)
         body = pack({"name": name, "input": data})
         check_size(body, self.client.max_payload_bytes, f"signal '{name}'")
         ks = self.client.keyspace
@@ -581,6 +572,67 @@ class WorkflowHandle:
                 f"workflow execution {self.id!r} is not running (closed, or never started): "
                 f"signal '{name}' was not delivered"
             )
+
+    async def query(
+        self,
+        query: str | Callable[..., Any],
+        payload: Any = None,
+        *,
+        timeout: timedelta = timedelta(seconds=10),
+    ) -> Any:
+        """Ask a worker of the run's task queue to run a query handler against the run's
+        state (running or closed) and return its result: the annotated type given the
+        handler or the class, plain data given only names. Nothing is recorded."""
+        name, data, h = await self._handler_input("query", query, payload)
+        ks = self.client.keyspace
+        reply = ks.query_reply(self.shard, uuid.uuid4().hex)
+        body = pack({"name": name, "input": data})
+        check_size(body, self.client.max_payload_bytes, f"query '{name}'")
+        res = await self.client.scripts.call(
+            "query", ks.timers(self.shard), [ks.prefix(self.shard), self.id, self.run_id or "", body, reply]
+        )
+        if text(res[0]) != "ok":
+            raise WorkflowNotFoundError(
+                f"no workflow execution {self.id!r} in namespace {self.client.namespace!r} "
+                "(never started, or past its retention period)"
+            )
+        tq, stream, msgid = text(res[2]), text(res[3]), text(res[4])
+        got = await self.client.redis.blpop([reply], timeout=timeout.total_seconds())
+        if got is None:
+            await self.client.redis.xdel(stream, msgid)  # nobody took it: no one should later
+            raise WorkflowQueryTimeoutError(
+                f"no worker answered query '{name}' of execution {self.id!r} within "
+                f"{timeout.total_seconds():g} s: are workers serving task queue '{tq}' running? "
+                "(see `rillflow workers`)"
+            )
+        answer = unpack(got[1])  # type: ignore[arg-type]  # bytes: responses are not decoded
+        if "failure" in answer:
+            cause = exception_from_failure(answer["failure"])
+            raise WorkflowQueryFailedError(
+                f"query '{name}' of execution {self.id!r} failed: {cause.type}: {cause.message}", cause
+            )
+        h = h or (self.defn.handler("query", name) if self.defn else None)
+        return h.sig.load_result_leniently(answer.get("result")) if h else answer.get("result")
+
+    async def _handler_input(
+        self, kind: str, handler: str | Callable[..., Any], payload: Any
+    ) -> tuple[str, Any, HandlerDefinition | None]:
+        """The handler's name and the payload as validated wire data: against the handler
+        when the class is known, else against the schema its workers registered."""
+        h = handler_definition(handler)
+        if h is not None and h.kind != kind:
+            raise InvalidInputError(f"'{h.method}' is a {h.kind} handler, not a {kind}")
+        name = h.name if h else str(handler)
+        if not NAME_RE.fullmatch(name):
+            raise InvalidInputError(f"{kind} name {name!r} is invalid")
+        if self.defn is not None:
+            h = self.defn.handler(kind, name)
+        if h is not None:
+            return name, h.sig.encode_input(payload), h
+        if isinstance(payload, BaseModel):
+            payload = payload.model_dump(mode="json")
+        entry = await self.client._registration(await self._workflow_type())
+        return name, entry.check_handler_input(HANDLER_KINDS[kind], name, payload) if entry else payload, None
 
     async def _workflow_type(self) -> str:
         run = await self._resolve_run()

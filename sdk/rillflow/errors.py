@@ -102,6 +102,18 @@ class WorkflowNotRegisteredError(RillflowError, LookupError):
     namespace; nothing was written."""
 
 
+class WorkflowQueryFailedError(RillflowError):
+    """The query handler raised; ``cause`` is what it raised."""
+
+    def __init__(self, message: str, cause: WorkflowError) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class WorkflowQueryTimeoutError(RillflowError, TimeoutError):
+    """No worker answered a query in time (none running for the task queue, or busy)."""
+
+
 class PayloadTooLargeError(RillflowError, ValueError):
     pass
 

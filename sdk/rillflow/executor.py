@@ -46,7 +46,7 @@ log = structlog.get_logger("rillflow.workflow")
 
 if TYPE_CHECKING:
     from rillflow.activity import ActivityDefinition
-    from rillflow.workflow import WorkflowDefinition
+    from rillflow.workflow import HandlerDefinition, WorkflowDefinition
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,10 @@ class DurableTimer(asyncio.TimerHandle):
     """A timer recorded in the history (TimerStarted) and fired by the timer pump."""
 
     seq = 0
+
+
+class QueryChangedStateError(WorkflowError):
+    """A query handler did more than read: the instance it ran on must be dropped."""
 
 
 class WorkflowTaskError(Exception):
@@ -263,7 +267,22 @@ class WorkflowInstance:
             raise WorkflowTaskError(f"{type(err).__name__}: {err}") from err
         return self.commands
 
+    @contextlib.contextmanager
+    def _inside(self) -> Iterator[None]:
+        """Workflow code runs with this instance's loop current and the guard on."""
+        prev = _events._get_running_loop()
+        _events._set_running_loop(self.loop)
+        prev_guard = _Guard.thread
+        if self.defn.enforce_determinism:
+            _Guard.thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            _Guard.thread = prev_guard
+            _events._set_running_loop(prev)
+
     def _run_until_blocked(self) -> None:
+        # the hot path: what _inside() does, without a generator per activation
         prev = _events._get_running_loop()
         _events._set_running_loop(self.loop)
         prev_guard = _Guard.thread
@@ -280,6 +299,27 @@ class WorkflowInstance:
         finally:
             _Guard.thread = prev_guard
             _events._set_running_loop(prev)
+
+    def answer_query(self, h: HandlerDefinition, data: Any) -> Any:
+        """Run a query handler on the current state; its result as wire data. A handler
+        that tried to change the run (schedule anything) raises QueryChangedStateError:
+        the instance is no longer the history's and must be dropped."""
+        args, kwargs = h.sig.decode_call(data)
+        commands, ready = len(self.commands), len(self.loop.ready)
+        with self._inside():
+            value = getattr(self.obj, h.method)(*args, **kwargs)
+        if inspect.isawaitable(value):
+            with contextlib.suppress(Exception):
+                value.close()  # type: ignore[attr-defined]
+            raise QueryChangedStateError(
+                f"query '{h.name}' returned an awaitable: a query handler is a plain def"
+            )
+        if len(self.commands) != commands or len(self.loop.ready) != ready:
+            raise QueryChangedStateError(
+                f"query '{h.name}' tried to change the workflow (it scheduled work): "
+                "a query only reads state; use a signal to change it"
+            )
+        return h.sig.dump_result(value)
 
     def _check_conditions(self) -> bool:
         fired = False
@@ -376,7 +416,7 @@ class WorkflowInstance:
     def _signal(self, name: str, data: Any) -> None:
         """Run a signal's handler in history order. One that cannot run is dropped with
         a warning, as a client that knows the workflow never sends it."""
-        h = self.defn.signals.get(name)
+        h = self.defn.handlers.get("signal", {}).get(name)
         why = None
         if h is None:
             why = f"workflow '{self.defn.name}' has no signal handler named '{name}'"
@@ -490,6 +530,13 @@ def run_task(
     """
     if not fresh:
         return instance.activate([e for e in events if e.type in INPUT_EVENTS], now_ms, False)
+    return instance.activate(replay(instance, events), now_ms, False)
+
+
+def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[HistoryEvent]:
+    """Replay every activation the history records (each ends at a WorkflowTaskCompleted
+    and the command events after it must match what the code issues); returns the input
+    events no workflow task has seen yet."""
     pending: list[HistoryEvent] = []
     i, n = 0, len(events)
     while i < n:
@@ -508,7 +555,7 @@ def run_task(
         if ev.type in INPUT_EVENTS:
             pending.append(ev)
         i += 1
-    return instance.activate(pending, now_ms, False)
+    return pending
 
 
 def _check_replay(inst: WorkflowInstance, cmds: list[Command], recorded: list[HistoryEvent]) -> None:

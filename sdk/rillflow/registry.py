@@ -84,7 +84,7 @@ class RegisteredWorkflow:
         """The same for a handler's input; ``kind`` is ``"signals"`` (later queries and
         updates). An unknown handler name is refused, naming the known ones."""
         handler = next((h for h in self.handlers.get(kind, []) if h["name"] == name), None)
-        what = kind[:-1]
+        what = {"signals": "signal", "queries": "query", "updates": "update"}[kind]
         if handler is None:
             has = ", ".join(h["name"] for h in self.handlers.get(kind, [])) or "none"
             raise InvalidInputError(f"workflow '{self.name}' has no {what} '{name}' (its {kind}: {has})")

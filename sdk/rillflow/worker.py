@@ -38,7 +38,15 @@ from rillflow.errors import (
     failure_from_exception,
     jsonable,
 )
-from rillflow.executor import CachedRun, Command, WorkflowInfo, WorkflowInstance, run_task
+from rillflow.executor import (
+    CachedRun,
+    Command,
+    QueryChangedStateError,
+    WorkflowInfo,
+    WorkflowInstance,
+    replay,
+    run_task,
+)
 from rillflow.history import HistoryEvent
 from rillflow.payloads import check_size
 from rillflow.registry import workflow_spec
@@ -145,7 +153,7 @@ class Worker:
         self.ks = client.keyspace
         self.scripts = client.scripts
         self.redis = client.redis
-        self._reader = make_blocking_reader(client.url, workflow_pollers + 2)
+        self._reader = make_blocking_reader(client.url, workflow_pollers + 3)
         self.cache: collections.OrderedDict[str, CachedRun] = collections.OrderedDict()
         self.running: dict[tuple[str, int], _Running] = {}
         self.stats = WorkerStats()
@@ -200,6 +208,7 @@ class Worker:
         )
         if self.workflows:
             self._pollers += [self._spawn(self._wft_poller) for _ in range(self.workflow_pollers)]
+            self._pollers.append(self._spawn(self._query_poller))
         if self.activities:
             self._pollers.append(self._spawn(self._act_poller))
         self._pollers.append(self._spawn(self._liveness_loop))
@@ -294,7 +303,8 @@ class Worker:
         return [self.ks.queue(s, self.task_queue, f"wft@{self.identity}") for s in self.ks.all_shards()]
 
     async def _ensure_groups(self) -> None:
-        streams = [self.ks.queue(s, self.task_queue, k) for s in self.ks.all_shards() for k in ("wft", "act")]
+        kinds = ("wft", "act", "qry")
+        streams = [self.ks.queue(s, self.task_queue, k) for s in self.ks.all_shards() for k in kinds]
         for stream in streams + self._sticky_streams():
             try:
                 await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -474,6 +484,71 @@ class Worker:
         inst = WorkflowInstance(defn, info)
         inst.max_payload_bytes = self.client.max_payload_bytes
         return inst, run_task(inst, events, now, fresh=True)
+
+    # -- queries --------------------------------------------------------------------------
+    async def _query_poller(self) -> None:
+        """Its own loop, so that a query that replays a long history never holds up
+        workflow tasks."""
+        streams = {self.ks.queue(s, self.task_queue, "qry"): ">" for s in self.ks.all_shards()}
+        while not self._stopping.is_set():
+            resp = await self._read(streams, self.batch_size)
+            for stream, entries in resp or []:
+                try:
+                    await self._process_queries(self._shard_of_stream(stream), text(stream), entries)
+                except _TRANSIENT as e:
+                    reraise_if_cancelling()
+                    log.warning("query batch interrupted; its callers will time out", error=str(e))
+                    await asyncio.sleep(0.5)
+
+    async def _process_queries(self, shard: int, stream: str, entries: list[Any]) -> None:
+        """Answer queries at most once: a query is acknowledged as it is read, and its
+        caller gives up after its timeout if the answer never comes."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for msgid, _ in entries:
+                pipe.xack(stream, GROUP, msgid)
+                pipe.xdel(stream, msgid)
+            await pipe.execute()
+        for _, raw in entries:
+            fields = {text(k): v for k, v in (raw or {}).items()}
+            reply = text(fields.get("reply") or b"")
+            if not reply.startswith(self.ks.prefix(shard)):
+                log.warning("query without a reply key in this shard; dropped", stream=stream)
+                continue
+            try:
+                answer: dict[str, Any] = {"result": await self._answer_query(shard, fields)}
+            except Exception as e:
+                answer = {"failure": failure_from_exception(e)}
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.lpush(reply, pack(answer))
+                pipe.pexpire(reply, 60_000)  # a caller that gave up never reads it
+                await pipe.execute()
+
+    async def _answer_query(self, shard: int, fields: dict[str, Any]) -> Any:
+        run, wid, wtype = text(fields["run"]), text(fields["wid"]), text(fields["wtype"])
+        body = unpack(fields["d"])
+        name = str(body.get("name"))
+        defn = self.workflows.get(wtype)
+        if defn is None:
+            raise WorkflowError(
+                f"workflow type '{wtype}' is not served by worker {self.identity} "
+                f"(task queue '{self.task_queue}')",
+                type="WorkflowNotRegistered",
+            )
+        h = defn.handler("query", name)
+        cached = self.cache.get(run)
+        if cached is not None:
+            try:
+                return cached.instance.answer_query(h, body.get("input"))
+            except QueryChangedStateError:
+                self.cache.pop(run, None)
+                raise
+        # not in cache: rebuild the state the history records, without keeping it
+        events = await self._history_after(shard, wid, run, 0)
+        start = next((e for e in events if e.type == "WorkflowExecutionStarted"), None)
+        started = datetime.fromtimestamp((start.time_ms if start else 0) / 1000, tz=UTC)
+        inst = WorkflowInstance(defn, WorkflowInfo(wid, run, wtype, self.task_queue, started, 1))
+        replay(inst, events)
+        return inst.answer_query(h, body.get("input"))
 
     # -- activities ---------------------------------------------------------------------
     async def _act_poller(self) -> None:

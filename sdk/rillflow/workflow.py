@@ -23,11 +23,15 @@ _HANDLER_MARK = "__rillflow_handler__"
 DEFAULT_EXECUTION_TIMEOUT = timedelta(hours=1)
 
 
+HANDLER_KINDS = {"signal": "signals", "query": "queries"}
+
+
 @dataclass(frozen=True)
 class HandlerDefinition:
-    """A message a running workflow accepts: a signal (fire-and-forget)."""
+    """A message a workflow accepts: a signal (fire-and-forget, recorded in its history)
+    or a query (a read of its state, recorded nowhere)."""
 
-    kind: str  # "signal"
+    kind: str  # a key of HANDLER_KINDS
     name: str
     method: str
     sig: Signature
@@ -36,12 +40,15 @@ class HandlerDefinition:
 
     def spec(self) -> dict[str, Any]:
         """What the registry publishes about it, as a console renders a form."""
-        return {
+        spec = {
             "name": self.name,
             "description": self.description,
             "input_schema": self.sig.input_schema(),
             "input_shape": self.sig.shape.to_json(),
         }
+        if self.kind != "signal":
+            spec["output_schema"] = self.sig.output_schema()
+        return spec
 
 
 @dataclass(frozen=True)
@@ -55,28 +62,57 @@ class WorkflowDefinition:
     display_name: str | None = None
     schedules: tuple[Any, ...] = ()
     enforce_determinism: bool = True
-    signals: dict[str, HandlerDefinition] = field(default_factory=dict)
+    handlers: dict[str, dict[str, HandlerDefinition]] = field(default_factory=dict)  # kind -> name ->
 
     def handler_specs(self) -> dict[str, list[dict[str, Any]]]:
         """Each kind's handlers sorted by name, so the published spec is deterministic."""
-        return {
-            "signals": [self.signals[n].spec() for n in sorted(self.signals)],
-            "queries": [],
-            "updates": [],
-        }
+        specs: dict[str, list[dict[str, Any]]] = {"signals": [], "queries": [], "updates": []}
+        for kind, plural in HANDLER_KINDS.items():
+            hs = self.handlers.get(kind, {})
+            specs[plural] = [hs[n].spec() for n in sorted(hs)]
+        return specs
 
-    def signal(self, name: str) -> HandlerDefinition:
-        h = self.signals.get(name)
+    def handler(self, kind: str, name: str) -> HandlerDefinition:
+        """The handler of that kind and name; an unknown one is refused, naming the rest."""
+        hs = self.handlers.get(kind, {})
+        h = hs.get(name)
         if h is None:
-            has = ", ".join(sorted(self.signals)) or "none"
-            raise InvalidInputError(f"workflow '{self.name}' has no signal '{name}' (its signals: {has})")
+            raise InvalidInputError(
+                f"workflow '{self.name}' has no {kind} '{name}' "
+                f"(its {HANDLER_KINDS[kind]}: {', '.join(sorted(hs)) or 'none'})"
+            )
         return h
 
 
 def handler_definition(fn: Any) -> HandlerDefinition | None:
-    """The handler a method decorated with ``@workflow.signal`` defines, if it is one."""
+    """The handler a method decorated with ``@workflow.signal`` or ``.query`` defines."""
     h = getattr(fn, _HANDLER_MARK, None)
     return h if isinstance(h, HandlerDefinition) else None
+
+
+def _method(fn: Any, kind: str, name: str | None) -> Callable[..., Any]:
+    """The decorated method, once it and the handler's name pass the checks."""
+    if not callable(fn) or not hasattr(fn, "__name__"):
+        raise WorkflowDefinitionError(f"@workflow.{kind}(...) decorates a method of a workflow class")
+    h_name = name or fn.__name__
+    if not isinstance(h_name, str) or not NAME_RE.fullmatch(h_name) or "." in h_name:
+        raise WorkflowDefinitionError(
+            f"{kind} name {h_name!r} is invalid: use 1-128 characters of letters, digits, '_' and '-'"
+        )
+    if h_name.startswith("__"):
+        raise WorkflowDefinitionError(
+            f"{kind} name {h_name!r} is reserved: names starting with '__' are rillflow's"
+        )
+    return fn  # type: ignore[no-any-return]
+
+
+def _mark(
+    fn: Callable[..., Any], kind: str, name: str | None, description: str | None, sig: Signature
+) -> Callable[..., Any]:
+    h_name = name or fn.__name__
+    h = HandlerDefinition(kind, h_name, fn.__name__, sig, inspect.iscoroutinefunction(fn), description)
+    setattr(fn, _HANDLER_MARK, h)
+    return fn
 
 
 def get_workflow_definition(cls: Any) -> WorkflowDefinition:
@@ -126,17 +162,18 @@ class workflow:
                     f"workflow '{name}' has {len(entries)} entrypoints ({names}); keep exactly one"
                 )
             entry_name, fn = entries[0]
-            signals: dict[str, HandlerDefinition] = {}
+            handlers: dict[str, dict[str, HandlerDefinition]] = {k: {} for k in HANDLER_KINDS}
             for _, m in inspect.getmembers(cls):
-                h = getattr(m, _HANDLER_MARK, None)
-                if not isinstance(h, HandlerDefinition):
+                h = handler_definition(m)
+                if h is None:
                     continue
-                if h.name in signals:
+                same = handlers[h.kind]
+                if h.name in same:
                     raise WorkflowDefinitionError(
-                        f"workflow '{name}' has two signal handlers named '{h.name}' "
-                        f"({signals[h.name].method} and {h.method}); give each its own name"
+                        f"workflow '{name}' has two {h.kind} handlers named '{h.name}' "
+                        f"({same[h.name].method} and {h.method}); give each its own name"
                     )
-                signals[h.name] = h
+                same[h.name] = h
             cls.__rillflow_workflow__ = WorkflowDefinition(  # type: ignore[attr-defined]
                 name=name,
                 cls=cls,
@@ -147,7 +184,7 @@ class workflow:
                 display_name=workflow_display_name,
                 schedules=tuple(schedules or ()),
                 enforce_determinism=enforce_determinism is not False,
-                signals=signals,
+                handlers=handlers,
             )
             return cls
 
@@ -168,27 +205,32 @@ class workflow:
         runs in the workflow, in history order, and usually changes its state."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            if not callable(fn) or not hasattr(fn, "__name__"):
-                raise WorkflowDefinitionError("@workflow.signal(...) decorates a method")
-            sig_name = name or fn.__name__
-            if not isinstance(sig_name, str) or not NAME_RE.fullmatch(sig_name) or "." in sig_name:
-                raise WorkflowDefinitionError(
-                    f"signal name {sig_name!r} is invalid: use 1-128 characters of letters, digits, '_' and '-'"
-                )
-            sig = Signature(fn, what="signal", require_annotations=True, allow_kwargs=True)
-            setattr(
-                fn,
-                _HANDLER_MARK,
-                HandlerDefinition(
-                    kind="signal",
-                    name=sig_name,
-                    method=fn.__name__,
-                    sig=sig,
-                    is_async=inspect.iscoroutinefunction(fn),
-                    description=description,
-                ),
+            sig = Signature(
+                _method(fn, "signal", name), what="signal", require_annotations=True, allow_kwargs=True
             )
-            return fn
+            return _mark(fn, "signal", name, description, sig)
+
+        return decorate
+
+    @staticmethod
+    def query(
+        name: str | None = None, description: str | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A read of a workflow's state, answered by a worker from the run's cached
+        instance or a replay of its history; it records nothing and must change nothing."""
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            fn = _method(fn, "query", name)
+            if inspect.iscoroutinefunction(fn):
+                raise WorkflowDefinitionError(
+                    f"Query '{fn.__name__}' must be a synchronous function (def), not async def."
+                )
+            sig = Signature(fn, what="query", require_annotations=True)
+            if sig.return_type is None or sig.return_type is type(None):
+                raise WorkflowDefinitionError(
+                    f"Query '{fn.__name__}' must have a return type annotation other than None."
+                )
+            return _mark(fn, "query", name, description, sig)
 
         return decorate
 
