@@ -510,6 +510,49 @@ class QueriedWorkflow:
         return await hello("done")
 
 
+@workflows.workflow.define(name="ledger_workflow")
+class LedgerWorkflow:
+    """Updates that run activities, refuse bad requests, and outlive a worker."""
+
+    def __init__(self) -> None:
+        self.balance = 0
+        self.closed = False
+
+    @workflows.workflow.update(description="adds to the balance; returns the new one")
+    async def deposit(self, amount: int, note: str = "") -> int:
+        if amount <= 0:
+            raise workflows.WorkflowError(f"a deposit must be positive, got {amount}", non_retryable=True)
+        if note:  # a marker path: the crash tests kill the worker while this runs
+            await slow_marker(note, 1.0)
+        else:
+            await step(amount)
+        self.balance += amount
+        return self.balance
+
+    @workflows.workflow.update()
+    def balance_as_text(self) -> int:
+        return f"balance: {self.balance}"  # type: ignore[return-value]
+
+    @workflows.workflow.update()
+    def crash(self) -> int:
+        raise RuntimeError("a bug in an update handler")
+
+    @workflows.workflow.signal()
+    def close(self) -> None:
+        self.closed = True
+
+    @workflows.workflow.query()
+    def current(self) -> int:
+        return self.balance
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> int:
+        await workflows.workflow.wait_condition(lambda: self.closed and workflow.all_handlers_finished())
+        return self.balance
+
+
+LEDGER = [LedgerWorkflow, slow_marker, step]
+
 # what `rillflow worker tests.flows:SERVED` serves (the module holds two versions of nd_workflow)
 SERVED = [
     HelloWorkflow,

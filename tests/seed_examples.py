@@ -176,6 +176,37 @@ class BatchWorkflow:
         return total
 
 
+# -- workflows page: updates ------------------------------------------------------------------
+class UpdateConfig(BaseModel):  # added
+    threshold: int
+
+
+class UpdateResult(BaseModel):  # added
+    success: bool
+
+
+@workflows.workflow.define(name="configurable_workflow")  # added around the page's handler
+class ConfigurableWorkflow:
+    def __init__(self) -> None:
+        self.threshold = 0
+        self.stopped = False
+
+    @workflows.workflow.update(name="update_config", description="Update workflow configuration")
+    async def update_config(self, config: UpdateConfig) -> UpdateResult:
+        # Handle update
+        self.threshold = config.threshold  # added
+        return UpdateResult(success=True)
+
+    @workflows.workflow.signal()  # added
+    def stop(self) -> None:
+        self.stopped = True
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> int:  # added
+        await workflows.workflow.wait_condition(lambda: self.stopped)
+        return self.threshold
+
+
 # -- activities page ------------------------------------------------------------------------
 @workflows.activity()
 async def my_activity(input_data: str, count: int = 1) -> dict:
@@ -259,6 +290,7 @@ WORKFLOWS = [
     MyWorkflow,
     InvoiceWorkflow,
     BatchWorkflow,
+    ConfigurableWorkflow,
 ]
 ACTIVITIES = [
     my_activity,

@@ -102,6 +102,7 @@ def test_errors_have_exit_codes(redis_url: str) -> None:
         "terminate",
         "signal",
         "query",
+        "update",
         "workflows",
         "workers",
         "schema",

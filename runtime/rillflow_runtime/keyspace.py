@@ -73,6 +73,13 @@ class Keyspace:
     def acts(self, shard: int, run_id: str) -> str:
         return f"{self.prefix(shard)}act:{run_id}"
 
+    def updates(self, shard: int, run_id: str) -> str:
+        """A run's updates: ``<id>`` -> accepted/done, ``<id>:o`` -> the outcome."""
+        return f"{self.prefix(shard)}upd:{run_id}"
+
+    def update_reply(self, shard: int, run_id: str, update_id: str) -> str:
+        return f"{self.prefix(shard)}ur:{run_id}:{update_id}"
+
     def query_reply(self, shard: int, request_id: str) -> str:
         """A list a query's caller blocks on; the worker pushes the answer there."""
         return f"{self.prefix(shard)}qr:{request_id}"

@@ -21,6 +21,7 @@ NAMES = (
     "terminate",
     "signal",
     "query",
+    "update",
     "dead_letter",
 )
 

@@ -22,6 +22,8 @@ from rillflow.errors import (
     WorkflowNotRegisteredError,
     WorkflowQueryFailedError,
     WorkflowQueryTimeoutError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateTimeoutError,
 )
 from rillflow.executor import WorkflowInfo
 from rillflow.history import HistoryEvent
@@ -56,6 +58,8 @@ __all__ = [
     "WorkflowNotRegisteredError",
     "WorkflowQueryFailedError",
     "WorkflowQueryTimeoutError",
+    "WorkflowUpdateFailedError",
+    "WorkflowUpdateTimeoutError",
     "__version__",
     "activity",
     "activity_heartbeat",

@@ -36,6 +36,8 @@ from rillflow.errors import (
     WorkflowNotRegisteredError,
     WorkflowQueryFailedError,
     WorkflowQueryTimeoutError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateTimeoutError,
 )
 from rillflow.history import HistoryEvent
 
@@ -99,10 +101,10 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
     except (WorkflowNotFoundError, WorkflowNotRegisteredError, WorkflowAlreadyStartedError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(3) from None
-    except WorkflowQueryFailedError as e:
+    except (WorkflowQueryFailedError, WorkflowUpdateFailedError) as e:
         err.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
-    except WorkflowQueryTimeoutError as e:
+    except (WorkflowQueryTimeoutError, WorkflowUpdateTimeoutError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(5) from None
     except WorkflowFailureError as e:
@@ -425,6 +427,35 @@ def query(
         async with connect(url, namespace) as client:
             h = client.get_workflow_handle(execution_id)
             print(_json(await h.query(name, _parse_input(input), timeout=timedelta(seconds=timeout))))
+
+    run(main)
+
+
+@app.command()
+def update(
+    execution_id: str,
+    name: Annotated[str, typer.Argument(help="update name (see `rillflow schema WORKFLOW`)")],
+    input: Annotated[str | None, typer.Option("--input", "-i", help="the update's input as JSON")] = None,
+    update_id: Annotated[
+        str | None, typer.Option("--update-id", help="repeat one to wait for it again")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait for the result")] = None,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """Send an update to a running execution, wait for the handler's result and print
+    it as JSON. Exit 1 if the update failed, 5 if it had not finished in time."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            h = client.get_workflow_handle(execution_id)
+            result = await h.execute_update(
+                name,
+                _parse_input(input),
+                update_id=update_id,
+                timeout=timedelta(seconds=timeout) if timeout is not None else None,
+            )
+            print(_json(result))
 
     run(main)
 

@@ -28,6 +28,8 @@ from rillflow.errors import (
     WorkflowNotRegisteredError,
     WorkflowQueryFailedError,
     WorkflowQueryTimeoutError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateTimeoutError,
     exception_from_failure,
 )
 from rillflow.history import HistoryEvent
@@ -614,6 +616,66 @@ class WorkflowHandle:
         h = h or (self.defn.handler("query", name) if self.defn else None)
         return h.sig.load_result_leniently(answer.get("result")) if h else answer.get("result")
 
+    async def execute_update(
+        self,
+        update: str | Callable[..., Any],
+        payload: Any = None,
+        *,
+        update_id: str | None = None,
+        timeout: timedelta | None = None,
+    ) -> Any:
+        """Send an update and wait for the handler's result: the annotated type given the
+        handler or the class, plain data given only names. The update is recorded when
+        accepted and when done, so it survives worker crashes; a call with the same
+        ``update_id`` is not applied twice and returns the same outcome. ``timeout``
+        (default: none) bounds the wait, not the update."""
+        name, data, h = await self._handler_input("update", update, payload)
+        uid = update_id or uuid.uuid4().hex
+        if not ID_RE.fullmatch(uid):
+            raise InvalidInputError(
+                f"update_id {uid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.'"
+            )
+        body = pack({"update_id": uid, "name": name, "input": data})
+        check_size(body, self.client.max_payload_bytes, f"update '{name}'")
+        ks = self.client.keyspace
+        res = await self.client.scripts.call(
+            "update", ks.timers(self.shard), [ks.prefix(self.shard), self.id, self.run_id or "", uid, body]
+        )
+        status, run = text(res[0]), text(res[1])
+        if status == "not_running":
+            raise WorkflowNotFoundError(
+                f"workflow execution {self.id!r} is not running (closed, or never started): "
+                f"update '{name}' was not accepted"
+            )
+        outcome = unpack(res[2]) if status == "done" else await self._await_update(run, uid, name, timeout)
+        if "failure" in outcome:
+            cause = exception_from_failure(outcome["failure"])
+            raise WorkflowUpdateFailedError(
+                f"update '{name}' of execution {self.id!r} failed: {cause.type}: {cause.message}", cause
+            )
+        h = h or (self.defn.handler("update", name) if self.defn else None)
+        return h.sig.load_result_leniently(outcome.get("result")) if h else outcome.get("result")
+
+    async def _await_update(self, run: str, uid: str, name: str, timeout: timedelta | None) -> dict[str, Any]:
+        """Block on the update's reply list; look at the run's update hash each second
+        too, for a caller that is not the first to wait (the list is popped once)."""
+        ks, r = self.client.keyspace, self.client.redis
+        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+        while True:
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait <= 0:
+                raise WorkflowUpdateTimeoutError(
+                    f"update '{name}' ({uid}) of execution {self.id!r} had not finished within "
+                    f"{timeout.total_seconds() if timeout else 0:g} s; it is accepted and still runs: "
+                    "call again with the same update_id to wait for it"
+                )
+            got = await r.blpop([ks.update_reply(self.shard, run, uid)], timeout=max(wait, 0.01))
+            if got is not None:
+                return unpack(got[1])  # type: ignore[arg-type,no-any-return]  # bytes: not decoded
+            st, body = await r.hmget(ks.updates(self.shard, run), [uid, f"{uid}:o"])
+            if st == b"done" and body:
+                return unpack(body)  # type: ignore[arg-type,no-any-return]
+
     async def _handler_input(
         self, kind: str, handler: str | Callable[..., Any], payload: Any
     ) -> tuple[str, Any, HandlerDefinition | None]:
@@ -621,7 +683,8 @@ class WorkflowHandle:
         when the class is known, else against the schema its workers registered."""
         h = handler_definition(handler)
         if h is not None and h.kind != kind:
-            raise InvalidInputError(f"'{h.method}' is a {h.kind} handler, not a {kind}")
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise InvalidInputError(f"'{h.method}' is a {h.kind} handler, not {article} {kind}")
         name = h.name if h else str(handler)
         if not NAME_RE.fullmatch(name):
             raise InvalidInputError(f"{kind} name {name!r} is invalid")

@@ -114,6 +114,19 @@ class WorkflowQueryTimeoutError(RillflowError, TimeoutError):
     """No worker answered a query in time (none running for the task queue, or busy)."""
 
 
+class WorkflowUpdateFailedError(RillflowError):
+    """The update handler failed (or the run closed first); ``cause`` says how."""
+
+    def __init__(self, message: str, cause: WorkflowError) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class WorkflowUpdateTimeoutError(RillflowError, TimeoutError):
+    """An accepted update had not finished in time; it still runs, and a call with the
+    same update id waits for it again."""
+
+
 class PayloadTooLargeError(RillflowError, ValueError):
     pass
 

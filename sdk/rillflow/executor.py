@@ -34,6 +34,7 @@ from rillflow.errors import (
     InvalidInputError,
     InvalidResultError,
     NonDeterminismError,
+    PayloadTooLargeError,
     RestrictedWorkflowAccessError,
     WorkflowError,
     exception_from_failure,
@@ -82,6 +83,8 @@ def _ident_of_event(ev: HistoryEvent) -> tuple[Any, ...]:
             return ("CompleteWorkflow",)
         case "WorkflowExecutionFailed":
             return ("FailWorkflow",)
+        case "WorkflowExecutionUpdateCompleted":
+            return ("CompleteUpdate", a.get("update_id"))
     return (ev.type,)
 
 
@@ -350,6 +353,8 @@ class WorkflowInstance:
             self.loop.create_task(self._main(a.get("input")), name=f"workflow:{self.info.workflow_id}")
         elif ev.type == "WorkflowExecutionSignaled":
             self._signal(str(a.get("name")), a.get("input"))
+        elif ev.type == "WorkflowExecutionUpdateAccepted":
+            self._update(str(a.get("update_id")), str(a.get("name")), a.get("input"))
         elif ev.type == "TimerFired":
             h = self.timers.pop(int(a["seq"]), None)
             if h is not None and not h.cancelled():
@@ -431,6 +436,54 @@ class WorkflowInstance:
             return
         self.handlers_running += 1
         self.loop.create_task(self._handle(h.method, args, kwargs), name=f"signal:{name}")
+
+    def _update(self, update_id: str, name: str, data: Any) -> None:
+        """Run an update's handler in history order; its outcome becomes a command, so
+        that the caller's answer is recorded and a replay reaches the same one."""
+        h = self.defn.handlers.get("update", {}).get(name)
+        try:
+            if h is None:
+                raise InvalidInputError(f"workflow '{self.defn.name}' has no update handler named '{name}'")
+            args, kwargs = h.sig.decode_call(data)
+        except InvalidInputError as e:
+            failure = {"failure": failure_from_exception(e)}
+            self.loop.call_soon(self._complete_update, update_id, name, failure)
+            return
+        self.handlers_running += 1
+        self.loop.create_task(self._run_update(h, update_id, args, kwargs), name=f"update:{name}")
+
+    async def _run_update(
+        self, h: HandlerDefinition, update_id: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """A WorkflowError (or a result the annotation refuses) fails the update, not
+        the run; anything else is a bug and fails the workflow task."""
+        try:
+            res = getattr(self.obj, h.method)(*args, **kwargs)
+            if inspect.isawaitable(res):
+                res = await res
+            outcome = {"result": h.sig.dump_result(res)}
+        except (WorkflowError, InvalidResultError, TimeoutError) as e:
+            outcome = {"failure": failure_from_exception(e)}
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            self.note_background_error(e)
+            return
+        finally:
+            self.handlers_running -= 1
+        self._complete_update(update_id, h.name, outcome)
+
+    def _complete_update(self, update_id: str, name: str, outcome: dict[str, Any]) -> None:
+        if self.closed:  # the run closed first: the script tells the caller so
+            return
+        from rillflow.payloads import check_size
+
+        body = pack({"update_id": update_id, "name": name, **outcome})
+        try:
+            check_size(body, self.max_payload_bytes, f"result of update '{name}'")
+        except PayloadTooLargeError as e:
+            body = pack({"update_id": update_id, "name": name, "failure": failure_from_exception(e)})
+        self.commands.append(Command("U", body, pack([update_id]), ("CompleteUpdate", update_id)))
 
     async def _handle(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
         """A handler's errors count as the entrypoint's would: a WorkflowError fails the

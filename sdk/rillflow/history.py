@@ -17,6 +17,7 @@ COMMAND_EVENTS = frozenset(
         "TimerCanceled",
         "WorkflowExecutionCompleted",
         "WorkflowExecutionFailed",
+        "WorkflowExecutionUpdateCompleted",
     }
 )
 # Events that wake the workflow: the inputs of its next workflow task.
@@ -24,6 +25,7 @@ INPUT_EVENTS = frozenset(
     {
         "WorkflowExecutionStarted",
         "WorkflowExecutionSignaled",
+        "WorkflowExecutionUpdateAccepted",
         "ActivityTaskCompleted",
         "ActivityTaskFailed",
         "ActivityTaskTimedOut",

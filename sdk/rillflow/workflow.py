@@ -23,13 +23,14 @@ _HANDLER_MARK = "__rillflow_handler__"
 DEFAULT_EXECUTION_TIMEOUT = timedelta(hours=1)
 
 
-HANDLER_KINDS = {"signal": "signals", "query": "queries"}
+HANDLER_KINDS = {"signal": "signals", "query": "queries", "update": "updates"}
 
 
 @dataclass(frozen=True)
 class HandlerDefinition:
-    """A message a workflow accepts: a signal (fire-and-forget, recorded in its history)
-    or a query (a read of its state, recorded nowhere)."""
+    """A message a workflow accepts: a signal (fire-and-forget, recorded in its history),
+    a query (a read of its state, recorded nowhere) or an update (recorded, and its
+    caller waits for the handler's result)."""
 
     kind: str  # a key of HANDLER_KINDS
     name: str
@@ -66,7 +67,7 @@ class WorkflowDefinition:
 
     def handler_specs(self) -> dict[str, list[dict[str, Any]]]:
         """Each kind's handlers sorted by name, so the published spec is deterministic."""
-        specs: dict[str, list[dict[str, Any]]] = {"signals": [], "queries": [], "updates": []}
+        specs: dict[str, list[dict[str, Any]]] = {}
         for kind, plural in HANDLER_KINDS.items():
             hs = self.handlers.get(kind, {})
             specs[plural] = [hs[n].spec() for n in sorted(hs)]
@@ -85,7 +86,8 @@ class WorkflowDefinition:
 
 
 def handler_definition(fn: Any) -> HandlerDefinition | None:
-    """The handler a method decorated with ``@workflow.signal`` or ``.query`` defines."""
+    """The handler a method decorated with ``@workflow.signal``, ``.query`` or ``.update``
+    defines, if it is one."""
     h = getattr(fn, _HANDLER_MARK, None)
     return h if isinstance(h, HandlerDefinition) else None
 
@@ -234,6 +236,24 @@ class workflow:
 
         return decorate
 
+    @staticmethod
+    def update(
+        name: str | None = None, description: str | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A message whose caller waits for the handler's result: recorded in the history
+        when accepted and when done, so a replay runs it again to the same result."""
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            fn = _method(fn, "update", name)
+            sig = Signature(fn, what="update", require_annotations=True)
+            if sig.return_type is None or sig.return_type is type(None):
+                raise WorkflowDefinitionError(
+                    f"Update '{fn.__name__}' must have a return type annotation other than None."
+                )
+            return _mark(fn, "update", name, description, sig)
+
+        return decorate
+
     class unsafe:
         """Escape hatches from the determinism guard, for code you know replays the same."""
 
@@ -256,8 +276,8 @@ class workflow:
 
     @staticmethod
     def all_handlers_finished() -> bool:
-        """No signal handler is still running: wait for this before returning, so that
-        the run does not close while a handler awaits an activity."""
+        """No signal or update handler is still running: wait for this before returning,
+        so that the run does not close while a handler awaits an activity."""
         return require_instance("workflow.all_handlers_finished()").handlers_running == 0
 
     @staticmethod

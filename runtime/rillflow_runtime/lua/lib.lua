@@ -17,6 +17,16 @@ local function act_key(run) return P .. 'act:' .. run end
 local function buf_key(run) return P .. 'buf:' .. run end
 local function wf_key(wid) return P .. 'wf:' .. wid end
 local function sig_key(run) return P .. 'sig:' .. run end
+local function upd_key(run) return P .. 'upd:' .. run end
+local function upd_reply(run, id) return P .. 'ur:' .. run .. ':' .. id end
+
+-- Record an update's outcome where its callers look: the run's update hash (for any
+-- caller, while the run is retained) and a reply list the waiting caller blocks on.
+local function finish_update(run, id, body)
+  redis.call('HSET', upd_key(run), id, 'done', id .. ':o', body)
+  redis.call('LPUSH', upd_reply(run, id), body)
+  redis.call('PEXPIRE', upd_reply(run, id), 60000)
+end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
 
 -- Remove a task message for good: XACK + XDEL keep a task stream's length equal to
@@ -63,11 +73,14 @@ local function flush_buffer(run, wid)
   return #items / 3
 end
 
--- Whether a signal is waiting in the buffer: a run must not close without seeing it.
-local function signal_buffered(run)
+-- Whether a signal or an update is waiting in the buffer: a run must not close
+-- without seeing it.
+local function message_buffered(run)
   local items = redis.call('LRANGE', buf_key(run), 0, -1)
   for i = 1, #items, 3 do
-    if items[i] == 'WorkflowExecutionSignaled' then return true end
+    if items[i] == 'WorkflowExecutionSignaled' or items[i] == 'WorkflowExecutionUpdateAccepted' then
+      return true
+    end
   end
   return false
 end
@@ -79,8 +92,10 @@ local function deliver(run, etype, body)
   if r[1] ~= 'running' then return false end
   if r[2] == 'started' then
     redis.call('RPUSH', buf_key(run), etype, NOW, body)
-    -- the task that closes the run looks for buffered signals only when this is set
-    if etype == 'WorkflowExecutionSignaled' then redis.call('HSET', run_key(run), 'sigbuf', 1) end
+    -- the task that closes the run looks for buffered messages only when this is set
+    if etype == 'WorkflowExecutionSignaled' or etype == 'WorkflowExecutionUpdateAccepted' then
+      redis.call('HSET', run_key(run), 'sigbuf', 1)
+    end
   else
     append(run, r[3], etype, body)
     if r[2] ~= 'scheduled' and r[2] ~= 'backoff' then schedule_wft(run, r[4]) end
@@ -88,8 +103,19 @@ local function deliver(run, etype, body)
   return true
 end
 
-local function expire_run(run, wid, retention_ms)
-  for _, k in ipairs({ run_key(run), hist_key(wid, run), act_key(run), sig_key(run) }) do
+-- Set on the run hash when a signal or an update reaches it: only then does closing
+-- the run touch their keys, so runs without messages pay nothing for them.
+local function note_messages(run)
+  redis.call('HSET', run_key(run), 'msgs', 1)
+end
+
+local function expire_run(run, wid, retention_ms, msgs)
+  local keys = { run_key(run), hist_key(wid, run), act_key(run) }
+  if msgs then
+    keys[#keys + 1] = sig_key(run)
+    keys[#keys + 1] = upd_key(run)
+  end
+  for _, k in ipairs(keys) do
     redis.call('PEXPIRE', k, retention_ms)
   end
   local wk = wf_key(wid)
@@ -100,7 +126,7 @@ end
 -- stream they block on, and the retention clock.
 local function close_run(run, status, etype, body, retention_ms)
   local rk = run_key(run)
-  local r = redis.call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg')
+  local r = redis.call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs')
   local wid = r[1]
   append(run, wid, etype, body)
   if r[3] == 'scheduled' then drop_msg(r[2], r[4]) end
@@ -111,8 +137,17 @@ local function close_run(run, status, etype, body, retention_ms)
   end
   redis.call('ZREM', TIMERS, 'X|' .. run)
   redis.call('DEL', buf_key(run))
+  -- updates still running will never finish: their callers are told now
+  local upd = r[5] and redis.call('HGETALL', upd_key(run)) or {}
+  for i = 1, #upd, 2 do
+    if upd[i + 1] == 'accepted' then
+      finish_update(run, upd[i], cmsgpack.pack({ update_id = upd[i], failure = {
+        type = 'WorkflowClosed', non_retryable = true, stack = '',
+        message = 'the run closed (' .. status .. ') before the update completed' } }))
+    end
+  end
   redis.call('XADD', P .. 'closed', 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
-  expire_run(run, wid, retention_ms)
+  expire_run(run, wid, retention_ms, r[5])
 end
 
 -- Per-activity state lives in the run's act hash: field <seq> is a msgpack map of

@@ -10,5 +10,6 @@ end
 if rid ~= '' and redis.call('SADD', sig_key(run), rid) == 0 then
   return { 'duplicate', run }
 end
+note_messages(run)
 deliver(run, 'WorkflowExecutionSignaled', body)
 return { 'ok', run }

@@ -2,7 +2,7 @@
 -- the worker's identity, its sticky schedule timeout ms (0 = no sticky queue), then per task: run_id, fence, number of commands, and per command three values:
 -- a one-letter kind, the event body, an aux msgpack array the script reads.
 -- Kinds: A schedule activity, T start timer, C cancel timer, X cancel activity,
--- D complete workflow, F fail workflow.
+-- U complete an update, D complete workflow, F fail workflow.
 -- Per task returns {'ok', last command event id}, {'refused', why}, or {'again', why}
 -- when the task would close the run but signals arrived while it ran: then nothing of
 -- it is recorded, the signals join the history and the task runs again from a replay
@@ -29,12 +29,12 @@ while i <= #ARGV do
     end
     redis.call('ZREM', TIMERS, 'W|' .. run .. '|' .. fence)
     if r[8] then redis.call('HDEL', rk, 'sigbuf') end
-    if closes and r[8] and signal_buffered(run) then
+    if closes and r[8] and message_buffered(run) then
       drop_msg(r[7], r[5])
       flush_buffer(run, wid)
       redis.call('HSET', rk, 'sticky', '')
       schedule_wft(run, tq)
-      out[#out + 1] = { 'again', 'signals arrived before the run could close' }
+      out[#out + 1] = { 'again', 'signals or updates arrived before the run could close' }
     else
       redis.call('HDEL', rk, 'wft_failures', 'wft_failure')
       append(run, wid, 'WorkflowTaskCompleted',
@@ -69,6 +69,10 @@ while i <= #ARGV do
             act_forget(run, seq, s)
           end
           append(run, wid, 'ActivityTaskCancelRequested', body)
+        elseif kind == 'U' then
+          -- aux: update id
+          append(run, wid, 'WorkflowExecutionUpdateCompleted', body)
+          finish_update(run, aux[1], body)
         elseif kind == 'D' then
           close_run(run, 'completed', 'WorkflowExecutionCompleted', body, retention)
           closed = true
