@@ -608,13 +608,7 @@ class WorkflowHandle:
                 "(see `rillflow workers`)"
             )
         answer = unpack(got[1])  # type: ignore[arg-type]  # bytes: responses are not decoded
-        if "failure" in answer:
-            cause = exception_from_failure(answer["failure"])
-            raise WorkflowQueryFailedError(
-                f"query '{name}' of execution {self.id!r} failed: {cause.type}: {cause.message}", cause
-            )
-        h = h or (self.defn.handler("query", name) if self.defn else None)
-        return h.sig.load_result_leniently(answer.get("result")) if h else answer.get("result")
+        return self._handler_result("query", name, h, answer)
 
     async def execute_update(
         self,
@@ -648,12 +642,20 @@ class WorkflowHandle:
                 f"update '{name}' was not accepted"
             )
         outcome = unpack(res[2]) if status == "done" else await self._await_update(run, uid, name, timeout)
+        return self._handler_result("update", name, h, outcome)
+
+    def _handler_result(
+        self, kind: str, name: str, h: HandlerDefinition | None, outcome: dict[str, Any]
+    ) -> Any:
+        """A query's or update's outcome as the caller gets it: its failure raised, its
+        result as the annotated type when the handler is known, else plain data."""
         if "failure" in outcome:
             cause = exception_from_failure(outcome["failure"])
-            raise WorkflowUpdateFailedError(
-                f"update '{name}' of execution {self.id!r} failed: {cause.type}: {cause.message}", cause
+            error = WorkflowQueryFailedError if kind == "query" else WorkflowUpdateFailedError
+            raise error(
+                f"{kind} '{name}' of execution {self.id!r} failed: {cause.type}: {cause.message}", cause
             )
-        h = h or (self.defn.handler("update", name) if self.defn else None)
+        h = h or (self.defn.handler(kind, name) if self.defn else None)
         return h.sig.load_result_leniently(outcome.get("result")) if h else outcome.get("result")
 
     async def _await_update(self, run: str, uid: str, name: str, timeout: timedelta | None) -> dict[str, Any]:

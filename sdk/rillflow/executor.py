@@ -285,13 +285,7 @@ class WorkflowInstance:
             _events._set_running_loop(prev)
 
     def _run_until_blocked(self) -> None:
-        # the hot path: what _inside() does, without a generator per activation
-        prev = _events._get_running_loop()
-        _events._set_running_loop(self.loop)
-        prev_guard = _Guard.thread
-        if self.defn.enforce_determinism:
-            _Guard.thread = threading.get_ident()
-        try:
+        with self._inside():
             while True:
                 while self.loop.ready and self.task_error is None:
                     h = self.loop.ready.popleft()
@@ -299,9 +293,6 @@ class WorkflowInstance:
                         h._run()
                 if self.task_error is not None or not self._check_conditions():
                     return
-        finally:
-            _Guard.thread = prev_guard
-            _events._set_running_loop(prev)
 
     def answer_query(self, h: HandlerDefinition, data: Any) -> Any:
         """Run a query handler on the current state; its result as wire data. A handler

@@ -334,14 +334,26 @@ class Worker:
     async def _wft_poller(self) -> None:
         streams = {self.ks.queue(s, self.task_queue, "wft"): ">" for s in self.ks.all_shards()}
         streams.update({stream: ">" for stream in self._sticky_streams()})
+        await self._poll(
+            streams, self._process_wfts, "workflow task batch interrupted; tasks will be retried"
+        )
+
+    async def _poll(
+        self,
+        streams: dict[str, str],
+        process: Callable[[int, str, Any], Awaitable[None]],
+        interrupted: str,
+    ) -> None:
+        """Read batches from ``streams`` until stopping; a batch cut short by Redis is
+        logged and left to its retry path (reclaim, or the caller's timeout)."""
         while not self._stopping.is_set():
             resp = await self._read(streams, self.batch_size)
             for stream, entries in resp or []:
                 try:
-                    await self._process_wfts(self._shard_of_stream(stream), text(stream), entries)
+                    await process(self._shard_of_stream(stream), text(stream), entries)
                 except _TRANSIENT as e:
                     reraise_if_cancelling()
-                    log.warning("workflow task batch interrupted; tasks will be retried", error=str(e))
+                    log.warning(interrupted, error=str(e))
                     await asyncio.sleep(0.5)
 
     async def _process_wfts(self, shard: int, stream: str, entries: Iterable[Any]) -> None:
@@ -490,15 +502,7 @@ class Worker:
         """Its own loop, so that a query that replays a long history never holds up
         workflow tasks."""
         streams = {self.ks.queue(s, self.task_queue, "qry"): ">" for s in self.ks.all_shards()}
-        while not self._stopping.is_set():
-            resp = await self._read(streams, self.batch_size)
-            for stream, entries in resp or []:
-                try:
-                    await self._process_queries(self._shard_of_stream(stream), text(stream), entries)
-                except _TRANSIENT as e:
-                    reraise_if_cancelling()
-                    log.warning("query batch interrupted; its callers will time out", error=str(e))
-                    await asyncio.sleep(0.5)
+        await self._poll(streams, self._process_queries, "query batch interrupted; its callers will time out")
 
     async def _process_queries(self, shard: int, stream: str, entries: list[Any]) -> None:
         """Answer queries at most once: a query is acknowledged as it is read, and its

@@ -108,6 +108,16 @@ def _method(fn: Any, kind: str, name: str | None) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+def _answering(fn: Callable[..., Any], kind: str) -> Signature:
+    """The signature of a handler whose caller gets an answer: it must return something."""
+    sig = Signature(fn, what=kind, require_annotations=True)
+    if sig.return_type is None or sig.return_type is type(None):
+        raise WorkflowDefinitionError(
+            f"{kind.capitalize()} '{fn.__name__}' must have a return type annotation other than None."
+        )
+    return sig
+
+
 def _mark(
     fn: Callable[..., Any], kind: str, name: str | None, description: str | None, sig: Signature
 ) -> Callable[..., Any]:
@@ -227,12 +237,7 @@ class workflow:
                 raise WorkflowDefinitionError(
                     f"Query '{fn.__name__}' must be a synchronous function (def), not async def."
                 )
-            sig = Signature(fn, what="query", require_annotations=True)
-            if sig.return_type is None or sig.return_type is type(None):
-                raise WorkflowDefinitionError(
-                    f"Query '{fn.__name__}' must have a return type annotation other than None."
-                )
-            return _mark(fn, "query", name, description, sig)
+            return _mark(fn, "query", name, description, _answering(fn, "query"))
 
         return decorate
 
@@ -245,12 +250,7 @@ class workflow:
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             fn = _method(fn, "update", name)
-            sig = Signature(fn, what="update", require_annotations=True)
-            if sig.return_type is None or sig.return_type is type(None):
-                raise WorkflowDefinitionError(
-                    f"Update '{fn.__name__}' must have a return type annotation other than None."
-                )
-            return _mark(fn, "update", name, description, sig)
+            return _mark(fn, "update", name, description, _answering(fn, "update"))
 
         return decorate
 
