@@ -128,6 +128,10 @@ def test_dev_runs_the_demo(tmp_path: Path) -> None:
     assert "ship_order failed as designed" in p.stdout
     assert "report_workflow completed" in p.stdout
     assert "ActivityTaskRetrying" in p.stdout  # the flaky payment was retried
+    assert "query status: awaiting approval, 42.50" in p.stdout
+    assert "update adjust(40.0) answered: 40.0" in p.stdout
+    assert "refund-A-1001-40.00 approved by dana" in p.stdout
+    assert "WorkflowExecutionSignaled" in p.stdout and "WorkflowExecutionUpdateCompleted" in p.stdout
     assert (tmp_path / "data" / "appendonlydir").exists()  # AOF on
     assert not (tmp_path / "dev" / "url").exists()  # cleaned up on exit
 

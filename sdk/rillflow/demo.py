@@ -1,5 +1,6 @@
 """The workflows ``rillflow dev`` serves and runs: an order that fans out, retries a
-flaky payment and sleeps durably; a shipment whose activity fails for good."""
+flaky payment and sleeps durably; a shipment whose activity fails for good; a refund
+that waits for a person, answers queries and takes updates."""
 
 from __future__ import annotations
 
@@ -83,5 +84,49 @@ class ReportWorkflow:
         return report
 
 
-WORKFLOWS = [ProcessOrder, ShipOrder, ReportWorkflow]
-ACTIVITIES = [reserve_stock, charge_card, send_receipt, validate_address, build_report]
+class Approval(BaseModel):
+    approver: str
+
+
+@workflows.activity()
+async def pay_refund(order_id: str, amount: float) -> str:
+    return f"refund-{order_id}-{amount:.2f}"
+
+
+@workflows.workflow.define(name="refund_order")
+class RefundOrder:
+    """Waits for a person to approve (a signal), lets them adjust the amount first (an
+    update, which answers with the new amount) and tells anyone who asks where it is
+    (a query)."""
+
+    def __init__(self) -> None:
+        self.amount = 0.0
+        self.approver = ""
+        self.state = "starting"
+
+    @workflows.workflow.query(description="where the refund is")
+    def status(self) -> str:
+        return f"{self.state}, {self.amount:.2f}"
+
+    @workflows.workflow.update(description="change the amount before approval")
+    def adjust(self, amount: float) -> float:
+        if self.approver:
+            raise workflows.WorkflowError("already approved", non_retryable=True)
+        self.amount = amount
+        return self.amount
+
+    @workflows.workflow.signal(description="approve the refund")
+    def approve(self, data: Approval) -> None:
+        self.approver = data.approver
+
+    @workflows.workflow.entrypoint
+    async def run(self, order_id: str, amount: float) -> str:
+        self.amount, self.state = amount, "awaiting approval"
+        await workflows.workflow.wait_condition(lambda: bool(self.approver))
+        self.state = "paying"
+        paid = await pay_refund(order_id, self.amount)
+        return f"{paid} approved by {self.approver}"
+
+
+WORKFLOWS = [ProcessOrder, ShipOrder, ReportWorkflow, RefundOrder]
+ACTIVITIES = [reserve_stock, charge_card, send_receipt, validate_address, build_report, pay_refund]

@@ -49,6 +49,26 @@ async def _demo(client: Client, out: Console) -> None:
         table.add_row(str(ev.event_id), str(ev.time_ms - events[0].time_ms), f"{ev.type} {event_details(ev)}")
     out.print(table)
     out.print(f"ship_order history: {_summary(await h2.history())}")
+    await _refund_demo(client, out)
+
+
+async def _refund_demo(client: Client, out: Console) -> None:
+    from rillflow.demo import Approval, RefundOrder
+
+    out.rule("[bold]signals, queries, updates")
+    reg = await client.registry.workflow("refund_order")
+    if reg is not None:
+        handlers = {k: [h["name"] for h in v] for k, v in reg.handlers.items() if v}
+        out.print(f"registry: refund_order on {', '.join(reg.task_queues)}, handlers {handlers}")
+    h = await client.start_workflow(RefundOrder, {"order_id": "A-1001", "amount": 42.5})
+    while (status := await h.query(RefundOrder.status)).startswith("starting"):
+        await asyncio.sleep(0.02)
+    out.print(f"query status: {status}")
+    out.print(f"update adjust(40.0) answered: {await h.execute_update(RefundOrder.adjust, 40.0)}")
+    await h.signal(RefundOrder.approve, Approval(approver="dana"))
+    out.print("signal approve sent")
+    out.print(f"[green]refund_order completed[/green]: {await h.result(timeout=30)}")
+    out.print(f"refund_order history: {_summary(await h.history())}")
 
 
 async def run_dev(data_dir: Path, port: int | None, once: bool, out: Console) -> None:
@@ -83,6 +103,7 @@ async def run_dev(data_dir: Path, port: int | None, once: bool, out: Console) ->
                     "serving; in another terminal try:\n"
                     '  rillflow start report_workflow --input \'{"report_type": "weekly"}\' --wait\n'
                     "  rillflow history <execution id>\n"
+                    "  rillflow workflows; rillflow schema refund_order\n"
                     f"  redis-cli -p {server.port} --scan --pattern 'rf:*'\n"
                     "Ctrl-C stops the worker and the server (the data stays in the AOF)."
                 )
