@@ -429,7 +429,7 @@ class Worker:
                         self.cache.popitem(last=False)
                 else:
                     self.cache.pop(run, None)
-                    if text(r[0]) == "again":  # it replays with the signals it had not seen
+                    if text(r[0]) == "again":  # it replays with the messages it had not seen
                         log.info("workflow task runs again", run_id=run, reason=text(r[1]))
                     elif text(r[0]) != "ok":
                         self.stats.refused += 1

@@ -19,14 +19,6 @@ local function wf_key(wid) return P .. 'wf:' .. wid end
 local function sig_key(run) return P .. 'sig:' .. run end
 local function upd_key(run) return P .. 'upd:' .. run end
 local function upd_reply(run, id) return P .. 'ur:' .. run .. ':' .. id end
-
--- Record an update's outcome where its callers look: the run's update hash (for any
--- caller, while the run is retained) and a reply list the waiting caller blocks on.
-local function finish_update(run, id, body)
-  redis.call('HSET', upd_key(run), id, 'done', id .. ':o', body)
-  redis.call('LPUSH', upd_reply(run, id), body)
-  redis.call('PEXPIRE', upd_reply(run, id), 60000)
-end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
 
 -- Remove a task message for good: XACK + XDEL keep a task stream's length equal to
@@ -94,13 +86,21 @@ local function deliver(run, etype, body)
     redis.call('RPUSH', buf_key(run), etype, NOW, body)
     -- the task that closes the run looks for buffered messages only when this is set
     if etype == 'WorkflowExecutionSignaled' or etype == 'WorkflowExecutionUpdateAccepted' then
-      redis.call('HSET', run_key(run), 'sigbuf', 1)
+      redis.call('HSET', run_key(run), 'msgbuf', 1)
     end
   else
     append(run, r[3], etype, body)
     if r[2] ~= 'scheduled' and r[2] ~= 'backoff' then schedule_wft(run, r[4]) end
   end
   return true
+end
+
+-- Record an update's outcome where its callers look: the run's update hash (for any
+-- caller, while the run is retained) and a reply list the waiting caller blocks on.
+local function finish_update(run, id, body)
+  redis.call('HSET', upd_key(run), id, 'done', id .. ':o', body)
+  redis.call('LPUSH', upd_reply(run, id), body)
+  redis.call('PEXPIRE', upd_reply(run, id), 60000)
 end
 
 -- Set on the run hash when a signal or an update reaches it: only then does closing

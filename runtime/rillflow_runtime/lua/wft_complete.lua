@@ -16,7 +16,7 @@ while i <= #ARGV do
   i = cmds_at + ncmd * 3
   local rk = run_key(run)
   local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_seq', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
-    'sigbuf')
+    'msgbuf')
   if r[1] ~= 'running' then
     out[#out + 1] = { 'refused', 'run is ' .. tostring(r[1] or 'gone') }
   elseif r[2] ~= 'started' or tonumber(r[3]) ~= fence then
@@ -28,7 +28,7 @@ while i <= #ARGV do
       if ARGV[c] == 'D' or ARGV[c] == 'F' then closes = true end
     end
     redis.call('ZREM', TIMERS, 'W|' .. run .. '|' .. fence)
-    if r[8] then redis.call('HDEL', rk, 'sigbuf') end
+    if r[8] then redis.call('HDEL', rk, 'msgbuf') end
     if closes and r[8] and message_buffered(run) then
       drop_msg(r[7], r[5])
       flush_buffer(run, wid)
