@@ -442,7 +442,7 @@ class InboxWorkflow:
         self.log.append(f"tag {tag.key}={tag.weight}")
 
     @workflows.workflow.signal()
-    def meta(self, source: str, **extra: object) -> None:
+    def meta(self, source: str, **extra: str | int) -> None:
         self.log.append(f"meta {source} {sorted(extra.items())}")
 
     @workflows.workflow.signal()

@@ -133,6 +133,15 @@ async def test_bad_signals_are_refused_before_anything_is_sent(client: Client) -
         )
         with pytest.raises(workflows.InvalidInputError, match="text: Field required"):
             await h.signal("message", {"times": 2})
+        with pytest.raises(
+            workflows.InvalidInputError, match=r"meta'.*tags\.str: Input should be a valid string"
+        ):
+            await h.signal("meta", {"source": "crm", "tags": ["a"]})
+        with pytest.raises(
+            workflows.InvalidInputError,
+            match=r"tags: matches none of the accepted shapes \(string: tags: \['a'\] is not of type 'string'",
+        ):
+            await by_name.signal("meta", {"source": "crm", "tags": ["a"]})
         assert len(await h.history()) == before
         await h.signal("finish")
         await h.result(timeout=10)
@@ -207,7 +216,10 @@ async def test_signal_schemas_are_registered_and_the_cli_sends_signals(
     assert list(sigs) == ["buggy", "finish", "message", "meta", "reject", "tag"]
     assert sigs["message"]["description"] == "a message, handled while the workflow runs"
     assert sigs["tag"]["input_schema"]["title"] == "Tag"
-    assert sigs["meta"]["input_schema"]["additionalProperties"] is True
+    # keys beyond the parameters go to **extra, each checked against its annotation
+    assert sigs["meta"]["input_schema"]["additionalProperties"] == {
+        "anyOf": [{"type": "string"}, {"type": "integer"}]
+    }
     assert json.loads(rf("schema", "inbox_workflow", "--part", "signals", *url).stdout) == doc["signals"]
 
     p = rf("start", "inbox_workflow", "--id", "cli-inbox", *url)

@@ -141,6 +141,8 @@ class Signature:
             fields[p.name] = (self.hints.get(p.name, Any), default)
         try:
             config = ConfigDict(extra="allow" if self.var_kw else "forbid")
+            if self.var_kw:  # `**extra: T`: every key beyond the parameters must be a T
+                fields["__pydantic_extra__"] = (dict[str, self.hints.get(self.var_kw, Any)], None)  # type: ignore[misc]
             model = create_model(f"{self.fn_name}_Input", __config__=config, **fields)
         except Exception as e:
             raise WorkflowDefinitionError(
