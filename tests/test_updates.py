@@ -85,6 +85,10 @@ async def test_an_update_id_is_applied_once(client: Client) -> None:
         with pytest.raises(workflows.WorkflowNotFoundError, match="update 'deposit' was not accepted"):
             await h.execute_update("deposit", {"amount": 5}, update_id="dep-3")
     assert types(await h.history()).count("WorkflowExecutionUpdateAccepted") == 2
+    # the run's update and signal records expire with it, after the retention period
+    ks, shard = client.keyspace, client.keyspace.shard(h.id)
+    for key in (ks.updates(shard, h.run_id or ""), f"{ks.prefix(shard)}sig:{h.run_id}"):
+        assert 0 < await client.redis.pttl(key) <= client.settings.retention_ms
 
 
 async def test_bad_updates_are_refused_before_anything_is_written(client: Client) -> None:
