@@ -331,14 +331,15 @@ class Client:
         if execution_timeout is not None and execution_timeout.total_seconds() <= 0:
             raise InvalidInputError("execution_timeout must be positive")
         entry: RegisteredWorkflow | None = None
+        if defn is None or task_queue is None:  # a class with a queue needs no lookup
+            entry = await self._registration(name)
+        # the class itself proves the workflow exists: it may start before any worker
+        tq = await self._resolve_queue(name, task_queue, entry, allow_unregistered or defn is not None)
         if defn is not None:
             data = defn.sig.encode_input(params)
-            tq = await self._route(name, task_queue)
         else:
             if isinstance(params, BaseModel):
                 params = params.model_dump(mode="json")
-            entry = await self._registration(name)
-            tq = await self._resolve_queue(name, task_queue, entry, allow_unregistered)
             data = entry.check_input(params) if entry else params
         timeout = execution_timeout or (
             defn.execution_timeout
@@ -368,13 +369,6 @@ class Client:
         if status == "running" and rid != run_id:  # rid == run_id: our own start, retried
             raise WorkflowAlreadyStartedError(wid, rid)
         return WorkflowHandle(self, wid, rid, defn)
-
-    async def _route(self, name: str, task_queue: str | None) -> str:
-        """The task queue to start a workflow given by class on."""
-        if task_queue is not None:
-            return task_queue
-        entry = await self._registration(name)
-        return await self._resolve_queue(name, None, entry, allow_unregistered=True)
 
     async def _registration(self, name: str) -> RegisteredWorkflow | None:
         now = time.monotonic()
@@ -454,10 +448,7 @@ class WorkflowHandle:
             return self.run_id
         run = await self.client.redis.hget(self.client.keyspace.wf(self.shard, self.id), "run")
         if not run:
-            raise WorkflowNotFoundError(
-                f"no workflow execution {self.id!r} in namespace {self.client.namespace!r} "
-                "(never started, or past its retention period)"
-            )
+            raise self._not_found()
         return text(run)
 
     async def _run_fields(self, run: str, *names: str) -> list[Any]:
@@ -570,10 +561,7 @@ class WorkflowHandle:
             [ks.prefix(self.shard), self.id, self.run_id or "", body, request_id or uuid.uuid4().hex],
         )
         if text(res[0]) == "not_running":
-            raise WorkflowNotFoundError(
-                f"workflow execution {self.id!r} is not running (closed, or never started): "
-                f"signal '{name}' was not delivered"
-            )
+            raise self._not_running(f"signal '{name}' was not delivered")
 
     async def query(
         self,
@@ -594,10 +582,7 @@ class WorkflowHandle:
             "query", ks.timers(self.shard), [ks.prefix(self.shard), self.id, self.run_id or "", body, reply]
         )
         if text(res[0]) != "ok":
-            raise WorkflowNotFoundError(
-                f"no workflow execution {self.id!r} in namespace {self.client.namespace!r} "
-                "(never started, or past its retention period)"
-            )
+            raise self._not_found()
         tq, stream, msgid = text(res[2]), text(res[3]), text(res[4])
         got = await self.client.redis.blpop([reply], timeout=timeout.total_seconds())
         if got is None:
@@ -637,10 +622,7 @@ class WorkflowHandle:
         )
         status, run = text(res[0]), text(res[1])
         if status == "not_running":
-            raise WorkflowNotFoundError(
-                f"workflow execution {self.id!r} is not running (closed, or never started): "
-                f"update '{name}' was not accepted"
-            )
+            raise self._not_running(f"update '{name}' was not accepted")
         outcome = unpack(res[2]) if status == "done" else await self._await_update(run, uid, name, timeout)
         return self._handler_result("update", name, h, outcome)
 
@@ -698,6 +680,17 @@ class WorkflowHandle:
             payload = payload.model_dump(mode="json")
         entry = await self.client._registration(await self._workflow_type())
         return name, entry.check_handler_input(HANDLER_KINDS[kind], name, payload) if entry else payload, None
+
+    def _not_found(self) -> WorkflowNotFoundError:
+        return WorkflowNotFoundError(
+            f"no workflow execution {self.id!r} in namespace {self.client.namespace!r} "
+            "(never started, or past its retention period)"
+        )
+
+    def _not_running(self, consequence: str) -> WorkflowNotFoundError:
+        return WorkflowNotFoundError(
+            f"workflow execution {self.id!r} is not running (closed, or never started): {consequence}"
+        )
 
     async def _workflow_type(self) -> str:
         run = await self._resolve_run()

@@ -41,6 +41,7 @@ from rillflow.errors import (
     failure_from_exception,
 )
 from rillflow.history import COMMAND_EVENTS, INPUT_EVENTS, HistoryEvent
+from rillflow.payloads import check_size
 from rillflow_runtime.codec import pack
 
 log = structlog.get_logger("rillflow.workflow")
@@ -404,38 +405,37 @@ class WorkflowInstance:
         except BaseException as e:
             self.task_error = e
         else:
-            from rillflow.payloads import check_size
-
             check_size(encoded, self.max_payload_bytes, f"result of workflow '{self.defn.name}'")
             self._close("D", encoded, ("CompleteWorkflow",))
+
+    def _decode(self, kind: str, name: str, data: Any) -> tuple[HandlerDefinition, list[Any], dict[str, Any]]:
+        """The handler and its arguments; InvalidInputError if there is no such handler
+        or the input does not fit it (possible only for a sender that skipped the checks)."""
+        h = self.defn.handler(kind, name)
+        args, kwargs = h.sig.decode_call(data)
+        return h, args, kwargs
+
+    async def _call(self, h: HandlerDefinition, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        res = getattr(self.obj, h.method)(*args, **kwargs)
+        return await res if inspect.isawaitable(res) else res
 
     def _signal(self, name: str, data: Any) -> None:
         """Run a signal's handler in history order. One that cannot run is dropped with
         a warning, as a client that knows the workflow never sends it."""
-        h = self.defn.handlers.get("signal", {}).get(name)
-        why = None
-        if h is None:
-            why = f"workflow '{self.defn.name}' has no signal handler named '{name}'"
-        else:
-            try:
-                args, kwargs = h.sig.decode_call(data)
-            except InvalidInputError as e:
-                why = str(e)
-        if h is None or why is not None:
+        try:
+            h, args, kwargs = self._decode("signal", name, data)
+        except InvalidInputError as e:
             if not self.replaying:
-                log.warning("signal dropped", execution_id=self.info.workflow_id, signal=name, reason=why)
+                log.warning("signal dropped", execution_id=self.info.workflow_id, signal=name, reason=str(e))
             return
         self.handlers_running += 1
-        self.loop.create_task(self._handle(h.method, args, kwargs), name=f"signal:{name}")
+        self.loop.create_task(self._handle(h, args, kwargs), name=f"signal:{name}")
 
     def _update(self, update_id: str, name: str, data: Any) -> None:
         """Run an update's handler in history order; its outcome becomes a command, so
         that the caller's answer is recorded and a replay reaches the same one."""
-        h = self.defn.handlers.get("update", {}).get(name)
         try:
-            if h is None:
-                raise InvalidInputError(f"workflow '{self.defn.name}' has no update handler named '{name}'")
-            args, kwargs = h.sig.decode_call(data)
+            h, args, kwargs = self._decode("update", name, data)
         except InvalidInputError as e:
             failure = {"failure": failure_from_exception(e)}
             self.loop.call_soon(self._complete_update, update_id, name, failure)
@@ -449,10 +449,7 @@ class WorkflowInstance:
         """A WorkflowError (or a result the annotation refuses) fails the update, not
         the run; anything else is a bug and fails the workflow task."""
         try:
-            res = getattr(self.obj, h.method)(*args, **kwargs)
-            if inspect.isawaitable(res):
-                res = await res
-            outcome = {"result": h.sig.dump_result(res)}
+            outcome = {"result": h.sig.dump_result(await self._call(h, args, kwargs))}
         except (WorkflowError, InvalidResultError, TimeoutError) as e:
             outcome = {"failure": failure_from_exception(e)}
         except asyncio.CancelledError:
@@ -467,8 +464,6 @@ class WorkflowInstance:
     def _complete_update(self, update_id: str, name: str, outcome: dict[str, Any]) -> None:
         if self.closed:  # the run closed first: the script tells the caller so
             return
-        from rillflow.payloads import check_size
-
         body = pack({"update_id": update_id, "name": name, **outcome})
         try:
             check_size(body, self.max_payload_bytes, f"result of update '{name}'")
@@ -476,13 +471,11 @@ class WorkflowInstance:
             body = pack({"update_id": update_id, "name": name, "failure": failure_from_exception(e)})
         self.commands.append(Command("U", body, pack([update_id]), ("CompleteUpdate", update_id)))
 
-    async def _handle(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
-        """A handler's errors count as the entrypoint's would: a WorkflowError fails the
-        run, anything else (a bug) fails the workflow task."""
+    async def _handle(self, h: HandlerDefinition, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """A signal handler's errors count as the entrypoint's would: a WorkflowError
+        fails the run, anything else (a bug) fails the workflow task."""
         try:
-            res = getattr(self.obj, method)(*args, **kwargs)
-            if inspect.isawaitable(res):
-                await res
+            await self._call(h, args, kwargs)
         except (WorkflowError, TimeoutError) as e:
             if not self.closed:
                 self._close("F", pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
@@ -501,8 +494,6 @@ class WorkflowInstance:
     def schedule_activity(
         self, adef: ActivityDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> asyncio.Future[Any]:
-        from rillflow.payloads import check_size
-
         data = adef.sig.encode_call(args, kwargs)
         self.activity_seq += 1
         seq = self.activity_seq

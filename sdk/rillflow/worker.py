@@ -482,6 +482,10 @@ class Worker:
         self.stats.cache_misses += 1
         if since:  # the cache was stale: another worker ran a task of this run meanwhile
             events = await self._history_after(shard, wid, run, 0)
+        inst = self._new_instance(wid, run, wtype, start_ms, attempt)
+        return inst, run_task(inst, events, now, fresh=True)
+
+    def _new_instance(self, wid: str, run: str, wtype: str, start_ms: int, attempt: int) -> WorkflowInstance:
         defn = self.workflows.get(wtype)
         if defn is None:
             raise WorkflowError(
@@ -495,7 +499,7 @@ class Worker:
         )
         inst = WorkflowInstance(defn, info)
         inst.max_payload_bytes = self.client.max_payload_bytes
-        return inst, run_task(inst, events, now, fresh=True)
+        return inst
 
     # -- queries --------------------------------------------------------------------------
     async def _query_poller(self) -> None:
@@ -530,29 +534,20 @@ class Worker:
     async def _answer_query(self, shard: int, fields: dict[str, Any]) -> Any:
         run, wid, wtype = text(fields["run"]), text(fields["wid"]), text(fields["wtype"])
         body = unpack(fields["d"])
-        name = str(body.get("name"))
-        defn = self.workflows.get(wtype)
-        if defn is None:
-            raise WorkflowError(
-                f"workflow type '{wtype}' is not served by worker {self.identity} "
-                f"(task queue '{self.task_queue}')",
-                type="WorkflowNotRegistered",
-            )
-        h = defn.handler("query", name)
+        name, data = str(body.get("name")), body.get("input")
         cached = self.cache.get(run)
         if cached is not None:
             try:
-                return cached.instance.answer_query(h, body.get("input"))
+                return cached.instance.answer_query(cached.instance.defn.handler("query", name), data)
             except QueryChangedStateError:
                 self.cache.pop(run, None)
                 raise
         # not in cache: rebuild the state the history records, without keeping it
         events = await self._history_after(shard, wid, run, 0)
-        start = next((e for e in events if e.type == "WorkflowExecutionStarted"), None)
-        started = datetime.fromtimestamp((start.time_ms if start else 0) / 1000, tz=UTC)
-        inst = WorkflowInstance(defn, WorkflowInfo(wid, run, wtype, self.task_queue, started, 1))
+        start_ms = events[0].time_ms if events else 0  # WorkflowExecutionStarted
+        inst = self._new_instance(wid, run, wtype, start_ms, 1)
         replay(inst, events)
-        return inst.answer_query(h, body.get("input"))
+        return inst.answer_query(inst.defn.handler("query", name), data)
 
     # -- activities ---------------------------------------------------------------------
     async def _act_poller(self) -> None:

@@ -21,6 +21,13 @@ local function upd_key(run) return P .. 'upd:' .. run end
 local function upd_reply(run, id) return P .. 'ur:' .. run .. ':' .. id end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
 
+-- The run a client names: the given run id, or ('' given) the execution's current run
+-- ('' if there is none).
+local function current_run(wid, run)
+  if run ~= '' then return run end
+  return redis.call('HGET', wf_key(wid), 'run') or ''
+end
+
 -- Remove a task message for good: XACK + XDEL keep a task stream's length equal to
 -- its backlog plus tasks in flight.
 local function drop_msg(stream, id)

@@ -3,7 +3,7 @@
 -- A query of a closed run is answered too, from its history, while it is retained.
 -- Returns {'ok', run_id, task_queue, stream, message id} or {'not_found', ''}.
 local wid, run, body, reply = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-if run == '' then run = redis.call('HGET', wf_key(wid), 'run') or '' end
+run = current_run(wid, run)
 local r = run ~= '' and redis.call('HMGET', run_key(run), 'tq', 'wtype') or { false, false }
 if not r[1] then return { 'not_found', '' } end
 local q = queue_key(r[1], 'qry')

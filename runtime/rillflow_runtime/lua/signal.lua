@@ -3,7 +3,7 @@
 -- by this run is not delivered twice, so a client may retry a signal it is unsure of.
 -- Returns {'ok', run_id}, {'duplicate', run_id} or {'not_running', run_id or ''}.
 local wid, run, body, rid = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-if run == '' then run = redis.call('HGET', wf_key(wid), 'run') or '' end
+run = current_run(wid, run)
 if run == '' or redis.call('HGET', run_key(run), 'status') ~= 'running' then
   return { 'not_running', run }
 end

@@ -3,7 +3,7 @@
 -- run already knows is not accepted twice: its caller waits for (or reads) the outcome.
 -- Returns {'accepted', run_id}, {'done', run_id, outcome body} or {'not_running', run_id}.
 local wid, run, id, body = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-if run == '' then run = redis.call('HGET', wf_key(wid), 'run') or '' end
+run = current_run(wid, run)
 if run == '' then return { 'not_running', '' } end
 local st = redis.call('HMGET', upd_key(run), id, id .. ':o')
 if st[1] == 'done' then return { 'done', run, st[2] } end
