@@ -8,10 +8,9 @@ different nodes, so that every script runs on every node.
 One call must touch one slot. The keys a call declares (``KEYS``) are checked by the
 client, which refuses to send a call whose keys span two slots; a key a script builds
 itself (from the shard prefix in ``ARGV[1]``) that belongs to another node fails the
-script when it reaches that key (the server checks every command a script runs). Neither check covers a key of another slot that
-the same node owns: the scripts carry no ``#!lua`` shebang, so the server runs them in
-EVAL compatibility mode, which allows undeclared cross-slot keys (the strict xfail below
-shows it). So after every call the test SCANs every node: each ``rf:`` key must sit on
+script when it reaches that key (the server checks every command a script runs). A key of another slot that the same node
+owns is refused too, because every script starts with a ``#!lua`` shebang (without one
+the server runs it in EVAL compatibility mode, which allows undeclared cross-slot keys). So after every call the test SCANs every node: each ``rf:`` key must sit on
 the node that owns its slot, and each node must hold keys of only the shards the test
 drives on it (one per node, every other shard left empty), which a write to another
 shard's key, on any node, would break.
@@ -529,12 +528,6 @@ async def test_a_call_whose_keys_span_two_nodes_is_refused(conn: Conn) -> None:
     assert (await assert_placement(conn))[0] == {a}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # the reported hole, not any other error
-    reason="the scripts carry no `#!lua` shebang: Redis and Valkey run them in EVAL compatibility "
-    "mode, which lets a script touch undeclared keys of any slot its node owns",
-)
 async def test_a_script_is_refused_a_key_of_another_slot_on_its_own_node(conn: Conn) -> None:
     ks, call = conn.ks, conn.raw_call
     a = one_shard_per_node(ks)[0]

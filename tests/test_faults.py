@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from rillflow import Client, Worker
 from rillflow_runtime.codec import pack
+from rillflow_runtime.protocol import ActivityOutcome
 from rillflow_runtime.embedded import EmbeddedRedis
 from tests import flows
 from tests.conftest import FAST, wait_until
@@ -118,7 +119,8 @@ async def test_durable_timer_fires_across_a_worker_restart(
     events = await assert_completed_once(client, h.id)
     started = next(e for e in events if e.type == "TimerStarted")
     fired = next(e for e in events if e.type == "TimerFired")
-    assert 1000 <= fired.time_ms - started.time_ms < 2500
+    # never early; late by however long no worker ran (no tight bound: CI machines are busy)
+    assert 1000 <= fired.time_ms - started.time_ms < 30_000
 
 
 async def test_sigterm_lets_the_running_activity_finish(
@@ -215,7 +217,8 @@ async def test_late_completion_of_a_timed_out_attempt_is_refused(client: Client,
         await wait_until(lambda: Path(f"{marker}.2").exists(), 10)
         # attempt 1 timed out and attempt 2 runs: attempt 1's result arrives now
         shard = client.keyspace.shard(h.id)
-        w._complete(shard, ["ok", h.run_id, 1, 1, pack({"seq": 1, "att": 1, "result": "late"}), "0", b""])
+        assert w.acts is not None and h.run_id is not None
+        w.acts.report(shard, ActivityOutcome(h.run_id, 1, 1, pack({"seq": 1, "att": 1, "result": "late"})))
         await wait_until(lambda: w.stats.refused == 1, 5)
         assert await h.result(timeout=10) == "attempt 2"
     events = await assert_completed_once(client, h.id)

@@ -77,12 +77,17 @@ class Keyspace:
         """A run's updates: ``<id>`` -> accepted/done, ``<id>:o`` -> the outcome."""
         return f"{self.prefix(shard)}upd:{run_id}"
 
-    def update_reply(self, shard: int, run_id: str, update_id: str) -> str:
-        return f"{self.prefix(shard)}ur:{run_id}:{update_id}"
+    def signals(self, shard: int, run_id: str) -> str:
+        """The request ids of a run's recent signals (zset, score: when received)."""
+        return f"{self.prefix(shard)}sig:{run_id}"
 
-    def query_reply(self, shard: int, request_id: str) -> str:
-        """A list a query's caller blocks on; the worker pushes the answer there."""
-        return f"{self.prefix(shard)}qr:{request_id}"
+    def inbox(self, client_id: str) -> str:
+        """A client's inbox: workers add the answers to its queries here."""
+        return self.ns_key(f"inbox:{client_id}")
+
+    def sticky(self, shard: int, task_queue: str, worker: str) -> str:
+        """A worker's own workflow-task stream: the tasks of the runs it caches."""
+        return self.queue(shard, task_queue, f"wft@{worker}")
 
     def queue(self, shard: int, task_queue: str, kind: str) -> str:
         """``kind`` is ``wft`` (workflow tasks) or ``act`` (activity tasks)."""

@@ -1,5 +1,6 @@
 """The Lua scripts, loaded once per client and called by SHA (redis-py ``Script``
-re-loads on NOSCRIPT). Each script is ``lib.lua`` followed by its own file."""
+re-loads on NOSCRIPT). Each script is the constant tables generated from ``model``,
+then ``lib.lua``, then its own file. Only ``protocol`` calls them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from rillflow_runtime.model import ENUMS
 
 NAMES = (
     "start",
@@ -26,13 +29,28 @@ NAMES = (
 )
 
 
-def _source(name: str) -> str:
+def lua_source(name: str) -> str:
     return resources.files("rillflow_runtime").joinpath("lua", f"{name}.lua").read_text()
 
 
+def lua_constants() -> str:
+    """One Lua table per enum (``EV.WORKFLOW_EXECUTION_STARTED`` ...). Reading a member
+    that does not exist is an error, not a silent nil."""
+    lines = [
+        "local STRICT = { __index = function(_, k) error('unknown protocol constant ' .. tostring(k)) end }"
+    ]
+    for table, enum in ENUMS.items():
+        items = ", ".join(f"{m.name} = '{m.value}'" for m in enum)
+        lines.append(f"local {table} = setmetatable({{ {items} }}, STRICT)")
+    return "\n".join(lines) + "\n"
+
+
 def script_sources() -> dict[str, str]:
-    lib = _source("lib")
-    return {name: lib + "\n" + _source(name) for name in NAMES}
+    """The ``#!lua`` first line makes Redis (>= 7.0) hold a script to one slot: a key of
+    another slot is refused even when the same node owns it, and a write script is
+    refused before it starts, not half way, when the server is out of memory."""
+    head = lua_constants() + lua_source("lib")
+    return {name: "#!lua\n" + head + "\n" + lua_source(name) for name in NAMES}
 
 
 class Scripts:
@@ -43,8 +61,5 @@ class Scripts:
             name: redis.register_script(src) for name, src in script_sources().items()
         }
 
-    def get(self, name: str) -> AsyncScript:
-        return self._scripts[name]
-
-    async def call(self, name: str, timers_key: str, args: list[Any], client: Any = None) -> Any:
-        return await self._scripts[name](keys=[timers_key], args=args, client=client)
+    async def call(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        return await self._scripts[name](keys=keys, args=args, client=client)

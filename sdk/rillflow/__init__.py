@@ -5,7 +5,7 @@
 """
 
 from rillflow.activity import ActivityInfo, activity, activity_heartbeat
-from rillflow.client import Client, WorkflowDescription, WorkflowHandle
+from rillflow.client import Client
 from rillflow.errors import (
     ActivityError,
     InvalidInputError,
@@ -26,6 +26,7 @@ from rillflow.errors import (
     WorkflowUpdateTimeoutError,
 )
 from rillflow.executor import WorkflowInfo
+from rillflow.handle import WorkflowDescription, WorkflowHandle
 from rillflow.history import HistoryEvent
 from rillflow.registry import RegisteredWorkflow, WorkerInfo
 from rillflow.worker import Worker

@@ -43,6 +43,7 @@ from rillflow.errors import (
 from rillflow.history import COMMAND_EVENTS, INPUT_EVENTS, HistoryEvent
 from rillflow.payloads import check_size
 from rillflow_runtime.codec import pack
+from rillflow_runtime.model import CommandKind
 
 log = structlog.get_logger("rillflow.workflow")
 
@@ -63,9 +64,9 @@ class WorkflowInfo:
 
 @dataclass
 class Command:
-    kind: str  # one letter, as wft_complete.lua reads it
+    kind: CommandKind
     body: bytes
-    aux: bytes
+    aux: list[Any]  # what the script reads (see wft_complete.lua)
     ident: tuple[Any, ...]  # what replay compares against the recorded event
 
 
@@ -399,14 +400,14 @@ class WorkflowInstance:
                 data = sig.dump_unchecked(result)
             encoded = pack({"result": data})
         except (WorkflowError, TimeoutError) as e:
-            self._close("F", pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
+            self._close(CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
         except asyncio.CancelledError:
             raise
         except BaseException as e:
             self.task_error = e
         else:
             check_size(encoded, self.max_payload_bytes, f"result of workflow '{self.defn.name}'")
-            self._close("D", encoded, ("CompleteWorkflow",))
+            self._close(CommandKind.COMPLETE_WORKFLOW, encoded, ("CompleteWorkflow",))
 
     def _decode(self, kind: str, name: str, data: Any) -> tuple[HandlerDefinition, list[Any], dict[str, Any]]:
         """The handler and its arguments; InvalidInputError if there is no such handler
@@ -469,7 +470,7 @@ class WorkflowInstance:
             check_size(body, self.max_payload_bytes, f"result of update '{name}'")
         except PayloadTooLargeError as e:
             body = pack({"update_id": update_id, "name": name, "failure": failure_from_exception(e)})
-        self.commands.append(Command("U", body, pack([update_id]), ("CompleteUpdate", update_id)))
+        self.commands.append(Command(CommandKind.COMPLETE_UPDATE, body, [update_id], ("CompleteUpdate", update_id)))
 
     async def _handle(self, h: HandlerDefinition, args: list[Any], kwargs: dict[str, Any]) -> None:
         """A signal handler's errors count as the entrypoint's would: a WorkflowError
@@ -478,7 +479,7 @@ class WorkflowInstance:
             await self._call(h, args, kwargs)
         except (WorkflowError, TimeoutError) as e:
             if not self.closed:
-                self._close("F", pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
+                self._close(CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
         except asyncio.CancelledError:
             raise
         except BaseException as e:
@@ -486,9 +487,9 @@ class WorkflowInstance:
         finally:
             self.handlers_running -= 1
 
-    def _close(self, kind: str, body: bytes, ident: tuple[Any, ...]) -> None:
+    def _close(self, kind: CommandKind, body: bytes, ident: tuple[Any, ...]) -> None:
         self.closed = True
-        self.commands.append(Command(kind, body, pack([]), ident))
+        self.commands.append(Command(kind, body, [], ident))
 
     # -- commands -------------------------------------------------------------------------
     def schedule_activity(
@@ -501,14 +502,14 @@ class WorkflowInstance:
         tq = o.task_queue or self.info.task_queue
         body = pack({"seq": seq, "name": adef.name, "input": data, "task_queue": tq, **o.wire()})
         check_size(body, self.max_payload_bytes, f"input of activity '{adef.name}'")
-        aux = pack([seq, tq, *o.aux()])
+        aux = [seq, tq, *o.aux()]
         fut: asyncio.Future[Any] = self.loop.create_future()
         self.activities[seq] = (fut, adef)
-        self.commands.append(Command("A", body, aux, ("ScheduleActivity", seq, adef.name)))
+        self.commands.append(Command(CommandKind.SCHEDULE_ACTIVITY, body, aux, ("ScheduleActivity", seq, adef.name)))
 
         def on_done(f: asyncio.Future[Any]) -> None:
             if f.cancelled() and self.activities.pop(seq, None) is not None:
-                self.commands.append(Command("X", pack({"seq": seq}), pack([seq]), ("CancelActivity", seq)))
+                self.commands.append(Command(CommandKind.CANCEL_ACTIVITY, pack({"seq": seq}), [seq], ("CancelActivity", seq)))
 
         fut.add_done_callback(on_done)
         return fut
@@ -528,14 +529,14 @@ class WorkflowInstance:
         h.seq = seq
         self.timers[seq] = h
         self.commands.append(
-            Command("T", pack({"seq": seq, "duration_ms": ms}), pack([seq, ms]), ("StartTimer", seq))
+            Command(CommandKind.START_TIMER, pack({"seq": seq, "duration_ms": ms}), [seq, ms], ("StartTimer", seq))
         )
         return h
 
     def cancel_timer(self, h: asyncio.TimerHandle) -> None:
         seq = h.seq if isinstance(h, DurableTimer) else 0
         if seq and self.timers.pop(seq, None) is not None:
-            self.commands.append(Command("C", pack({"seq": seq}), pack([seq]), ("CancelTimer", seq)))
+            self.commands.append(Command(CommandKind.CANCEL_TIMER, pack({"seq": seq}), [seq], ("CancelTimer", seq)))
 
     def wait_condition(self, fn: Callable[[], bool]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self.loop.create_future()

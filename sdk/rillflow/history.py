@@ -7,32 +7,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rillflow_runtime.codec import text, unpack
+from rillflow_runtime.model import COMMAND_EVENTS, INPUT_EVENTS
 
-# Events written right after a WorkflowTaskCompleted, one per command of that task.
-COMMAND_EVENTS = frozenset(
-    {
-        "ActivityTaskScheduled",
-        "ActivityTaskCancelRequested",
-        "TimerStarted",
-        "TimerCanceled",
-        "WorkflowExecutionCompleted",
-        "WorkflowExecutionFailed",
-        "WorkflowExecutionUpdateCompleted",
-    }
-)
-# Events that wake the workflow: the inputs of its next workflow task.
-INPUT_EVENTS = frozenset(
-    {
-        "WorkflowExecutionStarted",
-        "WorkflowExecutionSignaled",
-        "WorkflowExecutionUpdateAccepted",
-        "ActivityTaskCompleted",
-        "ActivityTaskFailed",
-        "ActivityTaskTimedOut",
-        "TimerFired",
-    }
-)
-
+__all__ = ["COMMAND_EVENTS", "INPUT_EVENTS", "HistoryEvent"]
 
 @dataclass(frozen=True)
 class HistoryEvent:

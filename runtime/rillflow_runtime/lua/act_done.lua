@@ -1,30 +1,35 @@
--- Record a batch of activity outcomes (worker). ARGV: prefix, then per outcome:
--- 'ok' | 'fail', run_id, seq, attempt, body, non_retryable ('1'/'0'), heartbeat details.
--- A completion for an attempt that is no longer current (timed out, retried, the run
--- closed) is refused. Per outcome returns 'ok', 'retry' or 'refused'.
+-- Record a batch of activity outcomes (worker). KEYS: timers, closed. ARGV: prefix, then
+-- per outcome: R.OK (completed) or 'fail', run_id, seq, attempt, body, non_retryable
+-- ('1'/'0'), heartbeat details. A completion for an attempt that is no longer current
+-- (timed out, retried, the run closed) is refused. The answer is remembered on the
+-- activity (<seq>:d), so a repeat of the call (client retry) gets the same answer.
+-- Per outcome returns R.OK, R.RETRY (failed, will be retried) or R.REFUSED.
 local out = {}
 for i = 2, #ARGV, 7 do
   local kind, run, seq, att = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local body, nonretry, hb = ARGV[i + 4], ARGV[i + 5] == '1', ARGV[i + 6]
+  local ak = act_key(run)
   local r = redis.call('HMGET', run_key(run), 'status', 'wid')
-  local s = (r[1] == 'running') and act_get(run, seq) or nil
-  if not s or s.att ~= att or s.st ~= 'started' then
-    out[#out + 1] = 'refused'
+  local prev = redis.call('HGET', ak, seq .. ':d')
+  local s = (r[1] == RS.RUNNING) and act_get(run, seq) or nil
+  if prev == att .. '|' .. R.OK or prev == att .. '|' .. R.RETRY then
+    out[#out + 1] = split(prev, '|')[2]
+  elseif not s or s.att ~= att or s.st ~= AS.STARTED then
+    out[#out + 1] = R.REFUSED
   else
     drop_msg(queue_key(s.tq, 'act'), s.msg)
-    if kind == 'ok' then
+    local answer = R.OK
+    if kind == R.OK then
       act_forget(run, seq, s)
-      deliver(run, 'ActivityTaskCompleted', body)
-      out[#out + 1] = 'ok'
+      deliver(run, EV.ACTIVITY_TASK_COMPLETED, body)
     else
-      redis.call('ZREM', TIMERS, 'A|' .. run .. '|' .. seq .. '|' .. att)
-      if hb ~= '' then redis.call('HSET', act_key(run), seq .. ':hb', hb) end
-      if act_retry_or_fail(run, r[2], seq, s, body, nonretry, 'ActivityTaskFailed') then
-        out[#out + 1] = 'retry'
-      else
-        out[#out + 1] = 'ok'
+      if hb ~= '' then redis.call('HSET', ak, seq .. ':hb', hb) end
+      if act_retry_or_fail(run, r[2], seq, s, body, nonretry, EV.ACTIVITY_TASK_FAILED) then
+        answer = R.RETRY
       end
     end
+    redis.call('HSET', ak, seq .. ':d', att .. '|' .. answer)
+    out[#out + 1] = answer
   end
 end
 return out

@@ -1,8 +1,12 @@
 -- Move an undeliverable task message to its queue's dead-letter stream (worker).
--- ARGV: prefix, task stream key, message id, reason. Returns 1 if moved.
-local stream, id, reason = ARGV[2], ARGV[3], ARGV[4]
+-- KEYS: timers, closed, the task stream. ARGV: prefix, message id, reason.
+-- Returns 1 if moved, 0 if the message was gone already.
+local stream, id, reason = KEYS[3], ARGV[2], ARGV[3]
 local entry = redis.call('XRANGE', stream, id, id)
-if #entry == 0 then return 0 end
+if #entry == 0 then
+  redis.call('XACK', stream, GROUP, id)
+  return 0
+end
 local fields = entry[1][2]
 fields[#fields + 1] = 'dlq_reason'
 fields[#fields + 1] = reason

@@ -1,14 +1,21 @@
--- Shared prelude, prepended to every script: key names, clock, history append,
--- event delivery and run closing. Every key a script touches lives in one shard:
--- KEYS[1] is that shard's timers zset and ARGV[1] its key prefix "rf:{ns:S}:".
+-- Shared prelude, prepended to every script after the generated constant tables (EV,
+-- RS, WT, AS, CMD, TK, R: see model.py). KEYS[1] is the shard's timers zset, KEYS[2] its
+-- closed-runs stream, ARGV[1] its key prefix "rf:{ns:S}:". Every other key a script
+-- touches carries the same hash tag, so a call stays in one Redis Cluster slot.
+-- Rule for every script: check everything before the first write (Lua does not roll
+-- back), and answer a repeated call (a client retry) as the first one was answered.
 local P = ARGV[1]
 local GROUP = 'rf'
 local TIMERS = KEYS[1]
+local CLOSED = KEYS[2]
 
-local NOW
+-- NOW: Redis's clock in ms, the only clock that decides anything. NOW_US: the same in
+-- microseconds as a string, unique to this call (fences are made of it).
+local NOW, NOW_US
 do
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  NOW_US = t[1] .. string.format('%06d', tonumber(t[2]))
 end
 
 local function run_key(run) return P .. 'run:' .. run end
@@ -18,8 +25,38 @@ local function buf_key(run) return P .. 'buf:' .. run end
 local function wf_key(wid) return P .. 'wf:' .. wid end
 local function sig_key(run) return P .. 'sig:' .. run end
 local function upd_key(run) return P .. 'upd:' .. run end
-local function upd_reply(run, id) return P .. 'ur:' .. run .. ':' .. id end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
+
+-- A member of the timers zset: "<kind>|<run>|..." (kinds in TK).
+local function tmember(kind, run, a, b)
+  local m = kind .. '|' .. run
+  if a ~= nil then m = m .. '|' .. a end
+  if b ~= nil then m = m .. '|' .. b end
+  return m
+end
+
+-- ZREM in chunks: unpack() of a very long list would overflow Lua's C stack.
+local function zrem_all(members)
+  for i = 1, #members, 500 do
+    redis.call('ZREM', TIMERS, unpack(members, i, math.min(i + 499, #members)))
+  end
+end
+
+local function split(s, sep)
+  local parts = {}
+  for p in string.gmatch(s, '[^' .. sep .. ']+') do parts[#parts + 1] = p end
+  return parts
+end
+
+-- A workflow task's completion is remembered on the run hash as
+-- wft_done = "<fence>|<reply>|<last event id>", so that a repeat of the same completion
+-- (a client retry after a dropped connection) gets the same answer and no second
+-- effect. Returns {reply, last} when `stored` is that fence's record, else nil.
+local function done_record(stored, fence)
+  if not stored or string.sub(stored, 1, #fence + 1) ~= fence .. '|' then return nil end
+  local parts = split(string.sub(stored, #fence + 2), '|')
+  return { parts[1], tonumber(parts[2]) or 0 }
+end
 
 -- The run a client names: the given run id, or ('' given) the execution's current run
 -- ('' if there is none).
@@ -31,7 +68,7 @@ end
 -- Remove a task message for good: XACK + XDEL keep a task stream's length equal to
 -- its backlog plus tasks in flight.
 local function drop_msg(stream, id)
-  if id and id ~= '' then
+  if stream and stream ~= '' and id and id ~= '' then
     redis.call('XACK', stream, GROUP, id)
     redis.call('XDEL', stream, id)
   end
@@ -45,17 +82,17 @@ local function append(run, wid, etype, body, t)
 end
 
 -- Queue a workflow task: on the sticky stream of the worker that holds the run in its
--- cache, if there is one (moved to the shared stream by the K timer unless that worker
--- starts it in time), else on the task queue's shared stream.
+-- cache, if there is one (moved to the shared stream by a sticky timer unless that
+-- worker starts it in time), else on the task queue's shared stream.
 local function schedule_wft(run, tq)
   local rk = run_key(run)
   local st = redis.call('HMGET', rk, 'sticky', 'sticky_ms')
   local q = queue_key(tq, 'wft')
   if st[1] and st[1] ~= '' then q = queue_key(tq, 'wft@' .. st[1]) end
   local id = redis.call('XADD', q, '*', 'run', run)
-  redis.call('HSET', rk, 'wft', 'scheduled', 'wft_msg', id, 'wft_q', q)
+  redis.call('HSET', rk, 'wft', WT.SCHEDULED, 'wft_msg', id, 'wft_q', q)
   if st[1] and st[1] ~= '' then
-    redis.call('ZADD', TIMERS, NOW + tonumber(st[2]), 'K|' .. run .. '|' .. id)
+    redis.call('ZADD', TIMERS, NOW + tonumber(st[2]), tmember(TK.STICKY_FALLBACK, run, id))
   end
   return id
 end
@@ -77,7 +114,7 @@ end
 local function message_buffered(run)
   local items = redis.call('LRANGE', buf_key(run), 0, -1)
   for i = 1, #items, 3 do
-    if items[i] == 'WorkflowExecutionSignaled' or items[i] == 'WorkflowExecutionUpdateAccepted' then
+    if items[i] == EV.WORKFLOW_EXECUTION_SIGNALED or items[i] == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED then
       return true
     end
   end
@@ -88,26 +125,26 @@ end
 -- appended, with a workflow task scheduled unless one already is (or is backing off).
 local function deliver(run, etype, body)
   local r = redis.call('HMGET', run_key(run), 'status', 'wft', 'wid', 'tq')
-  if r[1] ~= 'running' then return false end
-  if r[2] == 'started' then
+  if r[1] ~= RS.RUNNING then return false end
+  if r[2] == WT.STARTED then
     redis.call('RPUSH', buf_key(run), etype, NOW, body)
     -- the task that closes the run looks for buffered messages only when this is set
-    if etype == 'WorkflowExecutionSignaled' or etype == 'WorkflowExecutionUpdateAccepted' then
+    if etype == EV.WORKFLOW_EXECUTION_SIGNALED or etype == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED then
       redis.call('HSET', run_key(run), 'msgbuf', 1)
     end
   else
     append(run, r[3], etype, body)
-    if r[2] ~= 'scheduled' and r[2] ~= 'backoff' then schedule_wft(run, r[4]) end
+    if r[2] ~= WT.SCHEDULED and r[2] ~= WT.BACKOFF then schedule_wft(run, r[4]) end
   end
   return true
 end
 
 -- Record an update's outcome where its callers look: the run's update hash (for any
--- caller, while the run is retained) and a reply list the waiting caller blocks on.
+-- caller, while the run is retained), and an entry in the shard's closed stream that
+-- wakes the callers' watchers.
 local function finish_update(run, id, body)
-  redis.call('HSET', upd_key(run), id, 'done', id .. ':o', body)
-  redis.call('LPUSH', upd_reply(run, id), body)
-  redis.call('PEXPIRE', upd_reply(run, id), 60000)
+  redis.call('HSET', upd_key(run), id, R.DONE, id .. ':o', body)
+  redis.call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'update', run .. ':' .. id)
 end
 
 -- Set on the run hash when a signal or an update reaches it: only then does closing
@@ -129,37 +166,12 @@ local function expire_run(run, wid, retention_ms, msgs)
   if redis.call('HGET', wk, 'run') == run then redis.call('PEXPIRE', wk, retention_ms) end
 end
 
--- Close a run: the closing event, the outcome for result-waiters, the closed-runs
--- stream they block on, and the retention clock.
-local function close_run(run, status, etype, body, retention_ms)
-  local rk = run_key(run)
-  local r = redis.call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs')
-  local wid = r[1]
-  append(run, wid, etype, body)
-  if r[3] == 'scheduled' then drop_msg(r[2], r[4]) end
-  redis.call('HSET', rk, 'status', status, 'closed_ms', NOW, 'wft', '', 'outcome', body,
-    'outcome_type', etype)
-  if redis.call('HGET', wf_key(wid), 'run') == run then
-    redis.call('HSET', wf_key(wid), 'status', status)
-  end
-  redis.call('ZREM', TIMERS, 'X|' .. run)
-  redis.call('DEL', buf_key(run))
-  -- updates still running will never finish: their callers are told now
-  local upd = r[5] and redis.call('HGETALL', upd_key(run)) or {}
-  for i = 1, #upd, 2 do
-    if upd[i + 1] == 'accepted' then
-      finish_update(run, upd[i], cmsgpack.pack({ update_id = upd[i], failure = {
-        type = 'WorkflowClosed', non_retryable = true, stack = '',
-        message = 'the run closed (' .. status .. ') before the update completed' } }))
-    end
-  end
-  redis.call('XADD', P .. 'closed', 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
-  expire_run(run, wid, retention_ms, r[5])
-end
-
 -- Per-activity state lives in the run's act hash: field <seq> is a msgpack map of
 -- numbers and short strings (never user payloads), <seq>:b the scheduled event body
--- (opaque to Lua), <seq>:hb the last heartbeat details, <seq>:f the last failure.
+-- (opaque to Lua), <seq>:hb the last heartbeat details, <seq>:f the last failure,
+-- <seq>:d the answer given to the completion that ended it (so a repeat gets it too).
+-- A pending workflow timer is field timer:<seq> (its due time), so closing a run can
+-- remove every timer it still has.
 local function act_get(run, seq)
   local raw = redis.call('HGET', act_key(run), seq)
   if not raw then return nil end
@@ -170,10 +182,59 @@ local function act_put(run, seq, s)
   redis.call('HSET', act_key(run), seq, cmsgpack.pack(s))
 end
 
+local function act_members(run, seq, s)
+  return tmember(TK.ACTIVITY_DEADLINE, run, seq, s.att), tmember(TK.ACTIVITY_RETRY, run, seq, s.att),
+    tmember(TK.SCHEDULE_TO_CLOSE, run, seq)
+end
+
 local function act_forget(run, seq, s)
   redis.call('HDEL', act_key(run), seq, seq .. ':b', seq .. ':hb', seq .. ':f')
-  redis.call('ZREM', TIMERS, 'A|' .. run .. '|' .. seq .. '|' .. s.att,
-    'R|' .. run .. '|' .. seq .. '|' .. s.att, 'S|' .. run .. '|' .. seq)
+  redis.call('ZREM', TIMERS, act_members(run, seq, s))
+end
+
+-- Close a run: the closing event, the outcome for result-waiters, the closed-runs
+-- stream they block on, the retention clock, and every timer it still had.
+local function close_run(run, status, etype, body, retention_ms)
+  local rk = run_key(run)
+  local r = redis.call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence')
+  local wid = r[1]
+  append(run, wid, etype, body)
+  if r[3] == WT.SCHEDULED or r[3] == WT.STARTED then drop_msg(r[2], r[4]) end
+  redis.call('HSET', rk, 'status', status, 'closed_ms', NOW, 'wft', WT.NONE, 'outcome', body,
+    'outcome_type', etype)
+  if redis.call('HGET', wf_key(wid), 'run') == run then
+    redis.call('HSET', wf_key(wid), 'status', status)
+  end
+  local gone = { tmember(TK.EXECUTION_TIMEOUT, run), tmember(TK.TASK_RETRY, run) }
+  if r[6] then gone[#gone + 1] = tmember(TK.TASK_TIMEOUT, run, r[6]) end
+  if r[4] and r[4] ~= '' then gone[#gone + 1] = tmember(TK.STICKY_FALLBACK, run, r[4]) end
+  local acts = redis.call('HGETALL', act_key(run))
+  for i = 1, #acts, 2 do
+    local f = acts[i]
+    if string.sub(f, 1, 6) == 'timer:' then
+      gone[#gone + 1] = tmember(TK.USER_TIMER, run, string.sub(f, 7))
+    elseif not string.find(f, ':', 1, true) then
+      local s = cmsgpack.unpack(acts[i + 1])
+      local a, b, c = act_members(run, f, s)
+      gone[#gone + 1] = a
+      gone[#gone + 1] = b
+      gone[#gone + 1] = c
+      drop_msg(queue_key(s.tq, 'act'), s.msg)
+    end
+  end
+  zrem_all(gone)
+  redis.call('DEL', buf_key(run))
+  -- updates still running will never finish: their callers are told now
+  local upd = r[5] and redis.call('HGETALL', upd_key(run)) or {}
+  for i = 1, #upd, 2 do
+    if upd[i + 1] == R.ACCEPTED then
+      finish_update(run, upd[i], cmsgpack.pack({ update_id = upd[i], failure = {
+        type = 'WorkflowClosed', non_retryable = true, stack = '',
+        message = 'the run closed (' .. status .. ') before the update completed' } }))
+    end
+  end
+  redis.call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
+  expire_run(run, wid, retention_ms, r[5])
 end
 
 -- An attempt's deadline: the earliest of start-to-close, the next heartbeat and
@@ -187,7 +248,7 @@ end
 
 local function act_dispatch(run, seq, s)
   s.msg = redis.call('XADD', queue_key(s.tq, 'act'), '*', 'run', run, 'seq', seq, 'att', s.att)
-  s.st = 'scheduled'
+  s.st = AS.SCHEDULED
   act_put(run, seq, s)
 end
 
@@ -195,25 +256,26 @@ end
 -- policy allows and the schedule-to-close deadline is not passed, else fail for good.
 -- Returns true when a retry was scheduled.
 local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, final_type)
-  local rk_hb = act_key(run)
-  if failure_body then redis.call('HSET', rk_hb, seq .. ':f', failure_body) end
+  local ak = act_key(run)
+  if failure_body then redis.call('HSET', ak, seq .. ':f', failure_body) end
   local delay = s.ii * (s.bc ^ (s.att - 1))
   if s.mi > 0 and delay > s.mi then delay = s.mi end
   local due = NOW + math.floor(delay)
   local exhausted = (s.max > 0 and s.att >= s.max)
   local past_deadline = (s.s2c > 0 and due >= s.sched + s.s2c)
+  redis.call('ZREM', TIMERS, tmember(TK.ACTIVITY_DEADLINE, run, seq, s.att))
   if non_retryable or exhausted or past_deadline then
     act_forget(run, seq, s)
     deliver(run, final_type, failure_body)
     return false
   end
-  append(run, wid, 'ActivityTaskRetrying', failure_body)
+  append(run, wid, EV.ACTIVITY_TASK_RETRYING, failure_body)
   s.att = s.att + 1
-  s.st = 'backoff'
+  s.st = AS.BACKOFF
   s.due = due
   s.msg = ''
   act_put(run, seq, s)
-  redis.call('ZADD', TIMERS, due, 'R|' .. run .. '|' .. seq .. '|' .. s.att)
+  redis.call('ZADD', TIMERS, due, tmember(TK.ACTIVITY_RETRY, run, seq, s.att))
   return true
 end
 
@@ -221,4 +283,20 @@ local function timeout_failure(seq, att, kind)
   return cmsgpack.pack({ seq = tonumber(seq), att = att, failure = {
     type = 'ActivityTimeoutError', message = 'activity ' .. kind .. ' timeout',
     timeout_type = kind, non_retryable = false, stack = '' } })
+end
+
+-- A workflow task that failed or timed out: the first of a streak is recorded (as
+-- `etype`), every one is kept for describe, and the task is retried after a backoff
+-- (at once after a first timeout: a crashed worker; then 1 s doubling, capped at 60 s),
+-- so a task that always fails or runs long neither spins nor grows the history.
+local function wft_backoff(run, wid, etype, body, first_now)
+  local rk = run_key(run)
+  local n = redis.call('HINCRBY', rk, 'wft_failures', 1)
+  if n == 1 then append(run, wid, etype, body) end
+  redis.call('HSET', rk, 'wft_failure', body, 'wft', WT.BACKOFF, 'wft_msg', '', 'sticky', '')
+  flush_buffer(run, wid)
+  local delay = 1000 * (2 ^ (n - 1))
+  if first_now then delay = (n == 1) and 0 or 1000 * (2 ^ (n - 2)) end
+  if delay > 60000 then delay = 60000 end
+  redis.call('ZADD', TIMERS, NOW + delay, tmember(TK.TASK_RETRY, run))
 end

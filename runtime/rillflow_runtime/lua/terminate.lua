@@ -1,9 +1,12 @@
--- Terminate a run (client). ARGV: prefix, workflow_id, run_id ('' = current), body,
--- retention ms. Returns {'ok', run_id} or {'not_running', run_id or ''}.
-local wid, run, body, retention = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+-- Terminate a run (client). KEYS: timers, closed. ARGV: prefix, workflow_id, run_id
+-- ('' = current), body, retention ms, request id. A repeat of the call that terminated
+-- the run answers R.OK again. Returns {R.OK, run_id} or {R.NOT_RUNNING, run_id or ''}.
+local wid, run, body, retention, rid = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 run = current_run(wid, run)
-if run == '' or redis.call('HGET', run_key(run), 'status') ~= 'running' then
-  return { 'not_running', run }
-end
-close_run(run, 'terminated', 'WorkflowExecutionTerminated', body, retention)
-return { 'ok', run }
+if run == '' then return { R.NOT_RUNNING, '' } end
+local r = redis.call('HMGET', run_key(run), 'status', 'term_req')
+if r[1] == RS.TERMINATED and rid ~= '' and r[2] == rid then return { R.OK, run } end
+if r[1] ~= RS.RUNNING then return { R.NOT_RUNNING, run } end
+redis.call('HSET', run_key(run), 'term_req', rid)
+close_run(run, RS.TERMINATED, EV.WORKFLOW_EXECUTION_TERMINATED, body, retention)
+return { R.OK, run }

@@ -1,93 +1,132 @@
--- Complete a batch of workflow tasks (worker). ARGV: prefix, task_queue, retention ms,
--- the worker's identity, its sticky schedule timeout ms (0 = no sticky queue), then per task: run_id, fence, number of commands, and per command three values:
--- a one-letter kind, the event body, an aux msgpack array the script reads.
--- Kinds: A schedule activity, T start timer, C cancel timer, X cancel activity,
--- U complete an update, D complete workflow, F fail workflow.
--- Per task returns {'ok', last command event id}, {'refused', why}, or {'again', why}
--- when the task would close the run but signals arrived while it ran: then nothing of
--- it is recorded, the signals join the history and the task runs again from a replay
--- (as Temporal does), so that no accepted signal is lost.
-local tq, retention, worker, sticky_ms = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local out = {}
+-- Complete a batch of workflow tasks (worker). KEYS: timers, closed. ARGV: prefix,
+-- task_queue, retention ms, the worker's identity, its sticky schedule timeout ms (0 =
+-- no sticky queue), then per task: run_id, fence, number of commands, and per command
+-- three values: its kind (CMD), the event body, an aux msgpack array the script reads:
+--   schedule_activity: seq, task queue, start_to_close, schedule_to_close, heartbeat
+--     (ms; 0 = none), max attempts (0 = unlimited), initial interval ms, coefficient,
+--     max interval ms
+--   start_timer: seq, duration ms; cancel_timer, cancel_activity: seq;
+--   complete_update: update id; complete_workflow, fail_workflow: nothing, and last.
+-- Every task's commands are checked before anything is written, so a bad command
+-- never leaves a batch half applied. Per task returns {R.OK, last command event id},
+-- {R.REFUSED, why} (the fence is not current), {R.INVALID, why} (nothing written), or
+-- {R.AGAIN, why} when the task would close the run but signals or updates arrived
+-- while it ran: then nothing of it is recorded, they join the history and the task runs
+-- again from a replay (as Temporal does), so that no accepted message is lost. A repeat
+-- of a completion (client retry) gets the answer the first one got.
+local tq, retention, worker, sticky_ms = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+
+local KINDS = {}
+for _, v in pairs(CMD) do KINDS[v] = true end
+
+-- First pass: split the batch into tasks and check every command.
+local tasks = {}
 local i = 6
 while i <= #ARGV do
-  local run, fence, ncmd = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local cmds_at = i + 3
-  i = cmds_at + ncmd * 3
+  local t = { run = ARGV[i], fence = ARGV[i + 1], n = tonumber(ARGV[i + 2]), at = i + 3, cmds = {} }
+  if not t.n or t.n < 0 or t.at + t.n * 3 - 1 > #ARGV then
+    return redis.error_reply('wft_complete: malformed arguments at ' .. i)
+  end
+  i = t.at + t.n * 3
+  for c = t.at, t.at + t.n * 3 - 1, 3 do
+    local kind = ARGV[c]
+    local ok, aux = pcall(cmsgpack.unpack, ARGV[c + 2])
+    local why = nil
+    if not KINDS[kind] then why = 'unknown command kind ' .. tostring(kind)
+    elseif not ok or type(aux) ~= 'table' then why = 'undecodable command arguments'
+    elseif t.closes then why = 'a command after the closing command'
+    elseif kind == CMD.SCHEDULE_ACTIVITY then
+      if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'string' or aux[2] == '' then why = 'bad activity' end
+      for k = 3, 9 do if type(aux[k]) ~= 'number' then why = 'bad activity options' end end
+    elseif kind == CMD.START_TIMER then
+      if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'number' or aux[2] < 1 then why = 'bad timer' end
+    elseif kind == CMD.CANCEL_TIMER or kind == CMD.CANCEL_ACTIVITY then
+      if type(aux[1]) ~= 'number' then why = 'bad sequence number' end
+    elseif kind == CMD.COMPLETE_UPDATE then
+      if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad update id' end
+    end
+    if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then t.closes = true end
+    if why and not t.invalid then t.invalid = why end
+    t.cmds[#t.cmds + 1] = { kind = kind, body = ARGV[c + 1], aux = aux }
+  end
+  tasks[#tasks + 1] = t
+end
+
+local out = {}
+for _, t in ipairs(tasks) do
+  local run, fence = t.run, t.fence
   local rk = run_key(run)
-  local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_seq', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
-    'msgbuf')
-  if r[1] ~= 'running' then
-    out[#out + 1] = { 'refused', 'run is ' .. tostring(r[1] or 'gone') }
-  elseif r[2] ~= 'started' or tonumber(r[3]) ~= fence then
-    out[#out + 1] = { 'refused', 'workflow task was taken over' }
+  local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
+    'msgbuf', 'wft_done')
+  local rec = done_record(r[9], fence)
+  if rec then
+    out[#out + 1] = { rec[1], rec[2] }
+  elseif r[1] ~= RS.RUNNING then
+    out[#out + 1] = { R.REFUSED, 'run is ' .. tostring(r[1] or 'missing') }
+  elseif r[2] ~= WT.STARTED or r[3] ~= fence then
+    out[#out + 1] = { R.REFUSED, 'workflow task was taken over' }
+  elseif t.invalid then
+    out[#out + 1] = { R.INVALID, t.invalid }
   else
     local wid = r[4]
-    local closes = false
-    for c = cmds_at, cmds_at + ncmd * 3 - 1, 3 do
-      if ARGV[c] == 'D' or ARGV[c] == 'F' then closes = true end
-    end
-    redis.call('ZREM', TIMERS, 'W|' .. run .. '|' .. fence)
+    redis.call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence))
     if r[8] then redis.call('HDEL', rk, 'msgbuf') end
-    if closes and r[8] and message_buffered(run) then
+    if t.closes and r[8] and message_buffered(run) then
       drop_msg(r[7], r[5])
       flush_buffer(run, wid)
-      redis.call('HSET', rk, 'sticky', '')
+      redis.call('HSET', rk, 'sticky', '', 'wft_done', fence .. '|' .. R.AGAIN .. '|0')
       schedule_wft(run, tq)
-      out[#out + 1] = { 'again', 'signals or updates arrived before the run could close' }
+      out[#out + 1] = { R.AGAIN, 'signals or updates arrived before the run could close' }
     else
       redis.call('HDEL', rk, 'wft_failures', 'wft_failure')
-      append(run, wid, 'WorkflowTaskCompleted',
+      append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
         cmsgpack.pack({ t0 = tonumber(r[6]), fence = fence, worker = worker }))
       local closed = false
-      for c = cmds_at, cmds_at + ncmd * 3 - 1, 3 do
-        local kind, body = ARGV[c], ARGV[c + 1]
-        local aux = cmsgpack.unpack(ARGV[c + 2])
-        if kind == 'A' then
-          -- aux: seq, task queue, start_to_close, schedule_to_close, heartbeat (ms; 0 = none),
-          -- max attempts (0 = unlimited), initial interval ms, coefficient, max interval ms
+      local ak = act_key(run)
+      for _, cmd in ipairs(t.cmds) do
+        local kind, body, aux = cmd.kind, cmd.body, cmd.aux
+        if kind == CMD.SCHEDULE_ACTIVITY then
           local seq = tostring(aux[1])
-          append(run, wid, 'ActivityTaskScheduled', body)
+          append(run, wid, EV.ACTIVITY_TASK_SCHEDULED, body)
           local s = { att = 1, tq = aux[2], stc = aux[3], s2c = aux[4], hbt = aux[5],
             max = aux[6], ii = aux[7], bc = aux[8], mi = aux[9], sched = NOW, due = NOW }
-          redis.call('HSET', act_key(run), seq .. ':b', body)
+          redis.call('HSET', ak, seq .. ':b', body)
           act_dispatch(run, seq, s)
           if s.s2c > 0 then
-            redis.call('ZADD', TIMERS, NOW + s.s2c, 'S|' .. run .. '|' .. seq)
+            redis.call('ZADD', TIMERS, NOW + s.s2c, tmember(TK.SCHEDULE_TO_CLOSE, run, seq))
           end
-        elseif kind == 'T' then
-          append(run, wid, 'TimerStarted', body)
-          redis.call('ZADD', TIMERS, NOW + aux[2], 'T|' .. run .. '|' .. aux[1])
-        elseif kind == 'C' then
-          redis.call('ZREM', TIMERS, 'T|' .. run .. '|' .. aux[1])
-          append(run, wid, 'TimerCanceled', body)
-        elseif kind == 'X' then
+        elseif kind == CMD.START_TIMER then
+          append(run, wid, EV.TIMER_STARTED, body)
+          redis.call('HSET', ak, 'timer:' .. aux[1], NOW + aux[2])
+          redis.call('ZADD', TIMERS, NOW + aux[2], tmember(TK.USER_TIMER, run, aux[1]))
+        elseif kind == CMD.CANCEL_TIMER then
+          redis.call('ZREM', TIMERS, tmember(TK.USER_TIMER, run, aux[1]))
+          redis.call('HDEL', ak, 'timer:' .. aux[1])
+          append(run, wid, EV.TIMER_CANCELED, body)
+        elseif kind == CMD.CANCEL_ACTIVITY then
           local seq = tostring(aux[1])
           local s = act_get(run, seq)
           if s then
             drop_msg(queue_key(s.tq, 'act'), s.msg)
             act_forget(run, seq, s)
           end
-          append(run, wid, 'ActivityTaskCancelRequested', body)
-        elseif kind == 'U' then
-          -- aux: update id
-          append(run, wid, 'WorkflowExecutionUpdateCompleted', body)
+          append(run, wid, EV.ACTIVITY_TASK_CANCEL_REQUESTED, body)
+        elseif kind == CMD.COMPLETE_UPDATE then
+          append(run, wid, EV.WORKFLOW_EXECUTION_UPDATE_COMPLETED, body)
           finish_update(run, aux[1], body)
-        elseif kind == 'D' then
-          close_run(run, 'completed', 'WorkflowExecutionCompleted', body, retention)
+        elseif kind == CMD.COMPLETE_WORKFLOW then
+          close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, retention)
           closed = true
-          break
-        elseif kind == 'F' then
-          close_run(run, 'failed', 'WorkflowExecutionFailed', body, retention)
+        elseif kind == CMD.FAIL_WORKFLOW then
+          close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, retention)
           closed = true
-          break
         end
       end
       local last = tonumber(redis.call('HGET', rk, 'last_eid'))
       drop_msg(r[7], r[5])
       if not closed then
         -- the next task of this run goes to this worker, which now holds it in cache
-        if tonumber(sticky_ms) > 0 then
+        if sticky_ms > 0 then
           redis.call('HSET', rk, 'sticky', worker, 'sticky_ms', sticky_ms)
         else
           redis.call('HSET', rk, 'sticky', '')
@@ -95,10 +134,11 @@ while i <= #ARGV do
         if flush_buffer(run, wid) > 0 then
           schedule_wft(run, tq)
         else
-          redis.call('HSET', rk, 'wft', '', 'wft_msg', '')
+          redis.call('HSET', rk, 'wft', WT.NONE, 'wft_msg', '')
         end
       end
-      out[#out + 1] = { 'ok', last }
+      redis.call('HSET', rk, 'wft_done', fence .. '|' .. R.OK .. '|' .. last)
+      out[#out + 1] = { R.OK, last }
     end
   end
 end

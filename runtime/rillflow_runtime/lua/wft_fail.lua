@@ -1,18 +1,24 @@
 -- Fail a workflow task (worker): a bug or non-determinism in workflow code. The first
 -- failure of a streak is recorded as WorkflowTaskFailed; every failure is kept for
 -- describe; the task is retried after a backoff (1 s doubling, capped at 60 s).
--- ARGV: prefix, task_queue (unused, kept for the call's shape), run_id, fence, failure body. Returns 'ok' or 'refused'.
-local run, fence, body = ARGV[3], tonumber(ARGV[4]), ARGV[5]
-local rk = run_key(run)
-local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_seq', 'wid', 'wft_msg', 'wft_q')
-if r[1] ~= 'running' or r[2] ~= 'started' or tonumber(r[3]) ~= fence then return 'refused' end
-redis.call('ZREM', TIMERS, 'W|' .. run .. '|' .. fence)
-local n = redis.call('HINCRBY', rk, 'wft_failures', 1)
-if n == 1 then append(run, r[4], 'WorkflowTaskFailed', body) end
-redis.call('HSET', rk, 'wft_failure', body, 'wft', 'backoff', 'wft_msg', '', 'sticky', '')
-drop_msg(r[6], r[5])
-flush_buffer(run, r[4])
-local delay = 1000 * (2 ^ (n - 1))
-if delay > 60000 then delay = 60000 end
-redis.call('ZADD', TIMERS, NOW + delay, 'B|' .. run)
-return 'ok'
+-- KEYS: timers, closed. ARGV: prefix, then per task: run_id, fence, failure body.
+-- Per task returns R.OK, or R.REFUSED when the fence is no longer current. A repeat
+-- (client retry) of a failure already recorded answers R.OK.
+local out = {}
+for i = 2, #ARGV, 3 do
+  local run, fence, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local rk = run_key(run)
+  local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_q', 'wft_done')
+  if done_record(r[7], fence) then
+    out[#out + 1] = R.OK
+  elseif r[1] ~= RS.RUNNING or r[2] ~= WT.STARTED or r[3] ~= fence then
+    out[#out + 1] = R.REFUSED
+  else
+    redis.call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence))
+    redis.call('HSET', rk, 'wft_done', fence .. '|' .. R.OK .. '|0')
+    drop_msg(r[6], r[5])
+    wft_backoff(run, r[4], EV.WORKFLOW_TASK_FAILED, body, false)
+    out[#out + 1] = R.OK
+  end
+end
+return out

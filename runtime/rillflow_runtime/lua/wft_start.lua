@@ -1,35 +1,44 @@
--- Start a batch of workflow tasks (worker). ARGV: prefix, the stream read, task timeout ms,
--- max events returned, worker identity, then per task: run_id, message id, last event id
--- the worker has. A repeat of this call by the same worker (a client retry after a dropped
--- connection) answers the same, with the same fence.
--- Per task returns {'ok', fence, now, wid, wtype, last_eid, start_ms, events, attempt}
--- or {'stale'} (the message was dropped) or {'busy'} (started elsewhere, in flight).
-local wq, timeout, max_events, worker = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+-- Start a batch of workflow tasks (worker). KEYS: timers, closed, the stream read.
+-- ARGV: prefix, task timeout ms, max events returned, worker identity, then per task:
+-- run_id, message id, the last event id the worker's cached instance has applied (0 =
+-- none). A repeat of this call by the same worker (a client retry) answers the same,
+-- with the same fence. The fence is "<attempt number>-<start time in us>": after a Redis
+-- rollback the attempt number may repeat but the time does not, so a fence from before
+-- the rollback is never current again.
+-- Per task returns {R.OK, fence, now, wid, wtype, last_eid, start_ms, events, attempt,
+-- since} where events follow `since`: the worker's own value, or 0 when the history is
+-- behind it (a rollback: the cached instance is ahead of Redis and must be replayed);
+-- or {R.STALE} (the message was dropped) or {R.BUSY} (started elsewhere, in flight).
+local wq, timeout, max_events, worker = KEYS[3], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local out = {}
-for i = 6, #ARGV, 3 do
-  local run, msg, since = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+for i = 5, #ARGV, 3 do
+  local run, msg, since = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]) or 0
   local rk = run_key(run)
   local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_msg', 'wid', 'wtype', 'last_eid',
-    'start_ms', 'wft_failures', 'wft_by', 'wft_seq', 'wft_start_ms')
-  local again = r[1] == 'running' and r[3] == msg and r[2] == 'started' and r[9] == worker
-  if (r[1] == 'running' and r[3] == msg and r[2] == 'scheduled') or again then
-    local fence, started = tonumber(r[10]), tonumber(r[11])
+    'start_ms', 'wft_failures', 'wft_by', 'wft_fence', 'wft_start_ms')
+  local mine = r[1] == RS.RUNNING and r[3] == msg
+  local again = mine and r[2] == WT.STARTED and r[9] == worker
+  if (mine and r[2] == WT.SCHEDULED) or again then
+    local fence, started = r[10], tonumber(r[11])
     if not again then
-      fence = redis.call('HINCRBY', rk, 'wft_seq', 1)
+      local n = redis.call('HINCRBY', rk, 'wft_seq', 1)
+      fence = n .. '-' .. NOW_US
       started = NOW
-      redis.call('HSET', rk, 'wft', 'started', 'wft_start_ms', NOW, 'wft_by', worker)
-      redis.call('ZREM', TIMERS, 'K|' .. run .. '|' .. msg)
-      redis.call('ZADD', TIMERS, NOW + timeout, 'W|' .. run .. '|' .. fence)
+      redis.call('HSET', rk, 'wft', WT.STARTED, 'wft_start_ms', NOW, 'wft_by', worker, 'wft_fence', fence)
+      redis.call('ZREM', TIMERS, tmember(TK.STICKY_FALLBACK, run, msg))
+      redis.call('ZADD', TIMERS, NOW + timeout, tmember(TK.TASK_TIMEOUT, run, fence))
     end
+    local last = tonumber(r[6])
+    if since > last then since = 0 end
     local events = redis.call('XRANGE', hist_key(r[4], run), (since + 1) .. '-0', '+',
       'COUNT', max_events)
-    out[#out + 1] = { 'ok', fence, started, r[4], r[5], tonumber(r[6]), tonumber(r[7]), events,
-      (tonumber(r[8]) or 0) + 1 }
-  elseif r[1] == 'running' and r[3] == msg and r[2] == 'started' then
-    out[#out + 1] = { 'busy' }
+    out[#out + 1] = { R.OK, fence, started, r[4], r[5], last, tonumber(r[7]), events,
+      (tonumber(r[8]) or 0) + 1, since }
+  elseif mine and r[2] == WT.STARTED then
+    out[#out + 1] = { R.BUSY }
   else
     drop_msg(wq, msg)
-    out[#out + 1] = { 'stale' }
+    out[#out + 1] = { R.STALE }
   end
 end
 return out

@@ -1,0 +1,56 @@
+"""How rillflow talks to Redis: one pooled client for commands and scripts, and
+dedicated connections for blocking reads, each with the rules that make them safe."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+"""Errors that mean "Redis is unreachable for now": retried, never recorded as failures."""
+
+COMMAND_TIMEOUT_S = 15.0
+"""A reply slower than this is a dead connection; well above the slowest script."""
+
+
+def make_redis(url: str, max_connections: int = 64) -> Redis:
+    """A client that waits for a free connection rather than failing, and rides out a
+    dropped connection or a restarting server by retrying with backoff (a few seconds).
+    Every script answers a repeated call as the first one, so a re-sent call is safe."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=None,
+        socket_timeout=COMMAND_TIMEOUT_S,
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.02), retries=12),
+        retry_on_error=list(TRANSIENT),
+        health_check_interval=30,
+    )
+    return Redis(connection_pool=pool)
+
+
+def make_blocking_reader(url: str, max_connections: int, block_s: float) -> Redis:
+    """Connections for blocking reads (XREAD/XREADGROUP BLOCK). Their socket timeout is
+    well above ``block_s``, so an idle read ends with an empty reply, not a timeout
+    error; and they never retry by themselves, because redis-py would re-issue a
+    cancelled blocking read and a stopping loop would keep reading. The loops that use
+    them retry on their own, with backoff and a log line."""
+    return Redis.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=block_s + COMMAND_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def reraise_if_cancelling() -> None:
+    """redis-py may turn a cancellation into a connection error: call this in an
+    ``except`` that retries, so a cancelled loop still ends."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -1,0 +1,145 @@
+"""The protocol's vocabulary: every status, event type, command kind and timer kind the
+scripts and the Python side exchange, each with one value and one meaning.
+
+The Lua scripts do not spell these values: they read them from tables generated from
+these enums (``scripts.lua_constants``), and a test refuses a script that names a member
+that does not exist or writes a value as a bare string.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EventType(StrEnum):
+    """The ``type`` field of a history entry."""
+
+    WORKFLOW_EXECUTION_STARTED = "WorkflowExecutionStarted"
+    WORKFLOW_TASK_COMPLETED = "WorkflowTaskCompleted"
+    WORKFLOW_TASK_FAILED = "WorkflowTaskFailed"
+    WORKFLOW_TASK_TIMED_OUT = "WorkflowTaskTimedOut"
+    ACTIVITY_TASK_SCHEDULED = "ActivityTaskScheduled"
+    ACTIVITY_TASK_COMPLETED = "ActivityTaskCompleted"
+    ACTIVITY_TASK_FAILED = "ActivityTaskFailed"
+    ACTIVITY_TASK_TIMED_OUT = "ActivityTaskTimedOut"
+    ACTIVITY_TASK_RETRYING = "ActivityTaskRetrying"
+    ACTIVITY_TASK_CANCEL_REQUESTED = "ActivityTaskCancelRequested"
+    TIMER_STARTED = "TimerStarted"
+    TIMER_FIRED = "TimerFired"
+    TIMER_CANCELED = "TimerCanceled"
+    WORKFLOW_EXECUTION_SIGNALED = "WorkflowExecutionSignaled"
+    WORKFLOW_EXECUTION_UPDATE_ACCEPTED = "WorkflowExecutionUpdateAccepted"
+    WORKFLOW_EXECUTION_UPDATE_COMPLETED = "WorkflowExecutionUpdateCompleted"
+    WORKFLOW_EXECUTION_COMPLETED = "WorkflowExecutionCompleted"
+    WORKFLOW_EXECUTION_FAILED = "WorkflowExecutionFailed"
+    WORKFLOW_EXECUTION_TIMED_OUT = "WorkflowExecutionTimedOut"
+    WORKFLOW_EXECUTION_TERMINATED = "WorkflowExecutionTerminated"
+
+
+class RunStatus(StrEnum):
+    """A run hash's ``status``."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    TERMINATED = "terminated"
+
+
+class TaskState(StrEnum):
+    """A run hash's ``wft``: where its workflow task is."""
+
+    NONE = ""
+    SCHEDULED = "scheduled"
+    STARTED = "started"
+    BACKOFF = "backoff"  # failed or timed out; a task_retry timer schedules it again
+
+
+class ActivityState(StrEnum):
+    """``st`` in an activity's state record."""
+
+    SCHEDULED = "scheduled"
+    STARTED = "started"
+    BACKOFF = "backoff"
+
+
+class CommandKind(StrEnum):
+    """What a workflow task asks for; each becomes one history event."""
+
+    SCHEDULE_ACTIVITY = "schedule_activity"
+    START_TIMER = "start_timer"
+    CANCEL_TIMER = "cancel_timer"
+    CANCEL_ACTIVITY = "cancel_activity"
+    COMPLETE_UPDATE = "complete_update"
+    COMPLETE_WORKFLOW = "complete_workflow"
+    FAIL_WORKFLOW = "fail_workflow"
+
+
+class TimerKind(StrEnum):
+    """The first part of a member of a shard's timers zset: ``<kind>|<run>|...``."""
+
+    USER_TIMER = "timer"  # timer|run|seq: a workflow timer comes due
+    ACTIVITY_DEADLINE = "act_deadline"  # act_deadline|run|seq|attempt: start-to-close or heartbeat
+    SCHEDULE_TO_CLOSE = "act_s2c"  # act_s2c|run|seq: the activity's overall deadline
+    ACTIVITY_RETRY = "act_retry"  # act_retry|run|seq|attempt: a backoff ends
+    EXECUTION_TIMEOUT = "run_timeout"  # run_timeout|run: the execution timeout
+    TASK_TIMEOUT = "wft_timeout"  # wft_timeout|run|fence: a started workflow task ran too long
+    TASK_RETRY = "wft_retry"  # wft_retry|run: a failed or timed-out workflow task's backoff ends
+    STICKY_FALLBACK = "wft_sticky"  # wft_sticky|run|message: its worker did not start it in time
+
+
+class Reply(StrEnum):
+    """The first element of a script's reply (or of each item of a batch reply)."""
+
+    OK = "ok"
+    REFUSED = "refused"  # a fence or attempt that is no longer current; nothing was written
+    AGAIN = "again"  # the task would close the run over a message it has not seen
+    STALE = "stale"  # the task message no longer stands for anything; it was dropped
+    BUSY = "busy"  # started by another worker, in flight
+    RUNNING = "running"  # start: the execution id is taken by a running run
+    INVALID = "invalid"  # an argument the script cannot use; nothing was written
+    DUPLICATE = "duplicate"  # a request id seen before: delivered once already
+    NOT_RUNNING = "not_running"
+    NOT_FOUND = "not_found"
+    ACCEPTED = "accepted"
+    DONE = "done"
+    RETRY = "retry"  # a failed attempt that will be retried
+    GONE = "gone"  # the attempt is no longer current (timed out, cancelled, run closed)
+
+
+ENUMS: dict[str, type[StrEnum]] = {
+    "EV": EventType,
+    "RS": RunStatus,
+    "WT": TaskState,
+    "AS": ActivityState,
+    "CMD": CommandKind,
+    "TK": TimerKind,
+    "R": Reply,
+}
+"""The Lua table name each enum is generated under."""
+
+# Events written right after a WorkflowTaskCompleted, one per command of that task.
+COMMAND_EVENTS = frozenset(
+    {
+        EventType.ACTIVITY_TASK_SCHEDULED,
+        EventType.ACTIVITY_TASK_CANCEL_REQUESTED,
+        EventType.TIMER_STARTED,
+        EventType.TIMER_CANCELED,
+        EventType.WORKFLOW_EXECUTION_COMPLETED,
+        EventType.WORKFLOW_EXECUTION_FAILED,
+        EventType.WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+    }
+)
+# Events that wake the workflow: the inputs of its next workflow task.
+INPUT_EVENTS = frozenset(
+    {
+        EventType.WORKFLOW_EXECUTION_STARTED,
+        EventType.WORKFLOW_EXECUTION_SIGNALED,
+        EventType.WORKFLOW_EXECUTION_UPDATE_ACCEPTED,
+        EventType.ACTIVITY_TASK_COMPLETED,
+        EventType.ACTIVITY_TASK_FAILED,
+        EventType.ACTIVITY_TASK_TIMED_OUT,
+        EventType.TIMER_FIRED,
+    }
+)
+CLOSING_COMMANDS = frozenset({CommandKind.COMPLETE_WORKFLOW, CommandKind.FAIL_WORKFLOW})

@@ -1,0 +1,358 @@
+"""A handle on one workflow execution: its result, state, history and messages."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from rillflow.errors import (
+    InvalidInputError,
+    RillflowError,
+    WorkflowError,
+    WorkflowFailureError,
+    WorkflowNotFoundError,
+    WorkflowQueryFailedError,
+    WorkflowQueryTimeoutError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateTimeoutError,
+    exception_from_failure,
+)
+from rillflow.history import HistoryEvent
+from rillflow.payloads import check_size
+from rillflow.workflow import HANDLER_KINDS, HandlerDefinition, WorkflowDefinition, handler_definition
+from rillflow_runtime.codec import pack, text, unpack
+from rillflow_runtime.keyspace import ID_RE, NAME_RE
+from rillflow_runtime.model import EventType, Reply, RunStatus
+
+if TYPE_CHECKING:
+    from rillflow.client import Client
+
+
+@dataclass
+class PendingActivity:
+    seq: int
+    name: str
+    state: str
+    attempt: int
+    last_failure: WorkflowError | None
+    heartbeat_details: list[Any] | None
+
+
+@dataclass
+class WorkflowDescription:
+    execution_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    status: str
+    start_time: datetime
+    close_time: datetime | None
+    execution_deadline: datetime | None
+    history_length: int
+    pending_activities: list[PendingActivity] = field(default_factory=list)
+    workflow_task_failures: int = 0
+    last_workflow_task_failure: WorkflowError | None = None
+
+
+def _dt(ms: Any) -> datetime | None:
+    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC) if ms else None
+
+
+class WorkflowHandle:
+    """One execution: its result, state, history; ``run_id=None`` means the current run."""
+
+    def __init__(
+        self, client: Client, execution_id: str, run_id: str | None, defn: WorkflowDefinition | None = None
+    ) -> None:
+        self.client = client
+        self.id = execution_id
+        self.run_id = run_id
+        self.defn = defn
+        self.shard = client.keyspace.shard(execution_id)
+
+    @property
+    def execution_id(self) -> str:
+        return self.id
+
+    async def _resolve_run(self) -> str:
+        if self.run_id:
+            return self.run_id
+        run = await self.client.redis.hget(self.client.keyspace.wf(self.shard, self.id), "run")
+        if not run:
+            raise self._not_found()
+        return text(run)
+
+    async def _run_fields(self, run: str, *names: str) -> list[Any]:
+        vals = await self.client.redis.hmget(self.client.keyspace.run(self.shard, run), list(names))
+        return list(vals)
+
+    async def result(self, timeout: float | timedelta | None = None) -> Any:
+        """Wait for the run to close; return its result or raise
+        :class:`WorkflowFailureError`. ``TimeoutError`` if ``timeout`` passes first."""
+        run = await self._resolve_run()
+        watcher = self.client.watcher
+        await watcher.ensure_started()
+        fut = watcher.wait_run(self.shard, run)
+        try:
+            (status,) = await self._run_fields(run, "status")
+            if status is None:
+                raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
+            if text(status) == RunStatus.RUNNING:
+                secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+                await asyncio.wait_for(asyncio.shield(fut), secs)
+        finally:
+            watcher.forget(fut)
+        return await self._outcome(run)
+
+    async def _outcome(self, run: str) -> Any:
+        status, otype, outcome = await self._run_fields(run, "status", "outcome_type", "outcome")
+        if status is None:  # gone while we waited: expired, or lost in a Redis rollback
+            raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
+        st = text(status)
+        body = unpack(outcome) if outcome else {}
+        if text(otype) == EventType.WORKFLOW_EXECUTION_COMPLETED:
+            value = body.get("result")
+            return self.defn.sig.load_result_leniently(value) if self.defn else value
+        if "failure" in body:
+            cause = exception_from_failure(body["failure"])
+        else:
+            reason = body.get("reason") or st
+            cause = WorkflowError(
+                str(reason),
+                type={"timed_out": "WORKFLOW_EXECUTION_TIMED_OUT", "terminated": "WorkflowTerminated"}.get(
+                    st, st
+                ),
+            )
+        raise WorkflowFailureError(self.id, run, st, cause)
+
+    async def describe(self) -> WorkflowDescription:
+        run = await self._resolve_run()
+        ks, r = self.client.keyspace, self.client.redis
+        fields: dict[str, Any] = {text(k): v for k, v in (await r.hgetall(ks.run(self.shard, run))).items()}
+        if not fields:
+            raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
+        acts_raw: dict[str, Any] = {
+            text(k): v for k, v in (await r.hgetall(ks.acts(self.shard, run))).items()
+        }
+        pending = []
+        for key, val in acts_raw.items():
+            if ":" in key:
+                continue
+            s = unpack(val)
+            sched = unpack(acts_raw[f"{key}:b"]) if f"{key}:b" in acts_raw else {}
+            fail = acts_raw.get(f"{key}:f")
+            hb = acts_raw.get(f"{key}:hb")
+            pending.append(
+                PendingActivity(
+                    seq=int(key),
+                    name=sched.get("name", "?"),
+                    state=text(s.get("st")),
+                    attempt=int(s.get("att", 1)),
+                    last_failure=exception_from_failure(unpack(fail).get("failure", {})) if fail else None,
+                    heartbeat_details=unpack(hb) if hb else None,
+                )
+            )
+        pending.sort(key=lambda p: p.seq)
+        wft_fail = fields.get("wft_failure")
+        return WorkflowDescription(
+            execution_id=self.id,
+            run_id=run,
+            workflow_type=text(fields.get("wtype")),
+            task_queue=text(fields.get("tq")),
+            status=text(fields.get("status")),
+            start_time=_dt(fields.get("start_ms")) or datetime.fromtimestamp(0, UTC),
+            close_time=_dt(fields.get("closed_ms")),
+            execution_deadline=_dt(fields.get("deadline_ms")),
+            history_length=int(fields.get("last_eid") or 0),
+            pending_activities=pending,
+            workflow_task_failures=int(fields.get("wft_failures") or 0),
+            last_workflow_task_failure=exception_from_failure(unpack(wft_fail).get("failure", {}))
+            if wft_fail
+            else None,
+        )
+
+    async def history(self) -> list[HistoryEvent]:
+        run = await self._resolve_run()
+        entries: Any = await self.client.redis.xrange(self.client.keyspace.history(self.shard, self.id, run))
+        return [HistoryEvent.from_entry(e) for e in entries]
+
+    async def signal(
+        self, signal: str | Callable[..., Any], payload: Any = None, *, request_id: str | None = None
+    ) -> None:
+        """Send a signal: ``signal`` is its name or the decorated handler method. Returns
+        once it is recorded (buffered, if a workflow task is running); the workflow
+        handles it in history order. The payload is validated first, against the handler
+        (known from the class) or the registered schema (given only names), and nothing
+        is sent if it fails. A retry with the same ``request_id`` is delivered once."""
+        name, data, _ = await self._handler_input("signal", signal, payload)
+        body = pack({"name": name, "input": data})
+        check_size(body, self.client.max_payload_bytes, f"signal '{name}'")
+        res = await self.client.protocol.signal(self.id, self.run_id, body, request_id or uuid.uuid4().hex)
+        if res.reply is Reply.NOT_RUNNING:
+            raise self._not_running(f"signal '{name}' was not delivered")
+
+    async def query(
+        self,
+        query: str | Callable[..., Any],
+        payload: Any = None,
+        *,
+        timeout: timedelta = timedelta(seconds=10),
+    ) -> Any:
+        """Ask a worker of the run's task queue to run a query handler against the run's
+        state (running or closed) and return its result: the annotated type given the
+        handler or the class, plain data given only names. Nothing is recorded."""
+        name, data, h = await self._handler_input("query", query, payload)
+        body = pack({"name": name, "input": data})
+        check_size(body, self.client.max_payload_bytes, f"query '{name}'")
+        watcher = self.client.watcher
+        await watcher.ensure_started()
+        rid, fut = watcher.wait_reply()
+        try:
+            res = await self.client.protocol.query(
+                self.id, self.run_id, body, watcher.inbox, rid, int(timeout.total_seconds() * 1000)
+            )
+            if res.reply is not Reply.OK:
+                raise self._not_found()
+            try:
+                got = await asyncio.wait_for(asyncio.shield(fut), timeout.total_seconds())
+            except TimeoutError:
+                # nobody took it: no one should later
+                await self.client.redis.xdel(res.stream, res.message_id)
+                raise WorkflowQueryTimeoutError(
+                    f"no worker answered query '{name}' of execution {self.id!r} within "
+                    f"{timeout.total_seconds():g} s: are workers serving task queue '{res.task_queue}' "
+                    "running? (see `rillflow workers`)"
+                ) from None
+        finally:
+            watcher.forget(fut)
+        answer = unpack(got)
+        return self._handler_result("query", name, h, answer)
+
+    async def execute_update(
+        self,
+        update: str | Callable[..., Any],
+        payload: Any = None,
+        *,
+        update_id: str | None = None,
+        timeout: timedelta | None = None,
+    ) -> Any:
+        """Send an update and wait for the handler's result: the annotated type given the
+        handler or the class, plain data given only names. The update is recorded when
+        accepted and when done, so it survives worker crashes; a call with the same
+        ``update_id`` is not applied twice and returns the same outcome. ``timeout``
+        (default: none) bounds the wait, not the update."""
+        name, data, h = await self._handler_input("update", update, payload)
+        uid = update_id or uuid.uuid4().hex
+        if not ID_RE.fullmatch(uid):
+            raise InvalidInputError(
+                f"update_id {uid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.'"
+            )
+        body = pack({"update_id": uid, "name": name, "input": data})
+        check_size(body, self.client.max_payload_bytes, f"update '{name}'")
+        res = await self.client.protocol.update(self.id, self.run_id, uid, body)
+        if res.reply is Reply.NOT_RUNNING:
+            raise self._not_running(f"update '{name}' was not accepted")
+        outcome = (
+            unpack(res.outcome or b"")
+            if res.reply is Reply.DONE
+            else await self._await_update(res.run_id, uid, name, timeout)
+        )
+        return self._handler_result("update", name, h, outcome)
+
+    def _handler_result(
+        self, kind: str, name: str, h: HandlerDefinition | None, outcome: dict[str, Any]
+    ) -> Any:
+        """A query's or update's outcome as the caller gets it: its failure raised, its
+        result as the annotated type when the handler is known, else plain data."""
+        if "failure" in outcome:
+            cause = exception_from_failure(outcome["failure"])
+            error = WorkflowQueryFailedError if kind == "query" else WorkflowUpdateFailedError
+            raise error(
+                f"{kind} '{name}' of execution {self.id!r} failed: {cause.type}: {cause.message}", cause
+            )
+        h = h or (self.defn.handler(kind, name) if self.defn else None)
+        return h.sig.load_result_leniently(outcome.get("result")) if h else outcome.get("result")
+
+    async def _await_update(self, run: str, uid: str, name: str, timeout: timedelta | None) -> dict[str, Any]:
+        """Wait for the update's outcome: the watcher wakes us when it is recorded; the
+        outcome is read from the run's update hash (any caller may read it there)."""
+        watcher = self.client.watcher
+        await watcher.ensure_started()
+        fut = watcher.wait_update(self.shard, run, uid)
+        key = self.client.keyspace.updates(self.shard, run)
+        try:
+            st, body = await self.client.redis.hmget(key, [uid, f"{uid}:o"])
+            if text(st) != Reply.DONE:
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), timeout.total_seconds() if timeout else None)
+                except TimeoutError:
+                    raise WorkflowUpdateTimeoutError(
+                        f"update '{name}' ({uid}) of execution {self.id!r} had not finished within "
+                        f"{timeout.total_seconds() if timeout else 0:g} s; it is accepted and still runs: "
+                        "call again with the same update_id to wait for it"
+                    ) from None
+                st, body = await self.client.redis.hmget(key, [uid, f"{uid}:o"])
+        finally:
+            watcher.forget(fut)
+        if text(st) != Reply.DONE or not body:
+            raise WorkflowNotFoundError(
+                f"update '{name}' ({uid}) of execution {self.id!r}: its record is gone (past retention)"
+            )
+        outcome: dict[str, Any] = unpack(body)  # type: ignore[arg-type]  # bytes: replies are not decoded
+        return outcome
+
+    async def _handler_input(
+        self, kind: str, handler: str | Callable[..., Any], payload: Any
+    ) -> tuple[str, Any, HandlerDefinition | None]:
+        """The handler's name and the payload as validated wire data: against the handler
+        when the class is known, else against the schema its workers registered."""
+        h = handler_definition(handler)
+        if h is not None and h.kind != kind:
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise InvalidInputError(f"'{h.method}' is a {h.kind} handler, not {article} {kind}")
+        name = h.name if h else str(handler)
+        if not NAME_RE.fullmatch(name):
+            raise InvalidInputError(f"{kind} name {name!r} is invalid")
+        if self.defn is not None:
+            h = self.defn.handler(kind, name)
+        if h is not None:
+            return name, h.sig.encode_input(payload), h
+        if isinstance(payload, BaseModel):
+            payload = payload.model_dump(mode="json")
+        entry = await self.client._registration(await self._workflow_type())
+        return name, entry.check_handler_input(HANDLER_KINDS[kind], name, payload) if entry else payload, None
+
+    def _not_found(self) -> WorkflowNotFoundError:
+        return WorkflowNotFoundError(
+            f"no workflow execution {self.id!r} in namespace {self.client.namespace!r} "
+            "(never started, or past its retention period)"
+        )
+
+    def _not_running(self, consequence: str) -> WorkflowNotFoundError:
+        return WorkflowNotFoundError(
+            f"workflow execution {self.id!r} is not running (closed, or never started): {consequence}"
+        )
+
+    async def _workflow_type(self) -> str:
+        run = await self._resolve_run()
+        wtype = await self.client.redis.hget(self.client.keyspace.run(self.shard, run), "wtype")
+        if wtype is None:
+            raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
+        return text(wtype)
+
+    async def terminate(self, reason: str = "") -> None:
+        res = await self.client.protocol.terminate(
+            self.id,
+            self.run_id,
+            pack({"reason": reason or "terminated"}),
+            self.client.settings.retention_ms,
+            uuid.uuid4().hex,
+        )
+        if res.reply is not Reply.OK:
+            raise RillflowError(f"workflow execution {self.id!r} is not running; nothing to terminate")

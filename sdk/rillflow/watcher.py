@@ -1,0 +1,190 @@
+"""What a client's callers wait for, from one blocking read: runs closing, updates
+finishing (both announced on each shard's ``closed`` stream) and query answers (pushed
+to the client's own inbox stream).
+
+No caller polls and none holds a connection while it waits: a wait is a future here.
+The ``closed`` streams are capped, so a watcher that falls behind could miss an entry;
+it notices (Redis keeps the id of the last entry it trimmed) and then re-reads the state
+of everything it waits for, as it does after any failed read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from rillflow_runtime.codec import text
+from rillflow_runtime.connections import make_blocking_reader, reraise_if_cancelling
+from rillflow_runtime.model import Reply, RunStatus
+
+if TYPE_CHECKING:
+    from rillflow.client import Client
+
+log = structlog.get_logger("rillflow.client")
+
+WATCH_BLOCK_S = 5.0
+READ_COUNT = 1000
+INBOX_TTL_MS = 60_000
+
+
+def _id_tuple(sid: str) -> tuple[int, int]:
+    ms, _, seq = sid.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
+class Watcher:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.redis = make_blocking_reader(client.url, 2, WATCH_BLOCK_S)
+        self.inbox = client.keyspace.inbox(uuid.uuid4().hex)
+        self.closing = False
+        # run id (or "<run id>:<update id>") -> (its shard, the futures waiting for it)
+        self.runs: dict[str, tuple[int, list[asyncio.Future[None]]]] = {}
+        self.updates: dict[str, tuple[int, list[asyncio.Future[None]]]] = {}
+        self.replies: dict[str, asyncio.Future[bytes]] = {}  # query request id -> answer
+        self.cursors: dict[str, str] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.started = asyncio.Lock()
+
+    async def ensure_started(self) -> None:
+        async with self.started:
+            if self.task is not None and not self.task.done():
+                return
+            ks = self.client.keyspace
+            for s in ks.all_shards():
+                last = await self.client.redis.xrevrange(ks.closed(s), count=1)
+                self.cursors[ks.closed(s)] = text(last[0][0]) if last else "0-0"
+            self.cursors.setdefault(self.inbox, "0-0")
+            self.task = asyncio.create_task(self._loop(), name="rillflow-watcher")
+
+    # -- waiting --------------------------------------------------------------------------
+    def wait_run(self, shard: int, run_id: str) -> asyncio.Future[None]:
+        """A future set when the run closes; register it before reading the run's state."""
+        return self._add(self.runs, shard, run_id)
+
+    def wait_update(self, shard: int, run_id: str, update_id: str) -> asyncio.Future[None]:
+        """A future set when the update finishes; register it before reading its state."""
+        return self._add(self.updates, shard, f"{run_id}:{update_id}")
+
+    @staticmethod
+    def _add(
+        table: dict[str, tuple[int, list[asyncio.Future[None]]]], shard: int, key: str
+    ) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        table.setdefault(key, (shard, []))[1].append(fut)
+        return fut
+
+    def wait_reply(self) -> tuple[str, asyncio.Future[bytes]]:
+        """A request id, and the future its answer will be set on."""
+        rid = uuid.uuid4().hex
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.replies[rid] = fut
+        return rid, fut
+
+    def forget(self, fut: asyncio.Future[Any]) -> None:
+        """Stop waiting (the caller timed out or was cancelled)."""
+        for table in (self.runs, self.updates):
+            for key, (_, futs) in list(table.items()):
+                if fut in futs:
+                    futs.remove(fut)
+                    if not futs:
+                        del table[key]
+        for rid, f in list(self.replies.items()):
+            if f is fut:
+                del self.replies[rid]
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        failures = 0
+        while not self.closing:
+            try:
+                resp: Any = await self.redis.xread(
+                    self.cursors,  # type: ignore[arg-type]
+                    block=int(WATCH_BLOCK_S * 1000),
+                    count=READ_COUNT,
+                )
+                await self._handle(resp or [])
+                if failures:
+                    log.info("result watcher reconnected", after_failures=failures)
+                    failures = 0
+                    await self._recheck()  # what closed while the watcher could not read
+            except Exception as e:
+                reraise_if_cancelling()
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "result watcher cannot read from Redis; retrying", error=f"{type(e).__name__}: {e}"
+                    )
+                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+
+    async def _handle(self, resp: list[Any]) -> None:
+        inbox_ids: list[str] = []
+        for stream, entries in resp:
+            key = text(stream)
+            before = self.cursors[key]
+            for sid, fields in entries:
+                self.cursors[key] = text(sid)
+                if key == self.inbox:
+                    inbox_ids.append(text(sid))
+                    fut = self.replies.pop(text(fields.get(b"rid")), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(fields.get(b"d") or b"")
+                    continue
+                run = fields.get(b"run")
+                if run is not None:
+                    self._wake(self.runs, text(run))
+                upd = fields.get(b"update")
+                if upd is not None:
+                    self._wake(self.updates, text(upd))
+            if key != self.inbox and len(entries) >= READ_COUNT and await self._trimmed_past(key, before):
+                log.warning("result watcher fell behind the closed-runs stream; re-checking", stream=key)
+                await self._recheck()
+        if inbox_ids:
+            await self.client.redis.xdel(self.inbox, *inbox_ids)
+
+    @staticmethod
+    def _wake(table: dict[str, tuple[int, list[asyncio.Future[None]]]], key: str) -> None:
+        for fut in table.pop(key, (0, []))[1]:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _trimmed_past(self, stream: str, cursor: str) -> bool:
+        """Whether entries after ``cursor`` were trimmed before the watcher read them."""
+        info: Any = await self.client.redis.xinfo_stream(stream)
+        deleted = info.get("max-deleted-entry-id")
+        return deleted is not None and _id_tuple(text(deleted)) > _id_tuple(cursor)
+
+    async def _recheck(self) -> None:
+        """Wake every waiter whose run closed or update finished, from their state."""
+        ks, r = self.client.keyspace, self.client.redis
+        runs = [(key, shard) for key, (shard, _) in self.runs.items()]
+        updates = [(key, shard) for key, (shard, _) in self.updates.items()]
+        if not runs and not updates:
+            return
+        async with r.pipeline(transaction=False) as pipe:
+            for run, shard in runs:
+                pipe.hget(ks.run(shard, run), "status")
+            for key, shard in updates:
+                run, _, uid = key.rpartition(":")
+                pipe.hget(ks.updates(shard, run), uid)
+            res = await pipe.execute()
+        for (run, _), status in zip(runs, res[: len(runs)], strict=True):
+            if status is None or text(status) != RunStatus.RUNNING:  # closed, or expired
+                self._wake(self.runs, run)
+        for (key, _), state in zip(updates, res[len(runs) :], strict=True):
+            if state is not None and text(state) == Reply.DONE:
+                self._wake(self.updates, key)
+
+    async def close(self) -> None:
+        self.closing = True
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+        with contextlib.suppress(Exception):
+            await self.client.redis.delete(self.inbox)
+        await self.redis.aclose()

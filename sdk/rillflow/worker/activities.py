@@ -1,0 +1,387 @@
+"""Running activity attempts: their local deadline, their heartbeats, their results.
+
+An attempt's deadline is Redis's (start-to-close, the next heartbeat, schedule-to-close:
+whichever is first); every heartbeat Redis records moves it, here as there. A plain
+``def`` activity runs in a thread; a thread that outlives its attempt (it ignored the
+timeout) keeps its slot until it ends, so the worker never runs more threads than
+``max_concurrent_activities``. Results are reported in batches, one script call per
+shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from rillflow.activity import ActivityContext, ActivityDefinition, ActivityInfo, _current_activity
+from rillflow.errors import (
+    InvalidInputError,
+    InvalidResultError,
+    WorkflowError,
+    failure_from_exception,
+    jsonable,
+)
+from rillflow.payloads import check_size
+from rillflow.worker.context import BadMessage, Context, Streak, field, int_field
+from rillflow_runtime.codec import pack, unpack
+from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
+from rillflow_runtime.model import Reply
+from rillflow_runtime.protocol import ActivityOutcome, ActStarted, ActStartItem
+
+log = structlog.get_logger("rillflow.worker")
+
+
+@dataclass
+class _Attempt:
+    task: asyncio.Task[None]
+    shard: int
+    run: str
+    seq: int
+    attempt: int
+    throttle: float  # seconds between heartbeats sent to Redis
+    deadline: asyncio.Timeout | None = None
+    details: Any = None
+    dirty: bool = False
+    sending: bool = False
+    last_sent: float = 0.0
+    timer: asyncio.TimerHandle | None = None
+    gone: bool = False
+
+
+class _Thread:
+    """A sync activity's thread, as the event loop sees it."""
+
+    def __init__(self) -> None:
+        self.finished = False  # set by the thread
+        self.abandoned = False  # set by the loop when the attempt ended first
+
+
+class Activities:
+    def __init__(self, ctx: Context, activities: dict[str, ActivityDefinition], max_concurrent: int) -> None:
+        self.ctx = ctx
+        self.activities = activities
+        self.max_concurrent = max_concurrent
+        self.running: dict[tuple[str, int], _Attempt] = {}
+        self.abandoned_threads = 0
+        self.exit_request: BaseException | None = None  # SystemExit & co. raised by an activity
+        self._slots = asyncio.Event()
+        self._slots.set()
+        self._done: list[tuple[int, ActivityOutcome]] = []
+        self._done_event = asyncio.Event()
+        self._closing = False
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def free(self) -> int:
+        return self.max_concurrent - len(self.running) - self.abandoned_threads
+
+    async def poll(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # its own limiter: anyio's default one is shared by every to_thread call in the
+        # process and holds 40 threads, fewer than the activities this worker may run
+        self._limiter = anyio.CapacityLimiter(self.max_concurrent)
+        streams = self.ctx.streams("act")
+        streak = Streak("activity poller: redis unavailable")
+        batch = Streak("activity batch interrupted; its tasks will be retried")
+        while not self.ctx.stopping.is_set():
+            await self._slots.wait()
+            free = self.free()
+            if free <= 0:
+                self._slots.clear()
+                continue
+            for shard, stream, entries in await self.ctx.read(
+                streams, min(free, self.ctx.batch_size), streak
+            ):
+                try:
+                    await self.start(shard, stream, entries)
+                    batch.ok()
+                except TRANSIENT as e:
+                    await batch.failed(e)
+
+    async def start(self, shard: int, stream: str, entries: Any) -> None:
+        items: list[ActStartItem] = []
+        for msgid, fields in entries:
+            mid = msgid.decode() if isinstance(msgid, bytes) else str(msgid)
+            try:
+                items.append(
+                    ActStartItem(
+                        field(fields, "run"), int_field(fields, "seq"), int_field(fields, "att"), mid
+                    )
+                )
+            except BadMessage as e:
+                await self.ctx.bad_message(shard, stream, mid, f"activity task {e}")
+        if not items:
+            return
+        started = await self.ctx.protocol.act_start(shard, stream, self.ctx.identity, items)
+        for it, st in zip(items, started, strict=True):
+            if st.reply is not Reply.OK or (it.run_id, it.seq) in self.running:  # ours already, reclaimed
+                continue
+            try:
+                self._launch(shard, it, st)
+            except Exception as e:  # an unreadable scheduled body: fail the attempt, visibly
+                log.error("activity task cannot be run", run_id=it.run_id, seq=it.seq, error=str(e))
+                body = pack({"seq": it.seq, "att": it.attempt, "failure": failure_from_exception(e)})
+                self.report(shard, ActivityOutcome(it.run_id, it.seq, it.attempt, body, failed=True))
+        if self.free() <= 0:
+            self._slots.clear()
+
+    def _launch(self, shard: int, it: ActStartItem, st: ActStarted) -> None:
+        sched = unpack(st.scheduled)
+        if not isinstance(sched, dict):
+            raise BadMessage("the scheduled activity's body is not a map")
+        hbt_ms = int(sched.get("heartbeat_ms") or 0)
+        info = ActivityInfo(
+            activity_name=str(sched.get("name", "?")),
+            attempt=it.attempt,
+            workflow_id=st.workflow_id,
+            run_id=it.run_id,
+            workflow_type=st.workflow_type,
+            task_queue=self.ctx.task_queue,
+            seq=it.seq,
+            heartbeat_details=list(unpack(st.heartbeat_details)) if st.heartbeat_details else [],
+            start_to_close_timeout=timedelta(milliseconds=int(sched.get("start_to_close_ms") or 0)),
+            heartbeat_timeout=timedelta(milliseconds=hbt_ms) if hbt_ms else None,
+        )
+        key = (it.run_id, it.seq)
+        # `a` is bound below, before the task's first step can heartbeat
+        ctx = ActivityContext(info, lambda details: self._heartbeat(a, details))
+        budget = max(0.001, (st.deadline_ms - st.now_ms) / 1000)
+        task = asyncio.create_task(
+            self._run(shard, sched, ctx, budget),
+            name=f"activity:{info.activity_name}:{info.workflow_id}:{it.seq}",
+        )
+        a = _Attempt(
+            task, shard, it.run_id, it.seq, it.attempt, throttle=(0.8 * hbt_ms / 1000) if hbt_ms else 30.0
+        )
+        self.running[key] = a
+        self.ctx.stats.activities += 1
+
+        def finished(_t: asyncio.Task[None]) -> None:
+            if self.running.get(key) is a:
+                del self.running[key]
+            if a.timer:
+                a.timer.cancel()
+            self._slots.set()
+
+        task.add_done_callback(finished)
+
+    async def _run(self, shard: int, sched: dict[str, Any], ctx: ActivityContext, budget: float) -> None:
+        info = ctx.info
+        adef = self.activities.get(info.activity_name)
+        token = _current_activity.set(ctx)
+        non_retryable = False
+        deadline = asyncio.timeout(budget)
+        a = self.running.get((info.run_id, info.seq))
+        if a is not None:
+            a.deadline = deadline
+        try:
+            if adef is None:
+                raise WorkflowError(
+                    f"activity '{info.activity_name}' is not registered on worker {self.ctx.identity} "
+                    f"(task queue '{self.ctx.task_queue}'); it serves: {sorted(self.activities)}",
+                    type="ActivityNotRegistered",
+                )
+            try:
+                args = adef.sig.decode_input(sched.get("input"))
+            except InvalidInputError:
+                non_retryable = True
+                raise
+            async with deadline:
+                result = await adef.fn(*args) if adef.is_async else await self._in_thread(adef, args)
+            body = pack({"seq": info.seq, "att": info.attempt, "result": adef.sig.dump_result(result)})
+            check_size(body, self.ctx.client.max_payload_bytes, f"result of activity '{info.activity_name}'")
+            self.report(shard, ActivityOutcome(info.run_id, info.seq, info.attempt, body))
+        except asyncio.CancelledError:
+            # shutdown past the grace period, or the attempt is gone (timed out or
+            # cancelled): nothing to report; Redis's deadline decides
+            return
+        except TimeoutError as e:
+            if not deadline.expired():  # the activity's own timeout, not the attempt's
+                self._report_failure(shard, ctx, e, non_retryable)
+                return
+            # the attempt's deadline passed: Redis's timer records the timeout and
+            # retries; a report from here would only race it
+            log.info(
+                "activity attempt ran out of time",
+                activity=info.activity_name,
+                workflow_id=info.workflow_id,
+                attempt=info.attempt,
+            )
+        except Exception as e:
+            self._report_failure(shard, ctx, e, non_retryable)
+        except BaseException as e:  # SystemExit, KeyboardInterrupt: a request to stop
+            log.error(
+                "activity asked the process to stop; the worker stops, the attempt is retried elsewhere",
+                activity=info.activity_name,
+                error=repr(e),
+            )
+            self.exit_request = e
+            self.ctx.stopping.set()
+        finally:
+            _current_activity.reset(token)
+
+    async def _in_thread(self, adef: ActivityDefinition, args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        cv = contextvars.copy_context()
+        th = _Thread()
+
+        def ended() -> None:
+            if th.abandoned:
+                self.abandoned_threads -= 1
+                self._slots.set()
+                log.info("an abandoned activity thread ended", still_running=self.abandoned_threads)
+
+        def call() -> Any:
+            try:
+                return cv.run(adef.fn, *args)
+            finally:
+                th.finished = True
+                loop.call_soon_threadsafe(ended)
+
+        try:
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self._limiter)
+        except asyncio.CancelledError:
+            if not th.finished:
+                th.abandoned = True
+                self.abandoned_threads += 1
+                log.warning(
+                    "a sync activity's thread outlived its attempt (it cannot be interrupted); "
+                    "its slot stays taken until it ends",
+                    activity=adef.name,
+                    threads=self.abandoned_threads,
+                    thread=threading.get_ident(),
+                )
+            raise
+
+    def _report_failure(
+        self, shard: int, ctx: ActivityContext, e: BaseException, non_retryable: bool
+    ) -> None:
+        info = ctx.info
+        fail = failure_from_exception(e)
+        # a result the annotation refuses is a bug in the activity: retrying repeats it
+        nr = non_retryable or isinstance(e, InvalidResultError) or bool(fail.get("non_retryable"))
+        a = self.running.get((info.run_id, info.seq))
+        hb = pack(a.details) if a is not None and a.details is not None else b""
+        body = pack({"seq": info.seq, "att": info.attempt, "failure": fail})
+        self.report(shard, ActivityOutcome(info.run_id, info.seq, info.attempt, body, True, nr, hb))
+        log.info(
+            "activity attempt failed",
+            activity=info.activity_name,
+            workflow_id=info.workflow_id,
+            attempt=info.attempt,
+            error=f"{fail['type']}: {fail['message']}",
+        )
+
+    # -- results ----------------------------------------------------------------------------
+    def report(self, shard: int, outcome: ActivityOutcome) -> None:
+        self._done.append((shard, outcome))
+        self._done_event.set()
+
+    def close(self) -> None:
+        """The flusher reports what is left, then ends."""
+        self._closing = True
+        self._done_event.set()
+
+    async def flush_loop(self) -> None:
+        streak = Streak("could not report activity results")
+        while not (self._closing and not self._done):
+            await self._done_event.wait()
+            self._done_event.clear()
+            try:
+                await self._flush()
+                streak.ok()
+            except TRANSIENT as e:
+                self._done_event.set()
+                await streak.failed(e)
+
+    async def _flush(self) -> None:
+        if not self._done:
+            return
+        batch, self._done = self._done, []
+        by_shard: dict[int, list[ActivityOutcome]] = collections.defaultdict(list)
+        for shard, outcome in batch:
+            by_shard[shard].append(outcome)
+        pending = dict(by_shard)
+        try:
+            for shard, outcomes in by_shard.items():
+                replies = await self.ctx.protocol.act_done(shard, outcomes)
+                del pending[shard]
+                for o, r in zip(outcomes, replies, strict=True):
+                    if r is Reply.REFUSED:
+                        self.ctx.stats.refused += 1
+                        log.warning(
+                            "activity result refused: the attempt was timed out, cancelled or taken over",
+                            run_id=o.run_id,
+                            seq=o.seq,
+                            attempt=o.attempt,
+                        )
+        finally:
+            # what was not sent goes out with the next flush; what was sent is not repeated
+            self._done = [(s, o) for s, outs in pending.items() for o in outs] + self._done
+        self.ctx.pump_wake.set()
+
+    # -- heartbeats -------------------------------------------------------------------------
+    def _heartbeat(self, a: _Attempt, details: list[Any]) -> None:
+        a.details = jsonable(details)
+        a.dirty = True
+        loop = self._loop
+        assert loop is not None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._maybe_send(a)
+        else:  # from a sync activity's thread
+            loop.call_soon_threadsafe(self._maybe_send, a)
+
+    def _maybe_send(self, a: _Attempt) -> None:
+        if a.sending or a.timer is not None or a.gone or not a.dirty or a.task.done():
+            return
+        wait = a.last_sent + a.throttle - time.monotonic()
+        if wait <= 0:
+            t = asyncio.ensure_future(self._send_heartbeat(a))
+            t.add_done_callback(_ignore_result)
+        else:
+
+            def fire() -> None:
+                a.timer = None
+                self._maybe_send(a)
+
+            a.timer = asyncio.get_running_loop().call_later(wait, fire)
+
+    async def _send_heartbeat(self, a: _Attempt) -> None:
+        a.sending, a.dirty, a.last_sent = True, False, time.monotonic()
+        try:
+            res = await self.ctx.protocol.heartbeat(a.shard, a.run, a.seq, a.attempt, pack(a.details))
+        except TRANSIENT as e:
+            reraise_if_cancelling()
+            log.warning("heartbeat not recorded", error=str(e))
+            return
+        finally:
+            a.sending = False
+        if res.reply is not Reply.OK:
+            a.gone = True
+            a.task.cancel()
+            return
+        # Redis moved the attempt's deadline: move the local one with it
+        if a.deadline is not None and not a.deadline.expired():
+            loop = asyncio.get_running_loop()
+            a.deadline.reschedule(loop.time() + max(0.0, (res.deadline_ms - res.now_ms) / 1000))
+        if a.dirty:
+            self._maybe_send(a)
+
+
+def _ignore_result(t: asyncio.Future[None]) -> None:
+    if not t.cancelled():
+        t.exception()

@@ -1,0 +1,91 @@
+"""Answering queries: from the run's cached instance when it is idle here, else from a
+replay of its history up to the last completed task. A query is answered at most once:
+it is acknowledged as it is read, and its caller gives up after its timeout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from rillflow.errors import failure_from_exception
+from rillflow.executor import QueryChangedStateError, replay
+from rillflow.worker.context import BadMessage, Context, Streak, field
+from rillflow.worker.run_cache import RunCache, discard
+from rillflow.worker.workflow_tasks import WorkflowTasks
+from rillflow_runtime.codec import pack, unpack
+from rillflow_runtime.connections import TRANSIENT
+from rillflow_runtime.keyspace import GROUP
+
+log = structlog.get_logger("rillflow.worker")
+
+INBOX_TTL_MS = 60_000
+
+
+class Queries:
+    def __init__(self, ctx: Context, tasks: WorkflowTasks, cache: RunCache) -> None:
+        self.ctx = ctx
+        self.tasks = tasks
+        self.cache = cache
+        self.inbox_prefix = ctx.ks.inbox("")
+
+    async def poll(self) -> None:
+        """Its own loop, so that a query that replays a long history never holds up
+        workflow tasks."""
+        streams = self.ctx.streams("qry")
+        streak = Streak("query poller: redis unavailable")
+        batch = Streak("query batch interrupted; its callers will time out")
+        while not self.ctx.stopping.is_set():
+            for shard, stream, entries in await self.ctx.read(streams, self.ctx.batch_size, streak):
+                try:
+                    await self.process(shard, stream, entries)
+                    batch.ok()
+                except TRANSIENT as e:
+                    await batch.failed(e)
+
+    async def process(self, shard: int, stream: str, entries: list[Any]) -> None:
+        async with self.ctx.redis.pipeline(transaction=False) as pipe:
+            for msgid, _ in entries:
+                pipe.xack(stream, GROUP, msgid)
+                pipe.xdel(stream, msgid)
+            await pipe.execute()
+        for msgid, fields in entries:
+            try:
+                run, wid, wtype = field(fields, "run"), field(fields, "wid"), field(fields, "wtype")
+                reply, rid = field(fields, "reply"), field(fields, "rid")
+                body = unpack(fields[b"d"])
+                if not reply.startswith(self.inbox_prefix) or not isinstance(body, dict):
+                    raise BadMessage("no reply inbox of this namespace, or no query body")
+            except (BadMessage, KeyError, ValueError, TypeError) as e:
+                log.warning("unreadable query dropped", stream=stream, message_id=str(msgid), reason=str(e))
+                continue
+            try:
+                answer: dict[str, Any] = {"result": await self._answer(shard, run, wid, wtype, body)}
+            except TRANSIENT:
+                raise
+            except Exception as e:
+                answer = {"failure": failure_from_exception(e)}
+            async with self.ctx.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(reply, {"rid": rid, "d": pack(answer)}, maxlen=1000, approximate=True)
+                pipe.pexpire(reply, INBOX_TTL_MS)  # a caller that went away leaves nothing behind
+                await pipe.execute()
+
+    async def _answer(self, shard: int, run: str, wid: str, wtype: str, body: dict[str, Any]) -> Any:
+        name, data = str(body.get("name")), body.get("input")
+        cached = self.cache.peek(run)
+        if cached is not None:
+            inst = cached.instance
+            try:
+                return inst.answer_query(inst.defn.handler("query", name), data)
+            except QueryChangedStateError:
+                self.cache.evict(run)
+                raise
+        # not cached here (or its task is in flight): the state the history records
+        events = await self.tasks.history_after(shard, wid, run, 0)
+        start_ms = events[0].time_ms if events else 0  # WorkflowExecutionStarted
+        inst = self.tasks.new_instance(wid, run, wtype, start_ms, 1)
+        try:
+            replay(inst, events)
+            return inst.answer_query(inst.defn.handler("query", name), data)
+        finally:
+            discard(inst)
