@@ -74,6 +74,14 @@ class Queries:
         name, data = str(body.get("name")), body.get("input")
         cached = self.cache.peek(run)
         if cached is not None:
+            last = await self.ctx.redis.hget(self.ctx.ks.run(shard, run), "last_eid")
+            if last is None or int(last) < cached.last_event_id:  # Redis went back in time
+                if self.cache.peek(run) is cached:
+                    self.cache.evict(run)
+                cached = None
+            elif self.cache.peek(run) is not cached:  # a task took it meanwhile: not idle
+                cached = None
+        if cached is not None:
             inst = cached.instance
             try:
                 return inst.answer_query(inst.defn.handler("query", name), data)
