@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 import rillflow as workflows
 from rillflow import Client, Worker
+from rillflow.errors import WorkflowQueryFailedError, WorkflowUpdateFailedError
 from tests import flows
 from tests.conftest import FAST, wait_until
 
@@ -18,6 +20,167 @@ pytestmark = pytest.mark.anyio
 
 async def keys(client: Client) -> list[bytes]:
     return sorted([k async for k in client.redis.scan_iter("rf:*")])
+
+
+@workflows.activity()
+async def echo_anything(value: Any) -> Any:
+    return value
+
+
+@workflows.activity(retry_policy_initial_interval=timedelta(milliseconds=50))
+async def too_big() -> int:
+    return 2**70
+
+
+@workflows.workflow.define(name="anything_workflow")
+class AnythingWorkflow:
+    """Takes anything and passes it on: where values the wire cannot carry turn up."""
+
+    def __init__(self) -> None:
+        self.notes: list[Any] = []
+        self.done = False
+
+    @workflows.workflow.signal()
+    def note(self, value: Any) -> None:
+        self.notes.append(value)
+
+    @workflows.workflow.signal()
+    def finish(self) -> None:
+        self.done = True
+
+    @workflows.workflow.query()
+    def peek(self, value: Any = None) -> Any:
+        return value
+
+    @workflows.workflow.query()
+    def huge(self) -> int:
+        return 2**70
+
+    @workflows.workflow.update()
+    def add(self, value: Any) -> Any:
+        self.notes.append(value)
+        return value
+
+    @workflows.workflow.update()
+    def surrogate(self) -> str:
+        return "bad \udcff"
+
+    @workflows.workflow.entrypoint
+    async def run(self, payload: Any = None, mode: str = "") -> Any:
+        if mode == "activity_input":
+            return await echo_anything({"deep": [2**64]})
+        if mode == "activity_result":
+            return await too_big()
+        if mode == "result":
+            return {"n": 2**70}
+        await workflows.workflow.wait_condition(lambda: self.done)
+        return {"payload": payload, "notes": self.notes}
+
+
+ANYTHING: dict[str, Any] = {
+    "workflows": [AnythingWorkflow],
+    "activities": [echo_anything, too_big],
+    **FAST,
+}
+
+# a value the wire (msgpack) cannot carry, and what the error says about it
+UNENCODABLE = [
+    (2**70, "the integer 1180591620717411303424 does not fit in 64 bits"),
+    (-(2**63) - 1, "the integer -9223372036854775809 does not fit in 64 bits"),
+    ("ok \ud800", "the string has a lone surrogate '\\ud800' at position 3"),
+    (b"\xff\xfe", "bytes that are not UTF-8 text (b'\\xff\\xfe')"),
+    (object(), "a object is not JSON data"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "why"), UNENCODABLE, ids=["int", "negative", "surrogate", "bytes", "object"]
+)
+async def test_unencodable_start_input_is_refused_by_class_and_by_name(
+    client: Client, value: Any, why: str
+) -> None:
+    async with Worker(client, **ANYTHING):
+        before = await keys(client)
+        for workflow in (AnythingWorkflow, "anything_workflow"):
+            with pytest.raises(workflows.InvalidInputError) as ei:
+                await client.start_workflow(workflow, {"payload": {"items": ["fine", value]}})
+            assert "payload.items.1: " + why in str(ei.value), str(ei.value)
+            assert "Traceback" not in str(ei.value)
+        assert await keys(client) == before
+
+
+async def test_bytes_and_decimal_travel_as_strings_by_class_and_by_name(client: Client) -> None:
+    """pydantic's JSON mode decides, for an undeclared field as for a declared one."""
+    payload = {"raw": b"bytes", "price": Decimal("1.50"), "pair": (1, 2), "big": 2**64 - 1}
+    async with Worker(client, **ANYTHING):
+        for workflow in (AnythingWorkflow, "anything_workflow"):
+            h = await client.start_workflow(workflow, {"payload": payload})
+            await h.signal("finish")
+            result = await h.result(timeout=10)
+            assert result["payload"] == {"raw": "bytes", "price": "1.50", "pair": [1, 2], "big": 2**64 - 1}
+
+
+async def test_unencodable_signal_query_and_update_payloads_are_refused(client: Client) -> None:
+    async with Worker(client, **ANYTHING):
+        h = await client.start_workflow(AnythingWorkflow)
+        by_name = client.get_workflow_handle(h.id)  # validated against the registered schema
+        await wait_until(lambda: _started(h), 10)
+        before = await keys(client), len(await h.history())
+        for handle in (h, by_name):
+            with pytest.raises(workflows.InvalidInputError) as ei:
+                await handle.signal("note", {"value": {"k": 2**70}})
+            assert "invalid input for signal 'note" in str(ei.value)
+            assert "value.k: the integer 1180591620717411303424" in str(ei.value)
+            with pytest.raises(workflows.InvalidInputError, match=r"value: the string has a lone surrogate"):
+                await handle.execute_update("add", "\udcff")
+            with pytest.raises(workflows.InvalidInputError, match=r"value\.0: bytes that are not UTF-8 text"):
+                await handle.query("peek", [b"\x80"])
+        assert (await keys(client), len(await h.history())) == before
+        assert await h.execute_update("add", Decimal("2.5")) == "2.5"
+        await h.signal("finish")
+        assert (await h.result(timeout=10))["notes"] == ["2.5"]
+
+
+async def _started(h: Any) -> bool:
+    return any(e.type == "WorkflowTaskCompleted" for e in await h.history())
+
+
+async def test_unencodable_values_from_workflow_code_fail_visibly(client: Client) -> None:
+    async with Worker(client, **ANYTHING):
+        # an activity's input: the workflow task fails (a bug), naming the activity and the path
+        h = await client.start_workflow(AnythingWorkflow, {"mode": "activity_input"})
+        await wait_until(lambda: _wft_failed(h), 10)
+        f = (await h.describe()).last_workflow_task_failure
+        assert f is not None
+        assert (
+            "invalid input for activity 'echo_anything': value.deep.0: the integer 18446744073709551616"
+            in (f.message)
+        )
+        # the workflow's result: the same, naming the path
+        h = await client.start_workflow(AnythingWorkflow, {"mode": "result"})
+        await wait_until(lambda: _wft_failed(h), 10)
+        f = (await h.describe()).last_workflow_task_failure
+        assert f is not None and "InvalidResultError" in f.message, f.message
+        assert "cannot be stored: n: the integer 1180591620717411303424 does not fit in 64 bits" in f.message
+        # an activity's result: that attempt fails with InvalidResultError, not retried
+        h = await client.start_workflow(AnythingWorkflow, {"mode": "activity_result"})
+        with pytest.raises(workflows.WorkflowFailureError) as ei:
+            await h.result(timeout=10)
+        act = ei.value.cause
+        assert isinstance(act, workflows.ActivityError) and act.attempt == 1
+        assert act.cause.type == "InvalidResultError"
+        assert "the result of activity 'too_big' cannot be stored: (result): the integer" in act.cause.message
+        # a query's and an update's results: their callers get the failure
+        h = await client.start_workflow(AnythingWorkflow)
+        with pytest.raises(WorkflowQueryFailedError) as qi:
+            await h.query("huge")
+        assert qi.value.cause.type == "InvalidResultError"
+        with pytest.raises(WorkflowUpdateFailedError) as ui:
+            await h.execute_update("surrogate")
+        assert ui.value.cause.type == "InvalidResultError"
+        assert "(result): the string has a lone surrogate '\\udcff'" in ui.value.cause.message
+        await h.signal("finish")
+        assert (await h.result(timeout=10))["notes"] == []
 
 
 async def test_invalid_start_input_is_refused_before_anything_is_written(client: Client) -> None:

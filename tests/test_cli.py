@@ -4,27 +4,43 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 
 from tests.conftest import ROOT
 
 
 def rf(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "rillflow.cli", *args],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
+        errors="backslashreplace",
         timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})},
     )
+
+
+def assert_one_line(p: subprocess.CompletedProcess[str], code: int, says: str) -> None:
+    """A user's mistake: the documented exit code and one line on stderr, no traceback."""
+    assert p.returncode == code, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert says in p.stderr, p.stderr
 
 
 def test_start_wait_result_describe_history(redis_url: str, worker_procs: Any) -> None:
@@ -124,9 +140,10 @@ def test_dev_runs_the_demo(tmp_path: Path) -> None:
         timeout=120,
     )
     assert p.returncode == 0, p.stderr
-    assert "process_order completed" in p.stdout
-    assert "ship_order failed as designed" in p.stdout
-    assert "report_workflow completed" in p.stdout
+    assert "demo_process_order completed" in p.stdout
+    assert "demo_ship_order failed as designed" in p.stdout
+    assert "demo_report completed" in p.stdout
+    assert "serving task queue 'rillflow-demo'" in p.stdout
     assert "ActivityTaskRetrying" in p.stdout  # the flaky payment was retried
     assert "query status: awaiting approval, 42.50" in p.stdout
     assert "update adjust(40.0) answered: 40.0" in p.stdout
@@ -139,7 +156,7 @@ def test_dev_runs_the_demo(tmp_path: Path) -> None:
 def test_worker_serves_a_whole_module(redis_url: str, worker_procs: Any) -> None:
     """What docker-compose's worker service runs: every workflow and activity in a module."""
     worker_procs(redis_url, target="rillflow.demo")
-    p = rf("start", "report_workflow", "--input", '{"report_type": "weekly"}', "--wait", "--url", redis_url)
+    p = rf("start", "demo_report", "--input", '{"report_type": "weekly"}', "--wait", "--url", redis_url)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == {"report_type": "weekly", "rows": 3}
 
@@ -208,3 +225,170 @@ def test_registry_commands(redis_url: str, worker_procs: Any) -> None:
     p = rf("workflows", "--json", *url)
     names = [json.loads(line)["name"] for line in p.stdout.splitlines()]
     assert "order_workflow" not in names and "hello_workflow" in names
+
+
+BROKEN_MODULES = {
+    "broken_syntax": "def x(:\n    pass\n",
+    "broken_import": "import json\nraise RuntimeError('boom at import')\n",
+}
+
+MISTAKES: list[tuple[list[str], dict[str, str], int, str]] = [
+    (["describe", "x", "--url", "http://x"], {}, 2, "--url 'http://x' is not a Redis URL"),
+    (["describe", "x"], {"RILLFLOW_URL": "http://env"}, 2, "$RILLFLOW_URL 'http://env' is not a Redis URL"),
+    (["describe", "x", "--url", "redis://127.0.0.1:port/0"], {}, 2, "Port could not be cast to integer"),
+    (["describe", "\udcff", "--url", "{url}"], {}, 2, "execution id is not UTF-8 text: b'\\xff'"),
+    (["history", "a\udcfe", "--url", "{url}"], {}, 2, "execution id is not UTF-8 text: b'a\\xfe'"),
+    (["terminate", "x", "--reason", "\udcff", "--url", "{url}"], {}, 2, "--reason is not UTF-8 text"),
+    (["describe", "x", "-n", "\udcff", "--url", "{url}"], {}, 2, "--namespace is not UTF-8 text"),
+    (
+        [
+            "start",
+            "w",
+            "--allow-unregistered",
+            "-i",
+            '{"n": [123456789012345678901234567890]}',
+            "--url",
+            "{url}",
+        ],
+        {},
+        2,
+        "n.0: the integer 123456789012345678901234567890 does not fit in 64 bits",
+    ),
+    (
+        ["signal", "x", "s", "-i", '{"text": "\\ud800"}', "--url", "{url}"],
+        {},
+        2,
+        "text: the string has a lone surrogate '\\ud800' at position 0",
+    ),
+    (["describe", "x", "--url", "{url_db99}"], {}, 4, "refused: DB index is out of range"),
+    (["describe", "x", "--url", "{url_wrongpass}"], {}, 4, "refused the credentials"),
+    (["query", "x", "q", "--timeout", "0", "--url", "{url}"], {}, 2, "--timeout must be a positive number"),
+    (["result", "x", "--timeout", "-1", "--url", "{url}"], {}, 2, "--timeout must be a positive number"),
+    (["worker", "broken_syntax", "--url", "{url}"], {}, 2, "SyntaxError: invalid syntax ("),
+    (["worker", "broken_import", "--url", "{url}"], {}, 2, "RuntimeError: boom at import ("),
+    (["worker", ":attr", "--url", "{url}"], {}, 2, "':attr' names no module"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "says"), MISTAKES, ids=[" ".join(m[0][:2]) for m in MISTAKES]
+)
+def test_user_mistakes_get_one_line_and_an_exit_code(
+    redis_url: str, tmp_path: Path, args: list[str], env: dict[str, str], code: int, says: str
+) -> None:
+    netloc = urlsplit(redis_url).netloc
+    urls = {
+        "{url}": redis_url,
+        "{url_db99}": f"redis://{netloc}/99",
+        "{url_wrongpass}": f"redis://nobody:s3cret-pw@{netloc}/0",
+    }
+    for name, source in BROKEN_MODULES.items():
+        (tmp_path / f"{name}.py").write_text(source)
+    p = rf(*(urls.get(a, a) for a in args), env=env, cwd=tmp_path)
+    assert_one_line(p, code, says)
+    assert "s3cret-pw" not in p.stderr  # a password never shows
+    if args[:2] == ["worker", "broken_import"]:
+        assert f"{tmp_path / 'broken_import.py'}, line 2" in p.stderr  # where, in the user's code
+
+
+def test_an_acl_user_without_permission_gets_one_line(redis_url: str) -> None:
+    user, password = f"rf-noperm-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    netloc = urlsplit(redis_url).netloc
+    with redis.Redis.from_url(redis_url) as r:
+        r.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~other:*", "+@all")
+        try:
+            p = rf("describe", "x", "--url", f"redis://{user}:{password}@{netloc}/0")
+            assert_one_line(p, 4, "the Redis user may not do what rillflow needs: ")
+            assert "ACL SETUSER <user> ~rf:* +@all" in p.stderr and password not in p.stderr
+            # the keys it may read, but not the commands rillflow's scripts run
+            r.execute_command("ACL", "SETUSER", user, "~*", "-@all", "+@read", "+@connection")
+            p = rf("describe", "x", "--url", f"redis://{user}:{password}@{netloc}/0")
+            assert_one_line(p, 4, "has no permissions to run the")
+        finally:
+            r.execute_command("ACL", "DELUSER", user)
+
+
+def test_the_cli_finds_redis_without_a_url(redis_url: str, tmp_path: Path) -> None:
+    """--url, else $RILLFLOW_URL, else the URL the running `rillflow dev` wrote."""
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "url").write_text(redis_url + "\n")
+    home = {"RILLFLOW_HOME": str(tmp_path), "RILLFLOW_URL": ""}
+    p = rf("workflows", env=home)
+    assert p.returncode == 0 and "no workflows registered in namespace 'default'" in p.stderr
+    p = rf("workflows", env={**home, "RILLFLOW_URL": "http://env"})  # the variable comes first
+    assert_one_line(p, 2, "$RILLFLOW_URL 'http://env' is not a Redis URL")
+    p = rf("workflows", "--url", redis_url, env={**home, "RILLFLOW_URL": "http://env"})  # then --url
+    assert p.returncode == 0, p.stderr
+    p = rf("workflows", env={"RILLFLOW_HOME": str(tmp_path / "none"), "RILLFLOW_URL": ""})
+    assert_one_line(p, 2, "no Redis URL: pass --url (or set RILLFLOW_URL), or start a local server")
+
+
+def _readme_tour() -> tuple[str, list[list[str]]]:
+    """The tour's shop.py and its `rillflow` commands, as the README writes them."""
+    readme = (ROOT / "README.md").read_text()
+    tour = readme[readme.index("## A five-minute tour") : readme.index("## What you get")]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", tour, re.S)
+    shop = next(code for lang, code in blocks if lang == "python" and code.startswith("# shop.py"))
+    commands = [
+        shlex.split(line, comments=True)[1:]
+        for lang, code in blocks
+        if lang == "sh"
+        for line in code.splitlines()
+        if line.startswith("rillflow ")
+    ]
+    return shop, commands
+
+
+def test_the_readme_tour_runs_as_written_against_rillflow_dev(tmp_path: Path) -> None:
+    """The first run: `rillflow dev`, the tour's worker and commands, no --url anywhere.
+    The demo serves its own queue, so the user's ship_order reaches the user's worker."""
+    shop, commands = _readme_tour()
+    assert ["worker", "shop"] in commands and not any("--url" in c for c in commands)
+    assert "timedelta(seconds=10)" in shop
+    (tmp_path / "shop.py").write_text(shop.replace("timedelta(seconds=10)", "timedelta(seconds=1)"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env |= {"RILLFLOW_HOME": str(tmp_path / "home"), "RILLFLOW_URL": ""}
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(*args: str, log: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "rillflow.cli", *args]
+        with open(tmp_path / log, "wb") as f:
+            started.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    try:
+        dev = spawn("dev", log="dev.log")
+        _wait_for(lambda: "serving at" in (tmp_path / "dev.log").read_text(), dev, tmp_path / "dev.log")
+        worker = spawn("worker", "shop", log="worker.log")
+        url = (tmp_path / "home" / "dev" / "url").read_text().strip()
+        with redis.Redis.from_url(url) as r:
+            _wait_for(lambda: r.exists("rf:{default}:registry:ship_order"), worker, tmp_path / "worker.log")
+        for args in commands:
+            if args[0] == "worker":
+                continue
+            p = rf(
+                *args, env={k: env[k] for k in ("RILLFLOW_HOME", "RILLFLOW_URL")}, cwd=tmp_path, timeout=90
+            )
+            assert p.returncode == 0, (args, p.stderr)
+            if args[:2] == ["start", "ship_order"] and "--wait" in args:
+                assert json.loads(p.stdout) == "A2: 1 packed"
+            if args[:2] == ["result", "R1"]:
+                assert "approved by dana" in p.stdout
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(30) == 0
+        assert not (tmp_path / "home" / "dev" / "url").exists()
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_for(ready: Any, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)

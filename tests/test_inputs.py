@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import date
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -9,7 +11,7 @@ from pydantic import BaseModel
 
 import rillflow as workflows
 from rillflow import Client, Worker, get_workflow_definition
-from rillflow.payloads import Signature
+from rillflow.payloads import Signature, to_wire
 from tests import flows
 from tests import seed_examples as ex
 from tests.conftest import FAST
@@ -178,3 +180,61 @@ async def test_results_are_checked_against_the_return_annotation(client: Client)
         h = await client.start_workflow(flows.LooseResultWorkflow, {"n": 3})
         assert await h.result(timeout=10) == "3 items"
         assert (await h.describe()).status == "completed"
+
+
+class _Point(BaseModel):
+    x: int
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [
+        (Decimal("1.50"), "1.50"),
+        (b"utf-8 text", "utf-8 text"),
+        (date(2024, 2, 29), "2024-02-29"),
+        ((1, 2), [1, 2]),
+        (frozenset({3}), [3]),
+        (_Point(x=1), {"x": 1}),
+        ({1: "a"}, {"1": "a"}),
+        (2**64 - 1, 2**64 - 1),
+        (-(2**63), -(2**63)),
+    ],
+    ids=["decimal", "bytes", "date", "tuple", "frozenset", "model", "int-key", "uint64", "int64"],
+)
+def test_values_become_what_pydantic_json_mode_makes_of_them(value: Any, wire: Any) -> None:
+    """By class (an undeclared field) and by name (to_wire) alike, as docs/inputs.md says."""
+
+    async def run(self: Any, payload: Any) -> Any: ...
+
+    sig = Signature(run, what="workflow entrypoint", require_annotations=True)
+    assert sig.encode_input({"payload": {"v": value}}) == {"payload": {"v": wire}}
+    assert to_wire({"payload": {"v": value}}, "workflow 'w'") == {"payload": {"v": wire}}
+    assert sig.dump_result({"v": value}) == {"v": wire}
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (2**64, "the integer 18446744073709551616 does not fit in 64 bits"),
+        ({"k": "\udcff"}, "the string has a lone surrogate '\\udcff' at position 0"),
+        (b"\xc3\x28", "bytes that are not UTF-8 text (b'\\xc3(')"),
+        (object(), "a object is not JSON data"),
+    ],
+    ids=["int", "surrogate", "bytes", "object"],
+)
+def test_what_the_wire_cannot_carry_is_refused_with_its_path(value: Any, why: str) -> None:
+    async def run(self: Any, payload: Any) -> Any: ...
+
+    sig = Signature(run, what="workflow entrypoint", require_annotations=True)
+    path = "payload.0.k" if isinstance(value, dict) else "payload.0"
+    with pytest.raises(workflows.InvalidInputError) as ei:
+        sig.encode_input({"payload": [value]})
+    assert str(ei.value).startswith(f"invalid input for workflow entrypoint 'run': {path}: {why}")
+    with pytest.raises(workflows.InvalidInputError) as ei:
+        to_wire({"payload": [value]}, "workflow 'w'")
+    assert str(ei.value).startswith(f"invalid input for workflow 'w': {path}: {why}")
+    with pytest.raises(workflows.InvalidResultError) as ri:
+        sig.dump_result([value])
+    assert str(ri.value).startswith(
+        f"the result of workflow entrypoint 'run' cannot be stored: {path[8:]}: {why}"
+    )

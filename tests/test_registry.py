@@ -12,6 +12,7 @@ import pytest
 
 import rillflow as workflows
 from rillflow import Client, Worker
+from rillflow.registry import Registry, workflow_spec
 from tests import flows
 from tests import seed_examples as ex
 from tests.conftest import FAST, wait_until
@@ -256,10 +257,135 @@ def test_registry_records_are_plain_json(redis_url: str, worker_procs: Any) -> N
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     assert "hello_workflow" in r.smembers("rf:{default}:registry")
     entry = r.hgetall("rf:{default}:registry:hello_workflow")
-    assert set(entry) == {"spec", "q:default"}
+    assert set(entry) == {"spec", "spec:default", "q:default"}
+    assert entry["spec:default"] == entry["spec"]  # the latest registration, and the latest on that queue
     spec = json.loads(entry["spec"])
     assert spec["input_schema"]["properties"]["name"] == {"title": "Name", "type": "string"}
     assert spec["task_queue"] == "default" and spec["registered_by"] == p.identity
     rec = json.loads(r.get(f"rf:{{default}}:worker:{p.identity}") or "null")
     assert rec["task_queue"] == "default" and "hello_workflow" in rec["workflows"]
     assert 0 < r.pttl(f"rf:{{default}}:worker:{p.identity}") <= 30_000
+
+
+@workflows.workflow.define(name="versioned_workflow")
+class VersionOne:
+    @workflows.workflow.signal()
+    def approve(self, by: str) -> None: ...
+
+    @workflows.workflow.entrypoint
+    async def run(self, order_id: str) -> str:
+        return order_id
+
+
+@workflows.workflow.define(name="versioned_workflow", execution_timeout=timedelta(minutes=5))
+class VersionOneAgain:
+    """The same schemas, with new words and a new timeout: not a conflict."""
+
+    @workflows.workflow.signal()
+    def approve(self, by: str) -> None: ...
+
+    @workflows.workflow.entrypoint
+    async def run(self, order_id: str) -> str:
+        return order_id.upper()
+
+
+@workflows.workflow.define(name="versioned_workflow")
+class VersionTwo:
+    @workflows.workflow.query()
+    def status(self) -> str:
+        return "new"
+
+    @workflows.workflow.entrypoint
+    async def run(self, order_id: int) -> str:
+        return str(order_id)
+
+
+def _versioned(c: Client, cls: type, identity: str, queue: str = "default") -> Worker:
+    return Worker(c, task_queue=queue, workflows=[cls], identity=identity, **FAST)  # type: ignore[arg-type]
+
+
+async def test_a_live_worker_with_other_schemas_refuses_the_second(client: Client) -> None:
+    async with _versioned(client, VersionOne, "old-worker"):
+        entry = await client.registry.workflow("versioned_workflow")
+        before = await keys(client)
+        with pytest.raises(workflows.RillflowError) as ei:
+            async with _versioned(client, VersionTwo, "new-worker"):
+                pass
+        e = ei.value
+        assert type(e).__name__ == "WorkflowRegistrationConflictError"
+        msg = str(e)
+        assert (
+            "worker new-worker cannot register workflow 'versioned_workflow' on task queue 'default'" in msg
+        )
+        assert "live worker old-worker serves it there with other schemas" in msg
+        assert "input schema (at properties.order_id.type)" in msg
+        assert "signal 'approve' (only on the live worker)" in msg
+        assert "query 'status' (only on the new worker)" in msg
+        assert "output schema" not in msg  # the same on both
+        # nothing of the second worker was registered (its own sticky streams aside)
+        assert [k for k in await keys(client) if b"@new-worker" not in k] == before
+        assert await client.registry.workflow("versioned_workflow") == entry
+        assert [w.identity for w in await client.registry.workers()] == ["old-worker"]
+        # the same schemas from another worker are fine, and so are other schemas on another queue
+        async with (
+            _versioned(client, VersionOneAgain, "twin-worker"),
+            _versioned(client, VersionTwo, "other-queue-worker", "elsewhere"),
+        ):
+            live = await client.registry.workflow("versioned_workflow")
+            assert live is not None and live.live_workers == {
+                "default": ["old-worker", "twin-worker"],
+                "elsewhere": ["other-queue-worker"],
+            }
+    # once the old workers have stopped, the new version takes the queue
+    async with _versioned(client, VersionTwo, "new-worker"):
+        assert await client.execute_workflow(VersionTwo, 7, result_timeout=10) == "7"
+
+
+async def test_a_worker_whose_record_expired_does_not_count(client: Client) -> None:
+    spec = workflow_spec(workflows.get_workflow_definition(VersionOne), "default", "gone-worker")
+    record = {"identity": "gone-worker", "task_queue": "default", "workflows": ["versioned_workflow"]}
+    record |= {"activities": [], "host": "h", "pid": 1, "started_ms": 1, "heartbeat_ms": 1}
+    await client.registry.publish([spec], record, ttl_ms=50)
+    await asyncio.sleep(0.2)  # its liveness record expires: a SIGKILLed worker, three heartbeats later
+    async with _versioned(client, VersionTwo, "new-worker"):
+        entry = await client.registry.workflow("versioned_workflow")
+        assert entry is not None and entry.registered_by == "new-worker"
+
+
+async def test_two_workers_publishing_at_once_cannot_both_pass_the_check(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both read the registry before either writes; the transaction makes the second one
+    read again, and see the first."""
+    reads = 0
+    both_read = asyncio.Event()
+    read_workers = Registry.workers
+
+    async def workers_then_wait(self: Registry) -> list[Any]:
+        nonlocal reads
+        live = await read_workers(self)
+        reads += 1
+        if reads == 2:
+            both_read.set()
+        await asyncio.wait_for(both_read.wait(), 5)
+        return live
+
+    monkeypatch.setattr(Registry, "workers", workers_then_wait)
+
+    async def publish(c: Client, cls: type, identity: str) -> None:
+        spec = workflow_spec(workflows.get_workflow_definition(cls), "default", identity)
+        record = {"identity": identity, "task_queue": "default", "workflows": ["versioned_workflow"]}
+        record |= {"activities": [], "host": "h", "pid": 1, "started_ms": 1, "heartbeat_ms": 1}
+        await c.registry.publish([spec], record, ttl_ms=30_000)
+
+    async with (
+        await Client.connect(redis_url) as c1,
+        await Client.connect(redis_url) as c2,
+    ):
+        outcomes = await asyncio.gather(
+            publish(c1, VersionOne, "first"), publish(c2, VersionTwo, "second"), return_exceptions=True
+        )
+        assert reads == 3  # the loser read again after its transaction was aborted
+        failed = [o for o in outcomes if isinstance(o, Exception)]
+        assert len(failed) == 1 and type(failed[0]).__name__ == "WorkflowRegistrationConflictError"
+        assert [w.identity for w in await c1.registry.workers()] in (["first"], ["second"])

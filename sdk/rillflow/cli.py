@@ -1,7 +1,13 @@
 """The ``rillflow`` command.
 
-Exit codes: 0 success; 1 the workflow failed, timed out or was terminated; 2 bad usage
-or input; 3 no such execution, or it is already running; 4 Redis unreachable.
+Exit codes: 0 success; 1 the workflow failed, timed out or was terminated (or a query
+or update handler failed); 2 bad usage or input; 3 no such execution or workflow, or it
+is already running; 4 Redis unreachable, or refusing us (credentials, ACL permissions,
+a database number it does not have, a read-only replica); 5 no answer in time (a query
+or an update). A user's mistake is one line on stderr, never a traceback.
+
+Which Redis: ``--url``, else ``$RILLFLOW_URL``, else the running ``rillflow dev`` server
+(whose URL it keeps in ``$RILLFLOW_HOME/dev/url``, ``~/.rillflow/dev/url`` by default).
 """
 
 from __future__ import annotations
@@ -13,19 +19,32 @@ import json
 import os
 import signal as _signals
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 import typer
+from redis.asyncio.connection import parse_url
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rillflow.activity import ActivityDefinition
 from rillflow.client import Client
+from rillflow.devserver import URL_ENV, default_url, home
 from rillflow.errors import (
     InvalidInputError,
     PayloadTooLargeError,
@@ -38,8 +57,10 @@ from rillflow.errors import (
     WorkflowQueryTimeoutError,
     WorkflowUpdateFailedError,
     WorkflowUpdateTimeoutError,
+    safe_text,
 )
 from rillflow.history import HistoryEvent
+from rillflow.payloads import to_wire
 
 app = typer.Typer(
     help="rillflow: durable workflows in plain async Python, on nothing but Redis.",
@@ -51,22 +72,54 @@ out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 
-DEV_HOME = Path(os.environ.get("RILLFLOW_HOME", Path.home() / ".rillflow"))
-URL_FILE = DEV_HOME / "dev" / "url"
+
+def _fail(code: int, message: str, label: str = "error:") -> typer.Exit:
+    """Say what went wrong in one line (never wrapped, whatever the width) and return
+    the exit to raise."""
+    err.print(f"[red]{label}[/red] {escape(safe_text(message))}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _utf8(param: typer.CallbackParam, value: str | None) -> str | None:
+    """A shell passes bytes, and Python turns those that are not UTF-8 into lone
+    surrogates, which no name, id, URL or payload can carry: say so, with the bytes."""
+    if value is not None:
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            opt = param.opts[0] if param.opts else ""
+            label = opt if opt.startswith("-") else (param.name or "an argument").replace("_", " ")
+            raise _fail(
+                2, f"{label} is not UTF-8 text: {os.fsencode(value)!r}; names, ids and input must be UTF-8"
+            ) from None
+    return value
+
 
 UrlOpt = Annotated[
     str | None,
     typer.Option(
-        "--url", envvar="RILLFLOW_URL", help="Redis URL (default: the running `rillflow dev` server)."
+        "--url",
+        callback=_utf8,
+        help=f"Redis URL, redis://[user:password@]host:port/db (default: ${URL_ENV}, else the running "
+        "`rillflow dev` server).",
     ),
 ]
-NsOpt = Annotated[str, typer.Option("--namespace", "-n", envvar="RILLFLOW_NAMESPACE", help="Namespace.")]
+NsOpt = Annotated[
+    str,
+    typer.Option("--namespace", "-n", envvar="RILLFLOW_NAMESPACE", callback=_utf8, help="Namespace."),
+]
+ExecIdArg = Annotated[str, typer.Argument(help="the execution id", callback=_utf8)]
 
 
 class Exit(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _positive(value: float | None, option: str) -> None:
+    if value is not None and not value > 0:
+        raise Exit(2, f"{option} must be a positive number of seconds, got {value:g}")
 
 
 def configure_logging(level: str = "info") -> None:
@@ -78,14 +131,65 @@ def configure_logging(level: str = "info") -> None:
     )
 
 
-def resolve_url(url: str | None) -> str:
-    if url:
+def resolve_url(url: str | None) -> tuple[str, str]:
+    """The Redis URL to use and where it came from: ``--url``, else ``$RILLFLOW_URL``,
+    else the running ``rillflow dev`` server's; refused at once if it is not a Redis URL."""
+    found = default_url(url)
+    if found is None:
+        raise Exit(
+            2, f"no Redis URL: pass --url (or set {URL_ENV}), or start a local server with `rillflow dev`"
+        )
+    target, source = found
+    try:
+        parse_url(target)
+    except ValueError as e:
+        raise Exit(
+            2,
+            f"{source} {redact(target)!r} is not a Redis URL ({e}); "
+            "use redis://[user:password@]host:port/db, rediss://... or unix:///path/to/socket",
+        ) from None
+    return target, source
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
         return url
-    if URL_FILE.exists():
-        return URL_FILE.read_text().strip()
-    raise Exit(
-        2, "no Redis URL: pass --url (or set RILLFLOW_URL), or start a local server with `rillflow dev`"
-    )
+
+
+def redis_exit(e: RedisError, url: str, source: str) -> Exit | None:
+    """What a Redis error means for the user, as an exit code and a line; None for an
+    error that is not the user's to fix (a bug: let its traceback show)."""
+    where = f"Redis at {redact(url)} ({source})"
+    msg = safe_text(str(e)) or type(e).__name__
+    if isinstance(e, AuthenticationError | AuthenticationWrongNumberOfArgsError) or msg.startswith(
+        ("WRONGPASS", "NOAUTH")
+    ):
+        return Exit(
+            4,
+            f"{where} refused the credentials: {msg}; put the right ones in the URL "
+            "(redis://user:password@host:port/db)",
+        )
+    if isinstance(e, NoPermissionError) or msg.startswith("NOPERM") or "ACL failure" in msg:
+        return Exit(
+            4,
+            f"{where}: the Redis user may not do what rillflow needs: {msg}; grant it the namespace's "
+            "keys (~rf:*) and the commands on them, e.g. ACL SETUSER <user> ~rf:* +@all",
+        )
+    if isinstance(e, RedisTimeoutError):
+        return Exit(4, f"{where} did not answer in time: {msg}")
+    if isinstance(e, RedisConnectionError):
+        hint = "; is `rillflow dev` still running?" if "rillflow dev" in source else ""
+        return Exit(4, f"cannot reach {where}: {msg}{hint}")
+    if isinstance(e, ResponseError) and msg.startswith(("DB index", "READONLY", "OOM", "MISCONF", "LOADING")):
+        return Exit(4, f"{where} refused: {msg}")
+    return None
 
 
 def run(fn: Callable[[], Awaitable[T]]) -> T:
@@ -93,40 +197,42 @@ def run(fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(fn())  # type: ignore[arg-type]
     except Exit as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(e.code) from None
+        raise _fail(e.code, str(e)) from None
     except (InvalidInputError, PayloadTooLargeError) as e:
-        err.print(f"[red]invalid input:[/red] {e}")
-        raise typer.Exit(2) from None
+        raise _fail(2, str(e)) from None
     except (WorkflowNotFoundError, WorkflowNotRegisteredError, WorkflowAlreadyStartedError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(3) from None
+        raise _fail(3, str(e)) from None
     except (WorkflowQueryFailedError, WorkflowUpdateFailedError) as e:
-        err.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from None
+        raise _fail(1, str(e), "failed:") from None
     except (WorkflowQueryTimeoutError, WorkflowUpdateTimeoutError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(5) from None
+        raise _fail(5, str(e)) from None
     except WorkflowFailureError as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]{escape(safe_text(str(e)))}[/red]", soft_wrap=True)
         if e.cause.stack:
-            err.print(e.cause.stack.rstrip())
+            err.print(safe_text(e.cause.stack.rstrip()), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except RedisConnectionError as e:
-        err.print(f"[red]cannot reach Redis:[/red] {e}")
-        raise typer.Exit(4) from None
+        raise _fail(4, f"cannot reach Redis: {e}") from None
     except RillflowError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        raise _fail(2, str(e)) from None
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str | None, namespace: str) -> Any:
-    client = await Client.connect(resolve_url(url), namespace)
+async def connect(url: str | None, namespace: str) -> AsyncIterator[Client]:
+    """A client for the command's body; a Redis error the user can fix, in connecting or
+    later, becomes one line naming the server and where its URL came from."""
+    target, source = resolve_url(url)
     try:
-        yield client
-    finally:
-        await client.close()
+        client = await Client.connect(target, namespace)
+        try:
+            yield client
+        finally:
+            await client.close()
+    except RedisError as e:
+        exit_ = redis_exit(e, target, source)
+        if exit_ is None:
+            raise
+        raise exit_ from None
 
 
 def _json(value: Any) -> str:
@@ -134,12 +240,17 @@ def _json(value: Any) -> str:
 
 
 def _parse_input(raw: str | None) -> Any:
+    """--input as wire data: valid JSON that the wire can carry (a number beyond 64 bits
+    or a "\\ud800" escape is refused here, whatever the workflow is)."""
     if raw is None:
         return None
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError as e:
         raise Exit(2, f"--input is not valid JSON: {e}") from e
+    except RecursionError:
+        raise Exit(2, "--input is nested too deeply") from None
+    return to_wire(value, "--input")
 
 
 # -- worker -------------------------------------------------------------------------------
@@ -149,10 +260,18 @@ def load_target(target: str) -> tuple[list[type], list[ActivityDefinition]]:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     mod_name, _, attr = target.partition(":")
+    if not mod_name:
+        raise Exit(2, f"{target!r} names no module: use module or module:attr")
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise Exit(2, f"cannot import {mod_name!r}: {e}") from e
+    except ModuleNotFoundError as e:
+        if e.name and mod_name.startswith(e.name):  # the module itself, not one it imports
+            raise Exit(
+                2, f"cannot import {mod_name!r}: {e} (run from its directory, or add that to PYTHONPATH)"
+            ) from e
+        raise Exit(2, f"cannot import {mod_name!r}: {_located(e)}") from e
+    except Exception as e:  # the module's own code failed: say where, in one line
+        raise Exit(2, f"cannot import {mod_name!r}: {_located(e)}") from e
     if attr:
         try:
             obj = getattr(mod, attr)
@@ -171,6 +290,21 @@ def load_target(target: str) -> tuple[list[type], list[ActivityDefinition]]:
     return list(dict.fromkeys(wfs)), list(dict.fromkeys(acts))
 
 
+def _located(e: BaseException) -> str:
+    """``e`` with the line of the user's code it came from, as a one-line message
+    (not a line of rillflow's or of the import machinery)."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{type(e).__name__}: {e.msg} ({e.filename}, line {e.lineno})"
+    ours = str(Path(__file__).resolve().parent)
+    frames = [
+        f
+        for f in traceback.extract_tb(e.__traceback__)
+        if not f.filename.startswith(("<frozen", ours)) and "importlib" not in f.filename
+    ]
+    at = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{at}"
+
+
 def _sigterm_to_stop(stop: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (_signals.SIGTERM, _signals.SIGINT):
@@ -180,12 +314,17 @@ def _sigterm_to_stop(stop: Callable[[], None]) -> None:
 
 @app.command()
 def worker(
-    target: Annotated[str, typer.Argument(help="module or module:attr holding workflows and activities")],
-    task_queue: Annotated[str, typer.Option("--task-queue", "-q")] = "default",
+    target: Annotated[
+        str, typer.Argument(help="module or module:attr holding workflows and activities", callback=_utf8)
+    ],
+    task_queue: Annotated[str, typer.Option("--task-queue", "-q", callback=_utf8)] = "default",
     max_concurrent_activities: Annotated[int, typer.Option()] = 100,
     grace: Annotated[float, typer.Option(help="seconds running activities get to finish on SIGTERM")] = 30.0,
     identity: Annotated[
-        str | None, typer.Option(help="the worker's name in `rillflow workers` (default: host-pid-random)")
+        str | None,
+        typer.Option(
+            help="the worker's name in `rillflow workers` (default: host-pid-random)", callback=_utf8
+        ),
     ] = None,
     heartbeat: Annotated[
         float, typer.Option(help="seconds between liveness refreshes; the record lives three times that")
@@ -201,6 +340,8 @@ def worker(
     configure_logging(log_level)
 
     async def main() -> None:
+        if grace < 0:
+            raise Exit(2, f"--grace must not be negative, got {grace:g}")
         wfs, acts = load_target(target)
         async with connect(url, namespace) as client:
             w = Worker(
@@ -222,14 +363,19 @@ def worker(
 # -- client commands ----------------------------------------------------------------------
 @app.command()
 def start(
-    name: Annotated[str, typer.Argument(help="workflow name")],
+    name: Annotated[str, typer.Argument(help="workflow name", callback=_utf8)],
     input: Annotated[
-        str | None, typer.Option("--input", "-i", help="input as JSON (see `rillflow schema NAME`)")
+        str | None,
+        typer.Option("--input", "-i", help="input as JSON (see `rillflow schema NAME`)", callback=_utf8),
     ] = None,
-    id: Annotated[str | None, typer.Option("--id", help="execution id (default: a new uuid)")] = None,
+    id: Annotated[
+        str | None, typer.Option("--id", help="execution id (default: a new uuid)", callback=_utf8)
+    ] = None,
     task_queue: Annotated[
         str | None,
-        typer.Option("--task-queue", "-q", help="default: the queue the workflow is registered on"),
+        typer.Option(
+            "--task-queue", "-q", help="default: the queue the workflow is registered on", callback=_utf8
+        ),
     ] = None,
     execution_timeout: Annotated[float | None, typer.Option(help="seconds")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait for the result and print it")] = False,
@@ -246,6 +392,7 @@ def start(
     is checked against the registered schema first: nothing is written if it fails."""
 
     async def main() -> None:
+        _positive(execution_timeout, "--execution-timeout")
         data = _parse_input(input)
         async with connect(url, namespace) as client:
             h = await client.start_workflow(
@@ -253,7 +400,9 @@ def start(
                 data,
                 execution_id=id,
                 task_queue=task_queue,
-                execution_timeout=timedelta(seconds=execution_timeout) if execution_timeout else None,
+                execution_timeout=timedelta(seconds=execution_timeout)
+                if execution_timeout is not None
+                else None,
                 allow_unregistered=allow_unregistered,
             )
             if not wait:
@@ -267,7 +416,7 @@ def start(
 
 @app.command()
 def result(
-    execution_id: str,
+    execution_id: ExecIdArg,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait")] = None,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
@@ -275,6 +424,7 @@ def result(
     """Wait for an execution's result and print it as JSON."""
 
     async def main() -> None:
+        _positive(timeout, "--timeout")
         async with connect(url, namespace) as client:
             try:
                 value = await client.get_workflow_handle(execution_id).result(timeout=timeout)
@@ -286,7 +436,7 @@ def result(
 
 
 @app.command()
-def describe(execution_id: str, url: UrlOpt = None, namespace: NsOpt = "default") -> None:
+def describe(execution_id: ExecIdArg, url: UrlOpt = None, namespace: NsOpt = "default") -> None:
     """Show an execution's state: status, times, pending activities, task failures."""
 
     async def main() -> None:
@@ -349,7 +499,7 @@ def event_details(e: HistoryEvent) -> str:
 
 @app.command()
 def history(
-    execution_id: str,
+    execution_id: ExecIdArg,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per event")] = False,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
@@ -374,8 +524,10 @@ def history(
 
 @app.command()
 def terminate(
-    execution_id: str,
-    reason: Annotated[str, typer.Option("--reason", "-r", help="recorded in the history")] = "",
+    execution_id: ExecIdArg,
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="recorded in the history", callback=_utf8)
+    ] = "",
     url: UrlOpt = None,
     namespace: NsOpt = "default",
 ) -> None:
@@ -394,9 +546,11 @@ def terminate(
 
 @app.command("signal")
 def send_signal(
-    execution_id: str,
-    name: Annotated[str, typer.Argument(help="signal name (see `rillflow schema WORKFLOW`)")],
-    input: Annotated[str | None, typer.Option("--input", "-i", help="the signal's input as JSON")] = None,
+    execution_id: ExecIdArg,
+    name: Annotated[str, typer.Argument(help="signal name (see `rillflow schema WORKFLOW`)", callback=_utf8)],
+    input: Annotated[
+        str | None, typer.Option("--input", "-i", help="the signal's input as JSON", callback=_utf8)
+    ] = None,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
 ) -> None:
@@ -404,8 +558,9 @@ def send_signal(
     registered schema first: nothing is sent if it fails."""
 
     async def main() -> None:
+        data = _parse_input(input)
         async with connect(url, namespace) as client:
-            await client.get_workflow_handle(execution_id).signal(name, _parse_input(input))
+            await client.get_workflow_handle(execution_id).signal(name, data)
             out.print(f"signalled {execution_id}: {name}")
 
     run(main)
@@ -413,9 +568,11 @@ def send_signal(
 
 @app.command()
 def query(
-    execution_id: str,
-    name: Annotated[str, typer.Argument(help="query name (see `rillflow schema WORKFLOW`)")],
-    input: Annotated[str | None, typer.Option("--input", "-i", help="the query's input as JSON")] = None,
+    execution_id: ExecIdArg,
+    name: Annotated[str, typer.Argument(help="query name (see `rillflow schema WORKFLOW`)", callback=_utf8)],
+    input: Annotated[
+        str | None, typer.Option("--input", "-i", help="the query's input as JSON", callback=_utf8)
+    ] = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for a worker's answer")] = 10.0,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
@@ -424,20 +581,24 @@ def query(
     print it as JSON. Exit 1 if the handler raised, 5 if no worker answered in time."""
 
     async def main() -> None:
+        _positive(timeout, "--timeout")
+        data = _parse_input(input)
         async with connect(url, namespace) as client:
             h = client.get_workflow_handle(execution_id)
-            print(_json(await h.query(name, _parse_input(input), timeout=timedelta(seconds=timeout))))
+            print(_json(await h.query(name, data, timeout=timedelta(seconds=timeout))))
 
     run(main)
 
 
 @app.command()
 def update(
-    execution_id: str,
-    name: Annotated[str, typer.Argument(help="update name (see `rillflow schema WORKFLOW`)")],
-    input: Annotated[str | None, typer.Option("--input", "-i", help="the update's input as JSON")] = None,
+    execution_id: ExecIdArg,
+    name: Annotated[str, typer.Argument(help="update name (see `rillflow schema WORKFLOW`)", callback=_utf8)],
+    input: Annotated[
+        str | None, typer.Option("--input", "-i", help="the update's input as JSON", callback=_utf8)
+    ] = None,
     update_id: Annotated[
-        str | None, typer.Option("--update-id", help="repeat one to wait for it again")
+        str | None, typer.Option("--update-id", help="repeat one to wait for it again", callback=_utf8)
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait for the result")] = None,
     url: UrlOpt = None,
@@ -447,11 +608,13 @@ def update(
     it as JSON. Exit 1 if the update failed, 5 if it had not finished in time."""
 
     async def main() -> None:
+        _positive(timeout, "--timeout")
+        data = _parse_input(input)
         async with connect(url, namespace) as client:
             h = client.get_workflow_handle(execution_id)
             result = await h.execute_update(
                 name,
-                _parse_input(input),
+                data,
                 update_id=update_id,
                 timeout=timedelta(seconds=timeout) if timeout is not None else None,
             )
@@ -531,7 +694,7 @@ def workers(
 
 @app.command()
 def schema(
-    name: Annotated[str, typer.Argument(help="workflow name")],
+    name: Annotated[str, typer.Argument(help="workflow name", callback=_utf8)],
     part: Annotated[
         str, typer.Option("--part", help="all, input, output, signals, queries or updates")
     ] = "all",
@@ -566,9 +729,10 @@ def schema(
 
 @app.command()
 def unregister(
-    name: Annotated[str, typer.Argument(help="workflow name")],
+    name: Annotated[str, typer.Argument(help="workflow name", callback=_utf8)],
     task_queue: Annotated[
-        str | None, typer.Option("--task-queue", "-q", help="only this queue (default: every queue)")
+        str | None,
+        typer.Option("--task-queue", "-q", help="only this queue (default: every queue)", callback=_utf8),
     ] = None,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
@@ -587,20 +751,25 @@ def unregister(
 # -- dev ----------------------------------------------------------------------------------
 @app.command()
 def dev(
-    data_dir: Annotated[Path, typer.Option(help="where the server keeps its AOF")] = DEV_HOME / "dev",
-    port: Annotated[int, typer.Option(help="0 = a free port")] = 0,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="where the server keeps its AOF (default: $RILLFLOW_HOME/dev, ~/.rillflow/dev)"),
+    ] = None,
+    port: Annotated[int, typer.Option(help="0 = a free port", min=0, max=65535)] = 0,
     once: Annotated[bool, typer.Option("--once", help="exit after the demo instead of serving")] = False,
 ) -> None:
     """Start an embedded Redis (AOF on), a worker and a demo of real workflows; then
-    keep serving until Ctrl-C so other terminals can use `rillflow start`/`history`."""
+    keep serving until Ctrl-C. Other terminals' `rillflow` commands find the server by
+    themselves, with no --url."""
     from rillflow.devserver import run_dev
 
     configure_logging("warning")
     try:
-        asyncio.run(run_dev(data_dir, port or None, once, out))
+        asyncio.run(run_dev(data_dir or home() / "dev", port or None, once, out))
     except RillflowError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        raise _fail(2, str(e)) from None
+    except OSError as e:  # an unusable --data-dir
+        raise _fail(2, f"cannot start the dev server: {e}") from None
 
 
 @contextlib.contextmanager

@@ -1,6 +1,11 @@
 """The workflows ``rillflow dev`` serves and runs: an order that fans out, retries a
 flaky payment and sleeps durably; a shipment whose activity fails for good; a refund
-that waits for a person, answers queries and takes updates."""
+that waits for a person, answers queries and takes updates.
+
+Every name starts with ``demo_`` and ``rillflow dev`` serves them on their own task
+queue, ``rillflow-demo``: a user's first workflow (the README's ``ship_order`` on
+``default``) must reach the user's worker, not the demo's.
+"""
 
 from __future__ import annotations
 
@@ -19,25 +24,25 @@ class Order(BaseModel):
     amount: float
 
 
-@workflows.activity()
+@workflows.activity(name="demo_reserve_stock")
 async def reserve_stock(item: str) -> str:
     await asyncio.sleep(0.01)
     return f"reserved:{item}"
 
 
-@workflows.activity(retry_policy_initial_interval=timedelta(milliseconds=200))
+@workflows.activity(name="demo_charge_card", retry_policy_initial_interval=timedelta(milliseconds=200))
 async def charge_card(order_id: str, amount: float) -> str:
     if activity.info().attempt == 1:
         raise ConnectionError("payment gateway did not answer")
     return f"charge-{order_id}-{amount:.2f}"
 
 
-@workflows.activity()
+@workflows.activity(name="demo_send_receipt")
 async def send_receipt(order_id: str, charge_id: str) -> str:
     return f"receipt for {order_id} ({charge_id}) sent"
 
 
-@workflows.workflow.define(name="process_order", execution_timeout=timedelta(minutes=10))
+@workflows.workflow.define(name="demo_process_order", execution_timeout=timedelta(minutes=10))
 class ProcessOrder:
     """Reserve every item in parallel, charge the card, wait, send the receipt."""
 
@@ -55,12 +60,16 @@ class ProcessOrder:
         }
 
 
-@workflows.activity(retry_policy_max_attempts=3, retry_policy_initial_interval=timedelta(milliseconds=100))
+@workflows.activity(
+    name="demo_validate_address",
+    retry_policy_max_attempts=3,
+    retry_policy_initial_interval=timedelta(milliseconds=100),
+)
 async def validate_address(address: str) -> str:
     raise workflows.WorkflowError(f"address {address!r} is not deliverable", non_retryable=True)
 
 
-@workflows.workflow.define(name="ship_order")
+@workflows.workflow.define(name="demo_ship_order")
 class ShipOrder:
     """Fails for good: its activity raises a non-retryable error."""
 
@@ -70,12 +79,12 @@ class ShipOrder:
         return valid
 
 
-@workflows.activity()
+@workflows.activity(name="demo_build_report")
 async def build_report(report_type: str, include_details: bool) -> dict[str, object]:
     return {"report_type": report_type, "rows": 42 if include_details else 3}
 
 
-@workflows.workflow.define(name="report_workflow")
+@workflows.workflow.define(name="demo_report")
 class ReportWorkflow:
     @workflows.workflow.entrypoint
     async def run(self, report_type: str, include_details: bool = False) -> dict[str, object]:
@@ -88,12 +97,12 @@ class Approval(BaseModel):
     approver: str
 
 
-@workflows.activity()
+@workflows.activity(name="demo_pay_refund")
 async def pay_refund(order_id: str, amount: float) -> str:
     return f"refund-{order_id}-{amount:.2f}"
 
 
-@workflows.workflow.define(name="refund_order")
+@workflows.workflow.define(name="demo_refund_order")
 class RefundOrder:
     """Waits for a person to approve (a signal), lets them adjust the amount first (an
     update, which answers with the new amount) and tells anyone who asks where it is

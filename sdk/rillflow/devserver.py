@@ -1,22 +1,76 @@
 """``rillflow dev``: a local server with AOF, a worker, and a demo that prints what
-happened."""
+happened; and where other processes find that server.
+
+The demo serves its own task queue under names a user would not pick, so the first
+workflow a user writes (say a ``ship_order`` on ``default``) is served by the user's
+worker, never taken by the demo's. This module imports little at the top: clients
+import it to find the dev server's URL.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
-from rillflow.cli import event_details
-from rillflow.client import Client
 from rillflow.errors import RillflowError, WorkflowFailureError
-from rillflow.history import HistoryEvent
-from rillflow_runtime.embedded import EmbeddedRedis, EmbeddedServerError, dir_lock
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from rillflow.client import Client
+    from rillflow.history import HistoryEvent
+
+DEMO_TASK_QUEUE = "rillflow-demo"
+URL_ENV = "RILLFLOW_URL"
+
+
+def home() -> Path:
+    """``$RILLFLOW_HOME``, else ``~/.rillflow``: where ``rillflow dev`` keeps its data."""
+    return Path(os.environ.get("RILLFLOW_HOME") or Path.home() / ".rillflow")
+
+
+def url_file() -> Path:
+    """Where a running ``rillflow dev`` writes its server's URL (removed when it stops)."""
+    return home() / "dev" / "url"
+
+
+def dev_url() -> str | None:
+    """The URL of the running ``rillflow dev`` server, or None if none is running."""
+    try:
+        return url_file().read_text().strip() or None
+    except OSError:
+        return None
+
+
+def default_url(url: str | None = None) -> tuple[str, str] | None:
+    """Which Redis to use, and why: ``url`` if given, else ``$RILLFLOW_URL``, else the
+    running ``rillflow dev`` server; None if there is none of them. The CLI and
+    ``Client.connect()`` follow the same order."""
+    if url:
+        return url, "--url"
+    if env := os.environ.get(URL_ENV):
+        return env, f"${URL_ENV}"
+    if found := dev_url():
+        return found, f"the `rillflow dev` server, from {url_file()}"
+    return None
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a --port something already listens on: the new server could not bind it,
+    and its readiness check would be answered by the other one."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise RillflowError(
+                f"port {port} is taken ({e.strerror}): pick another --port, or leave it out for a free one"
+            ) from None
 
 
 def _summary(events: list[HistoryEvent]) -> str:
@@ -27,6 +81,9 @@ def _summary(events: list[HistoryEvent]) -> str:
 
 
 async def _demo(client: Client, out: Console) -> None:
+    from rich.table import Table
+
+    from rillflow.cli import event_details
     from rillflow.demo import Order, ProcessOrder, ShipOrder
 
     out.rule("[bold]demo")
@@ -34,21 +91,21 @@ async def _demo(client: Client, out: Console) -> None:
     order = Order(order_id="A-1001", items=["kettle", "mug", "tea"], amount=42.5)
     h1 = await client.start_workflow(ProcessOrder, order, execution_id=f"order-A-1001-{int(time.time())}")
     h2 = await client.start_workflow(ShipOrder, {"order_id": "A-1001", "address": "nowhere"})
-    h3 = await client.start_workflow("report_workflow", {"report_type": "daily"})
+    h3 = await client.start_workflow("demo_report", {"report_type": "daily"})
     out.print(f"started 3 workflows: {h1.id}, {h2.id}, {h3.id}")
     res = await h1.result(timeout=30)
-    out.print(f"[green]process_order completed[/green] in {time.perf_counter() - t0:.2f} s: {res}")
+    out.print(f"[green]demo_process_order completed[/green] in {time.perf_counter() - t0:.2f} s: {res}")
     try:
         await h2.result(timeout=30)
     except WorkflowFailureError as e:
-        out.print(f"[yellow]ship_order failed as designed[/yellow]: {e.cause.message}")
-    out.print(f"[green]report_workflow completed[/green]: {await h3.result(timeout=30)}")
+        out.print(f"[yellow]demo_ship_order failed as designed[/yellow]: {e.cause.message}")
+    out.print(f"[green]demo_report completed[/green]: {await h3.result(timeout=30)}")
     table = Table("id", "+ms", "event", title=f"history of {h1.id}")
     events = await h1.history()
     for ev in events:
         table.add_row(str(ev.event_id), str(ev.time_ms - events[0].time_ms), f"{ev.type} {event_details(ev)}")
     out.print(table)
-    out.print(f"ship_order history: {_summary(await h2.history())}")
+    out.print(f"demo_ship_order history: {_summary(await h2.history())}")
     await _refund_demo(client, out)
 
 
@@ -56,10 +113,10 @@ async def _refund_demo(client: Client, out: Console) -> None:
     from rillflow.demo import Approval, RefundOrder
 
     out.rule("[bold]signals, queries, updates")
-    reg = await client.registry.workflow("refund_order")
+    reg = await client.registry.workflow("demo_refund_order")
     if reg is not None:
         handlers = {k: [h["name"] for h in v] for k, v in reg.handlers.items() if v}
-        out.print(f"registry: refund_order on {', '.join(reg.task_queues)}, handlers {handlers}")
+        out.print(f"registry: demo_refund_order on {', '.join(reg.task_queues)}, handlers {handlers}")
     h = await client.start_workflow(RefundOrder, {"order_id": "A-1001", "amount": 42.5})
     while (status := await h.query(RefundOrder.status)).startswith("starting"):
         await asyncio.sleep(0.02)
@@ -67,15 +124,18 @@ async def _refund_demo(client: Client, out: Console) -> None:
     out.print(f"update adjust(40.0) answered: {await h.execute_update(RefundOrder.adjust, 40.0)}")
     await h.signal(RefundOrder.approve, Approval(approver="dana"))
     out.print("signal approve sent")
-    out.print(f"[green]refund_order completed[/green]: {await h.result(timeout=30)}")
-    out.print(f"refund_order history: {_summary(await h.history())}")
+    out.print(f"[green]demo_refund_order completed[/green]: {await h.result(timeout=30)}")
+    out.print(f"demo_refund_order history: {_summary(await h.history())}")
 
 
 async def run_dev(data_dir: Path, port: int | None, once: bool, out: Console) -> None:
-    from rillflow.cli import URL_FILE
+    from rillflow.client import Client
     from rillflow.demo import ACTIVITIES, WORKFLOWS
     from rillflow.worker import Worker
+    from rillflow_runtime.embedded import EmbeddedRedis, EmbeddedServerError, dir_lock
 
+    if port is not None:
+        _check_port_free(port)
     try:
         lock = dir_lock(data_dir)
         lock.__enter__()
@@ -87,23 +147,32 @@ async def run_dev(data_dir: Path, port: int | None, once: bool, out: Console) ->
     except EmbeddedServerError as e:
         lock.__exit__(None, None, None)
         raise RillflowError(str(e)) from e
-    URL_FILE.parent.mkdir(parents=True, exist_ok=True)
-    URL_FILE.write_text(server.url)
+    url_path = url_file()
+    try:
+        url_path.parent.mkdir(parents=True, exist_ok=True)
+        url_path.write_text(server.url)
+    except OSError as e:
+        server.stop()
+        lock.__exit__(None, None, None)
+        raise RillflowError(f"cannot write the server's URL to {url_path}: {e}") from e
     out.print(f"embedded server [bold]{server.url}[/bold] (binary {server.binary}, AOF in {data_dir})")
     try:
         client = await Client.connect(server.url)
-        async with Worker(client, "default", WORKFLOWS, ACTIVITIES, pump_interval=0.1) as worker:
+        async with Worker(client, DEMO_TASK_QUEUE, WORKFLOWS, ACTIVITIES, pump_interval=0.1) as worker:
             out.print(
-                f"worker {worker.identity} serving task queue 'default': {', '.join(sorted(worker.workflows))}"
+                f"demo worker {worker.identity} serving task queue '{DEMO_TASK_QUEUE}': "
+                f"{', '.join(sorted(worker.workflows))}"
             )
             await _demo(client, out)
             if not once:
                 out.rule()
                 out.print(
-                    "serving; in another terminal try:\n"
-                    '  rillflow start report_workflow --input \'{"report_type": "weekly"}\' --wait\n'
+                    f"serving at {server.url}; the CLI finds it by itself (through {url_path}),\n"
+                    "so in another terminal try:\n"
+                    '  rillflow start demo_report --input \'{"report_type": "weekly"}\' --wait\n'
                     "  rillflow history <execution id>\n"
-                    "  rillflow workflows; rillflow schema refund_order\n"
+                    "  rillflow workflows; rillflow schema demo_refund_order\n"
+                    "  rillflow worker yourmodule    # your own workflows, on task queue 'default'\n"
                     f"  redis-cli -p {server.port} --scan --pattern 'rf:*'\n"
                     "Ctrl-C stops the worker and the server (the data stays in the AOF)."
                 )
@@ -116,7 +185,7 @@ async def run_dev(data_dir: Path, port: int | None, once: bool, out: Console) ->
         await client.close()
     finally:
         with contextlib.suppress(OSError):
-            URL_FILE.unlink()
+            url_path.unlink()
         server.stop()
         lock.__exit__(None, None, None)
         out.print("stopped")

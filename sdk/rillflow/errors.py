@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
+from rillflow_runtime.codec import pack
+
 
 class RillflowError(Exception):
     """Base of the errors rillflow itself raises (usage, configuration, state)."""
@@ -102,6 +104,29 @@ class WorkflowNotRegisteredError(RillflowError, LookupError):
     namespace; nothing was written."""
 
 
+class WorkflowRegistrationConflictError(RillflowError):
+    """A worker would serve a workflow on a task queue where another live worker serves
+    it with other schemas; nothing was registered. Two versions on one queue would take
+    each other's tasks."""
+
+    def __init__(
+        self, workflow: str, task_queue: str, worker: str, live_workers: list[str], differences: list[str]
+    ) -> None:
+        super().__init__(
+            f"worker {worker} cannot register workflow '{workflow}' on task queue '{task_queue}': "
+            f"live worker{'s' if len(live_workers) > 1 else ''} {', '.join(live_workers)} "
+            f"serve{'' if len(live_workers) > 1 else 's'} it there with other schemas; differing: "
+            f"{'; '.join(differences)}. Stop the old worker{'s' if len(live_workers) > 1 else ''} first "
+            "(a worker withdraws on SIGTERM, and drops out three heartbeats after it dies), or serve "
+            "this version on another task queue or under another name"
+        )
+        self.workflow = workflow
+        self.task_queue = task_queue
+        self.worker = worker
+        self.live_workers = live_workers
+        self.differences = differences
+
+
 class WorkflowQueryFailedError(RillflowError):
     """The query handler raised; ``cause`` is what it raised."""
 
@@ -145,13 +170,13 @@ class WorkflowDefinitionError(RillflowError, TypeError):
 
 def failure_from_exception(exc: BaseException) -> dict[str, Any]:
     """The portable record of an exception (type, message, stack, non_retryable)."""
-    stack = "".join(traceback.format_exception(exc))
+    stack = safe_text("".join(traceback.format_exception(exc)))
     if isinstance(exc, WorkflowError):
         rec: dict[str, Any] = {
             "type": exc.type,
-            "message": exc.message,
+            "message": safe_text(exc.message),
             "non_retryable": exc.non_retryable,
-            "stack": exc.stack or stack,
+            "stack": safe_text(exc.stack) or stack,
         }
         if exc.details:
             rec["details"] = jsonable(exc.details)
@@ -162,7 +187,7 @@ def failure_from_exception(exc: BaseException) -> dict[str, Any]:
         return rec
     return {
         "type": type(exc).__name__,
-        "message": str(exc),
+        "message": safe_text(str(exc)),
         "non_retryable": False,
         "stack": stack,
     }
@@ -191,5 +216,35 @@ def exception_from_failure(rec: dict[str, Any]) -> WorkflowError:
 
 def jsonable(value: Any) -> Any:
     """Any value as JSON-like data, for details that cross processes (``repr`` as a
-    last resort, so reporting a failure never fails)."""
-    return to_jsonable_python(value, fallback=repr)
+    last resort, so reporting a failure never fails: what the wire cannot carry, such
+    as an integer beyond 64 bits or a lone surrogate, becomes text)."""
+    try:
+        data = to_jsonable_python(value, fallback=repr)
+        pack(data)
+        return data
+    except (ValueError, TypeError, OverflowError):
+        return _carriable(value)
+
+
+def _carriable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {safe_text(str(k)): _carriable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_carriable(v) for v in value]
+    try:
+        data = to_jsonable_python(value, fallback=repr)
+    except (ValueError, TypeError):
+        return safe_text(repr(value))
+    return data if data is value else _carriable(data)
+
+
+def safe_text(s: str) -> str:
+    """``s`` with what UTF-8 cannot encode (lone surrogates) escaped, so that a message
+    about bad text can itself be printed and stored."""
+    return s.encode("utf-8", "backslashreplace").decode()

@@ -6,24 +6,37 @@ name, defaults applied and unknown keys refused; a single pydantic model paramet
 the input itself, its fields at the top level; a union of models (optionally with None)
 is tried member by member, left to right, the first that validates wins; a union that
 mixes a model with another type is refused when the function is decorated. Values are
-pydantic's JSON-mode dump, validated back into the declared types on the way in.
+pydantic's JSON-mode dump, validated back into the declared types on the way in, and
+checked to be encodable on the wire before anything is sent: msgpack carries integers
+of at most 64 bits and strings only as UTF-8, and a raw encoder error would name neither
+the field nor the remedy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, create_model
 from pydantic_core import to_jsonable_python
 
-from rillflow.errors import InvalidInputError, InvalidResultError, WorkflowDefinitionError
+from rillflow.errors import (
+    InvalidInputError,
+    InvalidResultError,
+    RillflowError,
+    WorkflowDefinitionError,
+    safe_text,
+)
+from rillflow_runtime.codec import pack
 
 DEFAULT_MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # what msgpack carries: int64 and uint64
+MAX_DEPTH = 500  # msgpack refuses data nested deeper than 511 levels
 
 
 @dataclass(frozen=True)
@@ -168,7 +181,14 @@ class Signature:
         """Validate caller-supplied input and return it as JSON-like data: an object keyed
         by parameter name, or for a single model (or union of models) the model's own
         data, as the workflows page shows."""
-        return self._validate(self._normalize(data)).model_dump(mode="json")
+        model = self._validate(self._normalize(data))
+        return _wire(lambda: model.model_dump(mode="json"), model, self._input_error)
+
+    def _input_error(self, why: str) -> RillflowError:
+        return InvalidInputError(f"invalid input for {self.what} '{self.fn_name}': {why}")
+
+    def _result_error(self, why: str) -> RillflowError:
+        return InvalidResultError(f"the result of {self.what} '{self.fn_name}' cannot be stored: {why}")
 
     # -- callee side --------------------------------------------------------------------
     def decode_input(self, data: Any) -> list[Any]:
@@ -207,12 +227,17 @@ class Signature:
                 f"the result of {self.what} '{self.fn_name}' does not match its return annotation "
                 f"{_type_name(self.return_type)}: {_describe(e)}"
             ) from e
-        return self.result_adapter.dump_python(checked, mode="json")
+        return _wire(
+            lambda: self.result_adapter.dump_python(checked, mode="json"),
+            checked,
+            self._result_error,
+            "(result)",
+        )
 
-    @staticmethod
-    def dump_unchecked(value: Any) -> Any:
-        """A value that does not match its annotation, as JSON-like data all the same."""
-        return to_jsonable_python(value)
+    def dump_unchecked(self, value: Any) -> Any:
+        """A value that does not match its annotation, as JSON-like data all the same;
+        InvalidResultError if even that cannot be encoded."""
+        return _wire(lambda: to_jsonable_python(value), value, self._result_error, "(result)")
 
     def load_result(self, data: Any) -> Any:
         return self.result_adapter.validate_python(data)
@@ -245,6 +270,109 @@ def _describe(e: ValidationError) -> str:
         loc = ".".join(str(x) for x in err.get("loc", ())) or "(input)"
         parts.append(f"{loc}: {err.get('msg')}")
     return "; ".join(parts)
+
+
+def to_wire(value: Any, what: str) -> Any:
+    """Input given without its types (a start or a handler call by name, the CLI's
+    ``--input``) as wire data: converted as pydantic's JSON mode converts an ``Any``
+    field, so by name and by class agree (``Decimal`` -> its exact string, UTF-8
+    ``bytes`` -> text, datetimes -> ISO 8601, tuples and sets -> lists, models -> their
+    JSON data), and checked to be encodable. Otherwise :class:`InvalidInputError` naming
+    the path, with nothing sent."""
+    return _wire(
+        lambda: to_jsonable_python(value),
+        value,
+        lambda why: InvalidInputError(f"invalid input for {what}: {why}"),
+    )
+
+
+def _wire(
+    dump: Callable[[], Any], source: Any, fail: Callable[[str], RillflowError], root: str = "(input)"
+) -> Any:
+    """``dump()`` if it succeeds and msgpack can encode it; else ``fail`` with the first
+    path that cannot go on the wire and why. The encoder is the fast check; the walk
+    that finds the path runs only when it refuses."""
+    try:
+        data = dump()
+    except (ValueError, TypeError) as e:  # a serializer error, undecodable bytes
+        raise fail(_where(source, e, root)) from None
+    try:
+        pack(data)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise fail(_where(data, e, root)) from None
+    return data
+
+
+def _where(value: Any, e: Exception, root: str) -> str:
+    found = problem(value)
+    if found is None:  # the walk missed what the encoder saw: say what it said
+        return f"{root}: cannot be encoded: {type(e).__name__}: {safe_text(str(e))}"
+    path, why = found
+    return f"{'.'.join(safe_text(str(x)) for x in path) or root}: {why}"
+
+
+def problem(value: Any, path: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], str] | None:
+    """The first place in ``value`` that cannot go on the wire, and why with what to do
+    instead; None if there is none."""
+    if len(path) > MAX_DEPTH:
+        return path[:3], f"the data is nested more than {MAX_DEPTH} levels deep (or contains itself)"
+    if value is None or isinstance(value, bool | float):
+        return None
+    if isinstance(value, int):
+        if INT_MIN <= value <= INT_MAX:
+            return None
+        return path, (
+            f"the integer {value} does not fit in 64 bits (the wire carries {INT_MIN} to {INT_MAX}): "
+            "send it as a string (declare the field `str`, or `Decimal`, which travels as a string)"
+        )
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as e:
+            return path, (
+                f"the string has a lone surrogate {value[e.start]!r} at position {e.start}, which is not "
+                "valid Unicode (bytes decoded with errors='surrogateescape', such as a file name, "
+                "produce them): decode the original bytes with their real encoding, or send binary "
+                "data base64-encoded"
+            )
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            raw.decode()
+        except UnicodeDecodeError:
+            return path, (
+                f"bytes that are not UTF-8 text ({raw[:16]!r}{'...' if len(raw) > 16 else ''}); bytes "
+                "travel as UTF-8 text: send binary data base64-encoded (declare the field "
+                "`pydantic.Base64Bytes`), or pass a reference to it"
+            )
+        return None
+    if isinstance(value, RootModel):
+        return problem(value.root, path)
+    if isinstance(value, BaseModel):
+        return problem(dict(value), path)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return problem({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, path)
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if isinstance(k, str) and (found := problem(k, path)):
+                return (*path, k), f"the key is not valid text: {found[1]}"
+            if found := problem(v, (*path, k)):
+                return found
+        return None
+    if isinstance(value, list | tuple | set | frozenset):
+        for i, v in enumerate(value):
+            if found := problem(v, (*path, i)):
+                return found
+        return None
+    try:
+        converted = to_jsonable_python(value)
+    except Exception:
+        return path, (
+            f"a {type(value).__qualname__} is not JSON data: convert it to a str, a number, a list "
+            "or a dict, or declare a pydantic model for it"
+        )
+    return problem(converted, path)
 
 
 def check_size(encoded: bytes, limit: int, what: str) -> None:

@@ -18,16 +18,24 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaError
+from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from rillflow.errors import InvalidInputError, RillflowError, WorkflowNotRegisteredError, jsonable
-from rillflow.payloads import InputShape
+from rillflow.errors import (
+    InvalidInputError,
+    RillflowError,
+    WorkflowNotRegisteredError,
+    WorkflowRegistrationConflictError,
+    jsonable,
+)
+from rillflow.payloads import InputShape, to_wire
 from rillflow.workflow import WorkflowDefinition
 from rillflow_runtime.codec import text
 from rillflow_runtime.keyspace import Keyspace
 
-_SPEC = "spec"
+_SPEC = "spec"  # the latest registration, from any queue: what clients validate against
+_SPEC_ON = "spec:"  # field prefix: "spec:<task queue>" -> the latest registration there
 _QUEUE = "q:"  # field prefix: "q:<task queue>" -> when it was last registered there (ms)
 
 
@@ -74,10 +82,12 @@ class RegisteredWorkflow:
     live_workers: dict[str, list[str]] = field(default_factory=dict)  # queue -> identities
 
     def check_input(self, data: Any) -> Any:
-        """``data`` normalised as the worker will, if the registered input schema accepts
-        it; otherwise :class:`InvalidInputError` listing every error with its path."""
-        data = self.input_shape.normalize(data)
-        _check(_validator(self.spec_json, "", ""), data, f"workflow '{self.name}'")
+        """``data`` as wire data (see :func:`to_wire`), normalised as the worker will, if
+        it can be encoded and the registered input schema accepts it; otherwise
+        :class:`InvalidInputError` listing every error with its path."""
+        what = f"workflow '{self.name}'"
+        data = _wire_input(self.input_shape, data, what)
+        _check(_validator(self.spec_json, "", ""), data, what)
         return data
 
     def check_handler_input(self, kind: str, name: str, data: Any) -> Any:
@@ -88,9 +98,18 @@ class RegisteredWorkflow:
         if handler is None:
             has = ", ".join(h["name"] for h in self.handlers.get(kind, [])) or "none"
             raise InvalidInputError(f"workflow '{self.name}' has no {what} '{name}' (its {kind}: {has})")
-        data = InputShape.from_json(handler["input_shape"]).normalize(data)
-        _check(_validator(self.spec_json, kind, name), data, f"{what} '{name}' of workflow '{self.name}'")
+        label = f"{what} '{name}' of workflow '{self.name}'"
+        data = _wire_input(InputShape.from_json(handler["input_shape"]), data, label)
+        _check(_validator(self.spec_json, kind, name), data, label)
         return data
+
+
+def _wire_input(shape: InputShape, data: Any, what: str) -> Any:
+    """Input given by name, normalised as the worker will, then as wire data: a bare
+    value's errors name its parameter, as they do given the class."""
+    if isinstance(data, BaseModel):  # a model given with a name is its data
+        data = to_wire(data, what)
+    return to_wire(shape.normalize(data), what)
 
 
 def workflow_spec(defn: WorkflowDefinition, task_queue: str, identity: str) -> dict[str, Any]:
@@ -111,6 +130,61 @@ def workflow_spec(defn: WorkflowDefinition, task_queue: str, identity: str) -> d
     }
 
 
+_KIND = {"signals": "signal", "queries": "query", "updates": "update"}
+
+
+def _schemas(spec: dict[str, Any]) -> dict[str, Any]:
+    """What callers depend on in a registration: the input, output and handler schemas
+    (not descriptions, timeouts or schedules, which may change in a rolling deploy)."""
+    parts: dict[str, Any] = {
+        "input schema": spec.get("input_schema"),
+        "input shape": spec.get("input_shape"),
+        "output schema": spec.get("output_schema"),
+    }
+    for kind, handlers in sorted(spec.get("handlers", {}).items()):
+        for h in handlers:
+            parts[f"{_KIND.get(kind, kind)} '{h['name']}'"] = {
+                k: h.get(k) for k in ("input_schema", "input_shape", "output_schema")
+            }
+    return parts
+
+
+def schema_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How two registrations of a workflow differ for its callers, part by part, with
+    the first paths where a schema differs; empty if they agree."""
+    a, b = _schemas(old), _schemas(new)
+    out = []
+    for part in [*a, *(p for p in b if p not in a)]:
+        if part not in b:
+            out.append(f"{part} (only on the live worker)")
+        elif part not in a:
+            out.append(f"{part} (only on the new worker)")
+        elif a[part] != b[part]:
+            paths = _diff_paths(a[part], b[part])
+            out.append(f"{part} (at {', '.join(paths)})" if paths else part)
+    return out
+
+
+def _diff_paths(a: Any, b: Any, path: str = "", limit: int = 3) -> list[str]:
+    if a == b:
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in [*a, *(k for k in b if k not in a)]:
+            if len(out) >= limit:
+                break
+            out += _diff_paths(a.get(k), b.get(k), f"{path}.{k}" if path else str(k), limit - len(out))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if len(out) >= limit:
+                break
+            out += _diff_paths(x, y, f"{path}.{i}" if path else str(i), limit - len(out))
+        return out
+    return [path or "(root)"]
+
+
 class Registry:
     """The namespace's registry, read and written through one client's connection."""
 
@@ -120,18 +194,63 @@ class Registry:
 
     # -- workers' side ------------------------------------------------------------------
     async def publish(self, specs: list[dict[str, Any]], worker: dict[str, Any], ttl_ms: int) -> None:
-        """Register definitions and the worker's liveness record in one transaction."""
+        """Register definitions and the worker's liveness record in one transaction.
+
+        Refused with :class:`WorkflowRegistrationConflictError`, writing nothing, when
+        another live worker serves one of these workflows on the same task queue with
+        other schemas: the two would take each other's tasks, and starts by name would be
+        checked against whichever registered last. The check and the write are one
+        WATCH/MULTI transaction on the registry entries, so of two workers starting at
+        once the second sees the first. A worker whose liveness record has expired does
+        not count, and the same schemas again (from any worker) are always accepted."""
         ks = self.ks
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for spec in specs:
-                pipe.sadd(ks.registry, spec["name"])
-                pipe.hset(
-                    ks.registry_entry(spec["name"]),
-                    mapping={_SPEC: json.dumps(spec), _QUEUE + spec["task_queue"]: spec["registered_ms"]},
-                )
-            pipe.set(ks.worker(worker["identity"]), json.dumps(worker), px=ttl_ms)
-            pipe.zadd(ks.workers, {worker["identity"]: worker["heartbeat_ms"]})
-            await pipe.execute()
+        keys = [ks.registry_entry(spec["name"]) for spec in specs]
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if keys:  # a publish that changes an entry meanwhile aborts this one: check again
+                    await pipe.watch(*keys)
+                    raws = [await pipe.hgetall(k) for k in keys]
+                    live = await self.workers()
+                    self._check_conflicts(specs, raws, worker["identity"], live)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                for spec in specs:
+                    queue = spec["task_queue"]
+                    pipe.sadd(ks.registry, spec["name"])
+                    pipe.hset(
+                        ks.registry_entry(spec["name"]),
+                        mapping={
+                            _SPEC: json.dumps(spec),
+                            _SPEC_ON + queue: json.dumps(spec),
+                            _QUEUE + queue: spec["registered_ms"],
+                        },
+                    )
+                pipe.set(ks.worker(worker["identity"]), json.dumps(worker), px=ttl_ms)
+                pipe.zadd(ks.workers, {worker["identity"]: worker["heartbeat_ms"]})
+                with contextlib.suppress(WatchError):
+                    await pipe.execute()
+                    return
+
+    @staticmethod
+    def _check_conflicts(
+        specs: list[dict[str, Any]], raws: list[dict[Any, Any]], identity: str, live: list[WorkerInfo]
+    ) -> None:
+        for spec, raw in zip(specs, raws, strict=True):
+            name, queue = spec["name"], spec["task_queue"]
+            others = sorted(
+                w.identity
+                for w in live
+                if w.identity != identity and w.task_queue == queue and name in w.workflows
+            )
+            fields = {text(k): text(v) for k, v in raw.items()}
+            served = fields.get(_SPEC_ON + queue)
+            if served is None and _SPEC in fields:  # registered before per-queue specs were kept
+                latest = json.loads(fields[_SPEC])
+                served = fields[_SPEC] if latest.get("task_queue") == queue else None
+            if not others or served is None:
+                continue
+            differences = schema_differences(json.loads(served), spec)
+            if differences:
+                raise WorkflowRegistrationConflictError(name, queue, identity, others, differences)
 
     async def refresh(self, worker: dict[str, Any], ttl_ms: int) -> bool:
         """Extend a liveness record; False if it had expired (the worker re-publishes)."""
@@ -160,7 +279,7 @@ class Registry:
                 entry = _with_workers(_entry(raw), await self.workers()) if raw else None
                 queues = self._forgettable(name, task_queue, entry)
                 pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.hdel(key, *(_QUEUE + q for q in queues))
+                pipe.hdel(key, *(_QUEUE + q for q in queues), *(_SPEC_ON + q for q in queues))
                 if entry is not None and set(queues) == set(entry.task_queues):
                     pipe.delete(key)
                     pipe.srem(self.ks.registry, name)
