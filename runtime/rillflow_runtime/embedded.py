@@ -137,19 +137,39 @@ class EmbeddedRedis:
                 raise EmbeddedServerError(
                     f"{self.binary} exited with {self.proc.returncode}: {self._log_tail()}"
                 )
-            if self._ping():
-                return self
+            try:
+                if self._ping():
+                    return self
+            except EmbeddedServerError:
+                self.stop()
+                raise
             time.sleep(0.005)
         self.stop()
         raise EmbeddedServerError(f"server on port {self.port} not ready: {self._log_tail()}")
 
     def _ping(self) -> bool:
+        """Ready when *our* process answers: another server already on the port would
+        answer a PING too, so the answer must carry our child's pid."""
+        assert self.proc is not None
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+                s.sendall(b"INFO server\r\n")
+                data = b""
+                while b"process_id:" not in data or not data.endswith(b"\r\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        return False
+                    data += chunk
+                    if len(data) > 1 << 20:
+                        return False
         except OSError:
             return False
+        for line in data.split(b"\r\n"):
+            if line.startswith(b"process_id:"):
+                if int(line.split(b":", 1)[1]) != self.proc.pid:
+                    raise EmbeddedServerError(f"another server already listens on port {self.port}")
+                return True
+        return False
 
     def _log_tail(self) -> str:
         try:

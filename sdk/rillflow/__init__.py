@@ -22,6 +22,7 @@ from rillflow.errors import (
     WorkflowNotRegisteredError,
     WorkflowQueryFailedError,
     WorkflowQueryTimeoutError,
+    WorkflowRegistrationConflictError,
     WorkflowUpdateFailedError,
     WorkflowUpdateTimeoutError,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "WorkflowNotRegisteredError",
     "WorkflowQueryFailedError",
     "WorkflowQueryTimeoutError",
+    "WorkflowRegistrationConflictError",
     "WorkflowUpdateFailedError",
     "WorkflowUpdateTimeoutError",
     "__version__",

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from rillflow.devserver import default_url
 from rillflow.errors import (
     InvalidInputError,
     RillflowError,
@@ -19,7 +19,7 @@ from rillflow.errors import (
     WorkflowNotRegisteredError,
 )
 from rillflow.handle import WorkflowHandle
-from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size
+from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size, to_wire
 from rillflow.registry import RegisteredWorkflow, Registry
 from rillflow.watcher import Watcher
 from rillflow.workflow import (
@@ -127,9 +127,10 @@ class Client:
         ``retention`` of closed runs (default 7 days) and ``workflow_task_timeout``
         (default 10 s); a namespace's settings are fixed once created. Starts trust a
         workflow's registration (its schema and task queues) read within
-        ``registry_cache``. ``url`` defaults to ``$RILLFLOW_URL``, as for the CLI, then
-        to ``redis://127.0.0.1:6379/0``."""
-        url = url or os.environ.get("RILLFLOW_URL") or DEFAULT_URL
+        ``registry_cache``. Without ``url``: ``$RILLFLOW_URL``, else the running ``rillflow
+        dev`` server, else ``redis://127.0.0.1:6379/0`` (the CLI's order)."""
+        found = default_url(url)
+        url = found[0] if found else DEFAULT_URL
         redis = make_redis(url, max_connections)
         try:
             settings = await ensure_namespace(redis, namespace, shards, retention, workflow_task_timeout)
@@ -207,9 +208,7 @@ class Client:
         if defn is not None:
             data = defn.sig.encode_input(params)
         else:
-            if isinstance(params, BaseModel):
-                params = params.model_dump(mode="json")
-            data = entry.check_input(params) if entry else params
+            data = entry.check_input(params) if entry else to_wire(params, f"workflow '{name}'")
         timeout = execution_timeout or (
             defn.execution_timeout
             if defn

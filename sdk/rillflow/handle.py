@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from rillflow.errors import (
     InvalidInputError,
     RillflowError,
@@ -24,7 +22,7 @@ from rillflow.errors import (
     exception_from_failure,
 )
 from rillflow.history import HistoryEvent
-from rillflow.payloads import check_size
+from rillflow.payloads import check_size, to_wire
 from rillflow.workflow import HANDLER_KINDS, HandlerDefinition, WorkflowDefinition, handler_definition
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import ID_RE, NAME_RE
@@ -323,10 +321,10 @@ class WorkflowHandle:
             h = self.defn.handler(kind, name)
         if h is not None:
             return name, h.sig.encode_input(payload), h
-        if isinstance(payload, BaseModel):
-            payload = payload.model_dump(mode="json")
         entry = await self.client._registration(await self._workflow_type())
-        return name, entry.check_handler_input(HANDLER_KINDS[kind], name, payload) if entry else payload, None
+        if entry is None:
+            return name, to_wire(payload, f"{kind} '{name}'"), None
+        return name, entry.check_handler_input(HANDLER_KINDS[kind], name, payload), None
 
     def _not_found(self) -> WorkflowNotFoundError:
         return WorkflowNotFoundError(

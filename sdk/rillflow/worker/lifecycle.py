@@ -21,7 +21,7 @@ import structlog
 
 from rillflow.activity import ActivityDefinition
 from rillflow.client import Client
-from rillflow.errors import RillflowError
+from rillflow.errors import RillflowError, WorkflowRegistrationConflictError
 from rillflow.registry import workflow_spec
 from rillflow.worker.activities import Activities
 from rillflow.worker.context import Context, WorkerStats
@@ -165,9 +165,9 @@ class Worker:
 
     async def run(self) -> None:
         streams = self._streams()
-        await self.ctx.ensure_groups(streams)
         self._started_ms = int(time.time() * 1000)
-        await self._publish()
+        await self._publish()  # first: a worker refused here leaves nothing behind
+        await self.ctx.ensure_groups(streams)
         log.info(
             "worker started",
             identity=self.identity,
@@ -292,6 +292,12 @@ class Worker:
                     log.warning("liveness record had expired; registering again", identity=self.identity)
                     await self._publish()
                 failures = 0
+            except WorkflowRegistrationConflictError as e:
+                # another worker took the name with other schemas meanwhile: this one
+                # must not go on serving it unregistered
+                log.error("registering again was refused; the worker stops", error=str(e))
+                self.stop()
+                return
             except TRANSIENT as e:
                 reraise_if_cancelling()
                 failures += 1
