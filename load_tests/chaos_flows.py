@@ -1,0 +1,148 @@
+"""The workflow and activities of the chaos run (``python -m load_tests.chaos``).
+
+One workflow type mixes every kind of step the chaos must not break: async activities
+(some in parallel), a plain ``def`` activity (run in a thread), a durable timer, an
+activity that heartbeats and resumes from its details, and signals it counts and waits
+for. What each step returns is plain arithmetic, so :func:`expected_value` can say
+what a run must return without running it.
+
+Each activity execution adds one to ``chaos:exec:<execution id>:<activity>:<n>`` in the
+tally server named by ``RILLFLOW_CHAOS_TALLY_URL``: a Redis of the harness's own that
+is never killed nor rolled back, so the counts survive what the run does to the
+engine's Redis. ``n`` numbers the activity calls of a workflow, so a count above one
+is a re-execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from datetime import timedelta
+
+import redis
+from pydantic import BaseModel
+
+import rillflow as workflows
+from rillflow import activity, workflow
+
+TALLY_ENV = "RILLFLOW_CHAOS_TALLY_URL"
+TALLY_PREFIX = "chaos:exec:"
+WORKFLOW_NAME = "chaos_mix"
+SIGNAL_NAME = "poke"
+
+# unlimited attempts: under chaos an attempt may time out any number of times, and a run
+# that fails because its worker kept dying would hide what the harness is looking for
+RETRY = {
+    "retry_policy_max_attempts": 0,
+    "retry_policy_initial_interval": timedelta(milliseconds=200),
+    "retry_policy_max_interval": timedelta(seconds=2),
+}
+
+_tally: redis.Redis | None = None
+_tally_lock = threading.Lock()
+
+
+def tally_key(execution_id: str, activity_name: str, n: int) -> str:
+    return f"{TALLY_PREFIX}{execution_id}:{activity_name}:{n}"
+
+
+def _count(n: int) -> None:
+    """Record one execution of the running activity (sync: async and thread activities alike)."""
+    global _tally
+    with _tally_lock:
+        if _tally is None:
+            url = os.environ.get(TALLY_ENV)
+            if not url:
+                raise RuntimeError(f"{TALLY_ENV} is not set: these activities run under load_tests.chaos")
+            _tally = redis.Redis.from_url(url)
+    info = activity.info()
+    _tally.incr(tally_key(info.workflow_id, info.activity_name, n))
+
+
+@workflows.activity(name="chaos_add", start_to_close_timeout=timedelta(seconds=5), **RETRY)
+async def add(n: int, value: int, plus: int) -> int:
+    _count(n)
+    await asyncio.sleep(0.02)  # a window for a kill to land mid-activity
+    return value + plus
+
+
+@workflows.activity(name="chaos_double_sync", start_to_close_timeout=timedelta(seconds=5), **RETRY)
+def double_sync(n: int, value: int) -> int:
+    _count(n)
+    time.sleep(0.02)
+    return value * 2
+
+
+@workflows.activity(
+    name="chaos_beat",
+    start_to_close_timeout=timedelta(seconds=60),
+    heartbeat_timeout=timedelta(seconds=2),
+    **RETRY,
+)
+async def beat(n: int, value: int, steps: int) -> int:
+    """Works ``steps`` x 0.1 s, heartbeating progress; a retry resumes where it stopped."""
+    _count(n)
+    details = activity.info().heartbeat_details
+    done = int(details[0]["done"]) if details else 0
+    for i in range(done, steps):
+        await asyncio.sleep(0.1)
+        activity.heartbeat({"done": i + 1})
+    return value + steps
+
+
+class Plan(BaseModel):
+    """What one run does: chosen by the harness from its seed."""
+
+    i: int
+    fan: int = 0  # parallel async activities beside the sync one
+    sleep_ms: int = 0  # a durable timer
+    beats: int = 0  # steps of the heartbeating activity (0: not called)
+    signals: int = 0  # signals the run waits for
+
+
+@workflows.workflow.define(name=WORKFLOW_NAME)
+class ChaosMix:
+    def __init__(self) -> None:
+        self.signals = 0
+        self.signal_sum = 0
+
+    @workflows.workflow.signal(name=SIGNAL_NAME)
+    def poke(self, k: int) -> None:
+        self.signals += 1
+        self.signal_sum += k
+
+    @workflows.workflow.entrypoint
+    async def run(self, plan: Plan) -> dict[str, int]:
+        value = await add(0, plan.i, 1)
+        n = 1
+        if plan.fan:
+            parts = await asyncio.gather(
+                *(add(n + k, value, k) for k in range(plan.fan)), double_sync(n + plan.fan, value)
+            )
+            value = sum(parts)
+            n += plan.fan + 1
+        else:
+            value = await double_sync(n, value)
+            n += 1
+        if plan.sleep_ms:
+            await workflow.sleep(timedelta(milliseconds=plan.sleep_ms))
+        if plan.beats:
+            value = await beat(n, value, plan.beats)
+            n += 1
+        await workflow.wait_condition(lambda: self.signals >= plan.signals)
+        value = await add(n, value, 1)  # a step after the signals: the run does not end on them
+        return {"value": value, "signals": self.signals, "signal_sum": self.signal_sum}
+
+
+def expected_value(plan: Plan) -> int:
+    """What ``ChaosMix.run`` returns as ``value`` for ``plan``, computed without running it."""
+    value = plan.i + 1
+    value = sum(value + k for k in range(plan.fan)) + 2 * value if plan.fan else 2 * value
+    return value + plan.beats + 1
+
+
+def activity_count(plan: Plan) -> int:
+    """How many activities a run of ``plan`` schedules."""
+    return 1 + plan.fan + 1 + (1 if plan.beats else 0) + 1
