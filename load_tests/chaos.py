@@ -729,15 +729,26 @@ class ChaosRun:
         self.last_kill = time.monotonic()
 
     async def restart_redis(self) -> None:
+        """Start Redis again over its data dir, and wait until it has loaded the AOF (it
+        answers PING while loading)."""
         for attempt in range(5):
             try:
                 await asyncio.to_thread(self.server.start, 30.0)
-                self.last_restart = time.monotonic()
-                return
+                break
             except Exception as e:
                 self.say(f"  redis restart failed ({e}); retrying")
                 await asyncio.sleep(0.5 * (attempt + 1))
-        raise RuntimeError("redis did not come back")
+        else:
+            raise RuntimeError("redis did not come back")
+        deadline = time.monotonic() + 120
+        while True:
+            with transient_ignored():
+                if text((await self.db.info("persistence")).get("loading")) == "0":
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis did not finish loading its AOF in 120 s")
+            await asyncio.sleep(0.05)
+        self.last_restart = time.monotonic()
 
     async def kill_redis(self, down: float) -> None:
         self.server.crash()
@@ -774,8 +785,10 @@ class ChaosRun:
                 if "Revert incomplete MULTI/EXEC" in said:
                     told += ", reverting a partly cut script's transaction,"
                 told += " and loaded it"
+            elif "DB loaded from append only file" in said:
+                told = "the server loaded it with no truncation (the cut fell between commands)"
             else:
-                told = "the server loaded it whole (the cut fell between commands)"
+                told = f"the server log does not say how it loaded it (see {self.server.log_path})"
             told += f" (aof-load-truncated {loads_truncated})"
             self.report.rollback = Rollback(noted, size, cut, window, told)
             self.say(f"[{self.now():5.1f}s] AOF tail cut: {self.report.rollback.describe()}")
@@ -977,6 +990,7 @@ LEFTOVER_KINDS = (
 SHARD_KEY = re.compile(r"^rf:\{" + NAMESPACE + r":(\d+)\}:(.*)$", re.S)
 # docs/keyspace.md: an activity in flight has fields <seq>, <seq>:b, <seq>:hb, <seq>:f
 IN_FLIGHT_FIELD = re.compile(r"^\d+(:(b|hb|f))?$")
+NS_KINDS = ("registry:", "worker:", "janitor:")  # namespace keys of one name each: none grows
 NS_KEY = re.compile(r"^rf:\{" + NAMESPACE + r"\}:(.*)$", re.S)
 
 
@@ -997,7 +1011,7 @@ async def scan_leftovers(
         if not m:
             n = NS_KEY.match(key)
             what = n.group(1) if n else key
-            if not (what in ("meta", "registry", "workers") or what.startswith(("registry:", "worker:"))):
+            if not (what in ("meta", "registry", "workers") or what.startswith(NS_KINDS)):
                 out["unknown keys"].add(key)
             continue
         what = m.group(2)
