@@ -10,16 +10,20 @@ commands; any difference is a :class:`NonDeterminismError`, never silent diverge
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import asyncio.events as _events
 import collections
 import contextlib
-import functools
+import ctypes
+import datetime as _datetime
 import inspect
+import os
 import random
 import sys
 import threading
 import time
+import types
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -105,6 +109,13 @@ class WorkflowTaskError(Exception):
     workflow task fails and is retried; the run stays open."""
 
 
+class InstanceTornDownError(asyncio.CancelledError):
+    """Raised in workflow code that tries to schedule work (an activity, a timer, a
+    condition) while its instance is torn down: the worker dropped the instance, so
+    nothing may run or be recorded for it. A ``CancelledError``, as the teardown is a
+    cancellation: ``except Exception`` in workflow code does not swallow it."""
+
+
 class WorkflowLoop(asyncio.AbstractEventLoop):
     """An event loop that only runs when its instance steps it.
 
@@ -147,7 +158,13 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         return asyncio.Future(loop=self)
 
     def create_task(self, coro: Any, *, name: str | None = None, context: Any = None) -> asyncio.Task[Any]:
-        return asyncio.Task(coro, loop=self, name=name, context=context)
+        task = asyncio.Task(coro, loop=self, name=name, context=context)
+        # Held until done: a pending task the GC collected (one waiting on a future nothing
+        # else references) would have its coroutine closed outside the loop, running user
+        # code (finally blocks) there, where an activity call is a plain inline call.
+        self.instance._tasks[task] = None
+        task.add_done_callback(self.instance._forget)
+        return task
 
     def get_debug(self) -> bool:
         return False
@@ -171,48 +188,161 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
 
 # -- the determinism guard -----------------------------------------------------------------
-# While a workflow task steps workflow code, these audit events (on that thread only) are
-# refused with a message saying what to use instead. Activities, worker threads and the
-# rest of the process are untouched.
-_REFUSED = {
-    "time.sleep": "time.sleep() blocks the worker; use `await workflow.sleep(...)`, a durable timer",
+# While a workflow task steps workflow code, the thread stepping it refuses what would make
+# a replay differ (the wall clock, unseeded randomness) or block the worker (time.sleep,
+# network, subprocesses, threads), with a message saying what to use instead. Activities,
+# worker threads and the rest of the process are untouched, and nothing is installed until
+# the process creates its first workflow instance (a client never pays for it).
+#
+# Two mechanisms, both armed only on the stepping thread and only while it steps:
+# - audit events (sockets, subprocesses), raised by C code whatever Python called it;
+# - a profile function (sys.setprofile, per thread) set while a workflow task runs
+#   (see _arming) and removed after. It returns at once for every event but ``c_call``,
+#   then looks the C function called up in _C_REFUSED. That catches ``datetime.now()`` however it was
+#   imported (``datetime`` is an immutable C type: nothing can be patched on it),
+#   ``time.time()``, the ``random`` module's functions (they all end in two C methods of
+#   its hidden generator, never in those of ``workflow.random()``'s own), ``uuid.uuid4()``
+#   and ``secrets`` (both end in ``os.urandom``), ``time.sleep`` and starting a thread.
+_AUDIT_REFUSED = {
     "socket.connect": "network I/O belongs in an activity",
     "socket.getaddrinfo": "network I/O belongs in an activity",
     "subprocess.Popen": "subprocesses belong in an activity",
     "os.system": "subprocesses belong in an activity",
     "os.posix_spawn": "subprocesses belong in an activity",
+    # Also caught by the profile function, first; these stay for when it is not set (a
+    # profiler or debugger holds the hook) on the versions that raise them.
+    "time.sleep": "time.sleep() blocks the worker; use `await workflow.sleep(...)`, a durable timer",
     "_thread.start_new_thread": "threads are not allowed in workflow code; use asyncio tasks or activities",
+    "_thread.start_joinable_thread": "threads are not allowed in workflow code; use asyncio tasks or activities",
 }
+_CLOCK = "the wall clock differs on replay; use `workflow.now()`, the time of the workflow task"
+_RANDOM = (
+    "the `random` module's generator is not seeded from the run, so a replay draws other "
+    "numbers; use `workflow.random()` (a `random.Random` seeded from the run)"
+)
+_URANDOM = "random bytes differ on replay; use `workflow.random()`, or `workflow.uuid4()` for ids"
+_UUID = "a random uuid differs on replay; use `workflow.uuid4()`"
+_SLEEP = "time.sleep() blocks the worker; use `await workflow.sleep(...)`, a durable timer"
+_THREADS = "threads are not allowed in workflow code; use asyncio tasks or activities"
+# C function -> (what the user called, why it is refused, whether log records may call it)
+_C_REFUSED: dict[Any, tuple[str, str, bool]] = {}
+# A log record's timestamp decides nothing: `logging` and `structlog` may read the clock.
+_LOGGING = ("logging", "structlog")
+# the modules whose functions end in a refused C call: name the function the user called
+_WRAPPERS = frozenset({"random", "uuid", "secrets"})
 
 
 class _Guard:
     thread: int | None = None  # the thread stepping workflow code, while it does
     suspended = 0  # inside workflow.unsafe.skip_determinism_enforcement()
+    installed = False
+    lock = threading.Lock()
+
+
+def _refusal(what: str, why: str) -> RestrictedWorkflowAccessError:
+    return RestrictedWorkflowAccessError(
+        f"{what}: {why}. (Refused while a workflow task runs; "
+        "`workflow.unsafe.skip_determinism_enforcement()` lifts this for a block.)"
+    )
+
+
+def _refuse(err: RestrictedWorkflowAccessError) -> None:
+    """Raise ``err`` in workflow code, and fail the workflow task even if that code
+    catches it: a swallowed refusal would still let the run diverge."""
+    loop = _events._get_running_loop()
+    if isinstance(loop, WorkflowLoop):
+        loop.instance.note_background_error(err)
+    raise err
 
 
 def _audit(event: str, _args: tuple[Any, ...]) -> None:
-    if event in _REFUSED and _Guard.thread == threading.get_ident() and not _Guard.suspended:
-        raise RestrictedWorkflowAccessError(
-            f"{event}: {_REFUSED[event]}. (Refused while a workflow task runs; "
-            "`workflow.unsafe.skip_determinism_enforcement()` lifts this for a block.)"
-        )
+    if event in _AUDIT_REFUSED and _Guard.thread == threading.get_ident() and not _Guard.suspended:
+        _refuse(_refusal(event, _AUDIT_REFUSED[event]))
 
 
-def _guarded(event: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """For calls Python 3.11 raises no audit event for."""
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if _Guard.thread is not None:
-            _audit(event, args)
-        return fn(*args, **kwargs)
-
-    return call
+def _profile(frame: types.FrameType, event: str, arg: Any) -> None:
+    # Called for every call and return on the stepping thread: keep the common path to
+    # one comparison (and one dict lookup for C calls).
+    if event != "c_call":
+        return
+    hit = _C_REFUSED.get(arg)
+    if hit is not None and not _Guard.suspended:
+        _refuse_c_call(frame, *hit)
 
 
-sys.addaudithook(_audit)
-time.sleep = _guarded("time.sleep", time.sleep)
-threading.Thread.start = _guarded("_thread.start_new_thread", threading.Thread.start)  # type: ignore[method-assign]
+def _refuse_c_call(frame: types.FrameType, what: str, why: str, logging_may: bool) -> None:
+    """Refuse a C call the profile caught (rare: the cost of walking frames is paid only here)."""
+    f: types.FrameType | None = frame
+    outermost = None  # random.randint, uuid.uuid4, ...: the function workflow code called
+    while f is not None and _module_of(f) in _WRAPPERS:
+        outermost, f = f, f.f_back
+    if logging_may:
+        g: types.FrameType | None = frame
+        while g is not None:
+            if _module_of(g).split(".", 1)[0] in _LOGGING:
+                return
+            g = g.f_back
+    if outermost is not None:
+        module = _module_of(outermost)
+        what = f"{module}.{outermost.f_code.co_name}()"
+        if module == "uuid":
+            why = _UUID
+    _refuse(_refusal(what, why))
+
+
+def _module_of(frame: types.FrameType) -> str:
+    return str(frame.f_globals.get("__name__", ""))
+
+
+def _install_guard() -> None:
+    """Arm the process for the guard, once: the audit hook (which cannot be removed, so
+    it waits for the first workflow instance) and the table of refused C functions."""
+    if _Guard.installed:
+        return
+    with _Guard.lock:
+        if _Guard.installed:
+            return
+        module_random: Any = random.random  # a method of the generator behind the module's functions
+        hidden = module_random.__self__
+        dt, date = _datetime.datetime, _datetime.date
+        table: dict[Any, tuple[str, str, bool]] = {
+            time.time: ("time.time()", _CLOCK, True),
+            time.time_ns: ("time.time_ns()", _CLOCK, True),
+            dt.now: ("datetime.now()", _CLOCK, True),
+            dt.utcnow: ("datetime.utcnow()", _CLOCK, True),
+            dt.today: ("datetime.today()", _CLOCK, True),
+            date.today: ("date.today()", _CLOCK, True),
+            hidden.random: ("random.random()", _RANDOM, True),
+            hidden.getrandbits: ("random.getrandbits()", _RANDOM, True),
+            os.urandom: ("os.urandom()", _URANDOM, True),
+            time.sleep: ("time.sleep", _SLEEP, False),
+        }
+        for name in ("start_new_thread", "start_joinable_thread"):  # the latter from 3.13 on
+            fn = getattr(_thread, name, None)
+            if fn is not None:
+                table[fn] = ("threading.Thread.start", _THREADS, False)
+        _C_REFUSED.update(table)
+        sys.addaudithook(_audit)
+        _Guard.installed = True
+
+
+@contextlib.contextmanager
+def _arming(enforce: bool) -> Iterator[bool]:
+    """Set the guard's profile function on this thread for the block (yields whether it
+    did): not when the workflow opted out, nor when an enclosing block set it already,
+    nor when a profiler or debugger holds the hook (the audit events still guard then).
+
+    A workflow task sets it once for all the activations it replays and runs (run_task,
+    replay): from Python 3.12 on, each change of the profile function makes the
+    interpreter re-instrument every code object that runs next, the worker's own too."""
+    if not enforce or sys.getprofile() is not None:
+        yield False
+        return
+    sys.setprofile(_profile)
+    try:
+        yield True
+    finally:
+        sys.setprofile(None)
 
 
 @contextlib.contextmanager
@@ -236,12 +366,21 @@ def require_instance(what: str) -> WorkflowInstance:
     return inst
 
 
+# Tasks that ignored their cancellation at teardown (see WorkflowInstance._abandon).
+_ABANDONED: list[asyncio.Task[Any]] = []
+
+
 class WorkflowInstance:
-    """One run's live state: the user's object, its loop, its pending commands."""
+    """One run's live state: the user's object, its loop, its pending commands.
+
+    The worker steps it with :func:`run_task` (or :func:`replay`, to answer a query) and
+    calls :meth:`teardown` whenever it lets it go."""
 
     def __init__(self, defn: WorkflowDefinition, info: WorkflowInfo) -> None:
+        _install_guard()
         self.defn = defn
         self.info = info
+        self._tasks: dict[asyncio.Task[Any], None] = {}  # the loop's unfinished tasks, in order
         self.loop = WorkflowLoop(self)  # type: ignore[abstract]
         self.obj = defn.cls()
         self.commands: list[Command] = []
@@ -255,11 +394,32 @@ class WorkflowInstance:
         self.replaying = False
         self.closed = False
         self.task_error: BaseException | None = None
+        # Reseeded from the run's own seed when WorkflowExecutionStarted is applied (see
+        # _seed); this crc32 of the run id is only for histories recorded without one.
         self.random = random.Random(zlib.crc32(info.run_id.encode()))
         self.max_payload_bytes = 2 * 1024 * 1024
+        self.torn_down = False
+        self._tearing_down = False
+        self._armed = False  # the guard's profile function is set by _inside
+        self._issued = 0  # command-producing calls, issued or dropped (a query must make none)
 
     # -- driving ---------------------------------------------------------------------------
     def activate(self, events: list[HistoryEvent], now_ms: int, replaying: bool) -> list[Command]:
+        """Apply one activation's events, step the workflow code until every coroutine
+        waits, and return the commands it issued (none after the one that closes the run).
+
+        Workflow code that raises a bug (an ``Exception`` that is not a workflow failure)
+        makes this raise :class:`WorkflowTaskError`: the workflow task fails and is retried.
+
+        ``KeyboardInterrupt`` and ``SystemExit`` raised while workflow code runs (Ctrl-C
+        reaching the worker then, or ``sys.exit()`` in workflow code) are neither the
+        run's outcome nor a bug of its code: they are never recorded, not as a failure of
+        the run and not as a failure of its workflow task. They propagate from here as
+        they would from anywhere else in the worker, which stops (or at least drops the
+        instance, whose state is then undefined, and must :meth:`teardown` it); the
+        workflow task, never completed, times out and a worker runs it again."""
+        if self.torn_down:
+            raise RuntimeError(f"workflow instance of run {self.info.run_id} was torn down")
         self.now_ms = now_ms
         self.loop._now = now_ms / 1000
         self.replaying = replaying
@@ -274,15 +434,18 @@ class WorkflowInstance:
 
     @contextlib.contextmanager
     def _inside(self) -> Iterator[None]:
-        """Workflow code runs with this instance's loop current and the guard on."""
+        """Workflow code runs with this instance's loop current and, unless the workflow
+        opted out, the determinism guard armed on this thread (see _profile)."""
         prev = _events._get_running_loop()
         _events._set_running_loop(self.loop)
-        prev_guard = _Guard.thread
+        prev_guard, prev_armed = _Guard.thread, self._armed
         if self.defn.enforce_determinism:
             _Guard.thread = threading.get_ident()
         try:
-            yield
+            with _arming(self.defn.enforce_determinism) as self._armed:
+                yield
         finally:
+            self._armed = prev_armed
             _Guard.thread = prev_guard
             _events._set_running_loop(prev)
 
@@ -296,21 +459,106 @@ class WorkflowInstance:
                 if self.task_error is not None or not self._check_conditions():
                     return
 
+    def teardown(self) -> None:
+        """Let the instance go without running anything for it. The worker calls this
+        whenever it drops an instance: evicted from its cache, a completion refused or to
+        be run again, a failed workflow task, a query's replay, shutdown.
+
+        Every task of the instance's loop is cancelled inside that loop (the loop current,
+        the guard armed, as when a workflow task steps it) with commands refused: the
+        ``finally`` blocks and ``except CancelledError`` clauses run as workflow code, and
+        anything in them that would schedule work (call an activity, start a timer, wait
+        for a condition) raises :class:`InstanceTornDownError` there, so that nothing runs
+        and nothing is recorded. The loop is stepped until nothing is ready. A task that
+        swallows its cancellation and waits again is logged (a warning naming the
+        workflow) and abandoned: never resumed, and referenced for good, so that the
+        garbage collector never finalizes it into user code outside its loop.
+        Idempotent; the instance is unusable afterwards.
+        Call it on the thread that steps the instance, never from workflow code."""
+        if self.torn_down or self._tearing_down:
+            return
+        self._tearing_down = True
+        self.commands = []
+        try:
+            with self._inside():
+                cancelled: dict[asyncio.Task[Any], None] = {}
+                while True:  # again for the tasks that finally blocks created
+                    live = [
+                        t
+                        for t in dict.fromkeys([*self._tasks, *asyncio.all_tasks(self.loop)])
+                        if not t.done() and t not in cancelled
+                    ]
+                    if not live:
+                        break
+                    for t in live:
+                        cancelled[t] = None
+                        t.cancel("the workflow instance is torn down")
+                    self._drain()
+                for t in cancelled:
+                    if not t.done():
+                        self._abandon(t)
+        finally:
+            self.torn_down = True
+            self.task_error = None
+            self.commands = []
+            self.loop.ready.clear()
+            self._tasks.clear()
+            self.activities.clear()
+            self.timers.clear()
+            self.conditions.clear()
+
+    def _drain(self) -> None:
+        """Step every ready callback (teardown: errors of workflow code are not recorded)."""
+        while self.loop.ready:
+            h = self.loop.ready.popleft()
+            if not h._cancelled:
+                h._run()
+            if self._armed and sys.getprofile() is None:
+                sys.setprofile(_profile)  # a refusal unsets the profile function: set it again
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        """A task that swallowed its cancellation and waits again is never resumed: not
+        closed (GeneratorExit would run its code again, and a coroutine it awaits that
+        ignored that would be finalized, running it once more, when its frame let go of
+        it), but referenced for good, with one reference more than anything holds so that
+        not even the interpreter's exit releases it. No collection ever finalizes it into
+        user code outside its loop, where an activity call would be a plain inline call."""
+        log.warning(
+            "workflow code ignored its cancellation while its instance was torn down; "
+            "abandoned (kept in memory for the life of the worker)",
+            workflow=self.defn.name,
+            execution_id=self.info.workflow_id,
+            run_id=self.info.run_id,
+            task=task.get_name(),
+        )
+        task._log_destroy_pending = False  # type: ignore[attr-defined]
+        _ABANDONED.append(task)
+        with contextlib.suppress(Exception):
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(task))
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.pop(task, None)
+
     def answer_query(self, h: HandlerDefinition, data: Any) -> Any:
         """Run a query handler on the current state; its result as wire data. A handler
         that tried to change the run (schedule anything) raises QueryChangedStateError:
         the instance is no longer the history's and must be dropped."""
+        if self.torn_down:
+            raise RuntimeError(f"workflow instance of run {self.info.run_id} was torn down")
         args, kwargs = h.sig.decode_call(data)
-        commands, ready = len(self.commands), len(self.loop.ready)
-        with self._inside():
-            value = getattr(self.obj, h.method)(*args, **kwargs)
+        issued, ready, task_error = self._issued, len(self.loop.ready), self.task_error
+        try:
+            with self._inside():
+                value = getattr(self.obj, h.method)(*args, **kwargs)
+        finally:
+            self.task_error = task_error  # a refusal of the guard fails the query, not the next task
         if inspect.isawaitable(value):
             with contextlib.suppress(Exception):
                 value.close()  # type: ignore[attr-defined]
             raise QueryChangedStateError(
                 f"query '{h.name}' returned an awaitable: a query handler is a plain def"
             )
-        if len(self.commands) != commands or len(self.loop.ready) != ready:
+        if self._issued != issued or len(self.loop.ready) != ready:
             raise QueryChangedStateError(
                 f"query '{h.name}' tried to change the workflow (it scheduled work): "
                 "a query only reads state; use a signal to change it"
@@ -326,7 +574,7 @@ class WorkflowInstance:
                 continue
             try:
                 ok = fn()
-            except BaseException as e:
+            except Exception as e:  # a bug; KeyboardInterrupt and the like leave activate()
                 self.task_error = e
                 return False
             if ok:
@@ -343,6 +591,7 @@ class WorkflowInstance:
     def _apply(self, ev: HistoryEvent) -> None:
         a = ev.attributes
         if ev.type == "WorkflowExecutionStarted":
+            self._seed(a.get("seed"))
             self.loop.create_task(self._main(a.get("input")), name=f"workflow:{self.info.workflow_id}")
         elif ev.type == "WorkflowExecutionSignaled":
             self._signal(str(a.get("name")), a.get("input"))
@@ -380,7 +629,22 @@ class WorkflowInstance:
                     )
                 )
 
+    def _seed(self, seed: Any) -> None:
+        """``workflow.random()`` and ``workflow.uuid4()`` draw from the run's own seed: the
+        random bytes (16, as msgpack bin) the client records under ``seed`` in
+        WorkflowExecutionStarted, set before the entrypoint runs. Histories recorded
+        before the client did so have none: they keep the generator ``__init__`` seeded
+        from a crc32 of the run id, which their replays depend on (only 32 bits, so the
+        sequences of two runs among ~100k collide)."""
+        if isinstance(seed, bytes | bytearray) and seed:
+            self.random.seed(bytes(seed))  # all its bits count (random hashes bytes with sha512)
+
     async def _main(self, data: Any) -> None:
+        """The entrypoint. A WorkflowError or TimeoutError fails the run; any other
+        ``Exception`` is a bug and fails the workflow task. Other BaseExceptions are not
+        the workflow's outcome and pass: CancelledError (a cancelled workflow, or its
+        teardown), GeneratorExit (its coroutine closed), KeyboardInterrupt and SystemExit
+        (they leave :meth:`activate`, see there, and are never recorded)."""
         sig = self.defn.sig
         try:
             args = sig.decode_input(data)
@@ -400,10 +664,10 @@ class WorkflowInstance:
                 data = sig.dump_unchecked(result)
             encoded = pack({"result": data})
         except (WorkflowError, TimeoutError) as e:
-            self._close(CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
+            self._close(
+                CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",)
+            )
+        except Exception as e:
             self.task_error = e
         else:
             check_size(encoded, self.max_payload_bytes, f"result of workflow '{self.defn.name}'")
@@ -448,14 +712,13 @@ class WorkflowInstance:
         self, h: HandlerDefinition, update_id: str, args: list[Any], kwargs: dict[str, Any]
     ) -> None:
         """A WorkflowError (or a result the annotation refuses) fails the update, not
-        the run; anything else is a bug and fails the workflow task."""
+        the run; any other Exception is a bug and fails the workflow task. Other
+        BaseExceptions pass, as in :meth:`_main`."""
         try:
             outcome = {"result": h.sig.dump_result(await self._call(h, args, kwargs))}
         except (WorkflowError, InvalidResultError, TimeoutError) as e:
             outcome = {"failure": failure_from_exception(e)}
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
+        except Exception as e:
             self.note_background_error(e)
             return
         finally:
@@ -470,31 +733,54 @@ class WorkflowInstance:
             check_size(body, self.max_payload_bytes, f"result of update '{name}'")
         except PayloadTooLargeError as e:
             body = pack({"update_id": update_id, "name": name, "failure": failure_from_exception(e)})
-        self.commands.append(Command(CommandKind.COMPLETE_UPDATE, body, [update_id], ("CompleteUpdate", update_id)))
+        self._emit(Command(CommandKind.COMPLETE_UPDATE, body, [update_id], ("CompleteUpdate", update_id)))
 
     async def _handle(self, h: HandlerDefinition, args: list[Any], kwargs: dict[str, Any]) -> None:
         """A signal handler's errors count as the entrypoint's would: a WorkflowError
-        fails the run, anything else (a bug) fails the workflow task."""
+        fails the run, any other Exception (a bug) fails the workflow task. Other
+        BaseExceptions pass, as in :meth:`_main`."""
         try:
             await self._call(h, args, kwargs)
         except (WorkflowError, TimeoutError) as e:
-            if not self.closed:
-                self._close(CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as e:
+            self._close(
+                CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",)
+            )
+        except Exception as e:
             self.note_background_error(e)
         finally:
             self.handlers_running -= 1
 
     def _close(self, kind: CommandKind, body: bytes, ident: tuple[Any, ...]) -> None:
+        if self.closed or self._tearing_down:  # the run closes once
+            return
+        self._emit(Command(kind, body, [], ident))
         self.closed = True
-        self.commands.append(Command(kind, body, [], ident))
 
     # -- commands -------------------------------------------------------------------------
+    def _emit(self, cmd: Command) -> None:
+        """Issue a command. None once the run closed: wft_complete.lua records nothing
+        after the closing command, so what a signal or update handler still issues in the
+        same activation (live, or on replay alike) is dropped here, and the run must not
+        count on it. None while torn down either."""
+        self._issued += 1
+        if not self.closed and not self._tearing_down:
+            self.commands.append(cmd)
+
+    def _torn_down(self, what: str) -> InstanceTornDownError:
+        return InstanceTornDownError(
+            f"{what} refused: workflow '{self.defn.name}' execution '{self.info.workflow_id}' "
+            f"(run {self.info.run_id}) is being torn down (its worker dropped this instance), "
+            "so nothing runs or is recorded for it"
+        )
+
     def schedule_activity(
         self, adef: ActivityDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> asyncio.Future[Any]:
+        if self._tearing_down:
+            raise self._torn_down(f"activity '{adef.name}'")
+        if self.closed:  # never issued, so never resolved: the run is over
+            self._issued += 1
+            return self.loop.create_future()
         data = adef.sig.encode_call(args, kwargs)
         self.activity_seq += 1
         seq = self.activity_seq
@@ -505,11 +791,13 @@ class WorkflowInstance:
         aux = [seq, tq, *o.aux()]
         fut: asyncio.Future[Any] = self.loop.create_future()
         self.activities[seq] = (fut, adef)
-        self.commands.append(Command(CommandKind.SCHEDULE_ACTIVITY, body, aux, ("ScheduleActivity", seq, adef.name)))
+        self._emit(Command(CommandKind.SCHEDULE_ACTIVITY, body, aux, ("ScheduleActivity", seq, adef.name)))
 
         def on_done(f: asyncio.Future[Any]) -> None:
             if f.cancelled() and self.activities.pop(seq, None) is not None:
-                self.commands.append(Command(CommandKind.CANCEL_ACTIVITY, pack({"seq": seq}), [seq], ("CancelActivity", seq)))
+                self._emit(
+                    Command(CommandKind.CANCEL_ACTIVITY, pack({"seq": seq}), [seq], ("CancelActivity", seq))
+                )
 
         fut.add_done_callback(on_done)
         return fut
@@ -517,10 +805,15 @@ class WorkflowInstance:
     def start_timer(
         self, delay: float, callback: Callable[..., Any], args: tuple[Any, ...], context: Any
     ) -> asyncio.TimerHandle:
+        if delay > 0 and self._tearing_down:
+            raise self._torn_down("a timer")
         when = self.loop._now + max(delay, 0.0)
         h = DurableTimer(when, callback, args, self.loop, context)
         if delay <= 0:
             self.loop.ready.append(h)
+            return h
+        if self.closed:  # never issued, so never fired: the run is over
+            self._issued += 1
             return h
         self.timer_seq += 1
         seq = self.timer_seq
@@ -528,17 +821,21 @@ class WorkflowInstance:
         h._scheduled = True  # type: ignore[attr-defined]
         h.seq = seq
         self.timers[seq] = h
-        self.commands.append(
-            Command(CommandKind.START_TIMER, pack({"seq": seq, "duration_ms": ms}), [seq, ms], ("StartTimer", seq))
+        self._emit(
+            Command(
+                CommandKind.START_TIMER, pack({"seq": seq, "duration_ms": ms}), [seq, ms], ("StartTimer", seq)
+            )
         )
         return h
 
     def cancel_timer(self, h: asyncio.TimerHandle) -> None:
         seq = h.seq if isinstance(h, DurableTimer) else 0
         if seq and self.timers.pop(seq, None) is not None:
-            self.commands.append(Command(CommandKind.CANCEL_TIMER, pack({"seq": seq}), [seq], ("CancelTimer", seq)))
+            self._emit(Command(CommandKind.CANCEL_TIMER, pack({"seq": seq}), [seq], ("CancelTimer", seq)))
 
     def wait_condition(self, fn: Callable[[], bool]) -> asyncio.Future[None]:
+        if self._tearing_down:
+            raise self._torn_down("workflow.wait_condition()")
         fut: asyncio.Future[None] = self.loop.create_future()
         self.conditions.append((fn, fut))
         return fut
@@ -564,9 +861,10 @@ def run_task(
     code issues) before the live activation. Otherwise the instance is cached and
     ``events`` are just the new inputs.
     """
-    if not fresh:
-        return instance.activate([e for e in events if e.type in INPUT_EVENTS], now_ms, False)
-    return instance.activate(replay(instance, events), now_ms, False)
+    with _arming(instance.defn.enforce_determinism):  # once for all its activations
+        if not fresh:
+            return instance.activate([e for e in events if e.type in INPUT_EVENTS], now_ms, False)
+        return instance.activate(replay(instance, events), now_ms, False)
 
 
 def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[HistoryEvent]:
@@ -575,22 +873,23 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
     events no workflow task has seen yet."""
     pending: list[HistoryEvent] = []
     i, n = 0, len(events)
-    while i < n:
-        ev = events[i]
-        if ev.type == "WorkflowTaskCompleted":
-            cmds = instance.activate(pending, int(ev.attributes.get("t0") or ev.time_ms), True)
-            pending = []
-            j = i + 1
-            recorded: list[HistoryEvent] = []
-            while j < n and events[j].type in COMMAND_EVENTS:
-                recorded.append(events[j])
-                j += 1
-            _check_replay(instance, cmds, recorded)
-            i = j
-            continue
-        if ev.type in INPUT_EVENTS:
-            pending.append(ev)
-        i += 1
+    with _arming(instance.defn.enforce_determinism):  # once for all its activations
+        while i < n:
+            ev = events[i]
+            if ev.type == "WorkflowTaskCompleted":
+                cmds = instance.activate(pending, int(ev.attributes.get("t0") or ev.time_ms), True)
+                pending = []
+                j = i + 1
+                recorded: list[HistoryEvent] = []
+                while j < n and events[j].type in COMMAND_EVENTS:
+                    recorded.append(events[j])
+                    j += 1
+                _check_replay(instance, cmds, recorded)
+                i = j
+                continue
+            if ev.type in INPUT_EVENTS:
+                pending.append(ev)
+            i += 1
     return pending
 
 

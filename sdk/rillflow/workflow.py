@@ -282,16 +282,20 @@ class workflow:
 
     @staticmethod
     def now() -> datetime:
-        """The time of the current workflow task: the same on every replay."""
+        """The time of the current workflow task: the same on every replay. Use it, not
+        ``datetime.now()`` or ``time.time()``, which the determinism guard refuses."""
         return require_instance("workflow.now()").now()
 
     @staticmethod
     def random() -> _random.Random:
-        """A random generator seeded from the run, so replays draw the same numbers."""
+        """A random generator seeded from the run, so replays draw the same numbers. Use
+        it, not the ``random`` module's functions, which the determinism guard refuses."""
         return require_instance("workflow.random()").random
 
     @staticmethod
     def uuid4() -> _uuid.UUID:
+        """A random UUID drawn from :meth:`random`: the same on every replay. Use it, not
+        ``uuid.uuid4()``, which the determinism guard refuses."""
         return require_instance("workflow.uuid4()").uuid4()
 
     @staticmethod

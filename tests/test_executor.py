@@ -1,0 +1,387 @@
+"""The deterministic executor: what a dropped instance may still do (nothing), what a run
+issues once it closed (nothing), where workflow.random() and uuid4() draw from (the run's
+seed), and what the determinism guard refuses (and where it is installed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+import structlog
+
+import rillflow as workflows
+from rillflow import Client, Worker
+from rillflow.executor import WorkflowInfo, WorkflowInstance, run_task
+from rillflow.history import HistoryEvent
+from rillflow.workflow import get_workflow_definition
+from rillflow_runtime.codec import unpack
+from tests.conftest import FAST, ROOT, wait_until
+
+pytestmark = pytest.mark.anyio
+workflow = workflows.workflow
+
+T0 = 1_700_000_000_000
+RAN: list[str] = []  # the steps activities ran, in this process
+STEPS: list[str] = []  # the steps workflow code ran
+
+
+@pytest.fixture(autouse=True)
+def _fresh_records() -> None:
+    RAN.clear()
+    STEPS.clear()
+
+
+@workflows.activity()
+async def record(step: str) -> str:
+    RAN.append(step)
+    return step
+
+
+@workflows.activity()
+async def wall_clock() -> str:
+    """Activities may read the clock and draw random numbers, even on the thread that
+    steps workflow code: the guard acts only while it does."""
+    return f"{datetime.now()} {date.today()} {time.time()} {uuid.uuid4()} {random.random()} {os.urandom(2)!r}"
+
+
+def _instance(cls: type, run_id: str = "run-1") -> WorkflowInstance:
+    defn = get_workflow_definition(cls)
+    return WorkflowInstance(defn, WorkflowInfo("wf-1", run_id, defn.name, "default", datetime.now(UTC)))
+
+
+def _started(seed: bytes | None = None, **inputs: Any) -> HistoryEvent:
+    attrs: dict[str, Any] = {"input": inputs}
+    if seed is not None:
+        attrs["seed"] = seed  # as the client will record it: 16 random bytes
+    return HistoryEvent(1, "WorkflowExecutionStarted", T0, attrs)
+
+
+def _idents(inst: WorkflowInstance) -> list[tuple[Any, ...]]:
+    return [c.ident for c in inst.commands]
+
+
+# -- teardown ---------------------------------------------------------------------------------
+@workflows.workflow.define(name="exec_cleans_up")
+class CleansUpWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        try:
+            return str(await record("body"))
+        finally:
+            STEPS.append("finally")
+            try:
+                await record("cleanup")
+            except asyncio.CancelledError as e:
+                STEPS.append(str(e))
+                await workflow.sleep(60)  # a timer: refused as well
+
+
+def test_teardown_runs_no_activity_and_records_nothing() -> None:
+    inst = _instance(CleansUpWorkflow)
+    run_task(inst, [_started()], T0, fresh=True)
+    assert _idents(inst) == [("ScheduleActivity", 1, "record")]
+
+    inst.teardown()
+    # the finally block ran once, inside the loop: its activity and timer were refused
+    assert STEPS[0] == "finally"
+    assert "activity 'record' refused" in STEPS[1] and "torn down" in STEPS[1]
+    assert len(STEPS) == 2
+    assert RAN == []
+    assert inst.commands == []
+    with pytest.raises(RuntimeError, match="torn down"):
+        inst.activate([], T0, False)
+
+    del inst
+    gc.collect()
+    assert len(STEPS) == 2 and RAN == []  # the collector runs no workflow code
+
+
+@workflows.workflow.define(name="exec_waits_then_cleans_up")
+class WaitsThenCleansUpWorkflow:
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflows.workflow.signal()
+    def proceed(self) -> None:
+        self.go = True
+
+    @workflows.workflow.entrypoint
+    async def run(self, name: str) -> str:
+        try:
+            await workflow.wait_condition(lambda: self.go)
+        finally:
+            await record(f"cleanup {name}")  # an activity, as the run goes on; never inline
+        return name
+
+
+async def test_an_evicted_instance_runs_nothing_and_its_run_goes_on(client: Client) -> None:
+    async def task_completed(h: Any) -> bool:
+        return any(e.type == "WorkflowTaskCompleted" for e in await h.history())
+
+    async with Worker(
+        client,
+        workflows=[WaitsThenCleansUpWorkflow],
+        activities=[record],
+        max_cached_workflows=1,
+        **FAST,
+    ):
+        a = await client.start_workflow(WaitsThenCleansUpWorkflow, {"name": "a"})
+        await wait_until(lambda: task_completed(a))
+        b = await client.start_workflow(WaitsThenCleansUpWorkflow, {"name": "b"})
+        await wait_until(lambda: task_completed(b))  # a's instance left the cache for b's
+        gc.collect()
+        assert RAN == []  # its finally block scheduled nothing, and ran nothing inline
+        assert "ActivityTaskScheduled" not in [e.type for e in await a.history()]
+
+        await a.signal(WaitsThenCleansUpWorkflow.proceed)  # replayed from its history
+        assert await a.result(timeout=10) == "a"
+        assert RAN == ["cleanup a"]  # once, as the activity of the run
+        await b.signal(WaitsThenCleansUpWorkflow.proceed)
+        assert await b.result(timeout=10) == "b"
+
+
+@workflows.workflow.define(name="exec_swallows_cancel")
+class SwallowsCancelWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        try:
+            await record("body")
+        except asyncio.CancelledError:
+            STEPS.append("swallowed")
+        try:
+            await asyncio.Event().wait()  # waits again, on what nothing will ever set
+        finally:
+            STEPS.append("finally")
+            await record("cleanup")
+        return "never"
+
+
+def test_teardown_abandons_code_that_swallows_its_cancellation() -> None:
+    inst = _instance(SwallowsCancelWorkflow)
+    run_task(inst, [_started()], T0, fresh=True)
+    with structlog.testing.capture_logs() as logs:
+        inst.teardown()
+    assert [(e["log_level"], e["workflow"]) for e in logs] == [("warning", "exec_swallows_cancel")]
+    assert STEPS == ["swallowed"] and RAN == [] and inst.commands == []
+
+    del inst
+    gc.collect()
+    assert STEPS == ["swallowed"] and RAN == []  # never resumed: its finally block never runs
+
+
+@workflows.workflow.define(name="exec_exits")
+class ExitsWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        raise SystemExit(3)
+
+
+def test_system_exit_in_workflow_code_is_not_recorded_as_a_failure() -> None:
+    inst = _instance(ExitsWorkflow)
+    with pytest.raises(SystemExit):
+        run_task(inst, [_started()], T0, fresh=True)
+    assert inst.commands == [] and not inst.closed  # neither the run nor its task failed
+    inst.teardown()
+
+
+# -- commands after the closing one -----------------------------------------------------------
+@workflows.workflow.define(name="exec_closes_then_schedules")
+class ClosesThenSchedulesWorkflow:
+    def __init__(self) -> None:
+        self.go = False
+        self.returning = False
+
+    @workflows.workflow.signal()
+    async def go_on(self) -> None:
+        self.go = True
+        await workflow.wait_condition(lambda: self.returning)
+        # The entrypoint returned in this same activation: too late to schedule anything.
+        pending = record("after close")
+        await workflow.sleep(60)
+        await pending
+
+    @workflows.workflow.query()
+    def state(self) -> str:
+        return "returned" if self.returning else "waiting"
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        await workflow.wait_condition(lambda: self.go)
+        self.returning = True
+        return "done"
+
+
+def test_nothing_is_issued_after_the_closing_command() -> None:
+    inst = _instance(ClosesThenSchedulesWorkflow)
+    assert run_task(inst, [_started()], T0, fresh=True) == []
+    cmds = inst.activate(
+        [HistoryEvent(3, "WorkflowExecutionSignaled", T0, {"name": "go_on", "input": {}})], T0, False
+    )
+    assert [c.ident for c in cmds] == [("CompleteWorkflow",)]
+    inst.teardown()
+
+
+async def test_a_closed_run_whose_handler_scheduled_late_replays(client: Client) -> None:
+    async with Worker(
+        client,
+        workflows=[ClosesThenSchedulesWorkflow],
+        activities=[record],
+        **FAST,
+    ):
+        h = await client.start_workflow(ClosesThenSchedulesWorkflow)
+        await h.signal(ClosesThenSchedulesWorkflow.go_on)
+        assert await h.result(timeout=10) == "done"
+        # a closed run is answered from a replay of its history, which must match the code
+        assert await h.query(ClosesThenSchedulesWorkflow.state) == "returned"
+    types = [e.type for e in await h.history()]
+    assert "ActivityTaskScheduled" not in types and "TimerStarted" not in types
+    assert RAN == []
+
+
+# -- seeds -------------------------------------------------------------------------------------
+@workflows.workflow.define(name="exec_draws")
+class DrawsWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        return f"{workflow.uuid4()} {workflow.random().random()}"
+
+
+def _draws(run_id: str, seed: bytes | None) -> str:
+    inst = _instance(DrawsWorkflow, run_id)
+    cmds = run_task(inst, [_started(seed)], T0, fresh=True)
+    return str(unpack(cmds[-1].body)["result"])
+
+
+def test_random_and_uuid4_are_seeded_from_the_start_events_seed() -> None:
+    seed, other = bytes(range(16)), bytes(range(1, 17))
+    first = _draws("run-1", seed)
+    assert _draws("run-1", seed) == first  # a replay draws the same
+    assert _draws("run-1", other) != first  # another seed, other draws, whatever the run id
+    assert _draws("run-2", other) == _draws("run-3", other)  # the seed alone decides
+
+
+def test_a_history_without_a_seed_keeps_drawing_from_the_run_id() -> None:
+    gen = random.Random(zlib.crc32(b"run-1"))
+    expected_uuid = uuid.UUID(int=gen.getrandbits(128), version=4)
+    assert _draws("run-1", None) == f"{expected_uuid} {gen.random()}"
+
+
+# -- the determinism guard ---------------------------------------------------------------------
+MISTAKES: dict[str, Callable[[], object]] = {
+    "datetime.now()": lambda: datetime.now(),  # the class was imported before the guard was armed
+    "datetime.utcnow()": lambda: datetime.utcnow(),
+    "date.today()": lambda: date.today(),
+    "time.time()": time.time,
+    "time.time_ns()": time.time_ns,
+    "random.random()": random.random,
+    "random.randint()": lambda: random.randint(1, 6),
+    "uuid.uuid4()": uuid.uuid4,
+    "os.urandom()": lambda: os.urandom(8),
+}
+ADVICE = {
+    "datetime.now()": "workflow.now()",
+    "datetime.utcnow()": "workflow.now()",
+    "date.today()": "workflow.now()",
+    "time.time()": "workflow.now()",
+    "time.time_ns()": "workflow.now()",
+    "random.random()": "workflow.random()",
+    "random.randint()": "workflow.random()",
+    "uuid.uuid4()": "workflow.uuid4()",
+    "os.urandom()": "workflow.random()",
+}
+
+
+@workflows.workflow.define(name="exec_nondeterministic")
+class NondeterministicWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, mistake: str) -> str:
+        with contextlib.suppress(Exception):  # swallowing the refusal does not hide it
+            MISTAKES[mistake]()
+        return "no mistake"
+
+
+@workflows.workflow.define(name="exec_deterministic")
+class DeterministicWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> list[str]:
+        logging.getLogger("tests.exec").info("a log record's timestamp decides nothing")
+        with workflow.unsafe.skip_determinism_enforcement():
+            datetime.now()
+        drawn = f"{workflow.random().randint(1, 6)} {workflow.random().random()} {workflow.uuid4()}"
+        return [drawn, str(workflow.now()), await wall_clock()]
+
+
+@workflows.workflow.define(name="exec_unguarded_clock", enforce_determinism=False)
+class UnguardedClockWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self) -> float:
+        return datetime.now().timestamp() + time.time() + random.random()
+
+
+async def test_guard_refuses_the_clock_and_randomness_naming_what_to_use(client: Client) -> None:
+    async with Worker(
+        client,
+        workflows=[NondeterministicWorkflow, DeterministicWorkflow, UnguardedClockWorkflow],
+        activities=[wall_clock],
+        **FAST,
+    ):
+        handles = {m: await client.start_workflow(NondeterministicWorkflow, {"mistake": m}) for m in MISTAKES}
+        drawn, _, stamped = await client.execute_workflow(DeterministicWorkflow, result_timeout=10)
+        assert len(stamped) > 20 and drawn.count("-") == 4
+        assert await client.execute_workflow(UnguardedClockWorkflow, result_timeout=10) > 0
+
+        async def all_failed() -> bool:
+            return all([(await h.describe()).workflow_task_failures for h in handles.values()])
+
+        await wait_until(all_failed, 15)
+    for mistake, h in handles.items():
+        d = await h.describe()
+        assert d.status == "running"  # a bug in the code: the task fails and is retried
+        assert d.last_workflow_task_failure is not None
+        msg = d.last_workflow_task_failure.message
+        assert "RestrictedWorkflowAccessError" in msg
+        assert f"{mistake}: " in msg, msg
+        assert f"use `{ADVICE[mistake]}`" in msg, msg
+
+
+GUARD_INSTALL = """
+import sys, threading, time
+
+hooks = []
+add = sys.addaudithook
+sys.addaudithook = lambda hook: (hooks.append(hook), add(hook))[1]
+sleep, start = time.sleep, threading.Thread.start
+
+import rillflow
+from rillflow.executor import WorkflowInfo, WorkflowInstance
+from rillflow.workflow import get_workflow_definition
+from tests.test_executor import DrawsWorkflow
+
+assert not hooks, "an audit hook at import"
+assert time.sleep is sleep and threading.Thread.start is start, "patched at import"
+defn = get_workflow_definition(DrawsWorkflow)
+for run in ("a", "b"):
+    WorkflowInstance(defn, WorkflowInfo("w", run, defn.name, "q", None))
+assert len(hooks) == 1, hooks
+print("ok")
+"""
+
+
+def test_guard_is_installed_by_the_first_workflow_instance_not_by_import() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", GUARD_INSTALL], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "ok", out.stderr
