@@ -912,9 +912,3 @@ def _show(ident: tuple[Any, ...] | None) -> str:
         return "nothing"
     name, *rest = ident
     return f"{name}({', '.join(repr(r) for r in rest)})" if rest else name
-
-
-@dataclass
-class CachedRun:
-    instance: WorkflowInstance
-    last_event_id: int

@@ -73,7 +73,6 @@ class Activities:
         self.max_concurrent = max_concurrent
         self.running: dict[tuple[str, int], _Attempt] = {}
         self.abandoned_threads = 0
-        self.exit_request: BaseException | None = None  # SystemExit & co. raised by an activity
         self._slots = asyncio.Event()
         self._slots.set()
         self._done: list[tuple[int, ActivityOutcome]] = []
@@ -220,13 +219,7 @@ class Activities:
         except Exception as e:
             self._report_failure(shard, ctx, e, non_retryable)
         except BaseException as e:  # SystemExit, KeyboardInterrupt: a request to stop
-            log.error(
-                "activity asked the process to stop; the worker stops, the attempt is retried elsewhere",
-                activity=info.activity_name,
-                error=repr(e),
-            )
-            self.exit_request = e
-            self.ctx.stopping.set()
+            self.ctx.request_exit(e, f"activity '{info.activity_name}'")
         finally:
             _current_activity.reset(token)
 

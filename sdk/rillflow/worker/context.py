@@ -81,6 +81,7 @@ class Context:
         self.max_deliveries = max_deliveries
         self.stats = WorkerStats()
         self.stopping = asyncio.Event()
+        self.exit_request: BaseException | None = None  # SystemExit & co. raised by user code
         self.pump_wake = asyncio.Event()
         self.reader: Redis = make_blocking_reader(client.url, readers, READ_BLOCK_S)
 
@@ -149,6 +150,17 @@ class Context:
         except TRANSIENT as e:
             reraise_if_cancelling()
             log.warning("could not set an unreadable task message aside", stream=stream, error=str(e))
+
+    def request_exit(self, e: BaseException, where: str) -> None:
+        """User code raised SystemExit or KeyboardInterrupt: the worker stops gracefully
+        and then re-raises it; the task it interrupted is retried elsewhere."""
+        log.error(
+            f"{where} asked the process to stop; the worker stops, the task is retried elsewhere",
+            error=repr(e),
+        )
+        if self.exit_request is None:
+            self.exit_request = e
+        self.stopping.set()
 
 
 class BadMessage(Exception):

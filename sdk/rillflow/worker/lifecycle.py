@@ -192,8 +192,8 @@ class Worker:
             await self._drain(streams)
             self._stopped.set()
             log.info("worker stopped", identity=self.identity)
-        if self.acts is not None and self.acts.exit_request is not None:
-            raise self.acts.exit_request
+        if self.ctx.exit_request is not None:
+            raise self.ctx.exit_request
 
     def _streams(self) -> list[str]:
         """Every stream of this queue (its groups are made whichever kinds this worker

@@ -148,6 +148,11 @@ class WorkflowTasks:
                 except TRANSIENT:
                     # Redis, not the workflow, failed: the task times out and runs again
                     raise
+                except (KeyboardInterrupt, SystemExit) as e:
+                    # not a workflow failure: the worker stops, the task times out and
+                    # runs again elsewhere
+                    ctx.request_exit(e, f"workflow '{st.workflow_type}' ({st.workflow_id})")
+                    continue
                 except Exception as e:
                     ctx.stats.workflow_task_failures += 1
                     log.error(
