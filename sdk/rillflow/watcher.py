@@ -16,6 +16,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from redis.exceptions import ResponseError
 
 from rillflow_runtime.codec import text
 from rillflow_runtime.connections import make_blocking_reader, reraise_if_cancelling
@@ -108,6 +109,8 @@ class Watcher:
                     count=READ_COUNT,
                 )
                 await self._handle(resp or [])
+                if not resp:  # idle: a trim that no read showed would show here
+                    await self._check_gaps({k: c for k, c in self.cursors.items() if k != self.inbox})
                 if failures:
                     log.info("result watcher reconnected", after_failures=failures)
                     failures = 0
@@ -140,9 +143,8 @@ class Watcher:
                 upd = fields.get(b"update")
                 if upd is not None:
                     self._wake(self.updates, text(upd))
-            if key != self.inbox and len(entries) >= READ_COUNT and await self._trimmed_past(key, before):
-                log.warning("result watcher fell behind the closed-runs stream; re-checking", stream=key)
-                await self._recheck()
+            if key != self.inbox and len(entries) >= READ_COUNT:  # behind: maybe too far
+                await self._check_gaps({key: before})
         if inbox_ids:
             await self.client.redis.xdel(self.inbox, *inbox_ids)
 
@@ -152,11 +154,24 @@ class Watcher:
             if not fut.done():
                 fut.set_result(None)
 
-    async def _trimmed_past(self, stream: str, cursor: str) -> bool:
-        """Whether entries after ``cursor`` were trimmed before the watcher read them."""
-        info: Any = await self.client.redis.xinfo_stream(stream)
-        deleted = info.get("max-deleted-entry-id")
-        return deleted is not None and _id_tuple(text(deleted)) > _id_tuple(cursor)
+    async def _check_gaps(self, cursors: dict[str, str]) -> None:
+        """If a closed stream lost entries after a cursor before they were read (the
+        stream is capped), re-read the state of everything waited for. Lost means: the
+        stream has grown past the cursor, and its oldest entry is newer than the cursor
+        (or it is empty), so what lay between may have been trimmed."""
+        if not self.runs and not self.updates:
+            return
+        for stream, cursor in cursors.items():
+            try:
+                info: Any = await self.client.redis.xinfo_stream(stream)
+            except ResponseError:  # no such stream yet: nothing closed there, nothing lost
+                continue
+            last = _id_tuple(text(info.get("last-generated-id") or "0-0"))
+            first = info.get("first-entry")
+            if last > _id_tuple(cursor) and (not first or _id_tuple(text(first[0])) > _id_tuple(cursor)):
+                log.warning("result watcher fell behind the capped closed stream; re-checking", stream=stream)
+                await self._recheck()
+                return
 
     async def _recheck(self) -> None:
         """Wake every waiter whose run closed or update finished, from their state."""

@@ -40,6 +40,8 @@ from rillflow_runtime.protocol import ActivityOutcome, ActStarted, ActStartItem
 
 log = structlog.get_logger("rillflow.worker")
 
+GIVEN_UP_MEMORY_S = 600.0  # well past the pump recording the timeout of an attempt given up here
+
 
 @dataclass
 class _Attempt:
@@ -56,12 +58,14 @@ class _Attempt:
     last_sent: float = 0.0
     timer: asyncio.TimerHandle | None = None
     gone: bool = False
+    reported: bool = False  # its outcome was handed to the flusher
 
 
 class _Thread:
     """A sync activity's thread, as the event loop sees it."""
 
     def __init__(self) -> None:
+        self.started = False  # set by the thread: the function began (anyio may never start it)
         self.finished = False  # set by the thread
         self.abandoned = False  # set by the loop when the attempt ended first
 
@@ -72,6 +76,10 @@ class Activities:
         self.activities = activities
         self.max_concurrent = max_concurrent
         self.running: dict[tuple[str, int], _Attempt] = {}
+        # attempts this worker ended without a report (timed out here, cancelled): Redis
+        # still says this worker runs them until its timer says otherwise, and a reclaim
+        # of their message must not run them again (run, seq, attempt -> when)
+        self._given_up: dict[tuple[str, int, int], float] = {}
         self.abandoned_threads = 0
         self._slots = asyncio.Event()
         self._slots.set()
@@ -122,8 +130,13 @@ class Activities:
         if not items:
             return
         started = await self.ctx.protocol.act_start(shard, stream, self.ctx.identity, items)
+        now = time.monotonic()
+        for k in [k for k, t in self._given_up.items() if now - t > GIVEN_UP_MEMORY_S]:
+            del self._given_up[k]
         for it, st in zip(items, started, strict=True):
             if st.reply is not Reply.OK or (it.run_id, it.seq) in self.running:  # ours already, reclaimed
+                continue
+            if (it.run_id, it.seq, it.attempt) in self._given_up:  # reclaimed from ourselves
                 continue
             try:
                 self._launch(shard, it, st)
@@ -168,6 +181,8 @@ class Activities:
         def finished(_t: asyncio.Task[None]) -> None:
             if self.running.get(key) is a:
                 del self.running[key]
+            if not a.reported:
+                self._given_up[(it.run_id, it.seq, it.attempt)] = time.monotonic()
             if a.timer:
                 a.timer.cancel()
             self._slots.set()
@@ -235,6 +250,7 @@ class Activities:
                 log.info("an abandoned activity thread ended", still_running=self.abandoned_threads)
 
         def call() -> Any:
+            th.started = True
             try:
                 return cv.run(adef.fn, *args)
             finally:
@@ -244,7 +260,7 @@ class Activities:
         try:
             return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self._limiter)
         except asyncio.CancelledError:
-            if not th.finished:
+            if th.started and not th.finished:
                 th.abandoned = True
                 self.abandoned_threads += 1
                 log.warning(
@@ -277,6 +293,9 @@ class Activities:
 
     # -- results ----------------------------------------------------------------------------
     def report(self, shard: int, outcome: ActivityOutcome) -> None:
+        a = self.running.get((outcome.run_id, outcome.seq))
+        if a is not None and a.attempt == outcome.attempt:
+            a.reported = True
         self._done.append((shard, outcome))
         self._done_event.set()
 

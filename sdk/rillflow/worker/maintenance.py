@@ -83,7 +83,12 @@ class Maintenance:
             kinds.append(("act", self.reclaim_idle_ms))
         for kind, idle in kinds:
             for stream, s in ctx.streams(kind).items():
-                res: Any = await ctx.redis.xautoclaim(stream, GROUP, ctx.identity, idle, "0-0", count=100)
+                count = 100
+                if kind == "act" and self.activities is not None:
+                    count = min(count, self.activities.free())  # take no more than it can run
+                    if count <= 0:
+                        continue
+                res: Any = await ctx.redis.xautoclaim(stream, GROUP, ctx.identity, idle, "0-0", count=count)
                 entries = [e for e in res[1] if e and e[1] is not None]  # deleted ones are skipped
                 if not entries:
                     continue
