@@ -477,6 +477,9 @@ class WorkflowInstance:
         Call it on the thread that steps the instance, never from workflow code."""
         if self.torn_down or self._tearing_down:
             return
+        if not any(not t.done() for t in self._tasks) and not self.loop.ready:
+            self._release()  # nothing of it runs any more (a closed run): nothing to cancel
+            return
         self._tearing_down = True
         self.commands = []
         try:
@@ -485,7 +488,8 @@ class WorkflowInstance:
                 while True:  # again for the tasks that finally blocks created
                     live = [
                         t
-                        for t in dict.fromkeys([*self._tasks, *asyncio.all_tasks(self.loop)])
+                        # every task of the loop: WorkflowLoop.create_task registers each
+                        for t in list(self._tasks)
                         if not t.done() and t not in cancelled
                     ]
                     if not live:
@@ -498,14 +502,17 @@ class WorkflowInstance:
                     if not t.done():
                         self._abandon(t)
         finally:
-            self.torn_down = True
-            self.task_error = None
-            self.commands = []
-            self.loop.ready.clear()
-            self._tasks.clear()
-            self.activities.clear()
-            self.timers.clear()
-            self.conditions.clear()
+            self._release()
+
+    def _release(self) -> None:
+        self.torn_down = True
+        self.task_error = None
+        self.commands = []
+        self.loop.ready.clear()
+        self._tasks.clear()
+        self.activities.clear()
+        self.timers.clear()
+        self.conditions.clear()
 
     def _drain(self) -> None:
         """Step every ready callback (teardown: errors of workflow code are not recorded)."""
