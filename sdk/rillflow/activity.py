@@ -54,9 +54,9 @@ class ActivityOptions:
         if self.retry_policy_backoff_coefficient < 1:
             raise WorkflowDefinitionError("retry_policy_backoff_coefficient must be >= 1")
 
-    def aux(self) -> list[Any]:
-        """The numbers the scripts read (ms), in the order wft_complete.lua expects."""
-        return [
+    @functools.cached_property
+    def _aux(self) -> tuple[Any, ...]:
+        return (
             _ms(self.start_to_close_timeout),
             _ms(self.schedule_to_close_timeout),
             _ms(self.heartbeat_timeout),
@@ -64,9 +64,15 @@ class ActivityOptions:
             _ms(self.retry_policy_initial_interval),
             float(self.retry_policy_backoff_coefficient),
             _ms(self.retry_policy_max_interval),
-        ]
+        )
 
-    def wire(self) -> dict[str, Any]:
+    def aux(self) -> list[Any]:
+        """The numbers the scripts read (ms), in the order wft_complete.lua expects;
+        computed once per definition: every scheduled activity sends them."""
+        return list(self._aux)
+
+    @functools.cached_property
+    def _wire(self) -> dict[str, Any]:
         return {
             "start_to_close_ms": _ms(self.start_to_close_timeout),
             "schedule_to_close_ms": _ms(self.schedule_to_close_timeout),
@@ -78,6 +84,9 @@ class ActivityOptions:
                 "max_interval_ms": _ms(self.retry_policy_max_interval),
             },
         }
+
+    def wire(self) -> dict[str, Any]:
+        return self._wire
 
 
 class ActivityDefinition:
