@@ -746,3 +746,45 @@ async def test_killed_and_stopped_workers_leave_nothing_behind(
         groups = await r.xinfo_groups(stream)
         assert [g["pending"] for g in groups] == [0], (stream, groups)
         assert await r.xinfo_consumers(stream, "rf") == [], stream  # dead or gone, all removed
+
+
+@pytest.mark.parametrize("namespace_shards", [2], ids=["shards2"])
+async def test_a_failed_shard_does_not_resend_the_results_of_the_others(
+    client: Client, namespace_shards: int
+) -> None:
+    """The results of one flush go out one script call per shard; when a later shard's
+    call fails, only its results are sent again, not those an earlier call recorded."""
+    from rillflow_runtime.keyspace import GROUP, shard_of
+    from rillflow_runtime.protocol import ActivityOutcome, ActStartItem
+
+    ks = client.keyspace
+    wid = {s: next(f"flush-{i}" for i in range(1000) if shard_of(f"flush-{i}", 2) == s) for s in (0, 1)}
+    async with Worker(client, workflows=[flows.ManyWorkflow], **FAST):  # type: ignore[arg-type]
+        h = await client.start_workflow(flows.ManyWorkflow, {"n": 1}, execution_id=wid[0])
+        stream = ks.queue(0, "default", "act")
+        await wait_until(lambda: client.redis.xlen(stream), 10)
+    resp: Any = await client.redis.xreadgroup(GROUP, "w1", {stream: ">"}, count=1)
+    msgid, f = resp[0][1][0]
+    item = ActStartItem(f[b"run"].decode(), int(f[b"seq"]), int(f[b"att"]), msgid.decode())
+    (st,) = await client.protocol.act_start(0, stream, "w1", [item])
+    assert st.reply.value == "ok"
+    worker = Worker(client, activities=[flows.step])
+    assert worker.acts is not None
+    good = ActivityOutcome(item.run_id, item.seq, item.attempt, flows_result(item.seq, 2))
+    # shard 1's call fails inside Redis: its run hash is not a hash
+    await client.redis.set(ks.run(1, "broken-run"), "not a hash")
+    bad = ActivityOutcome("broken-run", 1, 1, flows_result(1, 0))
+    worker.acts.report(0, good)
+    worker.acts.report(1, bad)
+    with pytest.raises(redis.exceptions.ResponseError):
+        await worker.acts._flush()
+    assert [o for _, o in worker.acts._done] == [bad]  # shard 0's result is not sent again
+    events = await h.history()
+    assert [e.type for e in events].count("ActivityTaskCompleted") == 1
+    assert worker.stats.refused == 0
+
+
+def flows_result(seq: int, value: int) -> bytes:
+    from rillflow_runtime.codec import pack
+
+    return pack({"seq": seq, "att": 1, "result": value})
