@@ -77,6 +77,7 @@ class Watcher:
     ) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         table.setdefault(key, (shard, []))[1].append(fut)
+        fut.rillflow_wait = (table, key)  # type: ignore[attr-defined]  # what forget() removes
         return fut
 
     def wait_reply(self) -> tuple[str, asyncio.Future[bytes]]:
@@ -84,19 +85,22 @@ class Watcher:
         rid = uuid.uuid4().hex
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.replies[rid] = fut
+        fut.rillflow_wait = (self.replies, rid)  # type: ignore[attr-defined]
         return rid, fut
 
     def forget(self, fut: asyncio.Future[Any]) -> None:
-        """Stop waiting (the caller timed out or was cancelled)."""
-        for table in (self.runs, self.updates):
-            for key, (_, futs) in list(table.items()):
-                if fut in futs:
-                    futs.remove(fut)
-                    if not futs:
-                        del table[key]
-        for rid, f in list(self.replies.items()):
-            if f is fut:
-                del self.replies[rid]
+        """Stop waiting (done, timed out or cancelled): only this waiter's entry is
+        touched, so many concurrent waiters cost nothing each."""
+        table, key = getattr(fut, "rillflow_wait", (None, None))
+        if table is self.replies:
+            if self.replies.get(key) is fut:
+                del self.replies[key]
+        elif table is not None and key in table:
+            futs = table[key][1]
+            if fut in futs:
+                futs.remove(fut)
+            if not futs:
+                del table[key]
 
     # -- the loop ---------------------------------------------------------------------------
     async def _loop(self) -> None:
