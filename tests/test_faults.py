@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 
 from rillflow import Client, Worker
 from rillflow_runtime.codec import pack
-from rillflow_runtime.protocol import ActivityOutcome
 from rillflow_runtime.embedded import EmbeddedRedis
+from rillflow_runtime.protocol import ActivityOutcome
 from tests import flows
 from tests.conftest import FAST, wait_until
 

@@ -46,7 +46,7 @@ async def snapshot(client: Client) -> dict[str, Any]:
 async def started_task(client: Client, worker: str = "w1") -> tuple[str, Any]:
     h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
     stream = client.keyspace.queue(0, "default", "wft")
-    msgid, fields = await read_one(client, stream, worker)
+    msgid, _fields = await read_one(client, stream, worker)
     (st,) = await client.protocol.wft_start(
         0, stream, 10_000, 100, worker, [WftStartItem(h.run_id or "", msgid, 0)]
     )
@@ -98,7 +98,7 @@ class _Cmd:
 
 
 async def test_a_repeated_completion_answers_the_same_and_records_once(client: Client) -> None:
-    stream, (h, msgid, st) = await started_task(client)
+    _stream, (h, _msgid, st) = await started_task(client)
     run = h.run_id or ""
     task = TaskCompletion(
         run, st.fence, [_Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 50_000}), [1, 50_000])]
@@ -114,7 +114,7 @@ async def test_a_repeated_completion_answers_the_same_and_records_once(client: C
 
 
 async def test_a_bad_command_is_refused_before_anything_is_written(client: Client) -> None:
-    stream, (h, msgid, st) = await started_task(client)
+    _stream, (h, _msgid, st) = await started_task(client)
     good = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 5}), [1, 5])
     bad = _Cmd("launch_missiles", b"", [])
     before = await snapshot(client)
@@ -203,3 +203,29 @@ def test_scripts_speak_only_the_protocols_vocabulary() -> None:
             assert member in ENUMS[table].__members__, f"{name}.lua: {table}.{member} does not exist"
         for literal in re.findall(r"'([^']*)'", code):
             assert literal not in values, f"{name}.lua writes {literal!r}: use the generated constant"
+
+
+async def test_a_cache_is_good_only_for_the_completion_redis_last_recorded(client: Client) -> None:
+    """After a rollback the history may grow back past the cache's last event id with
+    other events; only the fence of the last recorded completion tells them apart."""
+    stream, (h, msgid, st) = await started_task(client)
+    run = h.run_id or ""
+    timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 50_000}), [1, 50_000])
+    (done,) = await client.protocol.wft_complete(
+        0, "default", 60_000, "w1", 0, [TaskCompletion(run, st.fence, [timer])]
+    )  # type: ignore[list-item]
+    rk = client.keyspace.run(0, run)
+
+    async def next_start(fence: str) -> Any:
+        await client.redis.hset(rk, mapping={"wft": "scheduled", "wft_msg": msgid})
+        (again,) = await client.protocol.wft_start(
+            0, stream, 10_000, 100, "w1", [WftStartItem(run, msgid, done.last_event_id, fence)]
+        )
+        await client.redis.hset(rk, "wft", "")
+        return again
+
+    assert (await next_start(st.fence)).since == done.last_event_id  # Redis has what the cache saw
+    # Redis lost that completion, and another worker's took its place (same event ids)
+    await client.redis.hset(rk, "wft_done", f"9-1|ok|{done.last_event_id}")
+    stale = await next_start(st.fence)
+    assert stale.since == 0 and next(e[0] for e in stale.events) == b"1-0"

@@ -225,11 +225,7 @@ class Sequence:
 
 def cached_last_event(w: Worker, run_id: str | None) -> int:
     """The last event the worker's cached instance of a run has applied (0: not cached)."""
-    cache: Any = w.cache
-    if hasattr(cache, "last_event_id"):
-        return int(cache.last_event_id(run_id))
-    entry = cache.get(run_id)  # the previous worker's plain dict
-    return entry.last_event_id if entry else 0
+    return w.cache.position(run_id or "")[0]
 
 
 def growing_aof(data_dir: Path) -> Path:

@@ -65,7 +65,8 @@ class QueryReply:
 class WftStartItem:
     run_id: str
     message_id: str
-    since: int  # the last event id the worker's cached instance applied (0: none)
+    since: int = 0  # the last event id the worker's cached instance applied (0: none)
+    fence: str = ""  # the fence of the completion that brought the instance there
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ class Protocol:
     ) -> list[WftStarted]:
         args: list[Any] = [timeout_ms, max_events, worker]
         for it in items:
-            args += [it.run_id, it.message_id, it.since]
+            args += [it.run_id, it.message_id, it.since, it.fence]
         res = await self._call("wft_start", shard, args, stream)
         out = []
         for r in res:

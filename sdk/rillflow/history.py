@@ -11,6 +11,7 @@ from rillflow_runtime.model import COMMAND_EVENTS, INPUT_EVENTS
 
 __all__ = ["COMMAND_EVENTS", "INPUT_EVENTS", "HistoryEvent"]
 
+
 @dataclass(frozen=True)
 class HistoryEvent:
     event_id: int

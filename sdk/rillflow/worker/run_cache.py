@@ -25,6 +25,7 @@ log = structlog.get_logger("rillflow.worker")
 class CachedRun:
     instance: WorkflowInstance
     last_event_id: int  # the last history event the instance has applied
+    fence: str  # the completion that brought it there: Redis must still have it
 
 
 def discard(instance: WorkflowInstance) -> None:
@@ -43,9 +44,11 @@ class RunCache:
     def __len__(self) -> int:
         return len(self._runs)
 
-    def last_event_id(self, run_id: str) -> int:
+    def position(self, run_id: str) -> tuple[int, str]:
+        """Where the cached instance is: its last event id and the fence of the
+        completion it got there by ((0, '') if none)."""
         cached = self._runs.get(run_id)
-        return cached.last_event_id if cached else 0
+        return (cached.last_event_id, cached.fence) if cached else (0, "")
 
     def peek(self, run_id: str) -> CachedRun | None:
         """The cached instance, left in place (for a query: it must not change it)."""
@@ -56,12 +59,12 @@ class RunCache:
         ``commit`` it or ``discard`` it."""
         return self._runs.pop(run_id, None)
 
-    def commit(self, run_id: str, instance: WorkflowInstance, last_event_id: int) -> None:
+    def commit(self, run_id: str, instance: WorkflowInstance, last_event_id: int, fence: str) -> None:
         """Keep an instance whose task Redis accepted, evicting the least recently used."""
         old = self._runs.pop(run_id, None)
         if old is not None and old.instance is not instance:
             discard(old.instance)
-        self._runs[run_id] = CachedRun(instance, last_event_id)
+        self._runs[run_id] = CachedRun(instance, last_event_id, fence)
         while len(self._runs) > self.capacity:
             _, evicted = self._runs.popitem(last=False)
             discard(evicted.instance)

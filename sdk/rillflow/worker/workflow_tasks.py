@@ -134,7 +134,7 @@ class WorkflowTasks:
             ctx.settings.workflow_task_timeout_ms,
             MAX_EVENTS_PER_START,
             ctx.identity,
-            [WftStartItem(run, msgid, self.cache.last_event_id(run)) for msgid, run in items],
+            [WftStartItem(run, msgid, *self.cache.position(run)) for msgid, run in items],
         )
         activated: list[_Activated] = []
         failures: list[WftFailure] = []
@@ -220,7 +220,7 @@ class WorkflowTasks:
         wake = False
         for a, r in zip(activated, replies, strict=True):
             if r.reply is Reply.OK and not a.instance.closed:
-                self.cache.commit(a.run, a.instance, r.last_event_id)
+                self.cache.commit(a.run, a.instance, r.last_event_id, a.started.fence)
                 wake = wake or any(c.kind is CommandKind.START_TIMER for c in a.commands)
                 continue
             discard(a.instance)
