@@ -429,7 +429,7 @@ async def drive_run(c: Conn, shard: int) -> None:
 
     # the second workflow task (scheduled by the activity's completion) fails
     msg2, _ = await read_one(c, wft_q, "w1")
-    (wft2,) = await p.wft_start(shard, wft_q, 30_000, 100, "w1", [WftStartItem(run, msg2, 4)])
+    (wft2,) = await p.wft_start(shard, wft_q, 30_000, 100, "w1", [WftStartItem(run, msg2, 4, wft.fence)])
     assert wft2.reply is Reply.OK and wft2.fence.startswith("2-")
     assert (wft2.since, wft2.last_event_id) == (4, 8)
     assert [e[0] for e in wft2.events] == [b"5-0", b"6-0", b"7-0", b"8-0"]

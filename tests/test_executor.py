@@ -385,3 +385,46 @@ def test_guard_is_installed_by_the_first_workflow_instance_not_by_import() -> No
         [sys.executable, "-c", GUARD_INSTALL], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@workflows.workflow.define(name="exec_refuses_to_die")
+class RefusesToDieWorkflow:
+    def __init__(self) -> None:
+        self.never = False
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        while True:  # swallows every cancellation and asks again, without ever yielding
+            try:
+                await workflow.wait_condition(lambda: self.never)
+            except asyncio.CancelledError:
+                continue
+
+
+@workflows.workflow.define(name="exec_spins")
+class SpinsWorkflow:
+    def __init__(self) -> None:
+        self.never = False
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> str:
+        try:
+            await workflow.wait_condition(lambda: self.never)
+        finally:
+            while True:  # once cancelled, keeps yielding forever
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    continue
+
+
+@pytest.mark.parametrize("cls", [RefusesToDieWorkflow, SpinsWorkflow])
+def test_teardown_of_code_that_will_not_stop_returns(cls: type) -> None:
+    """Teardown runs on the worker's thread: workflow code that swallows its cancellation
+    and asks again must not freeze the worker; it is parked and abandoned."""
+    inst = _instance(cls)
+    run_task(inst, [_started()], T0, fresh=True)
+    t = time.monotonic()
+    inst.teardown()
+    assert time.monotonic() - t < 30  # returns at all (it looped forever before)
+    assert inst.commands == []

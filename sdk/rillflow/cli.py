@@ -118,8 +118,11 @@ class Exit(Exception):
 
 
 def _positive(value: float | None, option: str) -> None:
-    if value is not None and not value > 0:
-        raise Exit(2, f"{option} must be a positive number of seconds, got {value:g}")
+    if value is not None and not 0 < value <= MAX_SECONDS:
+        raise Exit(2, f"{option} must be a positive number of seconds up to {MAX_SECONDS:g}, got {value:g}")
+
+
+MAX_SECONDS = 10 * 365 * 86400.0  # ten years: longer is a mistake, and overflows the clock
 
 
 def configure_logging(level: str = "info") -> None:

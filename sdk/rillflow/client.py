@@ -56,6 +56,9 @@ async def ensure_namespace(
         raise RillflowError(f"namespace {namespace!r} is invalid: use letters, digits, '_' and '-'")
     if shards is not None and not 1 <= shards <= 4096:
         raise RillflowError(f"shards must be between 1 and 4096, got {shards}")
+    for what, value in (("retention", retention), ("workflow_task_timeout", workflow_task_timeout)):
+        if value is not None and not timedelta(milliseconds=1) <= value <= timedelta(days=3650):
+            raise RillflowError(f"{what} must be between 1 ms and 10 years, got {value}")
     key = Keyspace.meta_key(namespace)
     defaults = NamespaceSettings()
     await redis.hsetnx(key, "shards", shards or defaults.shards)

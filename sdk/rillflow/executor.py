@@ -109,6 +109,9 @@ class WorkflowTaskError(Exception):
     workflow task fails and is retried; the run stays open."""
 
 
+_TEARDOWN_STEPS = 10_000
+
+
 class InstanceTornDownError(asyncio.CancelledError):
     """Raised in workflow code that tries to schedule work (an activity, a timer, a
     condition) while its instance is torn down: the worker dropped the instance, so
@@ -418,6 +421,7 @@ class WorkflowInstance:
         self.max_payload_bytes = 2 * 1024 * 1024
         self.torn_down = False
         self._tearing_down = False
+        self._refused: set[asyncio.Task[Any]] = set()  # tasks refused once during teardown
         self._armed = False  # the guard's profile function is set by _inside
         self._issued = 0  # command-producing calls, issued or dropped (a query must make none)
 
@@ -531,10 +535,15 @@ class WorkflowInstance:
         self.activities.clear()
         self.timers.clear()
         self.conditions.clear()
+        self._refused.clear()
 
     def _drain(self) -> None:
-        """Step every ready callback (teardown: errors of workflow code are not recorded)."""
-        while self.loop.ready:
+        """Step every ready callback (teardown: errors of workflow code are not recorded).
+        Bounded: code that keeps yielding (``while True: await asyncio.sleep(0)``) is left
+        pending after that many steps, and abandoned."""
+        steps = 0
+        while self.loop.ready and steps < _TEARDOWN_STEPS:
+            steps += 1
             h = self.loop.ready.popleft()
             if not h._cancelled:
                 h._run()
@@ -795,6 +804,19 @@ class WorkflowInstance:
         if not self.closed and not self._tearing_down:
             self.commands.append(cmd)
 
+    def _park(self) -> bool:
+        """During teardown: whether the asking task was refused once already. A task
+        that caught the refusal and asks again (``except CancelledError: continue``)
+        would spin without ever yielding, freezing the worker: it gets something that
+        never completes instead, parks, and is abandoned."""
+        task = asyncio.current_task()
+        if task is None:
+            return False
+        if task in self._refused:
+            return True
+        self._refused.add(task)
+        return False
+
     def _torn_down(self, what: str) -> InstanceTornDownError:
         return InstanceTornDownError(
             f"{what} refused: workflow '{self.defn.name}' execution '{self.info.workflow_id}' "
@@ -806,6 +828,8 @@ class WorkflowInstance:
         self, adef: ActivityDefinition, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> asyncio.Future[Any]:
         if self._tearing_down:
+            if self._park():
+                return self.loop.create_future()
             raise self._torn_down(f"activity '{adef.name}'")
         if self.closed:  # never issued, so never resolved: the run is over
             self._issued += 1
@@ -837,10 +861,12 @@ class WorkflowInstance:
     def start_timer(
         self, delay: float, callback: Callable[..., Any], args: tuple[Any, ...], context: Any
     ) -> asyncio.TimerHandle:
-        if delay > 0 and self._tearing_down:
-            raise self._torn_down("a timer")
         when = self.loop._now + max(delay, 0.0)
         h = DurableTimer(when, callback, args, self.loop, context)
+        if delay > 0 and self._tearing_down:
+            if self._park():
+                return h  # never scheduled: never fires
+            raise self._torn_down("a timer")
         if delay <= 0:
             self.loop.ready.append(h)
             return h
@@ -867,6 +893,8 @@ class WorkflowInstance:
 
     def wait_condition(self, fn: Callable[[], bool]) -> asyncio.Future[None]:
         if self._tearing_down:
+            if self._park():
+                return self.loop.create_future()
             raise self._torn_down("workflow.wait_condition()")
         fut: asyncio.Future[None] = self.loop.create_future()
         self.conditions.append((fn, fut))

@@ -4,6 +4,8 @@
 -- (timed out, retried, the run closed) is refused. The answer is remembered on the
 -- activity (<seq>:d), so a repeat of the call (client retry) gets the same answer.
 -- Per outcome returns R.OK, R.RETRY (failed, will be retried) or R.REFUSED.
+if (#ARGV - 1) % 7 ~= 0 then error('rillflow: act_done takes 7 arguments per outcome') end
+for i = 2, #ARGV, 7 do num(ARGV[i + 3], 'attempt', 1) end
 local out = {}
 for i = 2, #ARGV, 7 do
   local kind, run, seq, att = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])

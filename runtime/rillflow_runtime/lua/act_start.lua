@@ -4,6 +4,8 @@
 -- Per task returns {R.OK, scheduled body, heartbeat details, wid, wtype, now, deadline}
 -- or {R.STALE} (dropped) or {R.RUNNING} (another worker runs it).
 local aq, worker = KEYS[3], ARGV[2]
+if (#ARGV - 2) % 4 ~= 0 then error('rillflow: act_start takes 4 arguments per task') end
+for i = 3, #ARGV, 4 do num(ARGV[i + 2], 'attempt', 1) end
 local out = {}
 for i = 3, #ARGV, 4 do
   local run, seq, att, msg = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]

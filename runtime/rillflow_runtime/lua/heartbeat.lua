@@ -2,7 +2,7 @@
 -- attempt's deadline. KEYS: timers, closed. ARGV: prefix, run_id, seq, attempt, details.
 -- Returns {R.OK, now ms, new deadline ms}, or {R.GONE} when the attempt is no longer
 -- current (cancelled, timed out, the run closed).
-local run, seq, att, details = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local run, seq, att, details = ARGV[2], ARGV[3], num(ARGV[4], 'attempt', 1), ARGV[5]
 if redis.call('HGET', run_key(run), 'status') ~= RS.RUNNING then return { R.GONE } end
 local s = act_get(run, seq)
 if not s or s.att ~= att or s.st ~= AS.STARTED then return { R.GONE } end

@@ -27,6 +27,16 @@ local function sig_key(run) return P .. 'sig:' .. run end
 local function upd_key(run) return P .. 'upd:' .. run end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
 
+-- An argument that must be a number of at least `min`: checked before a script's first
+-- write, so a bad call fails whole (a script error after a write would leave half).
+local function num(v, what, min)
+  local n = tonumber(v)
+  if not n or n ~= n or (min and n < min) then
+    error('rillflow: ' .. what .. ' must be a number' .. (min and (' >= ' .. min) or '') .. ', got ' .. tostring(v))
+  end
+  return n
+end
+
 -- A member of the timers zset: "<kind>|<run>|..." (kinds in TK).
 local function tmember(kind, run, a, b)
   local m = kind .. '|' .. run

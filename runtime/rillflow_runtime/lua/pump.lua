@@ -2,7 +2,7 @@
 -- once because it is removed in the same script). KEYS: timers, closed. ARGV: prefix,
 -- batch size, retention ms. Members are "<kind>|<run>|..." with the kinds of TK (see
 -- model.py and docs/keyspace.md). Returns {handled, next due ms or -1, now ms}.
-local limit, retention = tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit, retention = num(ARGV[2], 'batch size', 1), num(ARGV[3], 'retention', 1)
 local due = redis.call('ZRANGEBYSCORE', TIMERS, '-inf', NOW, 'LIMIT', 0, limit)
 for _, m in ipairs(due) do
   redis.call('ZREM', TIMERS, m)

@@ -1,7 +1,7 @@
 -- Terminate a run (client). KEYS: timers, closed. ARGV: prefix, workflow_id, run_id
 -- ('' = current), body, retention ms, request id. A repeat of the call that terminated
 -- the run answers R.OK again. Returns {R.OK, run_id} or {R.NOT_RUNNING, run_id or ''}.
-local wid, run, body, retention, rid = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local wid, run, body, retention, rid = ARGV[2], ARGV[3], ARGV[4], num(ARGV[5], 'retention', 1), ARGV[6]
 run = current_run(wid, run)
 if run == '' then return { R.NOT_RUNNING, '' } end
 local r = redis.call('HMGET', run_key(run), 'status', 'term_req')

@@ -14,7 +14,7 @@
 -- while it ran: then nothing of it is recorded, they join the history and the task runs
 -- again from a replay (as Temporal does), so that no accepted message is lost. A repeat
 -- of a completion (client retry) gets the answer the first one got.
-local tq, retention, worker, sticky_ms = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local tq, retention, worker, sticky_ms = ARGV[2], num(ARGV[3], 'retention', 1), ARGV[4], num(ARGV[5], 'sticky ms', 0)
 
 local KINDS = {}
 for _, v in pairs(CMD) do KINDS[v] = true end

@@ -4,6 +4,7 @@
 -- KEYS: timers, closed. ARGV: prefix, then per task: run_id, fence, failure body.
 -- Per task returns R.OK, or R.REFUSED when the fence is no longer current. A repeat
 -- (client retry) of a failure already recorded answers R.OK.
+if (#ARGV - 1) % 3 ~= 0 then error('rillflow: wft_fail takes 3 arguments per task') end
 local out = {}
 for i = 2, #ARGV, 3 do
   local run, fence, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]

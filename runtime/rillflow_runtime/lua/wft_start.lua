@@ -12,7 +12,9 @@
 -- not the one the cached instance saw (a rollback; another worker's completion): the
 -- instance must be replayed from these events;
 -- or {R.STALE} (the message was dropped) or {R.BUSY} (started elsewhere, in flight).
-local wq, timeout, max_events, worker = KEYS[3], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local wq, timeout, max_events, worker = KEYS[3], num(ARGV[2], 'timeout', 1), num(ARGV[3], 'max events', 1), ARGV[4]
+if (#ARGV - 4) % 4 ~= 0 then error('rillflow: wft_start takes 4 arguments per task') end
+for i = 5, #ARGV, 4 do num(ARGV[i + 2], 'since', 0) end
 local out = {}
 for i = 5, #ARGV, 4 do
   local run, msg, since, seen = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]) or 0, ARGV[i + 3]

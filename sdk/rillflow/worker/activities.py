@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import structlog
+from redis.exceptions import ResponseError
 
 from rillflow.activity import ActivityContext, ActivityDefinition, ActivityInfo, _current_activity
 from rillflow.errors import (
@@ -40,7 +41,7 @@ from rillflow_runtime.protocol import ActivityOutcome, ActStarted, ActStartItem
 
 log = structlog.get_logger("rillflow.worker")
 
-GIVEN_UP_MEMORY_S = 600.0  # well past the pump recording the timeout of an attempt given up here
+ENDED_MEMORY_S = 600.0  # well past the pump recording the timeout of an attempt that ended here
 
 
 @dataclass
@@ -58,7 +59,6 @@ class _Attempt:
     last_sent: float = 0.0
     timer: asyncio.TimerHandle | None = None
     gone: bool = False
-    reported: bool = False  # its outcome was handed to the flusher
 
 
 class _Thread:
@@ -76,10 +76,11 @@ class Activities:
         self.activities = activities
         self.max_concurrent = max_concurrent
         self.running: dict[tuple[str, int], _Attempt] = {}
-        # attempts this worker ended without a report (timed out here, cancelled): Redis
-        # still says this worker runs them until its timer says otherwise, and a reclaim
-        # of their message must not run them again (run, seq, attempt -> when)
-        self._given_up: dict[tuple[str, int, int], float] = {}
+        # attempts that ended here and whose end Redis has not recorded yet (no report,
+        # or a report not yet flushed): Redis still says this worker runs them, so a
+        # reclaim of their message gets "yours" and must not run them again
+        # (run, seq, attempt -> when it ended)
+        self._ended: dict[tuple[str, int, int], float] = {}
         self.abandoned_threads = 0
         self._slots = asyncio.Event()
         self._slots.set()
@@ -131,12 +132,12 @@ class Activities:
             return
         started = await self.ctx.protocol.act_start(shard, stream, self.ctx.identity, items)
         now = time.monotonic()
-        for k in [k for k, t in self._given_up.items() if now - t > GIVEN_UP_MEMORY_S]:
-            del self._given_up[k]
+        for k in [k for k, t in self._ended.items() if now - t > ENDED_MEMORY_S]:
+            del self._ended[k]
         for it, st in zip(items, started, strict=True):
             if st.reply is not Reply.OK or (it.run_id, it.seq) in self.running:  # ours already, reclaimed
                 continue
-            if (it.run_id, it.seq, it.attempt) in self._given_up:  # reclaimed from ourselves
+            if (it.run_id, it.seq, it.attempt) in self._ended:  # reclaimed from ourselves
                 continue
             try:
                 self._launch(shard, it, st)
@@ -181,8 +182,7 @@ class Activities:
         def finished(_t: asyncio.Task[None]) -> None:
             if self.running.get(key) is a:
                 del self.running[key]
-            if not a.reported:
-                self._given_up[(it.run_id, it.seq, it.attempt)] = time.monotonic()
+            self._ended[(it.run_id, it.seq, it.attempt)] = time.monotonic()
             if a.timer:
                 a.timer.cancel()
             self._slots.set()
@@ -293,9 +293,6 @@ class Activities:
 
     # -- results ----------------------------------------------------------------------------
     def report(self, shard: int, outcome: ActivityOutcome) -> None:
-        a = self.running.get((outcome.run_id, outcome.seq))
-        if a is not None and a.attempt == outcome.attempt:
-            a.reported = True
         self._done.append((shard, outcome))
         self._done_event.set()
 
@@ -307,13 +304,13 @@ class Activities:
     async def flush_loop(self) -> None:
         streak = Streak("could not report activity results")
         while not (self._closing and not self._done):
-            await self._done_event.wait()
+            if not self._done:  # (re)started with results waiting: no wake-up is lost
+                await self._done_event.wait()
             self._done_event.clear()
             try:
                 await self._flush()
                 streak.ok()
-            except TRANSIENT as e:
-                self._done_event.set()
+            except (*TRANSIENT, ResponseError) as e:  # a refusal too (OOM, READONLY, BUSY)
                 await streak.failed(e)
 
     async def _flush(self) -> None:
@@ -329,6 +326,7 @@ class Activities:
                 replies = await self.ctx.protocol.act_done(shard, outcomes)
                 del pending[shard]
                 for o, r in zip(outcomes, replies, strict=True):
+                    self._ended.pop((o.run_id, o.seq, o.attempt), None)  # recorded: Redis knows
                     if r is Reply.REFUSED:
                         self.ctx.stats.refused += 1
                         log.warning(

@@ -13,9 +13,10 @@ from rillflow.executor import QueryChangedStateError, replay
 from rillflow.worker.context import BadMessage, Context, Streak, field
 from rillflow.worker.run_cache import RunCache, discard
 from rillflow.worker.workflow_tasks import WorkflowTasks
-from rillflow_runtime.codec import pack, unpack
+from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.connections import TRANSIENT
 from rillflow_runtime.keyspace import GROUP
+from rillflow_runtime.model import Reply
 
 log = structlog.get_logger("rillflow.worker")
 
@@ -65,6 +66,9 @@ class Queries:
                 raise
             except Exception as e:
                 answer = {"failure": failure_from_exception(e)}
+            except (KeyboardInterrupt, SystemExit) as e:  # the handler asked the process to stop
+                self.ctx.request_exit(e, f"query '{body.get('name')}'")
+                answer = {"failure": failure_from_exception(e)}
             async with self.ctx.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(reply, {"rid": rid, "d": pack(answer)}, maxlen=1000, approximate=True)
                 pipe.pexpire(reply, INBOX_TTL_MS)  # a caller that went away leaves nothing behind
@@ -74,8 +78,10 @@ class Queries:
         name, data = str(body.get("name")), body.get("input")
         cached = self.cache.peek(run)
         if cached is not None:
-            last = await self.ctx.redis.hget(self.ctx.ks.run(shard, run), "last_eid")
-            if last is None or int(last) < cached.last_event_id:  # Redis went back in time
+            done = await self.ctx.redis.hget(self.ctx.ks.run(shard, run), "wft_done")
+            # the cache holds what Redis holds only if Redis's last completion is the one
+            # that brought the instance there (the rule wft_start applies)
+            if done is None or not text(done).startswith(f"{cached.fence}|{Reply.OK.value}|"):
                 if self.cache.peek(run) is cached:
                     self.cache.evict(run)
                 cached = None

@@ -177,10 +177,12 @@ class WorkflowTasks:
     async def _activate(self, shard: int, run: str, st: WftStarted) -> _Activated:
         """Run the task on the cached instance if it is exactly as far as the history,
         else on a fresh one that replays the history first."""
-        cached = self.cache.take(run)
         events = [HistoryEvent.from_entry(e) for e in st.events]
         if len(st.events) >= MAX_EVENTS_PER_START:
             events += await self._history_after(shard, st.workflow_id, run, events[-1].event_id)
+        # taken only now, with no await until it is committed or discarded: an instance
+        # dropped on the way would be finalized by the garbage collector, running its code
+        cached = self.cache.take(run)
         hit = (
             cached is not None
             and st.since == cached.last_event_id  # Redis is not behind the instance
