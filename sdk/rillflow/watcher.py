@@ -199,11 +199,15 @@ class Watcher:
                 self._wake(self.updates, key)
 
     async def close(self) -> None:
+        """Stop at once: redis-py lets a cancelled blocking read finish first (up to the
+        block time), so the read's connection is closed under it."""
         self.closing = True
         if self.task is not None:
             self.task.cancel()
+            with contextlib.suppress(Exception):
+                await self.redis.connection_pool.disconnect(inuse_connections=True)
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+                await asyncio.wait_for(self.task, WATCH_BLOCK_S)
         with contextlib.suppress(Exception):
             await self.client.redis.delete(self.inbox)
         await self.redis.aclose()

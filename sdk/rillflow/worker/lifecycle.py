@@ -9,6 +9,7 @@ the first failure of a streak only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -231,6 +232,9 @@ class Worker:
     async def _drain(self, streams: list[str]) -> None:
         for t in self._pollers:
             t.cancel()
+        # a cancelled blocking read would otherwise finish its block first
+        with contextlib.suppress(Exception):
+            await self.ctx.reader.connection_pool.disconnect(inuse_connections=True)
         await asyncio.gather(*self._pollers, return_exceptions=True)
         if self.tasks is not None:
             await self.tasks.wait_deferred()
