@@ -973,8 +973,7 @@ async def read_tally(r: aioredis.Redis) -> dict[tuple[str, str, int], int]:
 # -- keys left over ---------------------------------------------------------------------
 LEFTOVER_KINDS = (
     "buffers (buf:*) of closed runs",
-    "query replies (qr:*)",
-    "update replies (ur:*)",
+    "query inboxes (inbox:*) of closed clients",
     "sticky streams of dead workers",
     "consumers of dead workers",
     "workers index members, record expired",
@@ -1011,7 +1010,9 @@ async def scan_leftovers(
         if not m:
             n = NS_KEY.match(key)
             what = n.group(1) if n else key
-            if not (what in ("meta", "registry", "workers") or what.startswith(NS_KINDS)):
+            if what.startswith("inbox:"):  # the harness's clients are closed: nothing should be left
+                out["query inboxes (inbox:*) of closed clients"].add(key)
+            elif not (what in ("meta", "registry", "workers") or what.startswith(NS_KINDS)):
                 out["unknown keys"].add(key)
             continue
         what = m.group(2)
@@ -1023,10 +1024,6 @@ async def scan_leftovers(
                 run_key[rid] = key
         elif kind == "wf":
             wf_keys.append(key)
-        elif kind == "ur":
-            out["update replies (ur:*)"].add(key)
-        elif kind == "qr":
-            out["query replies (qr:*)"].add(key)
         elif kind == "q" and what.endswith(":dlq"):
             if dead := int(await db.xlen(key)):
                 out["dead letters"].add(key, dead)
