@@ -714,10 +714,11 @@ async def test_killed_and_stopped_workers_leave_nothing_behind(
         sticky = {k.decode().rsplit("@", 1)[1] async for k in r.scan_iter(match=ks.sticky(0, "default", "*"))}
         return (consumers | sticky) & dead
 
-    assert await left_by_the_dead() == dead  # what the janitor has to clear
+    # (the live workers' janitors may have cleared some of it already: they start early)
     async with Worker(client, workflows=[Leaky], activities=[leak_async, leak_sync], **FAST) as w:  # type: ignore[arg-type]
         await r.delete(ks.ns_key("janitor:default"))  # the lease the dead workers' janitor took
         await w.maintenance.janitor()
+    assert await left_by_the_dead() == set()
 
     keys = [k.decode() async for k in r.scan_iter(match="rf:*", count=1000)]
     kinds = Counter(key_kind(k) for k in keys)

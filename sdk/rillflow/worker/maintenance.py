@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from typing import Any
 
@@ -46,7 +47,9 @@ class Maintenance:
         """Every worker pumps every shard: a due entry is removed by the script that acts
         on it, so each is handled once. Sleeps until the next due entry or a wake-up."""
         ctx = self.ctx
-        last_reclaim, last_janitor = 0.0, time.monotonic()  # the janitor's first round: one interval in
+        # the janitor's first round comes a few seconds in (a worker may not live a whole
+        # interval); the lease keeps it to one worker of the queue per interval
+        last_reclaim, last_janitor = 0.0, time.monotonic() - JANITOR_INTERVAL_S + random.uniform(1.0, 5.0)
         streak = Streak("timer pump: redis unavailable")
         while not self.closing:
             wait = self.pump_interval
