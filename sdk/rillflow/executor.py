@@ -320,6 +320,20 @@ def _install_guard() -> None:
             os.urandom: ("os.urandom()", _URANDOM, True),
             time.sleep: ("time.sleep", _SLEEP, False),
         }
+        # the other clocks: durations measured in workflow code differ on replay too
+        for name in (
+            "monotonic",
+            "monotonic_ns",
+            "perf_counter",
+            "perf_counter_ns",
+            "clock_gettime",
+            "clock_gettime_ns",
+        ):
+            fn = getattr(time, name, None)
+            if fn is not None:
+                table[fn] = (f"time.{name}()", _CLOCK, True)
+        if hasattr(os, "getrandom"):
+            table[os.getrandom] = ("os.getrandom()", _URANDOM, True)
         for name in ("start_new_thread", "start_joinable_thread"):  # the latter from 3.13 on
             fn = getattr(_thread, name, None)
             if fn is not None:
