@@ -114,7 +114,8 @@ class Context:
             await self.ensure_groups(streams)  # the stream was deleted (say, a FLUSHALL)
             return []
         except TRANSIENT as e:
-            await streak.failed(e)
+            if not self.stopping.is_set():  # stopping: the drain closed the read under it
+                await streak.failed(e)
             return []
         streak.ok()
         return [(streams[text(s)], text(s), entries) for s, entries in resp or []]

@@ -120,6 +120,7 @@ class Worker:
             reclaim_idle_ms=int(reclaim_idle.total_seconds() * 1000),
         )
         self._pollers: list[asyncio.Task[None]] = []
+        self._liveness: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
         self._main: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -184,7 +185,7 @@ class Worker:
         if self.acts is not None:
             self._pollers.append(self._supervise(self.acts.poll))
             self._background.append(self._supervise(self.acts.flush_loop))
-        self._pollers.append(self._supervise(self._liveness_loop))
+        self._liveness = self._supervise(self._liveness_loop)
         self._background.append(self._supervise(self.maintenance.pump_loop))
         self._ready.set()
         try:
@@ -230,12 +231,20 @@ class Worker:
         return asyncio.create_task(supervised(), name=f"rillflow-{name}")
 
     async def _drain(self, streams: list[str]) -> None:
-        for t in self._pollers:
-            t.cancel()
-        # a cancelled blocking read would otherwise finish its block first
+        if self._liveness is not None:
+            self._liveness.cancel()
+        # Pollers are not cancelled but let finish the batch in hand (they see `stopping`):
+        # a poller cancelled between a start script and its reply would leave attempts
+        # started in Redis that nobody runs until their deadline. Their blocking reads
+        # end at once: redis-py lets a cancelled blocking read finish its block first, so
+        # the read's connection is closed under it.
         with contextlib.suppress(Exception):
             await self.ctx.reader.connection_pool.disconnect(inuse_connections=True)
-        await asyncio.gather(*self._pollers, return_exceptions=True)
+        if self._pollers:
+            _, late = await asyncio.wait(self._pollers, timeout=max(self.grace, 5.0))
+            for t in late:
+                t.cancel()
+        await asyncio.gather(*self._pollers, *filter(None, [self._liveness]), return_exceptions=True)
         if self.tasks is not None:
             await self.tasks.wait_deferred()
         try:
