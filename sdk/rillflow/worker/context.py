@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,26 @@ class Context:
             return []
         streak.ok()
         return [(streams[text(s)], text(s), entries) for s, entries in resp or []]
+
+    async def poll(
+        self,
+        what: str,
+        streams: dict[str, int],
+        process: Callable[[int, str, Any], Awaitable[None]],
+        interrupted: str,
+    ) -> None:
+        """Read ``streams`` and hand each batch to ``process`` until the worker stops; a
+        batch Redis cut short is left to its retry path (reclaim, timeouts), and says so
+        once per streak."""
+        streak = Streak(f"{what} poller: redis unavailable")
+        batch = Streak(interrupted)
+        while not self.stopping.is_set():
+            for shard, stream, entries in await self.read(streams, self.batch_size, streak):
+                try:
+                    await process(shard, stream, entries)
+                    batch.ok()
+                except TRANSIENT as e:
+                    await batch.failed(e)
 
     async def bad_message(self, shard: int, stream: str, message_id: str, reason: str) -> None:
         """A task message this worker cannot read: left for redelivery (another worker,

@@ -10,7 +10,7 @@ import structlog
 
 from rillflow.errors import failure_from_exception
 from rillflow.executor import QueryChangedStateError, replay
-from rillflow.worker.context import BadMessage, Context, Streak, field
+from rillflow.worker.context import BadMessage, Context, field
 from rillflow.worker.run_cache import RunCache, discard
 from rillflow.worker.workflow_tasks import WorkflowTasks
 from rillflow_runtime.codec import pack, text, unpack
@@ -33,16 +33,12 @@ class Queries:
     async def poll(self) -> None:
         """Its own loop, so that a query that replays a long history never holds up
         workflow tasks."""
-        streams = self.ctx.streams("qry")
-        streak = Streak("query poller: redis unavailable")
-        batch = Streak("query batch interrupted; its callers will time out")
-        while not self.ctx.stopping.is_set():
-            for shard, stream, entries in await self.ctx.read(streams, self.ctx.batch_size, streak):
-                try:
-                    await self.process(shard, stream, entries)
-                    batch.ok()
-                except TRANSIENT as e:
-                    await batch.failed(e)
+        await self.ctx.poll(
+            "query",
+            self.ctx.streams("qry"),
+            self.process,
+            "query batch interrupted; its callers will time out",
+        )
 
     async def process(self, shard: int, stream: str, entries: list[Any]) -> None:
         async with self.ctx.redis.pipeline(transaction=False) as pipe:

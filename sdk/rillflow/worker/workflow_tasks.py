@@ -20,7 +20,7 @@ import structlog
 from rillflow.errors import WorkflowError, failure_from_exception
 from rillflow.executor import Command, WorkflowInfo, WorkflowInstance, run_task
 from rillflow.history import HistoryEvent
-from rillflow.worker.context import BadMessage, Context, Streak, field
+from rillflow.worker.context import BadMessage, Context, field
 from rillflow.worker.run_cache import RunCache, discard
 from rillflow.workflow import WorkflowDefinition
 from rillflow_runtime.codec import pack
@@ -66,16 +66,12 @@ class WorkflowTasks:
         return {**self.ctx.streams("wft"), **self.sticky_streams()}
 
     async def poll(self) -> None:
-        streams = self.streams()
-        streak = Streak("workflow task poller: redis unavailable")
-        batch = Streak("workflow task batch interrupted; its tasks will be retried")
-        while not self.ctx.stopping.is_set():
-            for shard, stream, entries in await self.ctx.read(streams, self.ctx.batch_size, streak):
-                try:
-                    await self.process(shard, stream, entries)
-                    batch.ok()
-                except TRANSIENT as e:
-                    await batch.failed(e)
+        await self.ctx.poll(
+            "workflow task",
+            self.streams(),
+            self.process,
+            "workflow task batch interrupted; its tasks will be retried",
+        )
 
     async def wait_deferred(self) -> None:
         if self._deferred:
