@@ -123,8 +123,8 @@ for _, t in ipairs(tasks) do
         end
       end
       local last = tonumber(redis.call('HGET', rk, 'last_eid'))
-      drop_msg(r[7], r[5])
       if not closed then
+        drop_msg(r[7], r[5])  -- (closing the run dropped it already)
         -- the next task of this run goes to this worker, which now holds it in cache
         if sticky_ms > 0 then
           redis.call('HSET', rk, 'sticky', worker, 'sticky_ms', sticky_ms)
