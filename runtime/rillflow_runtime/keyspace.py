@@ -77,10 +77,6 @@ class Keyspace:
         """A run's updates: ``<id>`` -> accepted/done, ``<id>:o`` -> the outcome."""
         return f"{self.prefix(shard)}upd:{run_id}"
 
-    def signals(self, shard: int, run_id: str) -> str:
-        """The request ids of a run's recent signals (zset, score: when received)."""
-        return f"{self.prefix(shard)}sig:{run_id}"
-
     def inbox(self, client_id: str) -> str:
         """A client's inbox: workers add the answers to its queries here."""
         return self.ns_key(f"inbox:{client_id}")

@@ -142,4 +142,3 @@ INPUT_EVENTS = frozenset(
         EventType.TIMER_FIRED,
     }
 )
-CLOSING_COMMANDS = frozenset({CommandKind.COMPLETE_WORKFLOW, CommandKind.FAIL_WORKFLOW})

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from rillflow_runtime.codec import pack, text
 from rillflow_runtime.keyspace import Keyspace
-from rillflow_runtime.model import CLOSING_COMMANDS, CommandKind, Reply
+from rillflow_runtime.model import CommandKind, Reply
 from rillflow_runtime.scripts import Scripts
 
 
@@ -333,7 +333,3 @@ class Protocol:
 
     async def dead_letter(self, shard: int, stream: str, message_id: str, reason: str) -> bool:
         return bool(await self._call("dead_letter", shard, [message_id, reason], stream))
-
-
-def closes_run(commands: Sequence[CommandLike]) -> bool:
-    return any(c.kind in CLOSING_COMMANDS for c in commands)

@@ -29,7 +29,6 @@ log = structlog.get_logger("rillflow.client")
 
 WATCH_BLOCK_S = 5.0
 READ_COUNT = 1000
-INBOX_TTL_MS = 60_000
 
 
 def _id_tuple(sid: str) -> tuple[int, int]:

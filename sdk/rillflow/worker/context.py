@@ -4,7 +4,6 @@ and the one way every part reads a task stream and sets aside what it cannot rea
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -205,7 +204,3 @@ def int_field(fields: Any, name: str) -> int:
         return int(value)
     except ValueError as e:
         raise BadMessage(f"with a '{name}' field that is not an integer: {value[:40]!r}") from e
-
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000
