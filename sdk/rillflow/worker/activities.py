@@ -34,7 +34,7 @@ from rillflow.errors import (
 )
 from rillflow.payloads import check_size
 from rillflow.worker.context import BadMessage, Context, Streak, field, int_field
-from rillflow_runtime.codec import pack, unpack
+from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
 from rillflow_runtime.model import Reply
 from rillflow_runtime.protocol import ActivityOutcome, ActStarted, ActStartItem
@@ -119,7 +119,7 @@ class Activities:
     async def start(self, shard: int, stream: str, entries: Any) -> None:
         items: list[ActStartItem] = []
         for msgid, fields in entries:
-            mid = msgid.decode() if isinstance(msgid, bytes) else str(msgid)
+            mid = text(msgid)
             try:
                 items.append(
                     ActStartItem(

@@ -23,7 +23,7 @@ from rillflow.history import HistoryEvent
 from rillflow.worker.context import BadMessage, Context, field
 from rillflow.worker.run_cache import RunCache, discard
 from rillflow.workflow import WorkflowDefinition
-from rillflow_runtime.codec import pack
+from rillflow_runtime.codec import pack, text
 from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
 from rillflow_runtime.model import CommandKind, EventType, Reply
 from rillflow_runtime.protocol import TaskCompletion, WftFailure, WftStarted, WftStartItem
@@ -84,11 +84,11 @@ class WorkflowTasks:
         now: list[tuple[str, str]] = []
         later: list[tuple[str, Any]] = []
         for msgid, fields in entries:
+            mid = text(msgid)  # stream ids are ASCII: Redis makes them
             try:
-                mid = msgid.decode() if isinstance(msgid, bytes) else str(msgid)
                 run = field(fields, "run")
-            except (BadMessage, UnicodeDecodeError) as e:
-                await self.ctx.bad_message(shard, stream, _text(msgid), f"workflow task {e}")
+            except BadMessage as e:
+                await self.ctx.bad_message(shard, stream, mid, f"workflow task {e}")
                 continue
             if run in self._in_flight or any(r == run for _, r in now):
                 later.append((run, (msgid, fields)))
@@ -175,7 +175,7 @@ class WorkflowTasks:
         else on a fresh one that replays the history first."""
         events = [HistoryEvent.from_entry(e) for e in st.events]
         if len(st.events) >= MAX_EVENTS_PER_START:
-            events += await self._history_after(shard, st.workflow_id, run, events[-1].event_id)
+            events += await self.history_after(shard, st.workflow_id, run, events[-1].event_id)
         # taken only now, with no await until it is committed or discarded: an instance
         # dropped on the way would be finalized by the garbage collector, running its code
         cached = self.cache.take(run)
@@ -196,7 +196,7 @@ class WorkflowTasks:
             discard(cached.instance)
         self.ctx.stats.cache_misses += 1
         if st.since:  # the events start after the stale cache's position: read them all
-            events = await self._history_after(shard, st.workflow_id, run, 0)
+            events = await self.history_after(shard, st.workflow_id, run, 0)
         inst = self.new_instance(st.workflow_id, run, st.workflow_type, st.start_ms, st.attempt)
         try:
             return _Activated(run, st, inst, run_task(inst, events, st.now_ms, fresh=True))
@@ -241,9 +241,6 @@ class WorkflowTasks:
             ctx.pump_wake.set()
 
     async def history_after(self, shard: int, wid: str, run: str, after: int) -> list[HistoryEvent]:
-        return await self._history_after(shard, wid, run, after)
-
-    async def _history_after(self, shard: int, wid: str, run: str, after: int) -> list[HistoryEvent]:
         key = self.ctx.ks.history(shard, wid, run)
         out: list[HistoryEvent] = []
         while True:
@@ -270,7 +267,3 @@ class WorkflowTasks:
         inst = WorkflowInstance(defn, info)
         inst.max_payload_bytes = self.ctx.client.max_payload_bytes
         return inst
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
