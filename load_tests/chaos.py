@@ -10,8 +10,9 @@ at random (replacing each one), SIGKILLs Redis and restarts it over the same dat
 (the last time after an outage longer than clients retry a call), and once cuts the
 tail of the AOF: what an ``appendfsync everysec`` power loss does, limited to what the
 workers wrote while starts and signals were paused, so that nothing a client was told
-is lost. Then it stops the chaos, waits (bounded) for every run to close, and prints
-one line per figure. It exits 1 unless lost runs, stuck runs, duplicated completions
+is lost. Every script checks that it touches only the keys its caller declared. Then
+it stops the chaos, waits (bounded) for every run to close, and prints one line per
+figure. It exits 1 unless lost runs, stuck runs, duplicated completions
 and duplicated signal applications are all 0.
 
 The seed fixes the workflows, the signals and the chaos schedule; which process a kill
@@ -1132,6 +1133,9 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    # every script call (this process's and its workers') refuses a key its caller did not
+    # declare: a fault path that misses a declaration shows as a failure, not a Cluster bug
+    os.environ["RILLFLOW_CHECK_KEYS"] = "1"
     report = asyncio.run(run_chaos(cfg))
     for line in report.lines():
         say(line)

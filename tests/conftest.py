@@ -26,6 +26,10 @@ from rillflow_runtime.keyspace import Keyspace
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# every script the suite runs (and the workers it starts, which inherit this) refuses a
+# command on a key its caller did not declare: a missing declaration fails a test
+os.environ["RILLFLOW_CHECK_KEYS"] = "1"
+
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:

@@ -43,6 +43,7 @@ from rillflow_runtime.keyspace import GROUP, Keyspace, shard_of
 from rillflow_runtime.model import CommandKind, Reply
 from rillflow_runtime.protocol import (
     ActivityOutcome,
+    ActivityRoute,
     ActStartItem,
     HeartbeatReply,
     Protocol,
@@ -51,7 +52,7 @@ from rillflow_runtime.protocol import (
     WftFailure,
     WftStartItem,
 )
-from rillflow_runtime.scripts import NAMES
+from rillflow_runtime.scripts import NAMES, Scripts
 
 pytestmark = [
     pytest.mark.anyio,
@@ -344,8 +345,8 @@ async def drive_run(c: Conn, shard: int) -> None:
 
     # the first workflow task
     msg, fields = await read_one(c, wft_q, "w1")
-    assert fields == {b"run": run.encode()}
-    (wft,) = await p.wft_start(shard, wft_q, 30_000, 100, "w1", [WftStartItem(run, msg, 0)])
+    assert fields == {b"run": run.encode(), b"wid": wid.encode()}
+    (wft,) = await p.wft_start(shard, wft_q, 30_000, 100, "w1", [WftStartItem(run, msg, 0, workflow_id=wid)])
     assert wft.reply is Reply.OK
     assert (wft.workflow_id, wft.workflow_type, wft.last_event_id, wft.attempt, wft.since) == (
         wid,
@@ -358,9 +359,8 @@ async def drive_run(c: Conn, shard: int) -> None:
     assert wft.fence.startswith("1-")
 
     act = schedule_activity(1)
-    (done,) = await p.wft_complete(
-        shard, TQ, RETENTION_MS, "w1", 0, [TaskCompletion(run, wft.fence, [act, start_timer(1, TIMER_MS)])]
-    )
+    task = TaskCompletion(run, wid, wft.fence, msg, [act, start_timer(1, TIMER_MS)])
+    (done,) = await p.wft_complete(shard, wft_q, TQ, RETENTION_MS, "w1", 0, [task])
     assert (done.reply, done.last_event_id) == (Reply.OK, 4)
     assert [t for _, t in await history(c, shard, wid, run)] == [
         "WorkflowExecutionStarted",
@@ -381,8 +381,9 @@ async def drive_run(c: Conn, shard: int) -> None:
     assert hb.reply is Reply.OK and hb.deadline_ms == hb.now_ms + 30_000
     assert await p.heartbeat(shard, run, 1, 2, b"") == HeartbeatReply(Reply.GONE)  # not the current attempt
     result = pack({"result": pack("charged")})
-    assert await p.act_done(shard, [ActivityOutcome(run, 1, 1, result)]) == [Reply.OK]
-    assert await p.act_done(shard, [ActivityOutcome(run, 1, 1, result)]) == [Reply.OK]  # a retry: same answer
+    assert ast.route == ActivityRoute(wid, TQ, "", act_q, amsg)  # what act_done declares
+    assert await p.act_done(shard, [ActivityOutcome(run, 1, 1, result, ast.route)]) == [Reply.OK]
+    assert await p.act_done(shard, [ActivityOutcome(run, 1, 1, result, ast.route)]) == [Reply.OK]  # a retry
     assert await c.rc.xlen(act_q) == 0
     h = await history(c, shard, wid, run)
     assert h[-1] == ("5-0", "ActivityTaskCompleted") and len(h) == 5
@@ -430,13 +431,17 @@ async def drive_run(c: Conn, shard: int) -> None:
     # the second workflow task (scheduled by the activity's completion) fails
     msg2, _ = await read_one(c, wft_q, "w1")
     (wft2,) = await p.wft_start(shard, wft_q, 30_000, 100, "w1", [WftStartItem(run, msg2, 4, wft.fence)])
+    assert wft2.workflow_id == wid  # the message named it; without the name, read first
     assert wft2.reply is Reply.OK and wft2.fence.startswith("2-")
     assert (wft2.since, wft2.last_event_id) == (4, 8)
     assert [e[0] for e in wft2.events] == [b"5-0", b"6-0", b"7-0", b"8-0"]
     failure = pack({"failure": {"type": "NonDeterminismError", "message": "boom", "stack": ""}})
-    assert await p.wft_fail(shard, [WftFailure(run, wft2.fence, failure)]) == [Reply.OK]
-    assert await p.wft_fail(shard, [WftFailure(run, wft2.fence, failure)]) == [Reply.OK]  # a retry
-    assert await p.wft_fail(shard, [WftFailure(run, wft.fence, failure)]) == [Reply.REFUSED]  # old fence
+    assert await p.wft_fail(shard, wft_q, [WftFailure(run, wid, wft2.fence, msg2, failure)]) == [Reply.OK]
+    assert await p.wft_fail(shard, wft_q, [WftFailure(run, wid, wft2.fence, msg2, failure)]) == [
+        Reply.OK
+    ]  # a retry
+    old = WftFailure(run, wid, wft.fence, msg, failure)
+    assert await p.wft_fail(shard, wft_q, [old]) == [Reply.REFUSED]  # old fence
     h = await history(c, shard, wid, run)
     assert h[-1] == ("9-0", "WorkflowTaskFailed") and len(h) == 9
     assert await c.rc.xlen(wft_q) == 0
@@ -505,38 +510,62 @@ async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: C
     print(f"cluster formed in {cluster.formed_in:.2f} s; three runs driven in {elapsed:.2f} s")
 
 
-def start_call(ks: Keyspace, keys_shard: tuple[int, int], prefix_shard: int) -> tuple[list[str], list[Any]]:
-    """The keys and arguments of a ``start`` call, with the keys and the prefix of any shards."""
-    args = [ks.prefix(prefix_shard), "wf-x", uuid.uuid4().hex, "Checkout", TQ, pack({}), 60_000]
-    return [ks.timers(keys_shard[0]), ks.closed(keys_shard[1])], args
+def start_call(
+    ks: Keyspace, keys_shard: tuple[int, int], prefix_shard: int, declare: bool = True
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of a ``start`` call, with the keys and the prefix of any
+    shards; ``declare=False`` leaves out the run's keys, as a caller with a bug would."""
+    run = uuid.uuid4().hex
+    args = [ks.prefix(prefix_shard), "wf-x", run, "Checkout", TQ, pack({}), 60_000]
+    keys = [ks.timers(keys_shard[0]), ks.closed(keys_shard[1])]
+    if declare:
+        s = prefix_shard
+        keys += [ks.wf(s, "wf-x"), ks.run(s, run), ks.history(s, "wf-x", run), ks.queue(s, TQ, "wft")]
+    return keys, args
 
 
-async def test_a_call_whose_keys_span_two_nodes_is_refused(conn: Conn) -> None:
+def unchecked_call(conn: Conn, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The scripts as a production client has them: without the suite's own check of
+    declared keys, so that what the server itself refuses shows."""
+    monkeypatch.setenv("RILLFLOW_CHECK_KEYS", "0")
+    return Scripts(conn.rc).call
+
+
+async def test_a_call_whose_keys_span_two_nodes_is_refused(
+    conn: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ks, call = conn.ks, conn.raw_call
     a, b, _ = one_shard_per_node(ks)
     # declared keys of two slots: the client refuses to send the call
     with pytest.raises(RedisClusterException, match="same key slot"):
         await call("start", *start_call(ks, (a, b), a))
-    # keys the script builds from a prefix of a slot another node owns: the server fails
-    # the script at the first such key (EXISTS), before it writes anything
-    with pytest.raises(ResponseError, match="non local key"):
+    with pytest.raises(RedisClusterException, match="same key slot"):
         await call("start", *start_call(ks, (a, a), b))
+    # keys a script would reach without declaring them: the suite's check names the first
+    # one; without it, the server fails the script at that key (EXISTS, of a slot another
+    # node owns), before it writes anything
+    with pytest.raises(ResponseError, match="did not declare: rf:"):
+        await call("start", *start_call(ks, (a, a), a, declare=False))
+    with pytest.raises(ResponseError, match="non local key"):
+        await unchecked_call(conn, monkeypatch)("start", *start_call(ks, (a, a), b, declare=False))
     assert await assert_placement(conn) == {0: set(), 1: set(), 2: set()}
-    # the same call with the shard's own prefix works
+    # the same call with the shard's own prefix and keys works
     conn.driven = {a}
     assert (await call("start", *start_call(ks, (a, a), a)))[0] == Reply.OK.value.encode()
     assert (await assert_placement(conn))[0] == {a}
 
 
-async def test_a_script_is_refused_a_key_of_another_slot_on_its_own_node(conn: Conn) -> None:
-    ks, call = conn.ks, conn.raw_call
+async def test_a_script_is_refused_a_key_of_another_slot_on_its_own_node(
+    conn: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ks = conn.ks
     a = one_shard_per_node(ks)[0]
     other = next(
         s for s in ks.all_shards() if s != a and node_of_slot(shard_slot(s)) == node_of_slot(shard_slot(a))
     )
     assert shard_slot(other) != shard_slot(a)
     try:
-        await call("start", *start_call(ks, (a, a), other))
+        await unchecked_call(conn, monkeypatch)("start", *start_call(ks, (a, a), other, declare=False))
     except ResponseError as e:
         assert "do not hash to the same slot" in str(e)
         conn.driven = set()

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from rillflow import Client, Worker
 from rillflow_runtime.codec import pack
 from rillflow_runtime.embedded import EmbeddedRedis
-from rillflow_runtime.protocol import ActivityOutcome
+from rillflow_runtime.protocol import ActivityOutcome, ActivityRoute
 from tests import flows
 from tests.conftest import FAST, wait_until
 
@@ -218,7 +218,9 @@ async def test_late_completion_of_a_timed_out_attempt_is_refused(client: Client,
         # attempt 1 timed out and attempt 2 runs: attempt 1's result arrives now
         shard = client.keyspace.shard(h.id)
         assert w.acts is not None and h.run_id is not None
-        w.acts.report(shard, ActivityOutcome(h.run_id, 1, 1, pack({"seq": 1, "att": 1, "result": "late"})))
+        route = ActivityRoute(h.id, "default", "", client.keyspace.queue(shard, "default", "act"), "0-1")
+        late = ActivityOutcome(h.run_id, 1, 1, pack({"seq": 1, "att": 1, "result": "late"}), route)
+        w.acts.report(shard, late)
         await wait_until(lambda: w.stats.refused == 1, 5)
         assert await h.result(timeout=10) == "attempt 2"
     events = await assert_completed_once(client, h.id)

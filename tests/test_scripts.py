@@ -17,7 +17,7 @@ from rillflow import Client, Worker
 from rillflow_runtime.codec import pack
 from rillflow_runtime.keyspace import GROUP
 from rillflow_runtime.model import ENUMS, CommandKind, Reply
-from rillflow_runtime.protocol import ActivityOutcome, ActStartItem, TaskCompletion, WftStartItem
+from rillflow_runtime.protocol import ActivityOutcome, ActStartItem, RunReply, TaskCompletion, WftStartItem
 from rillflow_runtime.scripts import NAMES, lua_source
 from tests import flows
 from tests.conftest import FAST, wait_until
@@ -76,7 +76,7 @@ async def test_a_fence_from_before_a_rollback_is_never_current_again(client: Cli
     assert second.fence != first.fence
     # the worker that held the task before the rollback is refused
     (late,) = await client.protocol.wft_complete(
-        0, "default", 60_000, "w1", 0, [TaskCompletion(h.run_id or "", first.fence, [])]
+        0, stream, "default", 60_000, "w1", 0, [TaskCompletion(h.run_id or "", h.id, first.fence, msgid, [])]
     )
     assert late.reply is Reply.REFUSED
 
@@ -98,14 +98,13 @@ class _Cmd:
 
 
 async def test_a_repeated_completion_answers_the_same_and_records_once(client: Client) -> None:
-    _stream, (h, _msgid, st) = await started_task(client)
+    stream, (h, msgid, st) = await started_task(client)
     run = h.run_id or ""
-    task = TaskCompletion(
-        run, st.fence, [_Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 50_000}), [1, 50_000])]
-    )  # type: ignore[list-item]
-    (first,) = await client.protocol.wft_complete(0, "default", 60_000, "w1", 0, [task])
+    timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 50_000}), [1, 50_000])
+    task = TaskCompletion(run, h.id, st.fence, msgid, [timer])  # type: ignore[list-item]
+    (first,) = await client.protocol.wft_complete(0, stream, "default", 60_000, "w1", 0, [task])
     before = await snapshot(client)
-    (again,) = await client.protocol.wft_complete(0, "default", 60_000, "w1", 0, [task])
+    (again,) = await client.protocol.wft_complete(0, stream, "default", 60_000, "w1", 0, [task])
     assert first.reply is Reply.OK and (again.reply, again.last_event_id) == (
         first.reply,
         first.last_event_id,
@@ -114,28 +113,30 @@ async def test_a_repeated_completion_answers_the_same_and_records_once(client: C
 
 
 async def test_a_bad_command_is_refused_before_anything_is_written(client: Client) -> None:
-    _stream, (h, _msgid, st) = await started_task(client)
+    stream, (h, msgid, st) = await started_task(client)
     good = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 5}), [1, 5])
     bad = _Cmd("launch_missiles", b"", [])
     before = await snapshot(client)
     replies = await client.protocol.wft_complete(
         0,
+        stream,
         "default",
         60_000,
         "w1",
         0,
-        [TaskCompletion(h.run_id or "", st.fence, [good, bad])],  # type: ignore[list-item]
+        [TaskCompletion(h.run_id or "", h.id, st.fence, msgid, [good, bad])],  # type: ignore[list-item]
     )
     assert replies[0].reply is Reply.INVALID and "launch_missiles" in replies[0].why
     assert await snapshot(client) == before
     after_close = _Cmd(CommandKind.COMPLETE_WORKFLOW, pack({"result": 1}), [])
     replies = await client.protocol.wft_complete(
         0,
+        stream,
         "default",
         60_000,
         "w1",
         0,
-        [TaskCompletion(h.run_id or "", st.fence, [after_close, good])],  # type: ignore[list-item]
+        [TaskCompletion(h.run_id or "", h.id, st.fence, msgid, [after_close, good])],  # type: ignore[list-item]
     )
     assert replies[0].reply is Reply.INVALID and "after the closing command" in replies[0].why
     assert await snapshot(client) == before
@@ -178,8 +179,9 @@ async def test_repeated_terminate_and_activity_calls_answer_the_same(client: Cli
         and first.scheduled == again.scheduled
     )
     assert other.reply is Reply.RUNNING
+    assert first.route is not None
     done = ActivityOutcome(
-        item.run_id, item.seq, item.attempt, pack({"seq": item.seq, "att": 1, "result": "hi"})
+        item.run_id, item.seq, item.attempt, pack({"seq": item.seq, "att": 1, "result": "hi"}), first.route
     )
     assert await client.protocol.act_done(0, [done]) == [Reply.OK]
     before = await snapshot(client)
@@ -212,7 +214,7 @@ async def test_a_cache_is_good_only_for_the_completion_redis_last_recorded(clien
     run = h.run_id or ""
     timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 50_000}), [1, 50_000])
     (done,) = await client.protocol.wft_complete(
-        0, "default", 60_000, "w1", 0, [TaskCompletion(run, st.fence, [timer])]
+        0, stream, "default", 60_000, "w1", 0, [TaskCompletion(run, h.id, st.fence, msgid, [timer])]
     )  # type: ignore[list-item]
     rk = client.keyspace.run(0, run)
 
@@ -229,3 +231,138 @@ async def test_a_cache_is_good_only_for_the_completion_redis_last_recorded(clien
     await client.redis.hset(rk, "wft_done", f"9-1|ok|{done.last_event_id}")
     stale = await next_start(st.fence)
     assert stale.since == 0 and next(e[0] for e in stale.events) == b"1-0"
+
+
+# -- every key declared: what a call does when the state moved past its declaration ------
+
+
+def _activity(seq: int = 1) -> _Cmd:
+    body = pack({"seq": seq, "name": "hello", "input": pack(["x"]), "task_queue": "default"})
+    return _Cmd(CommandKind.SCHEDULE_ACTIVITY, body, [seq, "default", 30_000, 0, 0, 1, 1000, 2.0, 10_000])
+
+
+async def _with_activity(client: Client, sticky_ms: int = 0) -> tuple[str, str, Any, Any]:
+    """A run whose first task scheduled one activity, started by worker w1."""
+    stream, (h, msgid, st) = await started_task(client)
+    run = h.run_id or ""
+    task = TaskCompletion(run, h.id, st.fence, msgid, [_activity()])  # type: ignore[list-item]
+    (done,) = await client.protocol.wft_complete(0, stream, "default", 60_000, "w1", sticky_ms, [task])
+    assert done.reply is Reply.OK
+    aq = client.keyspace.queue(0, "default", "act")
+    amsg, _ = await read_one(client, aq, "w1")
+    (ast,) = await client.protocol.act_start(0, aq, "w1", [ActStartItem(run, 1, 1, amsg)])
+    return stream, aq, h, ast
+
+
+@pytest.mark.parametrize("moved", [False, True])
+async def test_an_activity_result_wakes_the_sticky_worker_it_was_told_of_or_the_shared_queue(
+    client: Client, moved: bool
+) -> None:
+    """act_done declares the sticky stream act_start named; if another worker caches the
+    run by then, the next task goes to the shared queue (a replay there), never to a
+    stream the call did not declare, and is not lost."""
+    ks = client.keyspace
+    stream, _aq, h, ast = await _with_activity(client, sticky_ms=5_000)
+    assert ast.route is not None and ast.route.sticky == "w1"
+    rk = ks.run(0, h.run_id or "")
+    if moved:
+        await client.redis.hset(rk, "sticky", "w2")
+    result = pack({"seq": 1, "att": 1, "result": "hi"})
+    assert await client.protocol.act_done(0, [ActivityOutcome(h.run_id or "", 1, 1, result, ast.route)]) == [
+        Reply.OK
+    ]
+    wft_q = (await client.redis.hget(rk, "wft_q") or b"").decode()
+    if moved:
+        assert wft_q == stream and await client.redis.hget(rk, "sticky") == b""
+        assert not await client.redis.exists(ks.sticky(0, "default", "w2"))
+    else:
+        assert wft_q == ks.sticky(0, "default", "w1")
+    assert await client.redis.xlen(wft_q) == 1  # the next workflow task, once
+
+
+async def test_a_client_call_declared_for_a_run_no_longer_current_writes_nothing(client: Client) -> None:
+    ks, p = client.keyspace, client.protocol
+    wid = "reroute-me"
+    shard = ks.shard(wid)
+    first = await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, execution_id=wid)
+    stale = [
+        ks.wf(shard, wid),
+        *ks.run_keys(shard, wid, first.run_id or ""),
+        ks.queue(shard, "default", "wft"),
+    ]
+    await first.terminate("make way")
+    second = await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, execution_id=wid)
+    before = await snapshot(client)
+    body = pack({"name": "approve", "input": pack([True])})
+    declared = [ks.timers(shard), ks.closed(shard), *stale]
+    res = await p.scripts.call("signal", declared, [ks.prefix(shard), wid, "", body, "rq-1"])
+    assert res == [Reply.REROUTE.value.encode()]
+    assert await snapshot(client) == before
+    # through the protocol, which reads the current run again
+    assert await p.signal(wid, None, body, "rq-1") == RunReply(Reply.OK, second.run_id or "")
+
+
+async def test_a_run_of_another_execution_is_not_reached_through_this_ones_id(client: Client) -> None:
+    h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
+    before = await snapshot(client)
+    body = pack({"name": "approve", "input": pack([True])})
+    reply = await client.protocol.signal("someone-else", h.run_id, body, "rq-1")
+    assert reply == RunReply(Reply.NOT_RUNNING, "")
+    assert await snapshot(client) == before
+
+
+async def test_a_message_on_a_stream_a_call_did_not_declare_is_dropped_by_its_next_reader(
+    client: Client,
+) -> None:
+    """terminate does not declare the activity streams: the task message of a pending
+    activity stays until a worker reads it, finds it stale, and drops it."""
+    ks, p = client.keyspace, client.protocol
+    stream, (h, msgid, st) = await started_task(client)
+    task = TaskCompletion(h.run_id or "", h.id, st.fence, msgid, [_activity()])  # type: ignore[list-item]
+    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
+    aq = ks.queue(0, "default", "act")
+    await h.terminate("stop")
+    assert await client.redis.xlen(aq) == 1
+    amsg, _ = await read_one(client, aq, "w1")
+    (ast,) = await p.act_start(0, aq, "w1", [ActStartItem(h.run_id or "", 1, 1, amsg)])
+    assert ast.reply is Reply.STALE
+    assert await client.redis.xlen(aq) == 0 and (await client.redis.xpending(aq, GROUP))["pending"] == 0
+
+
+async def test_a_refused_completion_drops_its_message_unless_the_run_still_needs_it(client: Client) -> None:
+    ks, p = client.keyspace, client.protocol
+    stream, (h, msgid, _st) = await started_task(client)
+    rk = ks.run(0, h.run_id or "")
+    task = TaskCompletion(h.run_id or "", h.id, "0-0", msgid, [])
+    # another attempt of the same message holds the task: its message stays
+    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.REFUSED
+    assert await client.redis.xlen(stream) == 1
+    # the run's task is another message now (this one timed out): this one goes
+    await client.redis.hset(rk, "wft_msg", "1-1")
+    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.REFUSED
+    assert (
+        await client.redis.xlen(stream) == 0 and (await client.redis.xpending(stream, GROUP))["pending"] == 0
+    )
+
+
+async def test_a_due_member_whose_keys_were_not_declared_waits_for_the_next_round(client: Client) -> None:
+    ks, p = client.keyspace, client.protocol
+    stream, (h, msgid, st) = await started_task(client)
+    run = h.run_id or ""
+    timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 1}), [1, 1])
+    task = TaskCompletion(run, h.id, st.fence, msgid, [timer])  # type: ignore[list-item]
+    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
+    member = f"timer|{run}|1"
+    await wait_until(lambda: _due(client, member), 10)
+    declared = [ks.timers(0), ks.closed(0), ks.run(0, run)]  # not the history, not the queue
+    res = await p.scripts.call("pump", declared, [ks.prefix(0), 60_000, member])
+    assert res[0] == 0 and await client.redis.zscore(ks.timers(0), member) is not None
+    assert (await p.pump(0, 100, 60_000)).handled == 1
+    assert [e.type for e in await h.history()][-1] == "TimerFired"
+
+
+async def _due(client: Client, member: str) -> bool:
+    due = await client.protocol.scripts.call(
+        "pump_due", [client.keyspace.timers(0), client.keyspace.closed(0)], [client.keyspace.prefix(0), 100]
+    )
+    return member.encode() in due[2:]

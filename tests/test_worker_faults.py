@@ -752,7 +752,7 @@ async def test_a_failed_shard_does_not_resend_the_results_of_the_others(
     """The results of one flush go out one script call per shard; when a later shard's
     call fails, only its results are sent again, not those an earlier call recorded."""
     from rillflow_runtime.keyspace import GROUP, shard_of
-    from rillflow_runtime.protocol import ActivityOutcome, ActStartItem
+    from rillflow_runtime.protocol import ActivityOutcome, ActivityRoute, ActStartItem
 
     ks = client.keyspace
     wid = {s: next(f"flush-{i}" for i in range(1000) if shard_of(f"flush-{i}", 2) == s) for s in (0, 1)}
@@ -767,10 +767,12 @@ async def test_a_failed_shard_does_not_resend_the_results_of_the_others(
     assert st.reply.value == "ok"
     worker = Worker(client, activities=[flows.step])
     assert worker.acts is not None
-    good = ActivityOutcome(item.run_id, item.seq, item.attempt, flows_result(item.seq, 2))
+    assert st.route is not None
+    good = ActivityOutcome(item.run_id, item.seq, item.attempt, flows_result(item.seq, 2), st.route)
     # shard 1's call fails inside Redis: its run hash is not a hash
     await client.redis.set(ks.run(1, "broken-run"), "not a hash")
-    bad = ActivityOutcome("broken-run", 1, 1, flows_result(1, 0))
+    route = ActivityRoute(wid[1], "default", "", ks.queue(1, "default", "act"), "0-1")
+    bad = ActivityOutcome("broken-run", 1, 1, flows_result(1, 0), route)
     worker.acts.report(0, good)
     worker.acts.report(1, bad)
     with pytest.raises(redis.exceptions.ResponseError):

@@ -73,6 +73,14 @@ class Keyspace:
     def acts(self, shard: int, run_id: str) -> str:
         return f"{self.prefix(shard)}act:{run_id}"
 
+    def buffer(self, shard: int, run_id: str) -> str:
+        """Events that arrived while the run's workflow task was in flight."""
+        return f"{self.prefix(shard)}buf:{run_id}"
+
+    def signals(self, shard: int, run_id: str) -> str:
+        """The request ids of the signals a run received lately (a retry is not delivered twice)."""
+        return f"{self.prefix(shard)}sig:{run_id}"
+
     def updates(self, shard: int, run_id: str) -> str:
         """A run's updates: ``<id>`` -> accepted/done, ``<id>:o`` -> the outcome."""
         return f"{self.prefix(shard)}upd:{run_id}"
@@ -88,6 +96,24 @@ class Keyspace:
     def queue(self, shard: int, task_queue: str, kind: str) -> str:
         """``kind`` is ``wft`` (workflow tasks) or ``act`` (activity tasks)."""
         return f"{self.prefix(shard)}q:{task_queue}:{kind}"
+
+    @staticmethod
+    def dead_letters(stream: str) -> str:
+        """Where a task stream's undeliverable messages go, with the reason."""
+        return f"{stream}:dlq"
+
+    def run_keys(self, shard: int, workflow_id: str, run_id: str) -> list[str]:
+        """Every key of one run a script may touch, as the scripts declare them."""
+        p = self.prefix(shard)
+        return [
+            f"{p}run:{run_id}",
+            f"{p}h:{workflow_id}:{run_id}",
+            f"{p}act:{run_id}",
+            f"{p}buf:{run_id}",
+            f"{p}sig:{run_id}",
+            f"{p}upd:{run_id}",
+            f"{p}wf:{workflow_id}",
+        ]
 
     def all_shards(self) -> range:
         return range(self.shards)

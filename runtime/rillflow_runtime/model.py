@@ -105,6 +105,7 @@ class Reply(StrEnum):
     DONE = "done"
     RETRY = "retry"  # a failed attempt that will be retried
     GONE = "gone"  # the attempt is no longer current (timed out, cancelled, run closed)
+    REROUTE = "reroute"  # the keys declared are not the ones the state needs now; nothing was written
 
 
 ENUMS: dict[str, type[StrEnum]] = {

@@ -1,26 +1,39 @@
 """The only code that calls the Lua scripts: one typed method per script.
 
-Each method builds the script's keys and arguments and parses its reply into a
-dataclass, so no caller builds an argument list or reads a reply by position. Every
-call touches the keys of one shard (one hash tag, so one Redis Cluster slot): the
-shard's timers zset and closed-runs stream are ``KEYS[1]`` and ``KEYS[2]``, a task
-stream the call names is ``KEYS[3]``, and the other keys of that shard are named by the
-script from the prefix in ``ARGV[1]``.
+Each method declares in ``KEYS`` every key its script touches, builds the arguments and
+parses the reply into a dataclass, so no caller builds an argument list or reads a reply
+by position. Every call touches the keys of one shard (one hash tag, so one Redis
+Cluster slot): the shard's timers zset and closed-runs stream are ``KEYS[1]`` and
+``KEYS[2]``, a task stream the call names is ``KEYS[3]``, then the rest. Keys that
+depend on state are known to the caller from an earlier reply (``act_start`` names the
+run's streams for ``act_done``) or read first (the current run of an execution for a
+client's call, the runs a pump acts on); a script whose state moved past what its caller
+declared answers ``REROUTE`` having written nothing, or takes a declared way (see
+lib.lua).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
 
 from redis.asyncio import Redis
 
-from rillflow_runtime.codec import pack, text
+from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import Keyspace
-from rillflow_runtime.model import CommandKind, Reply
+from rillflow_runtime.model import CommandKind, Reply, TimerKind
 from rillflow_runtime.scripts import Scripts
+
+T = TypeVar("T")
+
+# How often a client call looks again when the execution's current run changed between
+# its read and its call: each time means another run started in that instant.
+REROUTE_TRIES = 20
+
+# The timer kinds that name an activity, whose task stream a pump may write.
+_ACTIVITY_TIMERS = frozenset({TimerKind.ACTIVITY_DEADLINE.value, TimerKind.ACTIVITY_RETRY.value})
 
 
 class CommandLike(TypingProtocol):
@@ -67,6 +80,7 @@ class WftStartItem:
     message_id: str
     since: int = 0  # the last event id the worker's cached instance applied (0: none)
     fence: str = ""  # the fence of the completion that brought the instance there
+    workflow_id: str = ""  # as the task message names it ('' : read from the run first)
 
 
 @dataclass(frozen=True)
@@ -88,7 +102,9 @@ class WftStarted:
 @dataclass(frozen=True)
 class TaskCompletion:
     run_id: str
+    workflow_id: str
     fence: str
+    message_id: str
     commands: Sequence[CommandLike]
 
 
@@ -102,7 +118,9 @@ class CompletionReply:
 @dataclass(frozen=True)
 class WftFailure:
     run_id: str
+    workflow_id: str
     fence: str
+    message_id: str
     body: bytes
 
 
@@ -115,6 +133,18 @@ class ActStartItem:
 
 
 @dataclass(frozen=True)
+class ActivityRoute:
+    """Where an activity's outcome lands, as its start saw it: the keys ``act_done``
+    declares. A sticky worker that changed since only costs the run a cache miss."""
+
+    workflow_id: str
+    task_queue: str  # the run's task queue: its next workflow task goes there
+    sticky: str  # the worker caching the run ('' = none)
+    stream: str  # the activity stream the task came from
+    message_id: str
+
+
+@dataclass(frozen=True)
 class ActStarted:
     reply: Reply  # OK, or STALE/RUNNING (then nothing else is set)
     scheduled: bytes = b""  # the ActivityTaskScheduled body
@@ -123,6 +153,7 @@ class ActStarted:
     workflow_type: str = ""
     now_ms: int = 0
     deadline_ms: int = 0
+    route: ActivityRoute | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +162,7 @@ class ActivityOutcome:
     seq: int
     attempt: int
     body: bytes
+    route: ActivityRoute
     failed: bool = False
     non_retryable: bool = False
     heartbeat_details: bytes = b""
@@ -162,19 +194,48 @@ class Protocol:
         self.ks = keyspace
         self.scripts = Scripts(redis)
 
-    def _keys(self, shard: int, *extra: str) -> list[str]:
-        return [self.ks.timers(shard), self.ks.closed(shard), *extra]
+    async def _call(self, name: str, shard: int, args: list[Any], keys: Iterable[str] = ()) -> Any:
+        declared = [self.ks.timers(shard), self.ks.closed(shard), *dict.fromkeys(keys)]
+        return await self.scripts.call(name, declared, [self.ks.prefix(shard), *args])
 
-    async def _call(self, name: str, shard: int, args: list[Any], *stream: str) -> Any:
-        return await self.scripts.call(name, self._keys(shard, *stream), [self.ks.prefix(shard), *args])
+    async def _client_call(
+        self, shard: int, workflow_id: str, run_id: str | None, call: Callable[[list[str]], Awaitable[T]]
+    ) -> T:
+        """Read which run a client's call reaches and the streams its workflow task would
+        go to, declare their keys, call; look again while the script answers REROUTE."""
+        ks = self.ks
+        for _ in range(REROUTE_TRIES):
+            run = run_id or text(await self.redis.hget(ks.wf(shard, workflow_id), "run") or b"")
+            keys = [ks.wf(shard, workflow_id)]
+            if run:
+                tq, sticky = await self.redis.hmget(ks.run(shard, run), ["tq", "sticky"])
+                keys += ks.run_keys(shard, workflow_id, run)
+                if tq:
+                    keys += [ks.queue(shard, text(tq), "wft"), ks.queue(shard, text(tq), "qry")]
+                    if sticky:
+                        keys.append(ks.sticky(shard, text(tq), text(sticky)))
+            res = await call(keys)
+            if not (isinstance(res, list) and res and _reply(res[0]) is Reply.REROUTE):
+                return res
+        raise RuntimeError(
+            f"execution '{workflow_id}' changed its current run {REROUTE_TRIES} times while a call was "
+            "routed to it; try again"
+        )
 
     # -- clients ----------------------------------------------------------------------
     async def start(
         self, workflow_id: str, run_id: str, workflow_type: str, task_queue: str, body: bytes, timeout_ms: int
     ) -> RunReply:
         shard = self.ks.shard(workflow_id)
+        ks = self.ks
+        keys = [
+            ks.wf(shard, workflow_id),
+            ks.run(shard, run_id),
+            ks.history(shard, workflow_id, run_id),
+            ks.queue(shard, task_queue, "wft"),
+        ]
         res = await self._call(
-            "start", shard, [workflow_id, run_id, workflow_type, task_queue, body, timeout_ms]
+            "start", shard, [workflow_id, run_id, workflow_type, task_queue, body, timeout_ms], keys
         )
         reply = _reply(res[0])
         if reply is Reply.INVALID:
@@ -185,19 +246,26 @@ class Protocol:
         self, workflow_id: str, run_id: str | None, body: bytes, retention_ms: int, request_id: str
     ) -> RunReply:
         shard = self.ks.shard(workflow_id)
-        res = await self._call(
-            "terminate", shard, [workflow_id, run_id or "", body, retention_ms, request_id]
+        args = [workflow_id, run_id or "", body, retention_ms, request_id]
+        res = await self._client_call(
+            shard, workflow_id, run_id, lambda keys: self._call("terminate", shard, args, keys)
         )
         return RunReply(_reply(res[0]), text(res[1]))
 
     async def signal(self, workflow_id: str, run_id: str | None, body: bytes, request_id: str) -> RunReply:
         shard = self.ks.shard(workflow_id)
-        res = await self._call("signal", shard, [workflow_id, run_id or "", body, request_id])
+        args = [workflow_id, run_id or "", body, request_id]
+        res = await self._client_call(
+            shard, workflow_id, run_id, lambda keys: self._call("signal", shard, args, keys)
+        )
         return RunReply(_reply(res[0]), text(res[1]))
 
     async def update(self, workflow_id: str, run_id: str | None, update_id: str, body: bytes) -> UpdateReply:
         shard = self.ks.shard(workflow_id)
-        res = await self._call("update", shard, [workflow_id, run_id or "", update_id, body])
+        args = [workflow_id, run_id or "", update_id, body]
+        res = await self._client_call(
+            shard, workflow_id, run_id, lambda keys: self._call("update", shard, args, keys)
+        )
         return UpdateReply(_reply(res[0]), text(res[1]), res[2] if len(res) > 2 else None)
 
     async def query(
@@ -210,8 +278,9 @@ class Protocol:
         wait_ms: int,
     ) -> QueryReply:
         shard = self.ks.shard(workflow_id)
-        res = await self._call(
-            "query", shard, [workflow_id, run_id or "", body, reply_stream, request_id, wait_ms]
+        args = [workflow_id, run_id or "", body, reply_stream, request_id, wait_ms]
+        res = await self._client_call(
+            shard, workflow_id, run_id, lambda keys: self._call("query", shard, args, keys)
         )
         reply = _reply(res[0])
         if reply is not Reply.OK:
@@ -228,10 +297,23 @@ class Protocol:
         worker: str,
         items: Sequence[WftStartItem],
     ) -> list[WftStarted]:
+        ks = self.ks
+        missing = [it.run_id for it in items if not it.workflow_id]
+        wids: dict[str, str] = {}
+        if missing:  # a message written before task messages named the workflow
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for run in missing:
+                    pipe.hget(ks.run(shard, run), "wid")
+                wids = {run: text(w or b"") for run, w in zip(missing, await pipe.execute(), strict=True)}
         args: list[Any] = [timeout_ms, max_events, worker]
+        keys = [stream]
         for it in items:
             args += [it.run_id, it.message_id, it.since, it.fence]
-        res = await self._call("wft_start", shard, args, stream)
+            keys += [
+                ks.run(shard, it.run_id),
+                ks.history(shard, it.workflow_id or wids[it.run_id], it.run_id),
+            ]
+        res = await self._call("wft_start", shard, args, keys)
         out = []
         for r in res:
             reply = _reply(r[0])
@@ -257,18 +339,25 @@ class Protocol:
     async def wft_complete(
         self,
         shard: int,
+        stream: str,
         task_queue: str,
         retention_ms: int,
         worker: str,
         sticky_ms: int,
         tasks: Sequence[TaskCompletion],
     ) -> list[CompletionReply]:
+        """``stream``: where the tasks' messages were read (shared or this worker's own)."""
+        ks = self.ks
         args: list[Any] = [task_queue, retention_ms, worker, sticky_ms]
+        keys = [stream, ks.queue(shard, task_queue, "wft"), ks.sticky(shard, task_queue, worker)]
         for t in tasks:
-            args += [t.run_id, t.fence, len(t.commands)]
+            args += [t.run_id, t.fence, t.message_id, len(t.commands)]
+            keys += ks.run_keys(shard, t.workflow_id, t.run_id)
             for c in t.commands:
                 args += [str(c.kind), c.body, pack(list(c.aux))]
-        res = await self._call("wft_complete", shard, args)
+                if c.kind is CommandKind.SCHEDULE_ACTIVITY and len(c.aux) > 1 and isinstance(c.aux[1], str):
+                    keys.append(ks.queue(shard, c.aux[1], "act"))
+        res = await self._call("wft_complete", shard, args, keys)
         out = []
         for r in res:
             reply = _reply(r[0])
@@ -278,34 +367,50 @@ class Protocol:
                 out.append(CompletionReply(reply, why=text(r[1]) if len(r) > 1 else ""))
         return out
 
-    async def wft_fail(self, shard: int, failures: Sequence[WftFailure]) -> list[Reply]:
+    async def wft_fail(self, shard: int, stream: str, failures: Sequence[WftFailure]) -> list[Reply]:
+        """``stream``: where the tasks' messages were read."""
+        ks = self.ks
         args: list[Any] = []
+        keys = [stream]
         for f in failures:
-            args += [f.run_id, f.fence, f.body]
-        return [_reply(r) for r in await self._call("wft_fail", shard, args)]
+            args += [f.run_id, f.fence, f.message_id, f.body]
+            keys += [
+                ks.run(shard, f.run_id),
+                ks.history(shard, f.workflow_id, f.run_id),
+                ks.buffer(shard, f.run_id),
+            ]
+        return [_reply(r) for r in await self._call("wft_fail", shard, args, keys)]
 
     # -- activities -------------------------------------------------------------------
     async def act_start(
         self, shard: int, stream: str, worker: str, items: Sequence[ActStartItem]
     ) -> list[ActStarted]:
+        ks = self.ks
         args: list[Any] = [worker]
+        keys = [stream]
         for it in items:
             args += [it.run_id, it.seq, it.attempt, it.message_id]
-        res = await self._call("act_start", shard, args, stream)
+            keys += [ks.run(shard, it.run_id), ks.acts(shard, it.run_id)]
+        res = await self._call("act_start", shard, args, keys)
         out = []
-        for r in res:
+        for it, r in zip(items, res, strict=True):
             reply = _reply(r[0])
             if reply is not Reply.OK:
                 out.append(ActStarted(reply))
                 continue
+            wid = text(r[3])
+            route = ActivityRoute(wid, text(r[7]), text(r[8]), stream, it.message_id)
             out.append(
-                ActStarted(reply, r[1] or b"", r[2] or b"", text(r[3]), text(r[4]), int(r[5]), int(r[6]))
+                ActStarted(reply, r[1] or b"", r[2] or b"", wid, text(r[4]), int(r[5]), int(r[6]), route)
             )
         return out
 
     async def act_done(self, shard: int, outcomes: Sequence[ActivityOutcome]) -> list[Reply]:
+        ks = self.ks
         args: list[Any] = []
+        keys: list[str] = []
         for o in outcomes:
+            rt = o.route
             args += [
                 "fail" if o.failed else Reply.OK.value,
                 o.run_id,
@@ -314,13 +419,27 @@ class Protocol:
                 o.body,
                 "1" if o.non_retryable else "0",
                 o.heartbeat_details,
+                rt.stream,
+                rt.message_id,
             ]
-        return [_reply(r) for r in await self._call("act_done", shard, args)]
+            keys += [
+                ks.run(shard, o.run_id),
+                ks.acts(shard, o.run_id),
+                ks.history(shard, rt.workflow_id, o.run_id),
+                ks.buffer(shard, o.run_id),
+                rt.stream,
+            ]
+            if rt.task_queue:
+                keys.append(ks.queue(shard, rt.task_queue, "wft"))
+                if rt.sticky:
+                    keys.append(ks.sticky(shard, rt.task_queue, rt.sticky))
+        return [_reply(r) for r in await self._call("act_done", shard, args, keys)]
 
     async def heartbeat(
         self, shard: int, run_id: str, seq: int, attempt: int, details: bytes
     ) -> HeartbeatReply:
-        res = await self._call("heartbeat", shard, [run_id, seq, attempt, details])
+        keys = [self.ks.run(shard, run_id), self.ks.acts(shard, run_id)]
+        res = await self._call("heartbeat", shard, [run_id, seq, attempt, details], keys)
         reply = _reply(res[0])
         if reply is not Reply.OK:
             return HeartbeatReply(reply)
@@ -328,8 +447,45 @@ class Protocol:
 
     # -- maintenance ------------------------------------------------------------------
     async def pump(self, shard: int, limit: int, retention_ms: int) -> PumpReply:
-        res = await self._call("pump", shard, [limit, retention_ms])
+        """Three steps, so that every key is declared: what is due (a read-only script),
+        the state of the runs it names (one pipeline of reads), then one script that acts
+        on what is still due. Nothing due costs the first step only."""
+        due = await self._call("pump_due", shard, [limit])
+        now, next_due, members = int(due[0]), int(due[1]), [text(m) for m in due[2:]]
+        if not members:
+            return PumpReply(0, next_due, now)
+        keys = await self._pump_keys(shard, members)
+        res = await self._call("pump", shard, [retention_ms, *members], keys)
         return PumpReply(int(res[0]), int(res[1]), int(res[2]))
 
+    async def _pump_keys(self, shard: int, members: list[str]) -> list[str]:
+        ks = self.ks
+        runs = list(dict.fromkeys(m.split("|")[1] for m in members if m.count("|") >= 1))
+        acts = [(m.split("|")[1], m.split("|")[2]) for m in members if m.split("|")[0] in _ACTIVITY_TIMERS]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run in runs:
+                pipe.hmget(ks.run(shard, run), ["wid", "tq", "sticky", "wft_q"])
+            for run, seq in acts:
+                pipe.hget(ks.acts(shard, run), seq)
+            res = await pipe.execute()
+        keys: list[str] = []
+        for run, (wid, tq, sticky, wft_q) in zip(runs, res, strict=False):
+            keys += [ks.run(shard, run), ks.acts(shard, run), ks.buffer(shard, run)]
+            keys += [ks.signals(shard, run), ks.updates(shard, run)]
+            if wid:
+                keys += [ks.wf(shard, text(wid)), ks.history(shard, text(wid), run)]
+            if tq:
+                keys.append(ks.queue(shard, text(tq), "wft"))
+                if sticky:
+                    keys.append(ks.sticky(shard, text(tq), text(sticky)))
+            if wft_q:
+                keys.append(text(wft_q))
+        for raw in res[len(runs) :]:
+            state = unpack(raw) if raw else None
+            if isinstance(state, dict) and isinstance(state.get("tq"), str):
+                keys.append(ks.queue(shard, state["tq"], "act"))
+        return keys
+
     async def dead_letter(self, shard: int, stream: str, message_id: str, reason: str) -> bool:
-        return bool(await self._call("dead_letter", shard, [message_id, reason], stream))
+        keys = [stream, self.ks.dead_letters(stream)]
+        return bool(await self._call("dead_letter", shard, [message_id, reason], keys))

@@ -4,6 +4,7 @@ then ``lib.lua``, then its own file. Only ``protocol`` calls them."""
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from typing import Any
 
@@ -20,6 +21,7 @@ NAMES = (
     "act_start",
     "act_done",
     "heartbeat",
+    "pump_due",
     "pump",
     "terminate",
     "signal",
@@ -33,11 +35,23 @@ def lua_source(name: str) -> str:
     return resources.files("rillflow_runtime").joinpath("lua", f"{name}.lua").read_text()
 
 
+# Scripts that only read: Redis runs them on replicas too and never refuses them for
+# memory.
+READ_ONLY = frozenset({"pump_due"})
+
+
+def check_keys() -> bool:
+    """``RILLFLOW_CHECK_KEYS=1`` (the test suite and the chaos run set it) makes every
+    script refuse a command on a key its caller did not declare (see lib.lua)."""
+    return os.environ.get("RILLFLOW_CHECK_KEYS", "") not in ("", "0")
+
+
 def lua_constants() -> str:
     """One Lua table per enum (``EV.WORKFLOW_EXECUTION_STARTED`` ...). Reading a member
     that does not exist is an error, not a silent nil."""
     lines = [
-        "local STRICT = { __index = function(_, k) error('unknown protocol constant ' .. tostring(k)) end }"
+        f"local CHECK_KEYS = {'true' if check_keys() else 'false'}",
+        "local STRICT = { __index = function(_, k) error('unknown protocol constant ' .. tostring(k)) end }",
     ]
     for table, enum in ENUMS.items():
         items = ", ".join(f"{m.name} = '{m.value}'" for m in enum)
@@ -50,7 +64,10 @@ def script_sources() -> dict[str, str]:
     another slot is refused even when the same node owns it, and a write script is
     refused before it starts, not half way, when the server is out of memory."""
     head = lua_constants() + lua_source("lib")
-    return {name: "#!lua\n" + head + "\n" + lua_source(name) for name in NAMES}
+    return {
+        name: ("#!lua flags=no-writes\n" if name in READ_ONLY else "#!lua\n") + head + "\n" + lua_source(name)
+        for name in NAMES
+    }
 
 
 class Scripts:

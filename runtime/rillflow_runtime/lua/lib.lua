@@ -1,7 +1,12 @@
 -- Shared prelude, prepended to every script after the generated constant tables (EV,
--- RS, WT, AS, CMD, TK, R: see model.py). KEYS[1] is the shard's timers zset, KEYS[2] its
--- closed-runs stream, ARGV[1] its key prefix "rf:{ns:S}:". Every other key a script
--- touches carries the same hash tag, so a call stays in one Redis Cluster slot.
+-- RS, WT, AS, CMD, TK, R: see model.py) and CHECK_KEYS. KEYS[1] is the shard's timers
+-- zset, KEYS[2] its closed-runs stream, ARGV[1] its key prefix "rf:{ns:S}:".
+-- Every key a script touches is declared in KEYS by its caller (protocol.py), as Redis
+-- asks of scripts, and carries the shard's hash tag, so a call stays in one Redis
+-- Cluster slot. A key that depends on state the caller could not see (the sticky stream
+-- of the worker that caches a run, the stream of a task message) is used only when the
+-- caller declared it; otherwise the script takes a declared way (the shared queue; a
+-- message left for the next reader, which finds it stale and drops it).
 -- Rule for every script: check everything before the first write (Lua does not roll
 -- back), and answer a repeated call (a client retry) as the first one was answered.
 local P = ARGV[1]
@@ -9,11 +14,34 @@ local GROUP = 'rf'
 local TIMERS = KEYS[1]
 local CLOSED = KEYS[2]
 
+local DECLARED = {}
+for i = 1, #KEYS do DECLARED[KEYS[i]] = true end
+
+-- Every Redis command of the scripts goes through `call`. With CHECK_KEYS (the test
+-- suite and the chaos run turn it on) a command on a key its caller did not declare is
+-- an error, so a missing declaration cannot hide behind a single-node server.
+local call = redis.call
+if CHECK_KEYS then
+  call = function(cmd, ...)
+    local args = { ... }
+    local first, last = 1, 1
+    if cmd == 'TIME' then last = 0
+    elseif cmd == 'XINFO' then first, last = 2, 2
+    elseif cmd == 'DEL' or cmd == 'EXISTS' then last = #args end
+    for i = first, last do
+      if not DECLARED[args[i]] then
+        error('rillflow: ' .. cmd .. ' on a key the caller did not declare: ' .. tostring(args[i]))
+      end
+    end
+    return redis.call(cmd, ...)
+  end
+end
+
 -- NOW: Redis's clock in ms, the only clock that decides anything. NOW_US: the same in
 -- microseconds as a string, unique to this call (fences are made of it).
 local NOW, NOW_US
 do
-  local t = redis.call('TIME')
+  local t = call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   NOW_US = t[1] .. string.format('%06d', tonumber(t[2]))
 end
@@ -48,7 +76,7 @@ end
 -- ZREM in chunks: unpack() of a very long list would overflow Lua's C stack.
 local function zrem_all(members)
   for i = 1, #members, 500 do
-    redis.call('ZREM', TIMERS, unpack(members, i, math.min(i + 499, #members)))
+    call('ZREM', TIMERS, unpack(members, i, math.min(i + 499, #members)))
   end
 end
 
@@ -69,40 +97,57 @@ local function done_record(stored, fence)
 end
 
 -- The run a client names: the given run id, or ('' given) the execution's current run
--- ('' if there is none).
-local function current_run(wid, run)
-  if run ~= '' then return run end
-  return redis.call('HGET', wf_key(wid), 'run') or ''
+-- ('' if there is none, or if the given run belongs to another execution). nil when its
+-- keys are not the ones the caller declared (another run became current since the caller
+-- looked): the script answers R.REROUTE then, having written nothing, and the caller
+-- looks again.
+local function client_run(wid, run)
+  if run == '' then
+    run = call('HGET', wf_key(wid), 'run') or ''
+  elseif DECLARED[run_key(run)] then
+    local owner = call('HGET', run_key(run), 'wid')
+    if owner and owner ~= wid then return '' end
+  end
+  if run ~= '' and not DECLARED[run_key(run)] then return nil end
+  return run
 end
 
 -- Remove a task message for good: XACK + XDEL keep a task stream's length equal to
--- its backlog plus tasks in flight.
+-- its backlog plus tasks in flight. On a stream the caller did not declare, the message
+-- is left to its next reader, to which it no longer stands for anything: it drops it.
 local function drop_msg(stream, id)
-  if stream and stream ~= '' and id and id ~= '' then
-    redis.call('XACK', stream, GROUP, id)
-    redis.call('XDEL', stream, id)
+  if stream and id and id ~= '' and DECLARED[stream] then
+    call('XACK', stream, GROUP, id)
+    call('XDEL', stream, id)
   end
 end
 
 -- Append one event to a run's history; the stream id is "<event_id>-0".
 local function append(run, wid, etype, body, t)
-  local eid = redis.call('HINCRBY', run_key(run), 'last_eid', 1)
-  redis.call('XADD', hist_key(wid, run), eid .. '-0', 'type', etype, 't', t or NOW, 'd', body)
+  local eid = call('HINCRBY', run_key(run), 'last_eid', 1)
+  call('XADD', hist_key(wid, run), eid .. '-0', 'type', etype, 't', t or NOW, 'd', body)
   return eid
 end
 
 -- Queue a workflow task: on the sticky stream of the worker that holds the run in its
--- cache, if there is one (moved to the shared stream by a sticky timer unless that
--- worker starts it in time), else on the task queue's shared stream.
+-- cache, if there is one and the caller declared it (moved to the shared stream by a
+-- sticky timer unless that worker starts it in time), else on the task queue's shared
+-- stream (a cache miss costs a replay, never a lost task).
 local function schedule_wft(run, tq)
   local rk = run_key(run)
-  local st = redis.call('HMGET', rk, 'sticky', 'sticky_ms')
+  local st = call('HMGET', rk, 'sticky', 'sticky_ms', 'wid')
   local q = queue_key(tq, 'wft')
-  if st[1] and st[1] ~= '' then q = queue_key(tq, 'wft@' .. st[1]) end
-  local id = redis.call('XADD', q, '*', 'run', run)
-  redis.call('HSET', rk, 'wft', WT.SCHEDULED, 'wft_msg', id, 'wft_q', q)
-  if st[1] and st[1] ~= '' then
-    redis.call('ZADD', TIMERS, NOW + tonumber(st[2]), tmember(TK.STICKY_FALLBACK, run, id))
+  local sticky = st[1] and st[1] ~= '' and queue_key(tq, 'wft@' .. st[1])
+  if sticky and DECLARED[sticky] then
+    q = sticky
+  elseif sticky then
+    sticky = nil
+    call('HSET', rk, 'sticky', '')
+  end
+  local id = call('XADD', q, '*', 'run', run, 'wid', st[3])
+  call('HSET', rk, 'wft', WT.SCHEDULED, 'wft_msg', id, 'wft_q', q)
+  if sticky then
+    call('ZADD', TIMERS, NOW + tonumber(st[2]), tmember(TK.STICKY_FALLBACK, run, id))
   end
   return id
 end
@@ -110,19 +155,19 @@ end
 -- Move events that arrived while a workflow task was in flight into the history.
 local function flush_buffer(run, wid)
   local k = buf_key(run)
-  local items = redis.call('LRANGE', k, 0, -1)
+  local items = call('LRANGE', k, 0, -1)
   if #items == 0 then return 0 end
   for i = 1, #items, 3 do
     append(run, wid, items[i], items[i + 2], items[i + 1])
   end
-  redis.call('DEL', k)
+  call('DEL', k)
   return #items / 3
 end
 
 -- Whether a signal or an update is waiting in the buffer: a run must not close
 -- without seeing it.
 local function message_buffered(run)
-  local items = redis.call('LRANGE', buf_key(run), 0, -1)
+  local items = call('LRANGE', buf_key(run), 0, -1)
   for i = 1, #items, 3 do
     if items[i] == EV.WORKFLOW_EXECUTION_SIGNALED or items[i] == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED then
       return true
@@ -134,13 +179,13 @@ end
 -- An event the workflow must see: buffered while a task is started, otherwise
 -- appended, with a workflow task scheduled unless one already is (or is backing off).
 local function deliver(run, etype, body)
-  local r = redis.call('HMGET', run_key(run), 'status', 'wft', 'wid', 'tq')
+  local r = call('HMGET', run_key(run), 'status', 'wft', 'wid', 'tq')
   if r[1] ~= RS.RUNNING then return false end
   if r[2] == WT.STARTED then
-    redis.call('RPUSH', buf_key(run), etype, NOW, body)
+    call('RPUSH', buf_key(run), etype, NOW, body)
     -- the task that closes the run looks for buffered messages only when this is set
     if etype == EV.WORKFLOW_EXECUTION_SIGNALED or etype == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED then
-      redis.call('HSET', run_key(run), 'msgbuf', 1)
+      call('HSET', run_key(run), 'msgbuf', 1)
     end
   else
     append(run, r[3], etype, body)
@@ -153,14 +198,14 @@ end
 -- caller, while the run is retained), and an entry in the shard's closed stream that
 -- wakes the callers' watchers.
 local function finish_update(run, id, body)
-  redis.call('HSET', upd_key(run), id, R.DONE, id .. ':o', body)
-  redis.call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'update', run .. ':' .. id)
+  call('HSET', upd_key(run), id, R.DONE, id .. ':o', body)
+  call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'update', run .. ':' .. id)
 end
 
 -- Set on the run hash when a signal or an update reaches it: only then does closing
 -- the run touch their keys, so runs without messages pay nothing for them.
 local function note_messages(run)
-  redis.call('HSET', run_key(run), 'msgs', 1)
+  call('HSET', run_key(run), 'msgs', 1)
 end
 
 local function expire_run(run, wid, retention_ms, msgs)
@@ -170,10 +215,10 @@ local function expire_run(run, wid, retention_ms, msgs)
     keys[#keys + 1] = upd_key(run)
   end
   for _, k in ipairs(keys) do
-    redis.call('PEXPIRE', k, retention_ms)
+    call('PEXPIRE', k, retention_ms)
   end
   local wk = wf_key(wid)
-  if redis.call('HGET', wk, 'run') == run then redis.call('PEXPIRE', wk, retention_ms) end
+  if call('HGET', wk, 'run') == run then call('PEXPIRE', wk, retention_ms) end
 end
 
 -- Per-activity state lives in the run's act hash: field <seq> is a msgpack map of
@@ -183,13 +228,13 @@ end
 -- A pending workflow timer is field timer:<seq> (its due time), so closing a run can
 -- remove every timer it still has.
 local function act_get(run, seq)
-  local raw = redis.call('HGET', act_key(run), seq)
+  local raw = call('HGET', act_key(run), seq)
   if not raw then return nil end
   return cmsgpack.unpack(raw)
 end
 
 local function act_put(run, seq, s)
-  redis.call('HSET', act_key(run), seq, cmsgpack.pack(s))
+  call('HSET', act_key(run), seq, cmsgpack.pack(s))
 end
 
 local function act_members(run, seq, s)
@@ -198,27 +243,32 @@ local function act_members(run, seq, s)
 end
 
 local function act_forget(run, seq, s)
-  redis.call('HDEL', act_key(run), seq, seq .. ':b', seq .. ':hb', seq .. ':f')
-  redis.call('ZREM', TIMERS, act_members(run, seq, s))
+  call('HDEL', act_key(run), seq, seq .. ':b', seq .. ':hb', seq .. ':f')
+  call('ZREM', TIMERS, act_members(run, seq, s))
 end
 
 -- Close a run: the closing event, the outcome for result-waiters, the closed-runs
 -- stream they block on, the retention clock, and every timer it still had.
 local function close_run(run, status, etype, body, retention_ms)
   local rk = run_key(run)
-  local r = redis.call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence')
+  local r = call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence')
   local wid = r[1]
   append(run, wid, etype, body)
-  if r[3] == WT.SCHEDULED or r[3] == WT.STARTED then drop_msg(r[2], r[4]) end
-  redis.call('HSET', rk, 'status', status, 'closed_ms', NOW, 'wft', WT.NONE, 'outcome', body,
+  local live_msg = r[3] == WT.SCHEDULED or r[3] == WT.STARTED
+  if live_msg then drop_msg(r[2], r[4]) end
+  call('HSET', rk, 'status', status, 'closed_ms', NOW, 'wft', WT.NONE, 'outcome', body,
     'outcome_type', etype)
-  if redis.call('HGET', wf_key(wid), 'run') == run then
-    redis.call('HSET', wf_key(wid), 'status', status)
+  if call('HGET', wf_key(wid), 'run') == run then
+    call('HSET', wf_key(wid), 'status', status)
   end
   local gone = { tmember(TK.EXECUTION_TIMEOUT, run), tmember(TK.TASK_RETRY, run) }
   if r[6] then gone[#gone + 1] = tmember(TK.TASK_TIMEOUT, run, r[6]) end
-  if r[4] and r[4] ~= '' then gone[#gone + 1] = tmember(TK.STICKY_FALLBACK, run, r[4]) end
-  local acts = redis.call('HGETALL', act_key(run))
+  -- a sticky message left on an undeclared stream keeps its sticky timer: the pump drops
+  -- it then (its worker may be gone, and nobody else reads that stream)
+  if r[4] and r[4] ~= '' and not (live_msg and r[3] == WT.SCHEDULED and not DECLARED[r[2]]) then
+    gone[#gone + 1] = tmember(TK.STICKY_FALLBACK, run, r[4])
+  end
+  local acts = call('HGETALL', act_key(run))
   for i = 1, #acts, 2 do
     local f = acts[i]
     if string.sub(f, 1, 6) == 'timer:' then
@@ -233,9 +283,9 @@ local function close_run(run, status, etype, body, retention_ms)
     end
   end
   zrem_all(gone)
-  redis.call('DEL', buf_key(run))
+  call('DEL', buf_key(run))
   -- updates still running will never finish: their callers are told now
-  local upd = r[5] and redis.call('HGETALL', upd_key(run)) or {}
+  local upd = r[5] and call('HGETALL', upd_key(run)) or {}
   for i = 1, #upd, 2 do
     if upd[i + 1] == R.ACCEPTED then
       finish_update(run, upd[i], cmsgpack.pack({ update_id = upd[i], failure = {
@@ -243,7 +293,7 @@ local function close_run(run, status, etype, body, retention_ms)
         message = 'the run closed (' .. status .. ') before the update completed' } }))
     end
   end
-  redis.call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
+  call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
   expire_run(run, wid, retention_ms, r[5])
 end
 
@@ -257,7 +307,7 @@ local function act_deadline(s)
 end
 
 local function act_dispatch(run, seq, s)
-  s.msg = redis.call('XADD', queue_key(s.tq, 'act'), '*', 'run', run, 'seq', seq, 'att', s.att)
+  s.msg = call('XADD', queue_key(s.tq, 'act'), '*', 'run', run, 'seq', seq, 'att', s.att)
   s.st = AS.SCHEDULED
   act_put(run, seq, s)
 end
@@ -267,13 +317,13 @@ end
 -- Returns true when a retry was scheduled.
 local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, final_type)
   local ak = act_key(run)
-  if failure_body then redis.call('HSET', ak, seq .. ':f', failure_body) end
+  if failure_body then call('HSET', ak, seq .. ':f', failure_body) end
   local delay = s.ii * (s.bc ^ (s.att - 1))
   if s.mi > 0 and delay > s.mi then delay = s.mi end
   local due = NOW + math.floor(delay)
   local exhausted = (s.max > 0 and s.att >= s.max)
   local past_deadline = (s.s2c > 0 and due >= s.sched + s.s2c)
-  redis.call('ZREM', TIMERS, tmember(TK.ACTIVITY_DEADLINE, run, seq, s.att))
+  call('ZREM', TIMERS, tmember(TK.ACTIVITY_DEADLINE, run, seq, s.att))
   if non_retryable or exhausted or past_deadline then
     act_forget(run, seq, s)
     deliver(run, final_type, failure_body)
@@ -285,7 +335,7 @@ local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, 
   s.due = due
   s.msg = ''
   act_put(run, seq, s)
-  redis.call('ZADD', TIMERS, due, tmember(TK.ACTIVITY_RETRY, run, seq, s.att))
+  call('ZADD', TIMERS, due, tmember(TK.ACTIVITY_RETRY, run, seq, s.att))
   return true
 end
 
@@ -301,12 +351,12 @@ end
 -- so a task that always fails or runs long neither spins nor grows the history.
 local function wft_backoff(run, wid, etype, body, first_now)
   local rk = run_key(run)
-  local n = redis.call('HINCRBY', rk, 'wft_failures', 1)
+  local n = call('HINCRBY', rk, 'wft_failures', 1)
   if n == 1 then append(run, wid, etype, body) end
-  redis.call('HSET', rk, 'wft_failure', body, 'wft', WT.BACKOFF, 'wft_msg', '', 'sticky', '')
+  call('HSET', rk, 'wft_failure', body, 'wft', WT.BACKOFF, 'wft_msg', '', 'sticky', '')
   flush_buffer(run, wid)
   local delay = 1000 * (2 ^ (n - 1))
   if first_now then delay = (n == 1) and 0 or 1000 * (2 ^ (n - 2)) end
   if delay > 60000 then delay = 60000 end
-  redis.call('ZADD', TIMERS, NOW + delay, tmember(TK.TASK_RETRY, run))
+  call('ZADD', TIMERS, NOW + delay, tmember(TK.TASK_RETRY, run))
 end

@@ -1,4 +1,5 @@
--- Start a run (client). KEYS: timers, closed. ARGV: prefix, workflow_id, run_id,
+-- Start a run (client). KEYS: timers, closed, the execution's wf hash, the run's hash and
+-- history, the task queue's workflow-task stream. ARGV: prefix, workflow_id, run_id,
 -- workflow_type, task_queue, WorkflowExecutionStarted body, execution timeout ms.
 -- The run id is the request's identity: a repeat of this call (a client retry) finds
 -- the run it created and answers the same, whatever became of it since.
@@ -9,19 +10,19 @@ local timeout = tonumber(ARGV[7])
 if not timeout or timeout <= 0 then return { R.INVALID, 'execution timeout must be a positive number of ms' } end
 if wid == '' or run == '' or wtype == '' or tq == '' then return { R.INVALID, 'empty id, type or queue' } end
 local rk = run_key(run)
-if redis.call('EXISTS', rk) == 1 then
-  if redis.call('HGET', rk, 'wid') ~= wid then return { R.INVALID, 'run id already used' } end
+if call('EXISTS', rk) == 1 then
+  if call('HGET', rk, 'wid') ~= wid then return { R.INVALID, 'run id already used' } end
   return { R.OK, run }
 end
 local wk = wf_key(wid)
-local cur = redis.call('HMGET', wk, 'run', 'status')
+local cur = call('HMGET', wk, 'run', 'status')
 if cur[2] == RS.RUNNING then return { R.RUNNING, cur[1] } end
 -- checked: nothing below can fail
-redis.call('DEL', wk)
-redis.call('HSET', wk, 'run', run, 'status', RS.RUNNING)
-redis.call('HSET', rk, 'wid', wid, 'wtype', wtype, 'tq', tq, 'status', RS.RUNNING,
+call('DEL', wk)
+call('HSET', wk, 'run', run, 'status', RS.RUNNING)
+call('HSET', rk, 'wid', wid, 'wtype', wtype, 'tq', tq, 'status', RS.RUNNING,
   'last_eid', 0, 'start_ms', NOW, 'wft_seq', 0, 'deadline_ms', NOW + timeout)
 append(run, wid, EV.WORKFLOW_EXECUTION_STARTED, body)
 schedule_wft(run, tq)
-redis.call('ZADD', TIMERS, NOW + timeout, tmember(TK.EXECUTION_TIMEOUT, run))
+call('ZADD', TIMERS, NOW + timeout, tmember(TK.EXECUTION_TIMEOUT, run))
 return { R.OK, run }

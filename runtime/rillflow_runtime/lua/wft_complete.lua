@@ -1,7 +1,10 @@
--- Complete a batch of workflow tasks (worker). KEYS: timers, closed. ARGV: prefix,
--- task_queue, retention ms, the worker's identity, its sticky schedule timeout ms (0 =
--- no sticky queue), then per task: run_id, fence, number of commands, and per command
--- three values: its kind (CMD), the event body, an aux msgpack array the script reads:
+-- Complete a batch of workflow tasks (worker). KEYS: timers, closed, the stream the
+-- tasks came from, the task queue's shared workflow-task stream and this worker's sticky
+-- one, then each run's keys (hash, history, act, buffer, signals, updates, wf hash) and
+-- the activity stream of each activity scheduled. ARGV: prefix, task_queue, retention
+-- ms, the worker's identity, its sticky schedule timeout ms (0 = no sticky queue), then
+-- per task: run_id, fence, message id, number of commands, and per command three
+-- values: its kind (CMD), the event body, an aux msgpack array the script reads:
 --   schedule_activity: seq, task queue, start_to_close, schedule_to_close, heartbeat
 --     (ms; 0 = none), max attempts (0 = unlimited), initial interval ms, coefficient,
 --     max interval ms
@@ -9,7 +12,8 @@
 --   complete_update: update id; complete_workflow, fail_workflow: nothing, and last.
 -- Every task's commands are checked before anything is written, so a bad command
 -- never leaves a batch half applied. Per task returns {R.OK, last command event id},
--- {R.REFUSED, why} (the fence is not current), {R.INVALID, why} (nothing written), or
+-- {R.REFUSED, why} (the fence is not current: its message is dropped, unless it is still
+-- the run's task), {R.INVALID, why} (nothing written), or
 -- {R.AGAIN, why} when the task would close the run but signals or updates arrived
 -- while it ran: then nothing of it is recorded, they join the history and the task runs
 -- again from a replay (as Temporal does), so that no accepted message is lost. A repeat
@@ -23,7 +27,8 @@ for _, v in pairs(CMD) do KINDS[v] = true end
 local tasks = {}
 local i = 6
 while i <= #ARGV do
-  local t = { run = ARGV[i], fence = ARGV[i + 1], n = tonumber(ARGV[i + 2]), at = i + 3, cmds = {} }
+  local t = { run = ARGV[i], fence = ARGV[i + 1], msg = ARGV[i + 2], n = tonumber(ARGV[i + 3]), at = i + 4,
+    cmds = {} }
   if not t.n or t.n < 0 or t.at + t.n * 3 - 1 > #ARGV then
     return redis.error_reply('wft_complete: malformed arguments at ' .. i)
   end
@@ -56,29 +61,31 @@ local out = {}
 for _, t in ipairs(tasks) do
   local run, fence = t.run, t.fence
   local rk = run_key(run)
-  local r = redis.call('HMGET', rk, 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
+  local r = call('HMGET', rk, 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
     'msgbuf', 'wft_done')
   local rec = done_record(r[9], fence)
   if rec then
     out[#out + 1] = { rec[1], rec[2] }
   elseif r[1] ~= RS.RUNNING then
+    drop_msg(KEYS[3], t.msg)
     out[#out + 1] = { R.REFUSED, 'run is ' .. tostring(r[1] or 'missing') }
   elseif r[2] ~= WT.STARTED or r[3] ~= fence then
+    if r[5] ~= t.msg then drop_msg(KEYS[3], t.msg) end
     out[#out + 1] = { R.REFUSED, 'workflow task was taken over' }
   elseif t.invalid then
     out[#out + 1] = { R.INVALID, t.invalid }
   else
     local wid = r[4]
-    redis.call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence))
-    if r[8] then redis.call('HDEL', rk, 'msgbuf') end
+    call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence))
+    if r[8] then call('HDEL', rk, 'msgbuf') end
     if t.closes and r[8] and message_buffered(run) then
       drop_msg(r[7], r[5])
       flush_buffer(run, wid)
-      redis.call('HSET', rk, 'sticky', '', 'wft_done', fence .. '|' .. R.AGAIN .. '|0')
+      call('HSET', rk, 'sticky', '', 'wft_done', fence .. '|' .. R.AGAIN .. '|0')
       schedule_wft(run, tq)
       out[#out + 1] = { R.AGAIN, 'signals or updates arrived before the run could close' }
     else
-      redis.call('HDEL', rk, 'wft_failures', 'wft_failure')
+      call('HDEL', rk, 'wft_failures', 'wft_failure')
       append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
         cmsgpack.pack({ t0 = tonumber(r[6]), fence = fence, worker = worker }))
       local closed = false
@@ -90,18 +97,18 @@ for _, t in ipairs(tasks) do
           append(run, wid, EV.ACTIVITY_TASK_SCHEDULED, body)
           local s = { att = 1, tq = aux[2], stc = aux[3], s2c = aux[4], hbt = aux[5],
             max = aux[6], ii = aux[7], bc = aux[8], mi = aux[9], sched = NOW, due = NOW }
-          redis.call('HSET', ak, seq .. ':b', body)
+          call('HSET', ak, seq .. ':b', body)
           act_dispatch(run, seq, s)
           if s.s2c > 0 then
-            redis.call('ZADD', TIMERS, NOW + s.s2c, tmember(TK.SCHEDULE_TO_CLOSE, run, seq))
+            call('ZADD', TIMERS, NOW + s.s2c, tmember(TK.SCHEDULE_TO_CLOSE, run, seq))
           end
         elseif kind == CMD.START_TIMER then
           append(run, wid, EV.TIMER_STARTED, body)
-          redis.call('HSET', ak, 'timer:' .. aux[1], NOW + aux[2])
-          redis.call('ZADD', TIMERS, NOW + aux[2], tmember(TK.USER_TIMER, run, aux[1]))
+          call('HSET', ak, 'timer:' .. aux[1], NOW + aux[2])
+          call('ZADD', TIMERS, NOW + aux[2], tmember(TK.USER_TIMER, run, aux[1]))
         elseif kind == CMD.CANCEL_TIMER then
-          redis.call('ZREM', TIMERS, tmember(TK.USER_TIMER, run, aux[1]))
-          redis.call('HDEL', ak, 'timer:' .. aux[1])
+          call('ZREM', TIMERS, tmember(TK.USER_TIMER, run, aux[1]))
+          call('HDEL', ak, 'timer:' .. aux[1])
           append(run, wid, EV.TIMER_CANCELED, body)
         elseif kind == CMD.CANCEL_ACTIVITY then
           local seq = tostring(aux[1])
@@ -122,22 +129,22 @@ for _, t in ipairs(tasks) do
           closed = true
         end
       end
-      local last = tonumber(redis.call('HGET', rk, 'last_eid'))
+      local last = tonumber(call('HGET', rk, 'last_eid'))
       if not closed then
         drop_msg(r[7], r[5])  -- (closing the run dropped it already)
         -- the next task of this run goes to this worker, which now holds it in cache
         if sticky_ms > 0 then
-          redis.call('HSET', rk, 'sticky', worker, 'sticky_ms', sticky_ms)
+          call('HSET', rk, 'sticky', worker, 'sticky_ms', sticky_ms)
         else
-          redis.call('HSET', rk, 'sticky', '')
+          call('HSET', rk, 'sticky', '')
         end
         if flush_buffer(run, wid) > 0 then
           schedule_wft(run, tq)
         else
-          redis.call('HSET', rk, 'wft', WT.NONE, 'wft_msg', '')
+          call('HSET', rk, 'wft', WT.NONE, 'wft_msg', '')
         end
       end
-      redis.call('HSET', rk, 'wft_done', fence .. '|' .. R.OK .. '|' .. last)
+      call('HSET', rk, 'wft_done', fence .. '|' .. R.OK .. '|' .. last)
       out[#out + 1] = { R.OK, last }
     end
   end

@@ -37,7 +37,7 @@ from rillflow.worker.context import BadMessage, Context, Streak, field, int_fiel
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
 from rillflow_runtime.model import Reply
-from rillflow_runtime.protocol import ActivityOutcome, ActStarted, ActStartItem
+from rillflow_runtime.protocol import ActivityOutcome, ActivityRoute, ActStarted, ActStartItem
 
 log = structlog.get_logger("rillflow.worker")
 
@@ -135,20 +135,22 @@ class Activities:
         for k in [k for k, t in self._ended.items() if now - t > ENDED_MEMORY_S]:
             del self._ended[k]
         for it, st in zip(items, started, strict=True):
-            if st.reply is not Reply.OK or (it.run_id, it.seq) in self.running:  # ours already, reclaimed
-                continue
+            if st.reply is not Reply.OK or st.route is None or (it.run_id, it.seq) in self.running:
+                continue  # not ours to run, or ours already (reclaimed)
             if (it.run_id, it.seq, it.attempt) in self._ended:  # reclaimed from ourselves
                 continue
             try:
-                self._launch(shard, it, st)
+                self._launch(shard, it, st, st.route)
             except Exception as e:  # an unreadable scheduled body: fail the attempt, visibly
                 log.error("activity task cannot be run", run_id=it.run_id, seq=it.seq, error=str(e))
                 body = pack({"seq": it.seq, "att": it.attempt, "failure": failure_from_exception(e)})
-                self.report(shard, ActivityOutcome(it.run_id, it.seq, it.attempt, body, failed=True))
+                self.report(
+                    shard, ActivityOutcome(it.run_id, it.seq, it.attempt, body, st.route, failed=True)
+                )
         if self.free() <= 0:
             self._slots.clear()
 
-    def _launch(self, shard: int, it: ActStartItem, st: ActStarted) -> None:
+    def _launch(self, shard: int, it: ActStartItem, st: ActStarted, route: ActivityRoute) -> None:
         sched = unpack(st.scheduled)
         if not isinstance(sched, dict):
             raise BadMessage("the scheduled activity's body is not a map")
@@ -170,7 +172,7 @@ class Activities:
         ctx = ActivityContext(info, lambda details: self._heartbeat(a, details))
         budget = max(0.001, (st.deadline_ms - st.now_ms) / 1000)
         task = asyncio.create_task(
-            self._run(shard, sched, ctx, budget),
+            self._run(shard, sched, ctx, budget, route),
             name=f"activity:{info.activity_name}:{info.workflow_id}:{it.seq}",
         )
         a = _Attempt(
@@ -189,7 +191,9 @@ class Activities:
 
         task.add_done_callback(finished)
 
-    async def _run(self, shard: int, sched: dict[str, Any], ctx: ActivityContext, budget: float) -> None:
+    async def _run(
+        self, shard: int, sched: dict[str, Any], ctx: ActivityContext, budget: float, route: ActivityRoute
+    ) -> None:
         info = ctx.info
         adef = self.activities.get(info.activity_name)
         token = _current_activity.set(ctx)
@@ -214,14 +218,14 @@ class Activities:
                 result = await adef.fn(*args) if adef.is_async else await self._in_thread(adef, args)
             body = pack({"seq": info.seq, "att": info.attempt, "result": adef.sig.dump_result(result)})
             check_size(body, self.ctx.client.max_payload_bytes, f"result of activity '{info.activity_name}'")
-            self.report(shard, ActivityOutcome(info.run_id, info.seq, info.attempt, body))
+            self.report(shard, ActivityOutcome(info.run_id, info.seq, info.attempt, body, route))
         except asyncio.CancelledError:
             # shutdown past the grace period, or the attempt is gone (timed out or
             # cancelled): nothing to report; Redis's deadline decides
             return
         except TimeoutError as e:
             if not deadline.expired():  # the activity's own timeout, not the attempt's
-                self._report_failure(shard, ctx, e, non_retryable)
+                self._report_failure(shard, ctx, e, non_retryable, route)
                 return
             # the attempt's deadline passed: Redis's timer records the timeout and
             # retries; a report from here would only race it
@@ -232,7 +236,7 @@ class Activities:
                 attempt=info.attempt,
             )
         except Exception as e:
-            self._report_failure(shard, ctx, e, non_retryable)
+            self._report_failure(shard, ctx, e, non_retryable, route)
         except BaseException as e:  # SystemExit, KeyboardInterrupt: a request to stop
             self.ctx.request_exit(e, f"activity '{info.activity_name}'")
         finally:
@@ -273,7 +277,7 @@ class Activities:
             raise
 
     def _report_failure(
-        self, shard: int, ctx: ActivityContext, e: BaseException, non_retryable: bool
+        self, shard: int, ctx: ActivityContext, e: BaseException, non_retryable: bool, route: ActivityRoute
     ) -> None:
         info = ctx.info
         fail = failure_from_exception(e)
@@ -282,7 +286,7 @@ class Activities:
         a = self.running.get((info.run_id, info.seq))
         hb = pack(a.details) if a is not None and a.details is not None else b""
         body = pack({"seq": info.seq, "att": info.attempt, "failure": fail})
-        self.report(shard, ActivityOutcome(info.run_id, info.seq, info.attempt, body, True, nr, hb))
+        self.report(shard, ActivityOutcome(info.run_id, info.seq, info.attempt, body, route, True, nr, hb))
         log.info(
             "activity attempt failed",
             activity=info.activity_name,

@@ -162,7 +162,7 @@ class Context:
                 log.error(
                     "task message moved to dead-letter stream",
                     stream=stream,
-                    dead_letter_stream=f"{stream}:dlq",
+                    dead_letter_stream=self.ks.dead_letters(stream),
                     message_id=message_id,
                     reason=reason,
                     deliveries=deliveries,
@@ -187,12 +187,17 @@ class BadMessage(Exception):
     """A task message that does not have the fields its kind needs."""
 
 
-def field(fields: Any, name: str) -> str:
-    """One field of a task message as text; a missing or undecodable one is a BadMessage."""
+def field(fields: Any, name: str, default: str | None = None) -> str:
+    """One field of a task message as text; a missing one (unless it has a default) or
+    an undecodable one is a BadMessage."""
     try:
         raw = fields[name.encode()]
         return raw.decode() if isinstance(raw, bytes) else str(raw)
-    except (KeyError, TypeError, AttributeError) as e:
+    except KeyError as e:
+        if default is not None:
+            return default
+        raise BadMessage(f"without a '{name}' field") from e
+    except (TypeError, AttributeError) as e:
         raise BadMessage(f"without a '{name}' field") from e
     except UnicodeDecodeError as e:
         raise BadMessage(f"with a '{name}' field that is not UTF-8") from e

@@ -36,6 +36,7 @@ MAX_EVENTS_PER_START = 1000
 @dataclass
 class _Activated:
     run: str
+    message_id: str
     started: WftStarted
     instance: WorkflowInstance
     commands: list[Command]
@@ -81,24 +82,25 @@ class WorkflowTasks:
     async def process(self, shard: int, stream: str, entries: Iterable[Any]) -> None:
         """Start, run and complete the tasks of one read. Tasks of runs already in flight
         here are deferred until those finish."""
-        now: list[tuple[str, str]] = []
+        now: list[tuple[str, str, str]] = []
         later: list[tuple[str, Any]] = []
         for msgid, fields in entries:
             mid = text(msgid)  # stream ids are ASCII: Redis makes them
             try:
                 run = field(fields, "run")
+                wid = field(fields, "wid", default="")  # '' in a message of an older version
             except BadMessage as e:
                 await self.ctx.bad_message(shard, stream, mid, f"workflow task {e}")
                 continue
-            if run in self._in_flight or any(r == run for _, r in now):
+            if run in self._in_flight or any(r == run for _, r, _ in now):
                 later.append((run, (msgid, fields)))
             else:
-                now.append((mid, run))
+                now.append((mid, run, wid))
         for run, entry in later:
             self._defer(run, shard, stream, entry)
         if not now:
             return
-        done = {run: asyncio.Event() for _, run in now}
+        done = {run: asyncio.Event() for _, run, _ in now}
         self._in_flight.update(done)
         try:
             await self._run_batch(shard, stream, now)
@@ -122,7 +124,7 @@ class WorkflowTasks:
         self._deferred.add(t)
         t.add_done_callback(self._deferred.discard)
 
-    async def _run_batch(self, shard: int, stream: str, items: list[tuple[str, str]]) -> None:
+    async def _run_batch(self, shard: int, stream: str, items: list[tuple[str, str, str]]) -> None:
         ctx = self.ctx
         started = await ctx.protocol.wft_start(
             shard,
@@ -130,17 +132,20 @@ class WorkflowTasks:
             ctx.settings.workflow_task_timeout_ms,
             MAX_EVENTS_PER_START,
             ctx.identity,
-            [WftStartItem(run, msgid, *self.cache.position(run)) for msgid, run in items],
+            [
+                WftStartItem(run, msgid, *self.cache.position(run), workflow_id=wid)
+                for msgid, run, wid in items
+            ],
         )
         activated: list[_Activated] = []
         failures: list[WftFailure] = []
         try:
-            for (_msgid, run), st in zip(items, started, strict=True):
+            for (msgid, run, _wid), st in zip(items, started, strict=True):
                 if st.reply is not Reply.OK:
                     continue
                 ctx.stats.workflow_tasks += 1
                 try:
-                    activated.append(await self._activate(shard, run, st))
+                    activated.append(await self._activate(shard, run, msgid, st))
                 except TRANSIENT:
                     # Redis, not the workflow, failed: the task times out and runs again
                     raise
@@ -159,18 +164,19 @@ class WorkflowTasks:
                         attempt=st.attempt,
                         error=f"{type(e).__name__}: {e}",
                     )
-                    failures.append(WftFailure(run, st.fence, pack({"failure": failure_from_exception(e)})))
+                    body = pack({"failure": failure_from_exception(e)})
+                    failures.append(WftFailure(run, st.workflow_id, st.fence, msgid, body))
             if activated:
-                await self._complete(shard, activated, failures)
+                await self._complete(shard, stream, activated, failures)
                 activated = []
         finally:
             for a in activated:  # not completed (Redis failed): nothing of it is kept
                 discard(a.instance)
         if failures:
-            await ctx.protocol.wft_fail(shard, failures)
+            await ctx.protocol.wft_fail(shard, stream, failures)
             ctx.pump_wake.set()
 
-    async def _activate(self, shard: int, run: str, st: WftStarted) -> _Activated:
+    async def _activate(self, shard: int, run: str, msgid: str, st: WftStarted) -> _Activated:
         """Run the task on the cached instance if it is exactly as far as the history,
         else on a fresh one that replays the history first."""
         events = [HistoryEvent.from_entry(e) for e in st.events]
@@ -188,7 +194,7 @@ class WorkflowTasks:
             self.ctx.stats.cache_hits += 1
             inst = cached.instance
             try:
-                return _Activated(run, st, inst, run_task(inst, events, st.now_ms, fresh=False))
+                return _Activated(run, msgid, st, inst, run_task(inst, events, st.now_ms, fresh=False))
             except BaseException:
                 discard(inst)
                 raise
@@ -199,21 +205,27 @@ class WorkflowTasks:
             events = await self.history_after(shard, st.workflow_id, run, 0)
         inst = self.new_instance(st.workflow_id, run, st.workflow_type, st.start_ms, st.attempt)
         try:
-            return _Activated(run, st, inst, run_task(inst, events, st.now_ms, fresh=True))
+            return _Activated(run, msgid, st, inst, run_task(inst, events, st.now_ms, fresh=True))
         except BaseException:
             discard(inst)
             raise
 
-    async def _complete(self, shard: int, activated: list[_Activated], failures: list[WftFailure]) -> None:
+    async def _complete(
+        self, shard: int, stream: str, activated: list[_Activated], failures: list[WftFailure]
+    ) -> None:
         """Complete the batch in one call; commit to the cache only what Redis accepted."""
         ctx = self.ctx
         replies = await ctx.protocol.wft_complete(
             shard,
+            stream,
             ctx.task_queue,
             ctx.settings.retention_ms,
             ctx.identity,
             self.sticky_ms,
-            [TaskCompletion(a.run, a.started.fence, a.commands) for a in activated],
+            [
+                TaskCompletion(a.run, a.started.workflow_id, a.started.fence, a.message_id, a.commands)
+                for a in activated
+            ],
         )
         wake = False
         for a, r in zip(activated, replies, strict=True):
@@ -228,7 +240,9 @@ class WorkflowTasks:
                 failures.append(
                     WftFailure(
                         a.run,
+                        a.started.workflow_id,
                         a.started.fence,
+                        a.message_id,
                         pack(
                             {"failure": failure_from_exception(WorkflowError(f"commands refused: {r.why}"))}
                         ),
