@@ -53,7 +53,7 @@ def redis_server() -> Iterator[str]:
 def redis_url(redis_server: str) -> str:
     r = redis.Redis.from_url(redis_server)
     r.flushall()
-    r.script_flush()
+    r.function_flush()  # each test's first call loads the scripts again, as a new server's does
     r.close()
     return redis_server
 

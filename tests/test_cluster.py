@@ -215,23 +215,23 @@ async def conn(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     nodes = [Redis(port=p) for p in cluster.ports]
     for n in nodes:  # a clean keyspace and fresh counters for each test
         await n.flushall()
-        await n.script_flush()
+        await n.function_flush()
         await n.config_resetstat()
     rc = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", p) for p in cluster.ports])
     await rc.initialize()
     ks = Keyspace(NAMESPACE, SHARDS)
-    protocol = Protocol(rc, ks)  # RedisCluster's register_script serves Protocol as Redis's does
+    protocol = Protocol(rc, ks)  # RedisCluster routes FCALL by its keys, and loads functions on every primary
     original = protocol.scripts.call
     c = Conn(rc, nodes, cluster.ports, ks, protocol, original)
 
-    async def checked_call(name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
+    async def checked_call(name: str, keys: list[str], args: list[Any]) -> Any:
         """Every call: one slot declared, run on the node that owns it, keys left in place."""
         slots = {key_slot(k.encode()) for k in keys}
         assert len(slots) == 1, f"{name} declares keys of slots {slots}: {keys}"
         node = node_of_slot(slots.pop())
         assert port_of(rc, keys[0]) == c.ports[node]  # the client routes it there
         try:
-            return await original(name, keys, args, client)
+            return await original(name, keys, args)
         finally:
             c.calls[node].append(name)
             await assert_placement(c)
@@ -500,12 +500,14 @@ async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: C
         assert set(conn.calls[i]) == set(NAMES), f"node {i} ran {sorted(set(conn.calls[i]))}"
     assert await assert_placement(conn) == {i: {s} for i, s in enumerate(shards)}
     for i, node in enumerate(conn.nodes):
-        evalsha: Any = (await node.info("commandstats"))["cmdstat_evalsha"]
-        assert evalsha["calls"] >= len(conn.calls[i])  # they ran there
-        # the only script calls that failed are the first of each script on a node, which
-        # redis-py answers by loading it (the client's handshake has errors of its own)
-        noscript = (await node.info("errorstats")).get("errorstat_NOSCRIPT", {}).get("count", 0)
-        assert (evalsha.get("failed_calls", 0), evalsha.get("rejected_calls", 0)) == (noscript, 0)
+        stats: Any = await node.info("commandstats")
+        fcall = [stats.get(f"cmdstat_{c}", {}) for c in ("fcall", "fcall_ro")]
+        assert sum(c.get("calls", 0) for c in fcall) >= len(conn.calls[i])  # they ran there
+        # the only calls that failed found the library missing (the node was flushed),
+        # and each such failure was followed by a load of the library there
+        loads = stats.get("cmdstat_function|load", {}).get("calls", 0)
+        assert loads >= 1 and sum(c.get("failed_calls", 0) for c in fcall) <= loads
+        assert sum(c.get("rejected_calls", 0) for c in fcall) == 0
     assert not await conn.rc.exists(conn.ks.inbox("client-1"))
     print(f"cluster formed in {cluster.formed_in:.2f} s; three runs driven in {elapsed:.2f} s")
 

@@ -366,3 +366,17 @@ async def _due(client: Client, member: str) -> bool:
         "pump_due", [client.keyspace.timers(0), client.keyspace.closed(0)], [client.keyspace.prefix(0), 100]
     )
     return member.encode() in due[2:]
+
+
+async def test_the_scripts_load_themselves_where_they_are_missing(client: Client) -> None:
+    """A new, flushed or restarted server has no library: the first call loads it, and
+    a library of another version (a rolling upgrade) stays beside it."""
+    await client.redis.function_flush()
+    await client.redis.function_load(
+        "#!lua name=rillflow_0ld\nredis.register_function('rf_0ld_start', function() return 1 end)"
+    )
+    h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
+    assert h.run_id
+    listed: Any = await client.redis.function_list()
+    libraries = {dict(zip(lib[::2], lib[1::2], strict=True))[b"library_name"].decode() for lib in listed}
+    assert libraries == {"rillflow_0ld", client.protocol.scripts.library.name}

@@ -11,7 +11,6 @@ a server killed and its AOF cut.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ import redis
 import rillflow as workflows
 from rillflow import Client, Worker, activity, workflow
 from rillflow_runtime.embedded import EmbeddedRedis
-from rillflow_runtime.scripts import script_sources
+from rillflow_runtime.scripts import READ_ONLY, Library
 from tests import flows
 from tests.conftest import FAST, wait_until
 from tests.faultproxy import FaultProxy, command
@@ -64,9 +63,10 @@ async def all_results(handles: list[Any], timeout: float) -> list[Any]:
         )
 
 
-def script_sha(name: str) -> bytes:
-    """The SHA a client sends in EVALSHA for one of the engine's scripts."""
-    return hashlib.sha1(script_sources()[name].encode()).hexdigest().encode()
+def script_call(name: str) -> bytes:
+    """The first bytes a client sends to call one of the engine's scripts."""
+    command_name = b"FCALL_RO" if name in READ_ONLY else b"FCALL"
+    return command(command_name, Library().functions[name].encode())
 
 
 def client_attempts(c: Client) -> int:
@@ -187,7 +187,7 @@ async def test_a_completion_lost_on_the_way_never_applies_a_signal_twice(
                 # every send of the next completion (the one that applies the signals),
                 # retries included, is cut off before it reaches Redis: the worker gives up
                 attempts = client_attempts(wc)
-                fault = proxy.drop_on(command(b"EVALSHA", script_sha("wft_complete")), times=attempts)
+                fault = proxy.drop_on(script_call("wft_complete"), times=attempts)
                 for _ in range(signals):
                     await h.signal(SignalCounter.add)
                 await fault.wait_hits(attempts, timeout=40)
@@ -504,7 +504,7 @@ async def test_a_worker_never_runs_an_attempt_it_gave_up_on_again(client: Client
                 assert w.acts is not None
                 h = await client.start_workflow(Stubborn, {"seconds": 2.5})
                 await wait_until(lambda: recorded("stubborn", 1, "start"), 10)
-                pump = proxy.hold_on(command(b"EVALSHA", script_sha("pump")))  # the pump is late
+                pump = proxy.hold_on(script_call("pump_due"))  # the pump is late
                 await wait_until(lambda: w.acts is not None and w.acts.abandoned_threads == 1, 10)
                 await w.maintenance.reclaim()  # what the pump loop does every reclaim_idle / 2
                 pump.release()

@@ -1,15 +1,24 @@
-"""The Lua scripts, loaded once per client and called by SHA (redis-py ``Script``
-re-loads on NOSCRIPT). Each script is the constant tables generated from ``model``,
-then ``lib.lua``, then its own file. Only ``protocol`` calls them."""
+"""The Lua scripts, as one Redis function library (Redis >= 7.0, ``FUNCTION LOAD``).
+
+The library is the constant tables generated from ``model``, then ``lib.lua``, then each
+script's file as the body of one registered function. Redis runs all of that once, when
+the library is loaded, so a call runs only its own function: as plain ``EVALSHA``
+scripts, the shared prelude ran again on every call, about 12 µs each, several times per
+workflow. The library's name and its functions' names carry a digest of its source, so
+workers of different versions (a rolling upgrade) each call their own. A server that
+does not have it (new, flushed, restarted without persistence) gets it on the first call
+that misses it. Only ``protocol`` calls the scripts.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
 from rillflow_runtime.model import ENUMS
 
@@ -30,13 +39,8 @@ NAMES = (
     "dead_letter",
 )
 
-
-def lua_source(name: str) -> str:
-    return resources.files("rillflow_runtime").joinpath("lua", f"{name}.lua").read_text()
-
-
-# Scripts that only read: Redis runs them on replicas too and never refuses them for
-# memory.
+# Scripts that only read: Redis runs them on replicas too (FCALL_RO) and never refuses
+# them for memory.
 READ_ONLY = frozenset({"pump_due"})
 
 
@@ -46,37 +50,67 @@ def check_keys() -> bool:
     return os.environ.get("RILLFLOW_CHECK_KEYS", "") not in ("", "0")
 
 
+def lua_source(name: str) -> str:
+    return resources.files("rillflow_runtime").joinpath("lua", f"{name}.lua").read_text()
+
+
 def lua_constants() -> str:
-    """One Lua table per enum (``EV.WORKFLOW_EXECUTION_STARTED`` ...). Reading a member
-    that does not exist is an error, not a silent nil."""
-    lines = [
-        f"local CHECK_KEYS = {'true' if check_keys() else 'false'}",
-        "local STRICT = { __index = function(_, k) error('unknown protocol constant ' .. tostring(k)) end }",
-    ]
+    """One Lua table per enum (``EV.WORKFLOW_EXECUTION_STARTED`` ...). A member that does
+    not exist would read as nil: tests/test_scripts.py refuses any in the sources (a
+    library's load has no setmetatable to make it an error at run time)."""
+    lines = [f"local CHECK_KEYS = {'true' if check_keys() else 'false'}"]
     for table, enum in ENUMS.items():
         items = ", ".join(f"{m.name} = '{m.value}'" for m in enum)
-        lines.append(f"local {table} = setmetatable({{ {items} }}, STRICT)")
+        lines.append(f"local {table} = {{ {items} }}")
     return "\n".join(lines) + "\n"
 
 
-def script_sources() -> dict[str, str]:
-    """The ``#!lua`` first line makes Redis (>= 7.0) hold a script to one slot: a key of
-    another slot is refused even when the same node owns it, and a write script is
-    refused before it starts, not half way, when the server is out of memory."""
-    head = lua_constants() + lua_source("lib")
-    return {
-        name: ("#!lua flags=no-writes\n" if name in READ_ONLY else "#!lua\n") + head + "\n" + lua_source(name)
-        for name in NAMES
-    }
+class Library:
+    """The library's source, its name, and the name each script is called by."""
+
+    def __init__(self) -> None:
+        parts = [lua_constants(), lua_source("lib")]
+        for name in NAMES:
+            # a script's body reads KEYS and ARGV as a plain script would: here they are
+            # its function's arguments
+            parts.append(
+                f"local function {name}_fn(KEYS, ARGV)\nbegin(KEYS, ARGV)\n{lua_source(name)}\nend\n"
+            )
+        body = "\n".join(parts)
+        digest = hashlib.sha1(body.encode()).hexdigest()[:12]
+        self.name = f"rillflow_{digest}"
+        self.functions = {name: f"rf_{digest}_{name}" for name in NAMES}
+        registrations = []
+        for name in NAMES:
+            flags = "{ 'no-writes' }" if name in READ_ONLY else "{}"
+            registrations.append(
+                f"redis.register_function{{ function_name = '{self.functions[name]}', "
+                f"callback = {name}_fn, flags = {flags} }}"
+            )
+        # the #!lua line makes Redis hold a call to one slot: a key of another slot is
+        # refused even when the same node owns it, and a write is refused before it starts,
+        # not half way, when the server is out of memory
+        self.source = f"#!lua name={self.name}\n" + body + "\n" + "\n".join(registrations) + "\n"
 
 
 class Scripts:
-    """One registered script per transition, bound to a client."""
+    """The library, called through one client; loaded where it is missing."""
 
     def __init__(self, redis: Redis) -> None:
-        self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(src) for name, src in script_sources().items()
-        }
+        self.redis = redis
+        self.library = Library()
 
-    async def call(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
-        return await self._scripts[name](keys=keys, args=args, client=client)
+    async def load(self) -> None:
+        """Load the library (replacing one of the same name: the same source)."""
+        await self.redis.function_load(self.library.source, replace=True)
+
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        fn = self.library.functions[name]
+        send = self.redis.fcall_ro if name in READ_ONLY else self.redis.fcall
+        try:
+            return await send(fn, len(keys), *keys, *args)
+        except ResponseError as e:
+            if "function not found" not in str(e).lower():
+                raise
+        await self.load()
+        return await send(fn, len(keys), *keys, *args)

@@ -1,47 +1,49 @@
--- Shared prelude, prepended to every script after the generated constant tables (EV,
--- RS, WT, AS, CMD, TK, R: see model.py) and CHECK_KEYS. KEYS[1] is the shard's timers
--- zset, KEYS[2] its closed-runs stream, ARGV[1] its key prefix "rf:{ns:S}:".
--- Every key a script touches is declared in KEYS by its caller (protocol.py), as Redis
--- asks of scripts, and carries the shard's hash tag, so a call stays in one Redis
--- Cluster slot. A key that depends on state the caller could not see (the sticky stream
--- of the worker that caches a run, the stream of a task message) is used only when the
--- caller declared it; otherwise the script takes a declared way (the shared queue; a
--- message left for the next reader, which finds it stale and drops it).
+-- Shared prelude of the rillflow function library (see scripts.py): the generated
+-- constant tables (EV, RS, WT, AS, CMD, TK, R: see model.py) and CHECK_KEYS come first,
+-- then this, then each script's body as one registered function. All of it runs once,
+-- when the library is loaded; a call runs only its function, which starts with
+-- begin(KEYS, ARGV).
+-- KEYS[1] is the shard's timers zset, KEYS[2] its closed-runs stream, ARGV[1] its key
+-- prefix "rf:{ns:S}:". Every key a script touches is declared in KEYS by its caller
+-- (protocol.py), as Redis asks, and carries the shard's hash tag, so a call stays in one
+-- Redis Cluster slot. A key that depends on state the caller could not see (the sticky
+-- stream of the worker that caches a run, the stream of a task message) is used only
+-- when the caller declared it; otherwise the script takes a declared way (the shared
+-- queue; a message left for the next reader, which finds it stale and drops it).
 -- Rule for every script: check everything before the first write (Lua does not roll
 -- back), and answer a repeated call (a client retry) as the first one was answered.
-local P = ARGV[1]
 local GROUP = 'rf'
-local TIMERS = KEYS[1]
-local CLOSED = KEYS[2]
 
-local DECLARED = {}
-for i = 1, #KEYS do DECLARED[KEYS[i]] = true end
+-- The state of the call in progress. Redis runs one call at a time, and begin() sets
+-- all of it before anything reads it.
+-- NOW: Redis's clock in ms, the only clock that decides anything. NOW_US: the same in
+-- microseconds as a string, unique to this call (fences are made of it).
+local P, TIMERS, CLOSED, DECLARED, NOW, NOW_US
 
 -- Every Redis command of the scripts goes through `call`. With CHECK_KEYS (the test
 -- suite and the chaos run turn it on) a command on a key its caller did not declare is
 -- an error, so a missing declaration cannot hide behind a single-node server.
-local call = redis.call
-if CHECK_KEYS then
-  call = function(cmd, ...)
-    local args = { ... }
-    local first, last = 1, 1
-    if cmd == 'TIME' then last = 0
-    elseif cmd == 'XINFO' then first, last = 2, 2
-    elseif cmd == 'DEL' or cmd == 'EXISTS' then last = #args end
-    for i = first, last do
-      if not DECLARED[args[i]] then
-        error('rillflow: ' .. cmd .. ' on a key the caller did not declare: ' .. tostring(args[i]))
-      end
+-- (redis.call exists only while a function runs, not while the library loads.)
+local call
+local function checked_call(cmd, ...)
+  local args = { ... }
+  local first, last = 1, 1
+  if cmd == 'XINFO' then first, last = 2, 2
+  elseif cmd == 'DEL' or cmd == 'EXISTS' then last = #args end
+  for i = first, last do
+    if not DECLARED[args[i]] then
+      error('rillflow: ' .. cmd .. ' on a key the caller did not declare: ' .. tostring(args[i]))
     end
-    return redis.call(cmd, ...)
   end
+  return redis.call(cmd, ...)
 end
 
--- NOW: Redis's clock in ms, the only clock that decides anything. NOW_US: the same in
--- microseconds as a string, unique to this call (fences are made of it).
-local NOW, NOW_US
-do
-  local t = call('TIME')
+local function begin(keys, argv)
+  call = CHECK_KEYS and checked_call or redis.call
+  P, TIMERS, CLOSED = argv[1], keys[1], keys[2]
+  DECLARED = {}
+  for i = 1, #keys do DECLARED[keys[i]] = true end
+  local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   NOW_US = t[1] .. string.format('%06d', tonumber(t[2]))
 end
