@@ -429,9 +429,10 @@ class WorkflowInstance:
         self.replaying = False
         self.closed = False
         self.task_error: BaseException | None = None
-        # Reseeded from the run's own seed when WorkflowExecutionStarted is applied (see
+        # Replaced by the run's own seed when WorkflowExecutionStarted is applied (see
         # _seed); this crc32 of the run id is only for histories recorded without one.
-        self.random = random.Random(zlib.crc32(info.run_id.encode()))
+        self._seed_value = zlib.crc32(info.run_id.encode())
+        self._random: random.Random | None = None  # made on first use: most runs never draw
         self.max_payload_bytes = 2 * 1024 * 1024
         self.torn_down = False
         self._tearing_down = False
@@ -686,7 +687,17 @@ class WorkflowInstance:
         sequences of two runs among ~100k collide)."""
         if isinstance(seed, bytes | bytearray) and seed:
             # as an int, every one of its 128 bits counts, without hashing the bytes
-            self.random.seed(int.from_bytes(seed, "big"))
+            self._seed_value = int.from_bytes(seed, "big")
+            if self._random is not None:
+                self._random.seed(self._seed_value)
+
+    @property
+    def random(self) -> random.Random:
+        """The run's generator, seeded as :meth:`_seed` says; made when first drawn from
+        (seeding one costs more than a small activation's workflow code)."""
+        if self._random is None:
+            self._random = random.Random(self._seed_value)
+        return self._random
 
     async def _main(self, data: Any) -> None:
         """The entrypoint. A WorkflowError or TimeoutError fails the run; any other
