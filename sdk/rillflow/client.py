@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -112,6 +113,7 @@ class Client:
         # steady state; a registration no older than this is trusted, absence never is
         self._registry_cache_s = registry_cache.total_seconds()
         self._registered: dict[str, tuple[float, RegisteredWorkflow]] = {}
+        self._reading: dict[str, asyncio.Future[RegisteredWorkflow | None]] = {}
 
     @classmethod
     async def connect(
@@ -233,18 +235,51 @@ class Client:
         )
         check_size(body, self.max_payload_bytes, f"input of workflow '{name}'")
         run_id = str(uuid.uuid4())  # also the request's identity: a re-sent start finds its run
-        res = await self.protocol.start(wid, run_id, name, tq, body, timeout_ms)
+        # waiting for the close before the run exists spares result() a read of its status
+        closed = self._watcher.wait_new_run(self.keyspace.shard(wid), run_id) if self._watcher else None
+        try:
+            res = await self.protocol.start(wid, run_id, name, tq, body, timeout_ms)
+        except BaseException:
+            if closed is not None:
+                self.watcher.forget(closed)
+            raise
+        if closed is not None and (res.reply is not Reply.OK or res.run_id != run_id):
+            self.watcher.forget(closed)
+            closed = None
         if res.reply is Reply.RUNNING:
             raise WorkflowAlreadyStartedError(wid, res.run_id)
         if res.reply is not Reply.OK:
             raise RillflowError(f"workflow execution {wid!r} was not started: {res.why}")
-        return WorkflowHandle(self, wid, res.run_id, defn)
+        handle = WorkflowHandle(self, wid, res.run_id, defn)
+        handle._closed = closed
+        return handle
 
     async def _registration(self, name: str) -> RegisteredWorkflow | None:
         now = time.monotonic()
         hit = self._registered.get(name)
         if hit is not None and now - hit[0] < self._registry_cache_s:
             return hit[1]
+        if hit is not None:
+            # a registration known and due for a refresh: concurrent starts share one read
+            # (each reading it again is a burst of identical reads every `registry_cache`)
+            reading = self._reading.get(name)
+            if reading is None:
+                reading = asyncio.ensure_future(self._read_registration(name, now))
+                self._reading[name] = reading
+                reading.add_done_callback(lambda t: self._read_done(name, t))
+            entry = await asyncio.shield(reading)
+            if entry is not None:
+                return entry
+            # absence is never trusted, not even shared: read again below
+        return await self._read_registration(name, time.monotonic())
+
+    def _read_done(self, name: str, task: asyncio.Future[RegisteredWorkflow | None]) -> None:
+        if self._reading.get(name) is task:
+            del self._reading[name]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter got it, or none was left
+
+    async def _read_registration(self, name: str, now: float) -> RegisteredWorkflow | None:
         entry = await self.registry.workflow(name, with_workers=False)
         if entry is None:
             self._registered.pop(name, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,17 @@ class WorkflowHandle:
         self.run_id = run_id
         self.defn = defn
         self.shard = client.keyspace.shard(execution_id)
+        # set by start_workflow when the client's watcher was already reading: registered
+        # before the run existed, so it cannot miss the run's close (see result())
+        self._closed: asyncio.Future[None] | None = None
+
+    def __del__(self) -> None:
+        # a handle dropped without waiting on its result stops waiting for it, so that
+        # starting many runs never awaited holds nothing in the watcher
+        fut, watcher = self._closed, self.client._watcher
+        if fut is not None and watcher is not None and not fut.done():
+            with contextlib.suppress(Exception):
+                watcher.forget(fut)
 
     @property
     def execution_id(self) -> str:
@@ -93,23 +105,39 @@ class WorkflowHandle:
     async def result(self, timeout: float | timedelta | None = None) -> Any:
         """Wait for the run to close; return its result or raise
         :class:`WorkflowFailureError`. ``TimeoutError`` if ``timeout`` passes first."""
-        run = await self._resolve_run()
+        secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         watcher = self.client.watcher
+        fut, self._closed = self._closed, None
+        if fut is not None and self.run_id and watcher.waits(fut):
+            # registered before the run was started, by a watcher that is still reading:
+            # its close cannot have gone unseen, so no read of the status is needed first
+            run = self.run_id
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), secs)
+            finally:
+                watcher.forget(fut)
+            return self._outcome(run, *await self._outcome_fields(run))
+        if fut is not None:
+            watcher.forget(fut)
+        run = await self._resolve_run()
         await watcher.ensure_started()
         fut = watcher.wait_run(self.shard, run)
         try:
-            (status,) = await self._run_fields(run, "status")
-            if status is None:
+            fields = await self._outcome_fields(run)
+            if fields[0] is None:
                 raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
-            if text(status) == RunStatus.RUNNING:
-                secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+            if text(fields[0]) == RunStatus.RUNNING:
                 await asyncio.wait_for(asyncio.shield(fut), secs)
+                fields = await self._outcome_fields(run)
         finally:
             watcher.forget(fut)
-        return await self._outcome(run)
+        return self._outcome(run, *fields)
 
-    async def _outcome(self, run: str) -> Any:
-        status, otype, outcome = await self._run_fields(run, "status", "outcome_type", "outcome")
+    async def _outcome_fields(self, run: str) -> list[Any]:
+        """Status, outcome type and outcome, in one read: a closed run needs no other."""
+        return await self._run_fields(run, "status", "outcome_type", "outcome")
+
+    def _outcome(self, run: str, status: Any, otype: Any, outcome: Any) -> Any:
         if status is None:  # gone while we waited: expired, or lost in a Redis rollback
             raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
         st = text(status)

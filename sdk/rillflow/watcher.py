@@ -66,6 +66,27 @@ class Watcher:
         """A future set when the run closes; register it before reading the run's state."""
         return self._add(self.runs, shard, run_id)
 
+    def wait_new_run(self, shard: int, run_id: str) -> asyncio.Future[None] | None:
+        """For a run about to be started: a future set when it closes, if this watcher is
+        reading already (then its cursors are before the run's close, which it will see,
+        and the caller needs no read of the run's status). None if it is not."""
+        if self.closing or self.task is None or self.task.done():
+            return None
+        fut = self.wait_run(shard, run_id)
+        fut.rillflow_task = self.task  # type: ignore[attr-defined]  # see waits()
+        return fut
+
+    def waits(self, fut: asyncio.Future[None]) -> bool:
+        """Whether a future from :meth:`wait_new_run` is still sure to be set: the loop
+        that registered it still reads (a new loop starts from the streams' ends)."""
+        task = self.task
+        return (
+            getattr(fut, "rillflow_task", None) is task
+            and task is not None
+            and not task.done()
+            and not self.closing
+        )
+
     def wait_update(self, shard: int, run_id: str, update_id: str) -> asyncio.Future[None]:
         """A future set when the update finishes; register it before reading its state."""
         return self._add(self.updates, shard, f"{run_id}:{update_id}")
