@@ -28,6 +28,7 @@ from pydantic_core import to_jsonable_python
 from rillflow.errors import (
     InvalidInputError,
     InvalidResultError,
+    PayloadTooLargeError,
     RillflowError,
     WorkflowDefinitionError,
     safe_text,
@@ -383,8 +384,6 @@ def problem(value: Any, path: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], st
 
 
 def check_size(encoded: bytes, limit: int, what: str) -> None:
-    from rillflow.errors import PayloadTooLargeError
-
     if len(encoded) > limit:
         raise PayloadTooLargeError(
             f"{what} is {len(encoded)} bytes, over the limit of {limit} bytes; "
