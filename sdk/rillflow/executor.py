@@ -380,6 +380,38 @@ class _Unguarded:
             sys.setprofile(_profile)
 
 
+class _Inside:
+    """What :meth:`WorkflowInstance._inside` enters: a class, not a generator, as it is
+    entered for every activation (the same steps as :func:`_arming`, inline)."""
+
+    __slots__ = ("inst", "prev", "prev_armed", "prev_guard", "set_profile")
+
+    def __init__(self, inst: WorkflowInstance) -> None:
+        self.inst = inst
+
+    def __enter__(self) -> None:
+        inst = self.inst
+        self.prev = _events._get_running_loop()
+        _events._set_running_loop(inst.loop)
+        self.prev_guard, self.prev_armed = _Guard.thread, inst._armed
+        enforce = inst.defn.enforce_determinism
+        if enforce:
+            _Guard.thread = threading.get_ident()
+        self.set_profile = enforce and sys.getprofile() is None
+        inst._armed = self.set_profile
+        if self.set_profile:
+            sys.setprofile(_profile)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.set_profile:
+                sys.setprofile(None)
+        finally:
+            self.inst._armed = self.prev_armed
+            _Guard.thread = self.prev_guard
+            _events._set_running_loop(self.prev)
+
+
 @contextlib.contextmanager
 def skip_determinism_enforcement() -> Iterator[None]:
     _Guard.suspended += 1
@@ -469,22 +501,10 @@ class WorkflowInstance:
             raise WorkflowTaskError(f"{type(err).__name__}: {err}") from err
         return self.commands
 
-    @contextlib.contextmanager
-    def _inside(self) -> Iterator[None]:
+    def _inside(self) -> _Inside:
         """Workflow code runs with this instance's loop current and, unless the workflow
         opted out, the determinism guard armed on this thread (see _profile)."""
-        prev = _events._get_running_loop()
-        _events._set_running_loop(self.loop)
-        prev_guard, prev_armed = _Guard.thread, self._armed
-        if self.defn.enforce_determinism:
-            _Guard.thread = threading.get_ident()
-        try:
-            with _arming(self.defn.enforce_determinism) as self._armed:
-                yield
-        finally:
-            self._armed = prev_armed
-            _Guard.thread = prev_guard
-            _events._set_running_loop(prev)
+        return _Inside(self)
 
     def _run_until_blocked(self) -> None:
         with self._inside():
@@ -710,21 +730,20 @@ class WorkflowInstance:
             with _Unguarded():
                 args = sig.decode_input(data)
             result = await getattr(self.obj, self.defn.entry_name)(*args)
-            try:
-                with _Unguarded():
+            with _Unguarded():  # one block: each entry and exit costs the guard events
+                try:
                     data = sig.dump_result(result)
-            except InvalidResultError as e:
-                # Failing here would leave the run open until the code changes; the
-                # result is recorded as returned and the mismatch is said out loud.
-                if not self.replaying:
-                    log.warning(
-                        "workflow result does not match its return annotation; recorded as returned",
-                        workflow=self.defn.name,
-                        execution_id=self.info.workflow_id,
-                        error=str(e),
-                    )
-                data = sig.dump_unchecked(result)
-            with _Unguarded():
+                except InvalidResultError as e:
+                    # Failing here would leave the run open until the code changes; the
+                    # result is recorded as returned and the mismatch is said out loud.
+                    if not self.replaying:
+                        log.warning(
+                            "workflow result does not match its return annotation; recorded as returned",
+                            workflow=self.defn.name,
+                            execution_id=self.info.workflow_id,
+                            error=str(e),
+                        )
+                    data = sig.dump_unchecked(result)
                 encoded = pack({"result": data})
         except (WorkflowError, TimeoutError) as e:
             self._close(
