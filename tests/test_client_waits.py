@@ -8,6 +8,7 @@ client sat idle, and any number of waiters share a small connection pool.
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import time
 from typing import Any
@@ -63,20 +64,29 @@ async def blocked_readers(client: Client, cmd: str) -> list[dict[str, Any]]:
 
 # -- 10. result() never waits forever -------------------------------------------------------
 @pytest.mark.parametrize("trim", ["cap", "maxlen0"])
+@pytest.mark.parametrize("started_here", [False, True])
 async def test_a_waiter_whose_watcher_fell_behind_the_capped_stream_gets_its_result(
-    client: Client, redis_url: str, trim: str
+    client: Client, redis_url: str, trim: str, started_here: bool
 ) -> None:
     """The watcher's read is held at the proxy while the run closes and its entry in the
     closed-runs stream is trimmed away: by the stream's cap (10,000 later closes), or by
-    an XTRIM to nothing. Released, the watcher reads on from before the gap."""
+    an XTRIM to nothing. Released, the watcher reads on from before the gap. The waiter
+    is another client's handle, or (started_here) the handle of the start itself, which
+    waits without reading the run's status first."""
     closed = client.keyspace.closed(0)
     async with FaultProxy(redis_url) as proxy, Worker(client, workflows=[Gate], **FAST):  # type: ignore[arg-type]
         waiting = await Client.connect(proxy.url)
         try:
-            h = await client.start_workflow(Gate)
+            if started_here:
+                await waiting.watcher.ensure_started()
+                h = await waiting.start_workflow(Gate)
+                handle = h
+            else:
+                h = await client.start_workflow(Gate)
+                handle = waiting.get_workflow_handle(h.id)
             fault = proxy.hold_on(command(b"XREAD"), times=1)  # the watcher's next read
-            waiter = asyncio.create_task(waiting.get_workflow_handle(h.id).result())
-            await fault.wait_hits(1)
+            waiter = asyncio.create_task(handle.result())
+            await fault.wait_hits(1, timeout=15)
             await h.signal(Gate.open)
 
             async def entry_written() -> bool:
@@ -109,6 +119,18 @@ async def test_a_waiter_whose_watcher_fell_behind_the_capped_stream_gets_its_res
                 )
         finally:
             await waiting.close()
+
+
+async def test_handles_dropped_without_waiting_leave_nothing_in_the_watcher(client: Client) -> None:
+    """A start registers its run's close with a watcher that is reading (so that result()
+    needs no status read); a handle dropped unawaited takes that registration back."""
+    await client.watcher.ensure_started()
+    kept = await client.start_workflow(Gate)
+    for _ in range(50):
+        await client.start_workflow(Gate)  # fire and forget
+    gc.collect()
+    await asyncio.sleep(0)  # what the dropped handles left to the loop
+    assert list(client.watcher.runs) == [kept.run_id]
 
 
 async def test_a_watcher_whose_connection_is_killed_warns_and_carries_on(client: Client) -> None:

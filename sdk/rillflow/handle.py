@@ -80,11 +80,13 @@ class WorkflowHandle:
 
     def __del__(self) -> None:
         # a handle dropped without waiting on its result stops waiting for it, so that
-        # starting many runs never awaited holds nothing in the watcher
+        # starting many runs never awaited holds nothing in the watcher; later, from the
+        # loop, not from inside whatever code the garbage collector interrupted (the
+        # watcher itself may be walking its tables)
         fut, watcher = self._closed, self.client._watcher
         if fut is not None and watcher is not None and not fut.done():
-            with contextlib.suppress(Exception):
-                watcher.forget(fut)
+            with contextlib.suppress(Exception):  # the loop is closed: nothing to forget
+                fut.get_loop().call_soon(watcher.forget, fut)
 
     @property
     def execution_id(self) -> str:
