@@ -30,6 +30,33 @@ async def info(client: Client) -> tuple[int, int]:
     return calls, mem
 
 
+class Cpu:
+    """CPU seconds used so far by the worker process, this process (the load generator)
+    and Redis: steadier than throughput on a shared machine, where other work takes turns
+    on the same cores."""
+
+    def __init__(self, client: Client, worker_pid: int) -> None:
+        self.client, self.worker_pid = client, worker_pid
+
+    def _worker(self) -> float:
+        try:  # Linux: utime + stime, in clock ticks
+            f = Path(f"/proc/{self.worker_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def read(self) -> tuple[float, float, float]:
+        r = await self.client.redis.info("cpu")
+        return self._worker(), time.process_time(), float(r["used_cpu_user"]) + float(r["used_cpu_sys"])
+
+    @staticmethod
+    def line(
+        label: str, before: tuple[float, float, float], after: tuple[float, float, float], n: int
+    ) -> str:
+        w, c, r = (1000 * (a - b) / n for a, b in zip(after, before, strict=True))
+        return f"{label} cpu ms/wf         worker {w:.3f}  load generator {c:.3f}  redis {r:.3f}"
+
+
 async def run_batch(client: Client, name: str, n: int, concurrency: int = 256) -> tuple[float, list[float]]:
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = []
@@ -78,17 +105,23 @@ async def bench(url: str, n: int, shards: int) -> None:
         await run_batch(client, "bench_w1", 200)  # warm-up: scripts loaded, routes known
         print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, shards={shards}, n={n}")
 
+        cpu = Cpu(client, worker.pid)
         c0, m0 = await info(client)
+        t0 = await cpu.read()
         el, lat = await run_batch(client, "bench_w1", n)
+        t1 = await cpu.read()
         c1, m1 = await info(client)
         print(f"W1 workflows/s          {n / el:10.0f}   ({n} workflows of 1 activity in {el:.2f} s)")
         print(f"W1 start->result p50/p99 {pct(lat, 0.5):8.1f} / {pct(lat, 0.99):.1f} ms (at {256} in flight)")
         print(f"W1 redis commands/wf    {(c1 - c0) / n:10.1f}")
         print(f"W1 redis bytes/wf       {(m1 - m0) / n:10.0f}   (closed runs kept for retention)")
+        print(Cpu.line("W1", t0, t1, n))
 
         n2 = max(n // 4, 50)
         c0, _ = await info(client)
+        t0 = await cpu.read()
         el, lat = await run_batch(client, "bench_w2", n2)
+        t1 = await cpu.read()
         c1, _ = await info(client)
         print(
             f"W2 activities/s         {10 * n2 / el:10.0f}   ({n2} workflows of 10 sequential activities in {el:.2f} s)"
@@ -96,6 +129,7 @@ async def bench(url: str, n: int, shards: int) -> None:
         print(f"W2 workflows/s          {n2 / el:10.0f}")
         print(f"W2 start->result p50/p99 {pct(lat, 0.5):8.1f} / {pct(lat, 0.99):.1f} ms")
         print(f"W2 redis commands/wf    {(c1 - c0) / n2:10.1f}")
+        print(Cpu.line("W2", t0, t1, n2))
 
         probe: list[float] = []
         for i in range(50):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import uuid
 from typing import Any
 
@@ -311,22 +312,63 @@ async def test_a_run_of_another_execution_is_not_reached_through_this_ones_id(cl
     assert await snapshot(client) == before
 
 
-async def test_a_message_on_a_stream_a_call_did_not_declare_is_dropped_by_its_next_reader(
-    client: Client,
+@pytest.mark.parametrize("how", ["terminate", "cancel"])
+async def test_a_message_on_a_stream_a_call_did_not_declare_is_dropped_by_the_next_pump(
+    client: Client, how: str
 ) -> None:
-    """terminate does not declare the activity streams: the task message of a pending
-    activity stays until a worker reads it, finds it stale, and drops it."""
+    """terminate does not declare the activity streams, nor does a task that cancels an
+    activity scheduled earlier: the pending activity's task message is named in a member
+    of the timers zset, due at once, and the next pump drops it, even on a queue no
+    worker serves."""
     ks, p = client.keyspace, client.protocol
     stream, (h, msgid, st) = await started_task(client)
-    task = TaskCompletion(h.run_id or "", h.id, st.fence, msgid, [_activity()])  # type: ignore[list-item]
+    run = h.run_id or ""
+    nobody = _Cmd(
+        CommandKind.SCHEDULE_ACTIVITY, _activity().body, [1, "nobody", 30_000, 0, 0, 1, 1000, 2.0, 10_000]
+    )
+    task = TaskCompletion(run, h.id, st.fence, msgid, [nobody])  # type: ignore[list-item]
     assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
-    aq = ks.queue(0, "default", "act")
-    await h.terminate("stop")
+    aq = ks.queue(0, "nobody", "act")
     assert await client.redis.xlen(aq) == 1
-    amsg, _ = await read_one(client, aq, "w1")
-    (ast,) = await p.act_start(0, aq, "w1", [ActStartItem(h.run_id or "", 1, 1, amsg)])
-    assert ast.reply is Reply.STALE
-    assert await client.redis.xlen(aq) == 0 and (await client.redis.xpending(aq, GROUP))["pending"] == 0
+    if how == "terminate":
+        await h.terminate("stop")
+    else:  # the next task cancels it (a signal brings one)
+        await p.signal(h.id, None, pack({"name": "ping", "input": pack([])}), "rq-1")
+        msg2, _ = await read_one(client, stream, "w1")
+        (st2,) = await p.wft_start(
+            0, stream, 10_000, 100, "w1", [WftStartItem(run, msg2, 0, workflow_id=h.id)]
+        )
+        cancel = _Cmd(CommandKind.CANCEL_ACTIVITY, pack({"seq": 1}), [1])
+        task2 = TaskCompletion(run, h.id, st2.fence, msg2, [cancel])  # type: ignore[list-item]
+        assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task2]))[0].reply is Reply.OK
+    assert await client.redis.xlen(aq) == 1  # not declared: not touched
+    members = [m.decode() for m in await client.redis.zrange(ks.timers(0), 0, -1)]
+    assert any(m.startswith(f"msg_drop|{run}|") and m.endswith("|q:nobody:act") for m in members), members
+    await p.pump(0, 100, 60_000, "w1")
+    assert await client.redis.xlen(aq) == 0
+    assert not any(m.startswith("msg_drop|") for m in await _members(client))
+
+
+async def _members(client: Client) -> list[str]:
+    return [m.decode() for m in await client.redis.zrange(client.keyspace.timers(0), 0, -1)]
+
+
+async def test_one_worker_at_a_time_pumps_a_shard(client: Client) -> None:
+    """While one worker's pump holds the shard's lease, another's finds the lease taken
+    and is told to look again when it runs out; the pump gives it back when done."""
+    ks, p = client.keyspace, client.protocol
+    stream, (h, msgid, st) = await started_task(client)
+    run = h.run_id or ""
+    timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 1}), [1, 1])
+    task = TaskCompletion(run, h.id, st.fence, msgid, [timer])  # type: ignore[list-item]
+    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
+    await wait_until(lambda: _due(client, f"timer|{run}|1"), 10)
+    await client.redis.set(ks.pump_lease(0), "w2", px=5_000)  # w2 is pumping
+    held = await p.pump(0, 100, 60_000, "w1")
+    assert held.handled == 0 and 4_000 < held.next_due_ms - held.now_ms <= 5_000
+    await client.redis.delete(ks.pump_lease(0))  # w2 is done
+    assert (await p.pump(0, 100, 60_000, "w1")).handled == 1
+    assert not await client.redis.exists(ks.pump_lease(0))
 
 
 async def test_a_refused_completion_drops_its_message_unless_the_run_still_needs_it(client: Client) -> None:
@@ -354,18 +396,16 @@ async def test_a_due_member_whose_keys_were_not_declared_waits_for_the_next_roun
     assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
     member = f"timer|{run}|1"
     await wait_until(lambda: _due(client, member), 10)
-    declared = [ks.timers(0), ks.closed(0), ks.run(0, run)]  # not the history, not the queue
-    res = await p.scripts.call("pump", declared, [ks.prefix(0), 60_000, member])
+    declared = [ks.timers(0), ks.closed(0), ks.pump_lease(0), ks.run(0, run)]  # not the history, the queue
+    res = await p.scripts.call("pump", declared, [ks.prefix(0), 60_000, "w1", member])
     assert res[0] == 0 and await client.redis.zscore(ks.timers(0), member) is not None
-    assert (await p.pump(0, 100, 60_000)).handled == 1
+    assert (await p.pump(0, 100, 60_000, "w1")).handled == 1
     assert [e.type for e in await h.history()][-1] == "TimerFired"
 
 
 async def _due(client: Client, member: str) -> bool:
-    due = await client.protocol.scripts.call(
-        "pump_due", [client.keyspace.timers(0), client.keyspace.closed(0)], [client.keyspace.prefix(0), 100]
-    )
-    return member.encode() in due[2:]
+    ks = client.keyspace
+    return member.encode() in await client.redis.zrangebyscore(ks.timers(0), "-inf", int(time.time() * 1000))
 
 
 async def test_the_scripts_load_themselves_where_they_are_missing(client: Client) -> None:

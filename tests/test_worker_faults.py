@@ -24,7 +24,7 @@ import redis
 import rillflow as workflows
 from rillflow import Client, Worker, activity, workflow
 from rillflow_runtime.embedded import EmbeddedRedis
-from rillflow_runtime.scripts import READ_ONLY, Library
+from rillflow_runtime.scripts import Library
 from tests import flows
 from tests.conftest import FAST, wait_until
 from tests.faultproxy import FaultProxy, command
@@ -65,8 +65,7 @@ async def all_results(handles: list[Any], timeout: float) -> list[Any]:
 
 def script_call(name: str) -> bytes:
     """The first bytes a client sends to call one of the engine's scripts."""
-    command_name = b"FCALL_RO" if name in READ_ONLY else b"FCALL"
-    return command(command_name, Library().functions[name].encode())
+    return command(b"FCALL", Library().functions[name].encode())
 
 
 def client_attempts(c: Client) -> int:

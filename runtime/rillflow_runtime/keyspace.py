@@ -58,6 +58,10 @@ class Keyspace:
     def timers(self, shard: int) -> str:
         return self.prefix(shard) + "timers"
 
+    def pump_lease(self, shard: int) -> str:
+        """Which worker is pumping the shard's timers now (expires: a dead one's passes)."""
+        return self.prefix(shard) + "pump"
+
     def closed(self, shard: int) -> str:
         return self.prefix(shard) + "closed"
 

@@ -86,6 +86,9 @@ class TimerKind(StrEnum):
     TASK_TIMEOUT = "wft_timeout"  # wft_timeout|run|fence: a started workflow task ran too long
     TASK_RETRY = "wft_retry"  # wft_retry|run: a failed or timed-out workflow task's backoff ends
     STICKY_FALLBACK = "wft_sticky"  # wft_sticky|run|message: its worker did not start it in time
+    # msg_drop|run|message|stream (the stream's name after the shard's prefix): a task message
+    # that stands for nothing any more, on a stream the script that found it could not touch
+    MESSAGE_DROP = "msg_drop"
 
 
 class Reply(StrEnum):

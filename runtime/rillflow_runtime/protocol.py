@@ -33,7 +33,13 @@ T = TypeVar("T")
 REROUTE_TRIES = 20
 
 # The timer kinds that name an activity, whose task stream a pump may write.
-_ACTIVITY_TIMERS = frozenset({TimerKind.ACTIVITY_DEADLINE.value, TimerKind.ACTIVITY_RETRY.value})
+_ACTIVITY_TIMERS = frozenset(
+    {TimerKind.ACTIVITY_DEADLINE.value, TimerKind.ACTIVITY_RETRY.value, TimerKind.SCHEDULE_TO_CLOSE.value}
+)
+
+# How long a pump holds its shard's lease at most: what a pump that died delays the
+# shard's timers by.
+PUMP_LEASE_MS = 2000
 
 
 class CommandLike(TypingProtocol):
@@ -208,12 +214,14 @@ class Protocol:
             run = run_id or text(await self.redis.hget(ks.wf(shard, workflow_id), "run") or b"")
             keys = [ks.wf(shard, workflow_id)]
             if run:
-                tq, sticky = await self.redis.hmget(ks.run(shard, run), ["tq", "sticky"])
+                tq, sticky, wft_q = await self.redis.hmget(ks.run(shard, run), ["tq", "sticky", "wft_q"])
                 keys += ks.run_keys(shard, workflow_id, run)
                 if tq:
                     keys += [ks.queue(shard, text(tq), "wft"), ks.queue(shard, text(tq), "qry")]
                     if sticky:
                         keys.append(ks.sticky(shard, text(tq), text(sticky)))
+                if wft_q:  # where its task message is, to drop it if the call closes the run
+                    keys.append(text(wft_q))
             res = await call(keys)
             if not (isinstance(res, list) and res and _reply(res[0]) is Reply.REROUTE):
                 return res
@@ -446,21 +454,30 @@ class Protocol:
         return HeartbeatReply(reply, int(res[1]), int(res[2]))
 
     # -- maintenance ------------------------------------------------------------------
-    async def pump(self, shard: int, limit: int, retention_ms: int) -> PumpReply:
-        """Three steps, so that every key is declared: what is due (a read-only script),
-        the state of the runs it names (one pipeline of reads), then one script that acts
-        on what is still due. Nothing due costs the first step only."""
-        due = await self._call("pump_due", shard, [limit])
-        now, next_due, members = int(due[0]), int(due[1]), [text(m) for m in due[2:]]
+    async def pump(self, shard: int, limit: int, retention_ms: int, worker: str) -> PumpReply:
+        """Three steps, so that every key is declared: what is due (taking the shard's
+        pump lease when something is), the state of the runs it names (one pipeline of
+        reads), then one script that acts on what is still due and gives the lease back.
+        Nothing due costs the first step only; while another worker holds the lease, the
+        reply's next due time is when it runs out."""
+        lease = self.ks.pump_lease(shard)
+        due = await self._call("pump_due", shard, [limit, worker, PUMP_LEASE_MS], [lease])
+        now, next_due, members = int(due[0]), int(due[1]), [text(m) for m in due[3:]]
         if not members:
             return PumpReply(0, next_due, now)
         keys = await self._pump_keys(shard, members)
-        res = await self._call("pump", shard, [retention_ms, *members], keys)
+        res = await self._call("pump", shard, [retention_ms, worker, *members], [lease, *keys])
         return PumpReply(int(res[0]), int(res[1]), int(res[2]))
 
     async def _pump_keys(self, shard: int, members: list[str]) -> list[str]:
         ks = self.ks
         runs = list(dict.fromkeys(m.split("|")[1] for m in members if m.count("|") >= 1))
+        # a msg_drop member names its stream: after the shard's prefix, past its third '|'
+        dropped = [
+            ks.prefix(shard) + m.split("|", 3)[3]
+            for m in members
+            if m.startswith(TimerKind.MESSAGE_DROP.value + "|") and m.count("|") >= 3
+        ]
         acts = [(m.split("|")[1], m.split("|")[2]) for m in members if m.split("|")[0] in _ACTIVITY_TIMERS]
         async with self.redis.pipeline(transaction=False) as pipe:
             for run in runs:
@@ -468,7 +485,7 @@ class Protocol:
             for run, seq in acts:
                 pipe.hget(ks.acts(shard, run), seq)
             res = await pipe.execute()
-        keys: list[str] = []
+        keys: list[str] = dropped
         for run, (wid, tq, sticky, wft_q) in zip(runs, res, strict=False):
             keys += [ks.run(shard, run), ks.acts(shard, run), ks.buffer(shard, run)]
             keys += [ks.signals(shard, run), ks.updates(shard, run)]

@@ -39,10 +39,6 @@ NAMES = (
     "dead_letter",
 )
 
-# Scripts that only read: Redis runs them on replicas too (FCALL_RO) and never refuses
-# them for memory.
-READ_ONLY = frozenset({"pump_due"})
-
 
 def check_keys() -> bool:
     """``RILLFLOW_CHECK_KEYS=1`` (the test suite and the chaos run set it) makes every
@@ -80,13 +76,10 @@ class Library:
         digest = hashlib.sha1(body.encode()).hexdigest()[:12]
         self.name = f"rillflow_{digest}"
         self.functions = {name: f"rf_{digest}_{name}" for name in NAMES}
-        registrations = []
-        for name in NAMES:
-            flags = "{ 'no-writes' }" if name in READ_ONLY else "{}"
-            registrations.append(
-                f"redis.register_function{{ function_name = '{self.functions[name]}', "
-                f"callback = {name}_fn, flags = {flags} }}"
-            )
+        registrations = [
+            f"redis.register_function{{ function_name = '{self.functions[name]}', callback = {name}_fn }}"
+            for name in NAMES
+        ]
         # the #!lua line makes Redis hold a call to one slot: a key of another slot is
         # refused even when the same node owns it, and a write is refused before it starts,
         # not half way, when the server is out of memory
@@ -106,11 +99,10 @@ class Scripts:
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         fn = self.library.functions[name]
-        send = self.redis.fcall_ro if name in READ_ONLY else self.redis.fcall
         try:
-            return await send(fn, len(keys), *keys, *args)
+            return await self.redis.fcall(fn, len(keys), *keys, *args)
         except ResponseError as e:
             if "function not found" not in str(e).lower():
                 raise
         await self.load()
-        return await send(fn, len(keys), *keys, *args)
+        return await self.redis.fcall(fn, len(keys), *keys, *args)

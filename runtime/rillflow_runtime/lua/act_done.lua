@@ -17,15 +17,16 @@ for i = 2, #ARGV, 9 do
   local stream, msg = ARGV[i + 7], ARGV[i + 8]
   local ak = act_key(run)
   local r = call('HMGET', run_key(run), 'status', 'wid')
-  local prev = call('HGET', ak, seq .. ':d')
-  local s = (r[1] == RS.RUNNING) and act_get(run, seq) or nil
+  local a = call('HMGET', ak, seq .. ':d', seq)
+  local prev = a[1]
+  local s = (r[1] == RS.RUNNING and a[2]) and cmsgpack.unpack(a[2]) or nil
   if prev == att .. '|' .. R.OK or prev == att .. '|' .. R.RETRY then
     out[#out + 1] = split(prev, '|')[2]
   elseif not s or s.att ~= att or s.st ~= AS.STARTED then
     if not (s and s.msg == msg) then drop_msg(stream, msg) end
     out[#out + 1] = R.REFUSED
   else
-    drop_msg(queue_key(s.tq, 'act'), s.msg)
+    drop_msg(queue_key(s.tq, 'act'), s.msg, run)
     local answer = R.OK
     if kind == R.OK then
       act_forget(run, seq, s)

@@ -13,7 +13,9 @@ local out = {}
 for i = 3, #ARGV, 4 do
   local run, seq, att, msg = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
   local r = call('HMGET', run_key(run), 'status', 'wid', 'wtype', 'tq', 'sticky')
-  local s = (r[1] == RS.RUNNING) and act_get(run, seq) or nil
+  local ak = act_key(run)
+  local a = r[1] == RS.RUNNING and call('HMGET', ak, seq, seq .. ':b', seq .. ':hb') or {}
+  local s = a[1] and cmsgpack.unpack(a[1]) or nil
   local mine = s and s.att == att and s.msg == msg
   local again = mine and s.st == AS.STARTED and s.by == worker
   if mine and (s.st == AS.SCHEDULED or again) then
@@ -25,9 +27,7 @@ for i = 3, #ARGV, 4 do
       act_put(run, seq, s)
       call('ZADD', TIMERS, s.dl, tmember(TK.ACTIVITY_DEADLINE, run, seq, att))
     end
-    local ak = act_key(run)
-    out[#out + 1] = { R.OK, call('HGET', ak, seq .. ':b'),
-      call('HGET', ak, seq .. ':hb') or '', r[2], r[3], NOW, s.dl, r[4], r[5] or '' }
+    out[#out + 1] = { R.OK, a[2], a[3] or '', r[2], r[3], NOW, s.dl, r[4], r[5] or '' }
   elseif mine and s.st == AS.STARTED then
     out[#out + 1] = { R.RUNNING }
   else

@@ -115,12 +115,15 @@ local function client_run(wid, run)
 end
 
 -- Remove a task message for good: XACK + XDEL keep a task stream's length equal to
--- its backlog plus tasks in flight. On a stream the caller did not declare, the message
--- is left to its next reader, to which it no longer stands for anything: it drops it.
-local function drop_msg(stream, id)
-  if stream and id and id ~= '' and DECLARED[stream] then
+-- its backlog plus tasks in flight. A message on a stream the caller did not declare is
+-- dropped by the next pump instead: a member of the timers zset, due now, names it.
+local function drop_msg(stream, id, run)
+  if not (stream and stream ~= '' and id and id ~= '') then return end
+  if DECLARED[stream] then
     call('XACK', stream, GROUP, id)
     call('XDEL', stream, id)
+  elseif run and string.sub(stream, 1, #P) == P then
+    call('ZADD', TIMERS, NOW, tmember(TK.MESSAGE_DROP, run, id, string.sub(stream, #P + 1)))
   end
 end
 
@@ -210,7 +213,7 @@ local function note_messages(run)
   call('HSET', run_key(run), 'msgs', 1)
 end
 
-local function expire_run(run, wid, retention_ms, msgs)
+local function expire_run(run, wid, retention_ms, msgs, current)
   local keys = { run_key(run), hist_key(wid, run), act_key(run) }
   if msgs then
     keys[#keys + 1] = sig_key(run)
@@ -219,8 +222,7 @@ local function expire_run(run, wid, retention_ms, msgs)
   for _, k in ipairs(keys) do
     call('PEXPIRE', k, retention_ms)
   end
-  local wk = wf_key(wid)
-  if call('HGET', wk, 'run') == run then call('PEXPIRE', wk, retention_ms) end
+  if current then call('PEXPIRE', wf_key(wid), retention_ms) end
 end
 
 -- Per-activity state lives in the run's act hash: field <seq> is a msgpack map of
@@ -250,26 +252,21 @@ local function act_forget(run, seq, s)
 end
 
 -- Close a run: the closing event, the outcome for result-waiters, the closed-runs
--- stream they block on, the retention clock, and every timer it still had.
+-- stream they block on, the retention clock, and every timer it still had. Returns the
+-- closing event's id.
 local function close_run(run, status, etype, body, retention_ms)
   local rk = run_key(run)
   local r = call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence')
   local wid = r[1]
-  append(run, wid, etype, body)
-  local live_msg = r[3] == WT.SCHEDULED or r[3] == WT.STARTED
-  if live_msg then drop_msg(r[2], r[4]) end
+  local eid = append(run, wid, etype, body)
+  if r[3] == WT.SCHEDULED or r[3] == WT.STARTED then drop_msg(r[2], r[4], run) end
   call('HSET', rk, 'status', status, 'closed_ms', NOW, 'wft', WT.NONE, 'outcome', body,
     'outcome_type', etype)
-  if call('HGET', wf_key(wid), 'run') == run then
-    call('HSET', wf_key(wid), 'status', status)
-  end
+  local current = call('HGET', wf_key(wid), 'run') == run  -- (not when a newer run has the id)
+  if current then call('HSET', wf_key(wid), 'status', status) end
   local gone = { tmember(TK.EXECUTION_TIMEOUT, run), tmember(TK.TASK_RETRY, run) }
   if r[6] then gone[#gone + 1] = tmember(TK.TASK_TIMEOUT, run, r[6]) end
-  -- a sticky message left on an undeclared stream keeps its sticky timer: the pump drops
-  -- it then (its worker may be gone, and nobody else reads that stream)
-  if r[4] and r[4] ~= '' and not (live_msg and r[3] == WT.SCHEDULED and not DECLARED[r[2]]) then
-    gone[#gone + 1] = tmember(TK.STICKY_FALLBACK, run, r[4])
-  end
+  if r[4] and r[4] ~= '' then gone[#gone + 1] = tmember(TK.STICKY_FALLBACK, run, r[4]) end
   local acts = call('HGETALL', act_key(run))
   for i = 1, #acts, 2 do
     local f = acts[i]
@@ -281,7 +278,7 @@ local function close_run(run, status, etype, body, retention_ms)
       gone[#gone + 1] = a
       gone[#gone + 1] = b
       gone[#gone + 1] = c
-      drop_msg(queue_key(s.tq, 'act'), s.msg)
+      drop_msg(queue_key(s.tq, 'act'), s.msg, run)
     end
   end
   zrem_all(gone)
@@ -296,7 +293,8 @@ local function close_run(run, status, etype, body, retention_ms)
     end
   end
   call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
-  expire_run(run, wid, retention_ms, r[5])
+  expire_run(run, wid, retention_ms, r[5], current)
+  return eid
 end
 
 -- An attempt's deadline: the earliest of start-to-close, the next heartbeat and
@@ -308,10 +306,16 @@ local function act_deadline(s)
   return dl
 end
 
-local function act_dispatch(run, seq, s)
+-- Queue an activity attempt; `scheduled` (its ActivityTaskScheduled body) is stored with
+-- it the first time.
+local function act_dispatch(run, seq, s, scheduled)
   s.msg = call('XADD', queue_key(s.tq, 'act'), '*', 'run', run, 'seq', seq, 'att', s.att)
   s.st = AS.SCHEDULED
-  act_put(run, seq, s)
+  if scheduled then
+    call('HSET', act_key(run), seq, cmsgpack.pack(s), seq .. ':b', scheduled)
+  else
+    act_put(run, seq, s)
+  end
 end
 
 -- After a failed or timed-out attempt: retry with exponential backoff while the

@@ -62,7 +62,7 @@ for _, t in ipairs(tasks) do
   local run, fence = t.run, t.fence
   local rk = run_key(run)
   local r = call('HMGET', rk, 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
-    'msgbuf', 'wft_done')
+    'msgbuf', 'wft_done', 'wft_failures')
   local rec = done_record(r[9], fence)
   if rec then
     out[#out + 1] = { rec[1], rec[2] }
@@ -79,14 +79,15 @@ for _, t in ipairs(tasks) do
     call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence))
     if r[8] then call('HDEL', rk, 'msgbuf') end
     if t.closes and r[8] and message_buffered(run) then
-      drop_msg(r[7], r[5])
+      drop_msg(r[7], r[5], run)
       flush_buffer(run, wid)
       call('HSET', rk, 'sticky', '', 'wft_done', fence .. '|' .. R.AGAIN .. '|0')
       schedule_wft(run, tq)
       out[#out + 1] = { R.AGAIN, 'signals or updates arrived before the run could close' }
     else
-      call('HDEL', rk, 'wft_failures', 'wft_failure')
-      append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
+      if r[10] then call('HDEL', rk, 'wft_failures', 'wft_failure') end
+      -- the id of the last event of this task's commands (the buffer's come after)
+      local last = append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
         cmsgpack.pack({ t0 = tonumber(r[6]), fence = fence, worker = worker }))
       local closed = false
       local ak = act_key(run)
@@ -94,57 +95,55 @@ for _, t in ipairs(tasks) do
         local kind, body, aux = cmd.kind, cmd.body, cmd.aux
         if kind == CMD.SCHEDULE_ACTIVITY then
           local seq = tostring(aux[1])
-          append(run, wid, EV.ACTIVITY_TASK_SCHEDULED, body)
+          last = append(run, wid, EV.ACTIVITY_TASK_SCHEDULED, body)
           local s = { att = 1, tq = aux[2], stc = aux[3], s2c = aux[4], hbt = aux[5],
             max = aux[6], ii = aux[7], bc = aux[8], mi = aux[9], sched = NOW, due = NOW }
-          call('HSET', ak, seq .. ':b', body)
-          act_dispatch(run, seq, s)
+          act_dispatch(run, seq, s, body)
           if s.s2c > 0 then
             call('ZADD', TIMERS, NOW + s.s2c, tmember(TK.SCHEDULE_TO_CLOSE, run, seq))
           end
         elseif kind == CMD.START_TIMER then
-          append(run, wid, EV.TIMER_STARTED, body)
+          last = append(run, wid, EV.TIMER_STARTED, body)
           call('HSET', ak, 'timer:' .. aux[1], NOW + aux[2])
           call('ZADD', TIMERS, NOW + aux[2], tmember(TK.USER_TIMER, run, aux[1]))
         elseif kind == CMD.CANCEL_TIMER then
           call('ZREM', TIMERS, tmember(TK.USER_TIMER, run, aux[1]))
           call('HDEL', ak, 'timer:' .. aux[1])
-          append(run, wid, EV.TIMER_CANCELED, body)
+          last = append(run, wid, EV.TIMER_CANCELED, body)
         elseif kind == CMD.CANCEL_ACTIVITY then
           local seq = tostring(aux[1])
           local s = act_get(run, seq)
           if s then
-            drop_msg(queue_key(s.tq, 'act'), s.msg)
+            drop_msg(queue_key(s.tq, 'act'), s.msg, run)
             act_forget(run, seq, s)
           end
-          append(run, wid, EV.ACTIVITY_TASK_CANCEL_REQUESTED, body)
+          last = append(run, wid, EV.ACTIVITY_TASK_CANCEL_REQUESTED, body)
         elseif kind == CMD.COMPLETE_UPDATE then
-          append(run, wid, EV.WORKFLOW_EXECUTION_UPDATE_COMPLETED, body)
+          last = append(run, wid, EV.WORKFLOW_EXECUTION_UPDATE_COMPLETED, body)
           finish_update(run, aux[1], body)
         elseif kind == CMD.COMPLETE_WORKFLOW then
-          close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, retention)
+          last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, retention)
           closed = true
         elseif kind == CMD.FAIL_WORKFLOW then
-          close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, retention)
+          last = close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, retention)
           closed = true
         end
       end
-      local last = tonumber(call('HGET', rk, 'last_eid'))
-      if not closed then
-        drop_msg(r[7], r[5])  -- (closing the run dropped it already)
+      local done = fence .. '|' .. R.OK .. '|' .. last
+      if closed then
+        call('HSET', rk, 'wft_done', done)  -- (closing the run dropped the message)
+      else
+        drop_msg(r[7], r[5], run)
         -- the next task of this run goes to this worker, which now holds it in cache
-        if sticky_ms > 0 then
-          call('HSET', rk, 'sticky', worker, 'sticky_ms', sticky_ms)
-        else
-          call('HSET', rk, 'sticky', '')
-        end
+        local sticky = sticky_ms > 0 and worker or ''
         if flush_buffer(run, wid) > 0 then
+          call('HSET', rk, 'sticky', sticky, 'sticky_ms', sticky_ms, 'wft_done', done)
           schedule_wft(run, tq)
         else
-          call('HSET', rk, 'wft', WT.NONE, 'wft_msg', '')
+          call('HSET', rk, 'sticky', sticky, 'sticky_ms', sticky_ms, 'wft_done', done, 'wft', WT.NONE,
+            'wft_msg', '')
         end
       end
-      call('HSET', rk, 'wft_done', fence .. '|' .. R.OK .. '|' .. last)
       out[#out + 1] = { R.OK, last }
     end
   end

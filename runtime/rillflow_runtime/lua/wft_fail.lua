@@ -20,7 +20,7 @@ for i = 2, #ARGV, 4 do
   else
     call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence))
     call('HSET', rk, 'wft_done', fence .. '|' .. R.OK .. '|0')
-    drop_msg(r[6], r[5])
+    drop_msg(r[6], r[5], run)
     wft_backoff(run, r[4], EV.WORKFLOW_TASK_FAILED, body, false)
     out[#out + 1] = R.OK
   end

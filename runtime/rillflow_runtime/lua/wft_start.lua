@@ -22,16 +22,17 @@ for i = 5, #ARGV, 4 do
   local run, msg, since, seen = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]) or 0, ARGV[i + 3]
   local rk = run_key(run)
   local r = call('HMGET', rk, 'status', 'wft', 'wft_msg', 'wid', 'wtype', 'last_eid',
-    'start_ms', 'wft_failures', 'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done')
+    'start_ms', 'wft_failures', 'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq')
   local mine = r[1] == RS.RUNNING and r[3] == msg
   local again = mine and r[2] == WT.STARTED and r[9] == worker
   if (mine and r[2] == WT.SCHEDULED) or again then
     local fence, started = r[10], tonumber(r[11])
     if not again then
-      local n = call('HINCRBY', rk, 'wft_seq', 1)
+      local n = (tonumber(r[13]) or 0) + 1
       fence = n .. '-' .. NOW_US
       started = NOW
-      call('HSET', rk, 'wft', WT.STARTED, 'wft_start_ms', NOW, 'wft_by', worker, 'wft_fence', fence)
+      call('HSET', rk, 'wft', WT.STARTED, 'wft_start_ms', NOW, 'wft_by', worker, 'wft_fence', fence,
+        'wft_seq', n)
       call('ZREM', TIMERS, tmember(TK.STICKY_FALLBACK, run, msg))
       call('ZADD', TIMERS, NOW + timeout, tmember(TK.TASK_TIMEOUT, run, fence))
     end

@@ -325,12 +325,14 @@ class Activities:
         for shard, outcome in batch:
             by_shard[shard].append(outcome)
         pending = dict(by_shard)
+        retrying = False
         try:
             for shard, outcomes in by_shard.items():
                 replies = await self.ctx.protocol.act_done(shard, outcomes)
                 del pending[shard]
                 for o, r in zip(outcomes, replies, strict=True):
                     self._ended.pop((o.run_id, o.seq, o.attempt), None)  # recorded: Redis knows
+                    retrying = retrying or r is Reply.RETRY
                     if r is Reply.REFUSED:
                         self.ctx.stats.refused += 1
                         log.warning(
@@ -342,7 +344,8 @@ class Activities:
         finally:
             # what was not sent goes out with the next flush; what was sent is not repeated
             self._done = [(s, o) for s, outs in pending.items() for o in outs] + self._done
-        self.ctx.pump_wake.set()
+        if retrying:  # a retry's due time may come before the pump's next look
+            self.ctx.pump_wake.set()
 
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat(self, a: _Attempt, details: list[Any]) -> None:

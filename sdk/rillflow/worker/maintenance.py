@@ -55,7 +55,7 @@ class Maintenance:
             wait = self.pump_interval
             try:
                 for s in ctx.ks.all_shards():
-                    p = await ctx.protocol.pump(s, PUMP_BATCH, ctx.settings.retention_ms)
+                    p = await ctx.protocol.pump(s, PUMP_BATCH, ctx.settings.retention_ms, ctx.identity)
                     if p.handled >= PUMP_BATCH:
                         wait = 0
                     elif p.next_due_ms > 0:
