@@ -420,3 +420,24 @@ async def test_the_scripts_load_themselves_where_they_are_missing(client: Client
     listed: Any = await client.redis.function_list()
     libraries = {dict(zip(lib[::2], lib[1::2], strict=True))[b"library_name"].decode() for lib in listed}
     assert libraries == {"rillflow_0ld", client.protocol.scripts.library.name}
+
+
+async def test_commands_are_packed_as_redis_py_packs_them(redis_url: str) -> None:
+    """The clients pack commands with hiredis (C); what goes on the wire is what
+    redis-py's own packer makes, and what it refuses is refused the same way."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from rillflow_runtime.connections import make_redis
+
+    r = make_redis(redis_url)
+    try:
+        conn = r.connection_pool.make_connection()
+        plain = Connection()
+        args = ("FUNCTION LOAD", "x", 3, -7, b"\xff\x00", "é", "rf:{ns:0}:run:r1", 2.5)
+        assert b"".join(conn.pack_command(*args)) == b"".join(plain.pack_command(*args))
+        with pytest.raises(DataError):
+            conn.pack_command("SET", "k", None)
+        assert await r.set("rf:packed", "é" * 10_000) and await r.get("rf:packed") == ("é" * 10_000).encode()
+    finally:
+        await r.aclose()
