@@ -121,6 +121,54 @@ async def test_a_waiter_whose_watcher_fell_behind_the_capped_stream_gets_its_res
             await waiting.close()
 
 
+@workflows.workflow.define(name="waits_echo")
+class Echo:
+    @workflows.workflow.entrypoint
+    async def run(self, text: str) -> str:
+        await workflows.workflow.wait_condition(lambda: self.go)
+        return text
+
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflows.workflow.signal()
+    def release(self) -> None:
+        self.go = True
+
+
+@pytest.mark.parametrize("size", [10, 5_000])
+async def test_a_small_result_travels_in_the_closed_entry(client: Client, redis_url: str, size: int) -> None:
+    """The closed-runs entry carries an outcome of up to 1 KiB: the waiter that started
+    the run returns it without reading the run (here the run's hash is gone by then);
+    a larger one is read from the run."""
+    closed = client.keyspace.closed(0)
+    async with FaultProxy(redis_url) as proxy, Worker(client, workflows=[Echo], **FAST):  # type: ignore[arg-type]
+        waiting = await Client.connect(proxy.url)
+        try:
+            await waiting.watcher.ensure_started()
+            h = await waiting.start_workflow(Echo, {"text": "x" * size})
+            fault = proxy.hold_on(command(b"XREAD"), times=1)  # the watcher's next read
+            waiter = asyncio.create_task(h.result())
+            await fault.wait_hits(1, timeout=15)
+            await client.get_workflow_handle(h.id).signal(Echo.release)
+
+            async def entry() -> Any:
+                entries: Any = await client.redis.xrange(closed)
+                return next((f for _, f in entries if f.get(b"run") == (h.run_id or "").encode()), None)
+
+            await wait_until(entry, 10)
+            fields = await entry()
+            if size < 1024:
+                assert fields[b"outcome_type"] == b"WorkflowExecutionCompleted" and b"outcome" in fields
+                await client.redis.delete(client.keyspace.run(0, h.run_id or ""))
+            else:
+                assert b"outcome" not in fields
+            fault.release()
+            assert await asyncio.wait_for(waiter, 15) == "x" * size
+        finally:
+            await waiting.close()
+
+
 async def test_handles_dropped_without_waiting_leave_nothing_in_the_watcher(client: Client) -> None:
     """A start registers its run's close with a watcher that is reading (so that result()
     needs no status read); a handle dropped unawaited takes that registration back."""

@@ -460,7 +460,13 @@ async def drive_run(c: Conn, shard: int) -> None:
     closed_entries: Any = await c.rc.xrange(ks.closed(shard))
     closed = [f for _, f in closed_entries]
     assert closed[0] == {b"update": f"{run}:u1".encode()}
-    assert closed[1] == {b"run": run.encode(), b"wid": wid.encode(), b"status": b"terminated"}
+    assert closed[1] == {
+        b"run": run.encode(),
+        b"wid": wid.encode(),
+        b"status": b"terminated",
+        b"outcome_type": b"WorkflowExecutionTerminated",
+        b"outcome": pack({"reason": "test"}),  # small: it travels with the entry
+    }
     upd2 = await p.update(wid, None, "u1", b"")
     assert upd2.reply is Reply.DONE and upd2.outcome is not None
     assert unpack(upd2.outcome)["failure"]["type"] == "WorkflowClosed"

@@ -24,6 +24,7 @@ from rillflow.errors import (
 )
 from rillflow.history import HistoryEvent
 from rillflow.payloads import check_size, to_wire
+from rillflow.watcher import Waiter
 from rillflow.workflow import HANDLER_KINDS, HandlerDefinition, WorkflowDefinition, handler_definition
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import ID_RE, NAME_RE
@@ -76,7 +77,7 @@ class WorkflowHandle:
         self.shard = client.keyspace.shard(execution_id)
         # set by start_workflow when the client's watcher was already reading: registered
         # before the run existed, so it cannot miss the run's close (see result())
-        self._closed: asyncio.Future[None] | None = None
+        self._closed: Waiter | None = None
 
     def __del__(self) -> None:
         # a handle dropped without waiting on its result stops waiting for it, so that
@@ -115,10 +116,11 @@ class WorkflowHandle:
             # its close cannot have gone unseen, so no read of the status is needed first
             run = self.run_id
             try:
-                await asyncio.wait_for(asyncio.shield(fut), secs)
+                closing = await asyncio.wait_for(asyncio.shield(fut), secs)
             finally:
                 watcher.forget(fut)
-            return self._outcome(run, *await self._outcome_fields(run))
+            # the closed-runs entry carries a small outcome: then nothing is read at all
+            return self._outcome(run, *(closing or await self._outcome_fields(run)))
         if fut is not None:
             watcher.forget(fut)
         run = await self._resolve_run()
@@ -129,8 +131,8 @@ class WorkflowHandle:
             if fields[0] is None:
                 raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
             if text(fields[0]) == RunStatus.RUNNING:
-                await asyncio.wait_for(asyncio.shield(fut), secs)
-                fields = await self._outcome_fields(run)
+                closing = await asyncio.wait_for(asyncio.shield(fut), secs)
+                fields = list(closing) if closing else await self._outcome_fields(run)
         finally:
             watcher.forget(fut)
         return self._outcome(run, *fields)

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("rillflow.client")
 
+Closing = tuple[Any, Any, Any] | None
+"""What woke a waiter for a run: the closed-runs entry's status, outcome type and outcome
+(bytes as Redis gave them), or None when the entry did not carry the outcome (too large)
+or a re-check of the run's state woke it: then the waiter reads the run."""
+
+Waiter = asyncio.Future[Closing]
+
 WATCH_BLOCK_S = 5.0
 READ_COUNT = 1000
 
@@ -43,8 +50,8 @@ class Watcher:
         self.inbox = client.keyspace.inbox(uuid.uuid4().hex)
         self.closing = False
         # run id (or "<run id>:<update id>") -> (its shard, the futures waiting for it)
-        self.runs: dict[str, tuple[int, list[asyncio.Future[None]]]] = {}
-        self.updates: dict[str, tuple[int, list[asyncio.Future[None]]]] = {}
+        self.runs: dict[str, tuple[int, list[Waiter]]] = {}
+        self.updates: dict[str, tuple[int, list[Waiter]]] = {}
         self.replies: dict[str, asyncio.Future[bytes]] = {}  # query request id -> answer
         self.cursors: dict[str, str] = {}
         self.task: asyncio.Task[None] | None = None
@@ -62,11 +69,11 @@ class Watcher:
             self.task = asyncio.create_task(self._loop(), name="rillflow-watcher")
 
     # -- waiting --------------------------------------------------------------------------
-    def wait_run(self, shard: int, run_id: str) -> asyncio.Future[None]:
+    def wait_run(self, shard: int, run_id: str) -> Waiter:
         """A future set when the run closes; register it before reading the run's state."""
         return self._add(self.runs, shard, run_id)
 
-    def wait_new_run(self, shard: int, run_id: str) -> asyncio.Future[None] | None:
+    def wait_new_run(self, shard: int, run_id: str) -> Waiter | None:
         """For a run about to be started: a future set when it closes, if this watcher is
         reading already (then its cursors are before the run's close, which it will see,
         and the caller needs no read of the run's status). None if it is not."""
@@ -76,7 +83,7 @@ class Watcher:
         fut.rillflow_task = self.task  # type: ignore[attr-defined]  # see waits()
         return fut
 
-    def waits(self, fut: asyncio.Future[None]) -> bool:
+    def waits(self, fut: Waiter) -> bool:
         """Whether a future from :meth:`wait_new_run` is still sure to be set: the loop
         that registered it still reads (a new loop starts from the streams' ends)."""
         task = self.task
@@ -87,15 +94,13 @@ class Watcher:
             and not self.closing
         )
 
-    def wait_update(self, shard: int, run_id: str, update_id: str) -> asyncio.Future[None]:
+    def wait_update(self, shard: int, run_id: str, update_id: str) -> Waiter:
         """A future set when the update finishes; register it before reading its state."""
         return self._add(self.updates, shard, f"{run_id}:{update_id}")
 
     @staticmethod
-    def _add(
-        table: dict[str, tuple[int, list[asyncio.Future[None]]]], shard: int, key: str
-    ) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def _add(table: dict[str, tuple[int, list[Waiter]]], shard: int, key: str) -> Waiter:
+        fut: Waiter = asyncio.get_running_loop().create_future()
         table.setdefault(key, (shard, []))[1].append(fut)
         fut.rillflow_wait = (table, key)  # type: ignore[attr-defined]  # what forget() removes
         return fut
@@ -163,7 +168,13 @@ class Watcher:
                     continue
                 run = fields.get(b"run")
                 if run is not None:
-                    self._wake(self.runs, text(run))
+                    outcome = fields.get(b"outcome")
+                    closing = (
+                        None
+                        if outcome is None
+                        else (fields.get(b"status"), fields.get(b"outcome_type"), outcome)
+                    )
+                    self._wake(self.runs, text(run), closing)
                 upd = fields.get(b"update")
                 if upd is not None:
                     self._wake(self.updates, text(upd))
@@ -173,10 +184,10 @@ class Watcher:
             await self.client.redis.xdel(self.inbox, *inbox_ids)
 
     @staticmethod
-    def _wake(table: dict[str, tuple[int, list[asyncio.Future[None]]]], key: str) -> None:
+    def _wake(table: dict[str, tuple[int, list[Waiter]]], key: str, closing: Closing = None) -> None:
         for fut in table.pop(key, (0, []))[1]:
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(closing)
 
     async def _check_gaps(self, cursors: dict[str, str]) -> None:
         """If a closed stream lost entries after a cursor before they were read (the

@@ -13,6 +13,8 @@
 -- Rule for every script: check everything before the first write (Lua does not roll
 -- back), and answer a repeated call (a client retry) as the first one was answered.
 local GROUP = 'rf'
+-- The largest outcome a closed-runs entry carries (the stream keeps ~10,000 entries).
+local INLINE_OUTCOME_BYTES = 1024
 
 -- The state of the call in progress. Redis runs one call at a time, and begin() sets
 -- all of it before anything reads it.
@@ -292,7 +294,13 @@ local function close_run(run, status, etype, body, retention_ms)
         message = 'the run closed (' .. status .. ') before the update completed' } }))
     end
   end
-  call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
+  -- a small outcome travels with the entry, so that its waiter needs no read of the run
+  if #body <= INLINE_OUTCOME_BYTES then
+    call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status,
+      'outcome_type', etype, 'outcome', body)
+  else
+    call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
+  end
   expire_run(run, wid, retention_ms, r[5], current)
   return eid
 end
