@@ -1,7 +1,7 @@
 """Throughput and latency of rillflow on this machine: one worker process, one load
 generator process (this one), one Redis. Prints one line per figure.
 
-    python -m load_tests.bench [--n 2000] [--url redis://...] [--shards 1]
+    python -m load_tests.bench [--n 2000] [--url redis://...] [--shards 1] [--workers 1]
 
 Without --url it starts an embedded server (AOF off, as a pure-speed baseline).
 """
@@ -31,19 +31,22 @@ async def info(client: Client) -> tuple[int, int]:
 
 
 class Cpu:
-    """CPU seconds used so far by the worker process, this process (the load generator)
+    """CPU seconds used so far by the worker processes, this process (the load generator)
     and Redis: steadier than throughput on a shared machine, where other work takes turns
     on the same cores."""
 
-    def __init__(self, client: Client, worker_pid: int) -> None:
-        self.client, self.worker_pid = client, worker_pid
+    def __init__(self, client: Client, worker_pids: list[int]) -> None:
+        self.client, self.worker_pids = client, worker_pids
 
     def _worker(self) -> float:
-        try:  # Linux: utime + stime, in clock ticks
-            f = Path(f"/proc/{self.worker_pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in self.worker_pids:
+            try:  # Linux: utime + stime, in clock ticks
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                return float("nan")
+            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     async def read(self) -> tuple[float, float, float]:
         r = await self.client.redis.info("cpu")
@@ -54,7 +57,7 @@ class Cpu:
         label: str, before: tuple[float, float, float], after: tuple[float, float, float], n: int
     ) -> str:
         w, c, r = (1000 * (a - b) / n for a, b in zip(after, before, strict=True))
-        return f"{label} cpu ms/wf         worker {w:.3f}  load generator {c:.3f}  redis {r:.3f}"
+        return f"{label} cpu ms/wf         workers {w:.3f}  load generator {c:.3f}  redis {r:.3f}"
 
 
 async def run_batch(client: Client, name: str, n: int, concurrency: int = 256) -> tuple[float, list[float]]:
@@ -73,14 +76,8 @@ async def run_batch(client: Client, name: str, n: int, concurrency: int = 256) -
     return time.perf_counter() - t0, lat
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
-
-
-async def bench(url: str, n: int, shards: int) -> None:
-    client = await Client.connect(url, namespace="bench", shards=shards)
-    worker = subprocess.Popen(
+def start_worker(url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -97,15 +94,36 @@ async def bench(url: str, n: int, shards: int) -> None:
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+async def live_workers(client: Client) -> int:
+    """Workers that registered (0 until the registry knows the bench's workflows)."""
+    if "bench_w2" not in await client.registry.names():
+        return 0
+    return int(await client.redis.zcard(client.keyspace.workers))
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))] * 1000
+
+
+async def bench(url: str, n: int, shards: int, workers: int) -> None:
+    client = await Client.connect(url, namespace="bench", shards=shards)
+    procs = [start_worker(url) for _ in range(workers)]
     try:
-        while "bench_w2" not in await client.registry.names():  # as in production: workers are up
-            if worker.poll() is not None:
-                raise SystemExit(f"the worker exited with {worker.returncode}")
+        while await live_workers(client) < workers:  # as in production: workers are up
+            for w in procs:
+                if w.poll() is not None:
+                    raise SystemExit(f"a worker exited with {w.returncode}")
             await asyncio.sleep(0.05)
         await run_batch(client, "bench_w1", 200)  # warm-up: scripts loaded, routes known
-        print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, shards={shards}, n={n}")
+        print(
+            f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, shards={shards}, "
+            f"workers={workers}, n={n}"
+        )
 
-        cpu = Cpu(client, worker.pid)
+        cpu = Cpu(client, [w.pid for w in procs])
         c0, m0 = await info(client)
         t0 = await cpu.read()
         el, lat = await run_batch(client, "bench_w1", n)
@@ -138,8 +156,10 @@ async def bench(url: str, n: int, shards: int) -> None:
             probe.append(time.perf_counter() - t)
         print(f"latency probe p50       {statistics.median(probe) * 1000:10.2f} ms (50 sequential W1 runs)")
     finally:
-        worker.terminate()
-        worker.wait(30)
+        for w in procs:
+            w.terminate()
+        for w in procs:
+            w.wait(30)
         await client.close()
 
 
@@ -148,12 +168,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--url")
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="worker processes")
     a = ap.parse_args()
     if a.url:
-        asyncio.run(bench(a.url, a.n, a.shards))
+        asyncio.run(bench(a.url, a.n, a.shards, a.workers))
         return
     with EmbeddedRedis() as server:
-        asyncio.run(bench(server.url, a.n, a.shards))
+        asyncio.run(bench(server.url, a.n, a.shards, a.workers))
 
 
 if __name__ == "__main__":
