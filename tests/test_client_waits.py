@@ -169,6 +169,26 @@ async def test_a_small_result_travels_in_the_closed_entry(client: Client, redis_
             await waiting.close()
 
 
+async def test_a_recheck_before_the_start_never_reports_a_running_run_closed(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_workflow registers the run's close with the watcher before the start script
+    runs; a re-check of what the watcher waits for (after a reconnect or a gap) in that
+    instant finds no such run yet and wakes the waiter. result() must look again, not
+    report the run (which no worker runs here) as failed or lost."""
+    await client.watcher.ensure_started()
+    start = client.protocol.start
+
+    async def start_after_a_recheck(*args: Any, **kwargs: Any) -> Any:
+        await client.watcher._recheck()
+        return await start(*args, **kwargs)
+
+    monkeypatch.setattr(client.protocol, "start", start_after_a_recheck)
+    h = await client.start_workflow("nobody_runs_this", {}, allow_unregistered=True)
+    with pytest.raises(TimeoutError):
+        await h.result(timeout=1.0)
+
+
 async def test_handles_dropped_without_waiting_leave_nothing_in_the_watcher(client: Client) -> None:
     """A start registers its run's close with a watcher that is reading (so that result()
     needs no status read); a handle dropped unawaited takes that registration back."""

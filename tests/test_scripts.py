@@ -441,3 +441,25 @@ async def test_commands_are_packed_as_redis_py_packs_them(redis_url: str) -> Non
         assert await r.set("rf:packed", "é" * 10_000) and await r.get("rf:packed") == ("é" * 10_000).encode()
     finally:
         await r.aclose()
+
+
+async def test_a_call_loads_the_library_again_when_it_vanishes_under_it(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's FUNCTION FLUSH may land between a call's load of the library and
+    its retry: the call loads it again."""
+    scripts = client.protocol.scripts
+    load = scripts.load
+    flushes = 0
+
+    async def load_then_lose_it() -> None:
+        nonlocal flushes
+        await load()
+        if flushes < 2:
+            flushes += 1
+            await client.redis.function_flush()
+
+    monkeypatch.setattr(scripts, "load", load_then_lose_it)
+    await client.redis.function_flush()
+    h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
+    assert h.run_id and flushes == 2

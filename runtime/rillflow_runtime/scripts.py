@@ -61,6 +61,10 @@ def lua_constants() -> str:
     return "\n".join(lines) + "\n"
 
 
+# How many times a call loads the library it finds missing before it gives up.
+LOAD_TRIES = 5
+
+
 class Library:
     """The library's source, its name, and the name each script is called by."""
 
@@ -99,10 +103,12 @@ class Scripts:
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         fn = self.library.functions[name]
-        try:
-            return await self.redis.fcall(fn, len(keys), *keys, *args)
-        except ResponseError as e:
-            if "function not found" not in str(e).lower():
-                raise
-        await self.load()
+        for _ in range(LOAD_TRIES):
+            try:
+                return await self.redis.fcall(fn, len(keys), *keys, *args)
+            except ResponseError as e:
+                if "function not found" not in str(e).lower():
+                    raise
+            # (deleted again between a load and the call: an operator's FUNCTION FLUSH)
+            await self.load()
         return await self.redis.fcall(fn, len(keys), *keys, *args)

@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import signal as _signals
 import sys
 import traceback
@@ -189,7 +190,7 @@ def redis_exit(e: RedisError, url: str, source: str) -> Exit | None:
         return Exit(4, f"{where} did not answer in time: {msg}")
     if isinstance(e, RedisConnectionError):
         hint = "; is `rillflow dev` still running?" if "rillflow dev" in source else ""
-        return Exit(4, f"cannot reach {where}: {msg}{hint}")
+        return Exit(4, f"cannot reach {where}: {msg.rstrip('.')}{hint}")
     if isinstance(e, ResponseError) and msg.startswith(("DB index", "READONLY", "OOM", "MISCONF", "LOADING")):
         return Exit(4, f"{where} refused: {msg}")
     return None
@@ -238,8 +239,19 @@ async def connect(url: str | None, namespace: str) -> AsyncIterator[Client]:
         raise exit_ from None
 
 
+def _first_sentence(text: str) -> str:
+    """A description's first sentence, whole even when it runs over several lines."""
+    paragraph = " ".join(text.split("\n\n")[0].split())
+    return re.split(r"(?<=[.!?])\s", paragraph, maxsplit=1)[0]
+
+
+def _json_default(value: Any) -> str:
+    """What JSON has no type for: bytes (a run's seed) as hex, the rest as text."""
+    return value.hex() if isinstance(value, bytes) else str(value)
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, default=str)
+    return json.dumps(value, indent=2, default=_json_default)
 
 
 def _parse_input(raw: str | None) -> Any:
@@ -515,7 +527,7 @@ def history(
             if as_json:
                 for e in events:
                     rec = {"event_id": e.event_id, "time": e.time.isoformat(), "type": e.type, **e.attributes}
-                    print(json.dumps(rec, default=str))
+                    print(json.dumps(rec, default=_json_default))
                 return
             t = Table("id", "time", "type", "details")
             for e in events:
@@ -658,7 +670,10 @@ def workflows(
                 for q in sorted(e.live_workers):
                     n = len(e.live_workers[q])
                     t.add_row(
-                        e.name, q, str(n) if n else "[red]0[/red]", (e.description or "").split("\n")[0]
+                        e.name,
+                        q,
+                        str(n) if n else "[red]0[/red]",
+                        _first_sentence(e.description or ""),
                     )
             out.print(t)
 

@@ -133,7 +133,9 @@ class Client:
         (default 10 s); a namespace's settings are fixed once created. Starts trust a
         workflow's registration (its schema and task queues) read within
         ``registry_cache``. Without ``url``: ``$RILLFLOW_URL``, else the running ``rillflow
-        dev`` server, else ``redis://127.0.0.1:6379/0`` (the CLI's order)."""
+        dev`` server (the CLI's order), else ``redis://127.0.0.1:6379/0``, as a Redis
+        client library would (the CLI refuses to guess there: pass a URL to be sure
+        which server you write to)."""
         found = default_url(url)
         url = found[0] if found else DEFAULT_URL
         redis = make_redis(url, max_connections)
@@ -315,7 +317,8 @@ class Client:
         raise WorkflowNotRegisteredError(
             f"no worker has registered a workflow named '{name}' in namespace '{self.namespace}' "
             f"(registered: {', '.join(known) if known else 'none yet'}). Check the name and the "
-            "namespace, or pass allow_unregistered=True to start it before its workers are deployed"
+            "namespace, or pass allow_unregistered=True (--allow-unregistered on the command line) to "
+            "start it before its workers are deployed"
         )
 
     async def execute_workflow(self, workflow: type | str, params: Any = None, **kwargs: Any) -> Any:

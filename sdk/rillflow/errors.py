@@ -81,7 +81,7 @@ class WorkflowAlreadyStartedError(RillflowError):
     def __init__(self, execution_id: str, run_id: str) -> None:
         super().__init__(
             f"workflow execution {execution_id!r} is already running (run {run_id}); "
-            "wait for it, terminate it, or start with another execution_id"
+            "wait for it, terminate it, or start with another execution_id (--id on the command line)"
         )
         self.execution_id = execution_id
         self.run_id = run_id

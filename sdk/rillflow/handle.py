@@ -109,33 +109,39 @@ class WorkflowHandle:
         """Wait for the run to close; return its result or raise
         :class:`WorkflowFailureError`. ``TimeoutError`` if ``timeout`` passes first."""
         secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if secs is None else loop.time() + secs
         watcher = self.client.watcher
         fut, self._closed = self._closed, None
-        if fut is not None and self.run_id and watcher.waits(fut):
-            # registered before the run was started, by a watcher that is still reading:
-            # its close cannot have gone unseen, so no read of the status is needed first
-            run = self.run_id
+        if fut is not None and not (self.run_id and watcher.waits(fut)):
+            watcher.forget(fut)
+            fut = None
+        # with a future registered by start_workflow (before the run existed, by a watcher
+        # that is still reading), the run's close cannot go unseen: no read comes first
+        run = self.run_id if fut is not None and self.run_id else await self._resolve_run()
+        while True:
+            if fut is None:
+                await watcher.ensure_started()
+                fut = watcher.wait_run(self.shard, run)
+                try:
+                    fields = await self._outcome_fields(run)
+                except BaseException:
+                    watcher.forget(fut)
+                    raise
+                if fields[0] is None or text(fields[0]) != RunStatus.RUNNING:
+                    watcher.forget(fut)
+                    return self._outcome(run, *fields)
             try:
-                closing = await asyncio.wait_for(asyncio.shield(fut), secs)
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                closing = await asyncio.wait_for(asyncio.shield(fut), left)
             finally:
                 watcher.forget(fut)
-            # the closed-runs entry carries a small outcome: then nothing is read at all
-            return self._outcome(run, *(closing or await self._outcome_fields(run)))
-        if fut is not None:
-            watcher.forget(fut)
-        run = await self._resolve_run()
-        await watcher.ensure_started()
-        fut = watcher.wait_run(self.shard, run)
-        try:
-            fields = await self._outcome_fields(run)
-            if fields[0] is None:
-                raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
-            if text(fields[0]) == RunStatus.RUNNING:
-                closing = await asyncio.wait_for(asyncio.shield(fut), secs)
-                fields = list(closing) if closing else await self._outcome_fields(run)
-        finally:
-            watcher.forget(fut)
-        return self._outcome(run, *fields)
+            if closing:  # the closed-runs entry, with a small outcome: nothing to read
+                return self._outcome(run, *closing)
+            # woken without the outcome: the entry did not carry it, or the watcher
+            # re-checked what it waits for (after a gap or a reconnect), maybe before this
+            # run even existed: look at the run, and wait again if it still runs
+            fut = None
 
     async def _outcome_fields(self, run: str) -> list[Any]:
         """Status, outcome type and outcome, in one read: a closed run needs no other."""
@@ -384,5 +390,7 @@ class WorkflowHandle:
             self.client.settings.retention_ms,
             uuid.uuid4().hex,
         )
+        if res.reply is not Reply.OK and not res.run_id:
+            raise self._not_found()
         if res.reply is not Reply.OK:
             raise RillflowError(f"workflow execution {self.id!r} is not running; nothing to terminate")
