@@ -125,7 +125,8 @@ async def test_a_name_no_worker_registered_is_refused_before_anything_is_written
         assert str(e.value) == (
             "no worker has registered a workflow named 'helo_workflow' in namespace 'default' "
             "(registered: model_workflow, order_workflow). Check the name and the namespace, or pass "
-            "allow_unregistered=True to start it before its workers are deployed"
+            "allow_unregistered=True (--allow-unregistered on the command line) to start it before its "
+            "workers are deployed"
         )
         assert await keys(client) == before
         with pytest.raises(workflows.WorkflowNotFoundError):
