@@ -1018,8 +1018,8 @@ async def scan_leftovers(
             continue
         what = m.group(2)
         kind, _, rest = what.partition(":")
-        if kind in ("run", "act", "buf", "sig", "upd", "h"):
-            rid = rest.rsplit(":", 1)[-1]  # h:<execution id>:<run id>
+        if kind in ("run", "act", "buf", "sig", "upd", "h", "hc"):
+            rid = rest.rsplit(":", 1)[-1]  # h:<execution id>:<run id>, hc: likewise
             per_run[rid].append(key)
             if kind == "run":
                 run_key[rid] = key
@@ -1032,7 +1032,7 @@ async def scan_leftovers(
             streams.append(key)
             if "@" in what and what.rsplit("@", 1)[1] not in live:
                 out["sticky streams of dead workers"].add(key)
-        elif what not in ("timers", "closed"):
+        elif what not in ("timers", "closed", "pump"):
             out["unknown keys"].add(key)
     for rid, rkeys in per_run.items():
         if rid not in run_key:

@@ -315,8 +315,9 @@ def start_timer(seq: int, ms: int) -> Cmd:
 
 
 async def history(c: Conn, shard: int, wid: str, run: str) -> list[tuple[str, str]]:
-    """(entry id, event type) of every event of the run."""
-    entries: Any = await c.rc.xrange(c.ks.history(shard, wid, run))
+    """(entry id, event type) of every event of the run (from its stream, or once it
+    closed, from the value its history was packed into)."""
+    entries: Any = await c.protocol.history(shard, wid, run)
     return [(i.decode(), f[b"type"].decode()) for i, f in entries]
 
 
@@ -454,6 +455,8 @@ async def drive_run(c: Conn, shard: int) -> None:
     assert await p.terminate(wid, None, b"", RETENTION_MS, "t-2") == RunReply(Reply.NOT_RUNNING, run)
     h = await history(c, shard, wid, run)
     assert h[-1] == ("10-0", "WorkflowExecutionTerminated") and len(h) == 10
+    assert not await c.rc.exists(ks.history(shard, wid, run))  # packed: one value, not a stream
+    assert 0 < await c.rc.pttl(ks.history_packed(shard, wid, run)) <= RETENTION_MS
     assert await c.rc.hget(ks.run(shard, run), "status") == b"terminated"
     assert 0 < await c.rc.pttl(ks.run(shard, run)) <= RETENTION_MS
     assert await c.rc.zcard(ks.timers(shard)) == 0

@@ -15,6 +15,7 @@ import pytest
 from redis.exceptions import ResponseError
 
 from rillflow import Client, Worker
+from rillflow.history import HistoryEvent
 from rillflow_runtime.codec import pack
 from rillflow_runtime.keyspace import GROUP
 from rillflow_runtime.model import ENUMS, CommandKind, Reply
@@ -463,3 +464,27 @@ async def test_a_call_loads_the_library_again_when_it_vanishes_under_it(
     await client.redis.function_flush()
     h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
     assert h.run_id and flushes == 2
+
+
+async def test_a_closed_runs_history_is_packed_into_one_value_and_reads_the_same(client: Client) -> None:
+    ks, p = client.keyspace, client.protocol
+    stream, (h, msgid, st) = await started_task(client)
+    run = h.run_id or ""
+    while_open = await h.history()
+    done = _Cmd(CommandKind.COMPLETE_WORKFLOW, pack({"result": pack("ok")}), [])
+    task = TaskCompletion(run, h.id, st.fence, msgid, [done])  # type: ignore[list-item]
+    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
+    closed = await h.history()
+    assert closed[: len(while_open)] == while_open
+    assert [e.type for e in closed[len(while_open) :]] == [
+        "WorkflowTaskCompleted",
+        "WorkflowExecutionCompleted",
+    ]
+    assert [e.event_id for e in await h.history()] == list(range(1, len(closed) + 1))
+    assert not await client.redis.exists(ks.history(0, h.id, run))  # the stream is gone
+    assert 0 < await client.redis.pttl(ks.history_packed(0, h.id, run)) <= 60_000
+    assert [e.event_id for e in map(HistoryEvent.from_entry, await p.history(0, h.id, run, after=2))] == list(
+        range(3, len(closed) + 1)
+    )
+    # what routed its tasks is gone with it
+    assert await client.redis.hmget(ks.run(0, run), ["wft_q", "wft_msg", "sticky"]) == [None] * 3

@@ -654,7 +654,7 @@ class Leaky:
 
 
 LEAK_SERVED = [Leaky, leak_async, leak_sync]
-PER_RUN_KINDS = {"wf", "run", "h", "act", "sig", "upd"}  # each expires with its run
+PER_RUN_KINDS = {"wf", "run", "h", "hc", "act", "sig", "upd"}  # each expires with its run
 
 
 def key_kind(key: str) -> str:
@@ -723,7 +723,18 @@ async def test_killed_and_stopped_workers_leave_nothing_behind(
     kinds = Counter(key_kind(k) for k in keys)
     fixed = {k: c for k, c in kinds.items() if k not in PER_RUN_KINDS}
     # what is not a run's own grows with nothing: not with runs, restarts or signals
-    allowed = {"meta", "registry", "workers", "timers", "closed", "q:wft", "q:act", "q:qry", "janitor"}
+    allowed = {
+        "meta",
+        "registry",
+        "workers",
+        "timers",
+        "closed",
+        "q:wft",
+        "q:act",
+        "q:qry",
+        "janitor",
+        "pump",
+    }
     assert set(fixed) <= allowed, kinds
     assert sum(fixed.values()) <= 12, kinds
     assert await r.pttl(ks.ns_key("janitor:default")) != -1  # the janitor's lease expires

@@ -74,6 +74,10 @@ class Keyspace:
     def history(self, shard: int, workflow_id: str, run_id: str) -> str:
         return f"{self.prefix(shard)}h:{workflow_id}:{run_id}"
 
+    def history_packed(self, shard: int, workflow_id: str, run_id: str) -> str:
+        """A closed run's history packed into one msgpack value, in place of its stream."""
+        return f"{self.prefix(shard)}hc:{workflow_id}:{run_id}"
+
     def acts(self, shard: int, run_id: str) -> str:
         return f"{self.prefix(shard)}act:{run_id}"
 
@@ -112,6 +116,7 @@ class Keyspace:
         return [
             f"{p}run:{run_id}",
             f"{p}h:{workflow_id}:{run_id}",
+            f"{p}hc:{workflow_id}:{run_id}",
             f"{p}act:{run_id}",
             f"{p}buf:{run_id}",
             f"{p}sig:{run_id}",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
 
+import msgpack
 from redis.asyncio import Redis
 
 from rillflow_runtime.codec import pack, text, unpack
@@ -36,6 +37,9 @@ REROUTE_TRIES = 20
 _ACTIVITY_TIMERS = frozenset(
     {TimerKind.ACTIVITY_DEADLINE.value, TimerKind.ACTIVITY_RETRY.value, TimerKind.SCHEDULE_TO_CLOSE.value}
 )
+
+# How many events one read of a history stream returns.
+HISTORY_PAGE = 1000
 
 # How long a pump holds its shard's lease at most: what a pump that died delays the
 # shard's timers by.
@@ -490,7 +494,8 @@ class Protocol:
             keys += [ks.run(shard, run), ks.acts(shard, run), ks.buffer(shard, run)]
             keys += [ks.signals(shard, run), ks.updates(shard, run)]
             if wid:
-                keys += [ks.wf(shard, text(wid)), ks.history(shard, text(wid), run)]
+                w = text(wid)
+                keys += [ks.wf(shard, w), ks.history(shard, w, run), ks.history_packed(shard, w, run)]
             if tq:
                 keys.append(ks.queue(shard, text(tq), "wft"))
                 if sticky:
@@ -502,6 +507,31 @@ class Protocol:
             if isinstance(state, dict) and isinstance(state.get("tq"), str):
                 keys.append(ks.queue(shard, state["tq"], "act"))
         return keys
+
+    # -- reads --------------------------------------------------------------------------
+    async def history(self, shard: int, workflow_id: str, run_id: str, after: int = 0) -> list[Any]:
+        """A run's events after ``after``, as XRANGE entries, from its stream or, once the
+        run closed, from the value its history was packed into (see lib.lua)."""
+        key = self.ks.history(shard, workflow_id, run_id)
+        out: list[Any] = []
+        cursor = after
+        while True:
+            page: Any = await self.redis.xrange(key, min=f"({cursor}-0", max="+", count=HISTORY_PAGE)
+            out += page
+            if len(page) < HISTORY_PAGE:
+                break
+            cursor = int(text(page[-1][0]).split("-", 1)[0])
+        if out:
+            return out
+        packed = await self.redis.get(self.ks.history_packed(shard, workflow_id, run_id))
+        if packed is None:
+            return out
+        # raw: an event's body is msgpack bytes, which Lua's cmsgpack packs as a string
+        return [
+            (f"{eid}-0".encode(), {b"type": etype, b"t": str(t).encode(), b"d": body})
+            for eid, etype, t, body in msgpack.unpackb(packed, raw=True)
+            if eid > after
+        ]
 
     async def dead_letter(self, shard: int, stream: str, message_id: str, reason: str) -> bool:
         keys = [stream, self.ks.dead_letters(stream)]

@@ -215,7 +215,7 @@ class WorkflowHandle:
 
     async def history(self) -> list[HistoryEvent]:
         run = await self._resolve_run()
-        entries: Any = await self.client.redis.xrange(self.client.keyspace.history(self.shard, self.id, run))
+        entries = await self.client.protocol.history(self.shard, self.id, run)
         return [HistoryEvent.from_entry(e) for e in entries]
 
     async def signal(

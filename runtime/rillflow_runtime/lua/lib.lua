@@ -15,6 +15,9 @@
 local GROUP = 'rf'
 -- The largest outcome a closed-runs entry carries (the stream keeps ~10,000 entries).
 local INLINE_OUTCOME_BYTES = 1024
+-- A closed run's history of at most this many events is packed into one value (see
+-- close_run); a longer one stays a stream (packing it would hold Redis up for long).
+local PACK_HISTORY_EVENTS = 512
 
 -- The state of the call in progress. Redis runs one call at a time, and begin() sets
 -- all of it before anything reads it.
@@ -52,6 +55,7 @@ end
 
 local function run_key(run) return P .. 'run:' .. run end
 local function hist_key(wid, run) return P .. 'h:' .. wid .. ':' .. run end
+local function hist_packed_key(wid, run) return P .. 'hc:' .. wid .. ':' .. run end
 local function act_key(run) return P .. 'act:' .. run end
 local function buf_key(run) return P .. 'buf:' .. run end
 local function wf_key(wid) return P .. 'wf:' .. wid end
@@ -215,8 +219,8 @@ local function note_messages(run)
   call('HSET', run_key(run), 'msgs', 1)
 end
 
-local function expire_run(run, wid, retention_ms, msgs, current)
-  local keys = { run_key(run), hist_key(wid, run), act_key(run) }
+local function expire_run(run, wid, retention_ms, msgs, current, packed)
+  local keys = { run_key(run), packed and hist_packed_key(wid, run) or hist_key(wid, run), act_key(run) }
   if msgs then
     keys[#keys + 1] = sig_key(run)
     keys[#keys + 1] = upd_key(run)
@@ -251,6 +255,25 @@ end
 local function act_forget(run, seq, s)
   call('HDEL', act_key(run), seq, seq .. ':b', seq .. ':hb', seq .. ':f')
   call('ZREM', TIMERS, act_members(run, seq, s))
+end
+
+-- A closed run's history, packed into one msgpack value at hc:<wid>:<run> (an array of
+-- {event id, type, time ms, body}) in place of its stream: a stream costs Redis about
+-- 4 KB however short it is (its first node is allocated whole), the packed value what
+-- its events weigh. Nothing is appended to a closed run, so the value is final.
+local function pack_history(run, wid, last_eid)
+  if last_eid > PACK_HISTORY_EVENTS then return false end
+  local hk = hist_key(wid, run)
+  local entries = call('XRANGE', hk, '-', '+')
+  local packed = {}
+  for i, e in ipairs(entries) do
+    local f = {}
+    for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+    packed[i] = { tonumber(string.match(e[1], '^(%d+)')), f.type, tonumber(f.t), f.d }
+  end
+  call('SET', hist_packed_key(wid, run), cmsgpack.pack(packed))
+  call('DEL', hk)
+  return true
 end
 
 -- Close a run: the closing event, the outcome for result-waiters, the closed-runs
@@ -301,7 +324,10 @@ local function close_run(run, status, etype, body, retention_ms)
   else
     call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
   end
-  expire_run(run, wid, retention_ms, r[5], current)
+  local packed = pack_history(run, wid, eid)
+  -- what routed its workflow tasks is of no use to a closed run
+  call('HDEL', rk, 'wft_msg', 'wft_q', 'wft_start_ms', 'wft_by', 'sticky', 'sticky_ms', 'msgbuf')
+  expire_run(run, wid, retention_ms, r[5], current, packed)
   return eid
 end
 

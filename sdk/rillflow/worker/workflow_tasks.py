@@ -255,16 +255,7 @@ class WorkflowTasks:
             ctx.pump_wake.set()
 
     async def history_after(self, shard: int, wid: str, run: str, after: int) -> list[HistoryEvent]:
-        key = self.ctx.ks.history(shard, wid, run)
-        out: list[HistoryEvent] = []
-        while True:
-            page: Any = await self.ctx.redis.xrange(
-                key, min=f"({after}-0", max="+", count=MAX_EVENTS_PER_START
-            )
-            out += [HistoryEvent.from_entry(e) for e in page]
-            if len(page) < MAX_EVENTS_PER_START:
-                return out
-            after = out[-1].event_id
+        return [HistoryEvent.from_entry(e) for e in await self.ctx.protocol.history(shard, wid, run, after)]
 
     def new_instance(self, wid: str, run: str, wtype: str, start_ms: int, attempt: int) -> WorkflowInstance:
         defn = self.workflows.get(wtype)
