@@ -1,7 +1,9 @@
 """A one-screen view of a namespace for operators: keys by kind, task-queue backlogs,
 messages in flight, dead letters, due timers.
 
-    python scripts/keyspace.py --url redis://127.0.0.1:6379/0 [--namespace default]
+    python scripts/keyspace.py [--url redis://127.0.0.1:6379/0] [--namespace default]
+
+Without --url it looks where the CLI does: $RILLFLOW_URL, else the `rillflow dev` server.
 """
 
 from __future__ import annotations
@@ -12,14 +14,22 @@ import re
 
 import redis
 
-KIND = re.compile(r"^rf:\{[^}]+\}:(wf|run|h|act|buf|q|timers|closed|meta)")
+from rillflow.devserver import default_url
+
+KIND = re.compile(r"^rf:\{[^}]+\}:(wf|run|hc|h|act|buf|sig|upd|q|timers|closed|pump|meta)(?::|$)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", required=True)
+    ap.add_argument("--url")
     ap.add_argument("--namespace", default="default")
     a = ap.parse_args()
+    found = default_url(a.url)
+    if found is None:
+        raise SystemExit(
+            "no Redis URL: pass --url (or set RILLFLOW_URL), or start a local server with `rillflow dev`"
+        )
+    a.url = found[0]
     r = redis.Redis.from_url(a.url, decode_responses=True)
     meta = r.hgetall(f"rf:{{{a.namespace}}}:meta")
     if not meta:

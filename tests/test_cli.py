@@ -392,3 +392,23 @@ def _wait_for(ready: Any, proc: subprocess.Popen[bytes], log: Path, timeout: flo
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
+
+
+def test_the_keyspace_script_counts_keys_by_kind_and_finds_the_url(redis_url: str, worker_procs: Any) -> None:
+    """scripts/keyspace.py: an operator's one-screen view, from $RILLFLOW_URL like the CLI."""
+    worker_procs(redis_url)
+    started = rf(
+        "start", "hello_workflow", "--id", "K1", "--input", '{"name": "k"}', "--wait", "--url", redis_url
+    )
+    assert started.returncode == 0, started.stderr
+    p = subprocess.run(
+        [sys.executable, "scripts/keyspace.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "RILLFLOW_URL": redis_url},
+    )
+    assert p.returncode == 0, p.stderr
+    counts = next(line for line in p.stdout.splitlines() if line.startswith("keys:"))
+    assert "'hc': 1" in counts and "'run': 1" in counts and "'other'" not in counts, p.stdout
