@@ -46,7 +46,10 @@ def main() -> None:
     for q in sorted(queues):
         line = f"{q}: length {r.xlen(q)}"
         if not q.endswith(":dlq"):
-            pending = r.xpending(q, "rf") if r.exists(q) else {"pending": 0}
+            try:
+                pending = r.xpending(q, "rf") if r.exists(q) else {"pending": 0}
+            except redis.ResponseError:  # a stream no worker has read yet: no group
+                pending = {"pending": 0}
             line += f", in flight {pending['pending']}"
         print(line)
     for shard in range(int(meta.get("shards", 1))):

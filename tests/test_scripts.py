@@ -488,3 +488,18 @@ async def test_a_closed_runs_history_is_packed_into_one_value_and_reads_the_same
     )
     # what routed its tasks is gone with it
     assert await client.redis.hmget(ks.run(0, run), ["wft_q", "wft_msg", "sticky"]) == [None] * 3
+
+
+async def test_a_large_history_stays_a_stream_when_the_run_closes(client: Client) -> None:
+    """Packing copies the whole history inside the closing script: one of many or large
+    events is left as it is (it would hold Redis up, to save about 4 KB)."""
+    ks, p = client.keyspace, client.protocol
+    h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
+    big = pack({"name": "note", "input": pack(["x" * 20_000])})
+    for i in range(5):  # 100 KB of signals
+        assert (await p.signal(h.id, None, big, f"rq-{i}")).reply is Reply.OK
+    await h.terminate("done")
+    assert await client.redis.exists(ks.history(0, h.id, h.run_id or ""))
+    assert not await client.redis.exists(ks.history_packed(0, h.id, h.run_id or ""))
+    assert [e.type for e in await h.history()][-1] == "WorkflowExecutionTerminated"
+    assert 0 < await client.redis.pttl(ks.history(0, h.id, h.run_id or "")) <= client.settings.retention_ms

@@ -15,9 +15,11 @@
 local GROUP = 'rf'
 -- The largest outcome a closed-runs entry carries (the stream keeps ~10,000 entries).
 local INLINE_OUTCOME_BYTES = 1024
--- A closed run's history of at most this many events is packed into one value (see
--- close_run); a longer one stays a stream (packing it would hold Redis up for long).
+-- A closed run's history of at most this many events and bytes is packed into one
+-- value (see pack_history); a larger one stays a stream: packing it would hold Redis up,
+-- and saves nothing that matters next to its size.
 local PACK_HISTORY_EVENTS = 512
+local PACK_HISTORY_BYTES = 65536
 
 -- The state of the call in progress. Redis runs one call at a time, and begin() sets
 -- all of it before anything reads it.
@@ -33,7 +35,7 @@ local call
 local function checked_call(cmd, ...)
   local args = { ... }
   local first, last = 1, 1
-  if cmd == 'XINFO' then first, last = 2, 2
+  if cmd == 'XINFO' or cmd == 'MEMORY' then first, last = 2, 2
   elseif cmd == 'DEL' or cmd == 'EXISTS' then last = #args end
   for i = first, last do
     if not DECLARED[args[i]] then
@@ -264,6 +266,7 @@ end
 local function pack_history(run, wid, last_eid)
   if last_eid > PACK_HISTORY_EVENTS then return false end
   local hk = hist_key(wid, run)
+  if (call('MEMORY', 'USAGE', hk, 'SAMPLES', 0) or 0) > PACK_HISTORY_BYTES then return false end
   local entries = call('XRANGE', hk, '-', '+')
   local packed = {}
   for i, e in ipairs(entries) do
