@@ -308,3 +308,15 @@ async def test_message_read_by_a_dead_worker_is_reclaimed(client: Client) -> Non
         ):
             assert await h.result(timeout=10) == 3
     assert [e.attributes["att"] for e in await h.history() if e.type == "ActivityTaskCompleted"] == [1, 1]
+
+
+async def test_describe_says_why_a_closed_run_did_not_complete(client: Client) -> None:
+    h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
+    assert (await h.describe()).failure is None  # still running
+    await h.terminate("customer cancelled")
+    d = await h.describe()
+    assert d.status == "terminated"
+    assert d.failure is not None and (d.failure.type, d.failure.message) == (
+        "WorkflowTerminated",
+        "customer cancelled",
+    )

@@ -468,8 +468,9 @@ def describe(execution_id: ExecIdArg, url: UrlOpt = None, namespace: NsOpt = "de
                 ("closed", d.close_time.isoformat() if d.close_time else "-"),
                 ("deadline", d.execution_deadline.isoformat() if d.execution_deadline else "-"),
                 ("history events", str(d.history_length)),
+                *([("failure", f"{d.failure.type}: {d.failure.message}")] if d.failure else []),
             ]:
-                t.add_row(f"[bold]{k}[/bold]", v)
+                t.add_row(f"[bold]{k}[/bold]", escape(v))
             out.print(t)
             if d.pending_activities:
                 pt = Table("seq", "activity", "state", "attempt", "last failure", title="pending activities")

@@ -58,6 +58,18 @@ class WorkflowDescription:
     pending_activities: list[PendingActivity] = field(default_factory=list)
     workflow_task_failures: int = 0
     last_workflow_task_failure: WorkflowError | None = None
+    failure: WorkflowError | None = None  # why a closed run did not complete: what result() raises from
+
+
+def _failure_cause(status: str, body: dict[str, Any]) -> WorkflowError:
+    """Why a run closed without completing: its failure, or the reason it was ended."""
+    if "failure" in body:
+        return exception_from_failure(body["failure"])
+    reason = body.get("reason") or status
+    kind = {"timed_out": "WORKFLOW_EXECUTION_TIMED_OUT", "terminated": "WorkflowTerminated"}.get(
+        status, status
+    )
+    return WorkflowError(str(reason), type=kind)
 
 
 def _dt(ms: Any) -> datetime | None:
@@ -155,17 +167,7 @@ class WorkflowHandle:
         if text(otype) == EventType.WORKFLOW_EXECUTION_COMPLETED:
             value = body.get("result")
             return self.defn.sig.load_result_leniently(value) if self.defn else value
-        if "failure" in body:
-            cause = exception_from_failure(body["failure"])
-        else:
-            reason = body.get("reason") or st
-            cause = WorkflowError(
-                str(reason),
-                type={"timed_out": "WORKFLOW_EXECUTION_TIMED_OUT", "terminated": "WorkflowTerminated"}.get(
-                    st, st
-                ),
-            )
-        raise WorkflowFailureError(self.id, run, st, cause)
+        raise WorkflowFailureError(self.id, run, st, _failure_cause(st, body))
 
     async def describe(self) -> WorkflowDescription:
         run = await self._resolve_run()
@@ -196,12 +198,18 @@ class WorkflowHandle:
             )
         pending.sort(key=lambda p: p.seq)
         wft_fail = fields.get("wft_failure")
+        status = text(fields.get("status"))
+        closed_without_result = status != RunStatus.RUNNING and (
+            text(fields.get("outcome_type")) != EventType.WORKFLOW_EXECUTION_COMPLETED
+        )
+        outcome = fields.get("outcome")
+        body = unpack(outcome) if outcome else {}
         return WorkflowDescription(
             execution_id=self.id,
             run_id=run,
             workflow_type=text(fields.get("wtype")),
             task_queue=text(fields.get("tq")),
-            status=text(fields.get("status")),
+            status=status,
             start_time=_dt(fields.get("start_ms")) or datetime.fromtimestamp(0, UTC),
             close_time=_dt(fields.get("closed_ms")),
             execution_deadline=_dt(fields.get("deadline_ms")),
@@ -210,6 +218,9 @@ class WorkflowHandle:
             workflow_task_failures=int(fields.get("wft_failures") or 0),
             last_workflow_task_failure=exception_from_failure(unpack(wft_fail).get("failure", {}))
             if wft_fail
+            else None,
+            failure=_failure_cause(status, body if isinstance(body, dict) else {})
+            if closed_without_result
             else None,
         )
 
