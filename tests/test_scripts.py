@@ -343,7 +343,7 @@ async def test_a_message_on_a_stream_a_call_did_not_declare_is_dropped_by_the_ne
         task2 = TaskCompletion(run, h.id, st2.fence, msg2, [cancel])  # type: ignore[list-item]
         assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task2]))[0].reply is Reply.OK
     assert await client.redis.xlen(aq) == 1  # not declared: not touched
-    members = [m.decode() for m in await client.redis.zrange(ks.timers(0), 0, -1)]
+    members = await _members(client)
     assert any(m.startswith(f"msg_drop|{run}|") and m.endswith("|q:nobody:act") for m in members), members
     await p.pump(0, 100, 60_000, "w1")
     assert await client.redis.xlen(aq) == 0
@@ -358,12 +358,7 @@ async def test_one_worker_at_a_time_pumps_a_shard(client: Client) -> None:
     """While one worker's pump holds the shard's lease, another's finds the lease taken
     and is told to look again when it runs out; the pump gives it back when done."""
     ks, p = client.keyspace, client.protocol
-    stream, (h, msgid, st) = await started_task(client)
-    run = h.run_id or ""
-    timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 1}), [1, 1])
-    task = TaskCompletion(run, h.id, st.fence, msgid, [timer])  # type: ignore[list-item]
-    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
-    await wait_until(lambda: _due(client, f"timer|{run}|1"), 10)
+    await _with_a_due_timer(client)
     await client.redis.set(ks.pump_lease(0), "w2", px=5_000)  # w2 is pumping
     held = await p.pump(0, 100, 60_000, "w1")
     assert held.handled == 0 and 4_000 < held.next_due_ms - held.now_ms <= 5_000
@@ -390,18 +385,27 @@ async def test_a_refused_completion_drops_its_message_unless_the_run_still_needs
 
 async def test_a_due_member_whose_keys_were_not_declared_waits_for_the_next_round(client: Client) -> None:
     ks, p = client.keyspace, client.protocol
-    stream, (h, msgid, st) = await started_task(client)
+    h, member = await _with_a_due_timer(client)
     run = h.run_id or ""
-    timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 1}), [1, 1])
-    task = TaskCompletion(run, h.id, st.fence, msgid, [timer])  # type: ignore[list-item]
-    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
-    member = f"timer|{run}|1"
-    await wait_until(lambda: _due(client, member), 10)
     declared = [ks.timers(0), ks.closed(0), ks.pump_lease(0), ks.run(0, run)]  # not the history, the queue
     res = await p.scripts.call("pump", declared, [ks.prefix(0), 60_000, "w1", member])
     assert res[0] == 0 and await client.redis.zscore(ks.timers(0), member) is not None
     assert (await p.pump(0, 100, 60_000, "w1")).handled == 1
     assert [e.type for e in await h.history()][-1] == "TimerFired"
+
+
+async def _with_a_due_timer(client: Client) -> tuple[Any, str]:
+    """A run whose first task started a 1 ms timer, once that timer is due: the handle
+    and its member of the timers zset."""
+    stream, (h, msgid, st) = await started_task(client)
+    timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 1}), [1, 1])
+    task = TaskCompletion(h.run_id or "", h.id, st.fence, msgid, [timer])  # type: ignore[list-item]
+    assert (await client.protocol.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[
+        0
+    ].reply is Reply.OK
+    member = f"timer|{h.run_id}|1"
+    await wait_until(lambda: _due(client, member), 10)
+    return h, member
 
 
 async def _due(client: Client, member: str) -> bool:

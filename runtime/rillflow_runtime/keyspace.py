@@ -4,6 +4,7 @@ docs/keyspace.md documents each key for redis-cli users."""
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass
@@ -49,8 +50,13 @@ class Keyspace:
         """A worker's liveness record, which expires unless the worker refreshes it."""
         return self.ns_key(f"worker:{identity}")
 
+    @functools.cached_property
+    def _prefixes(self) -> tuple[str, ...]:
+        # every key of every call starts with one of these: built once, not per key
+        return tuple(f"rf:{{{self.namespace}:{s}}}:" for s in range(self.shards))
+
     def prefix(self, shard: int) -> str:
-        return f"rf:{{{self.namespace}:{shard}}}:"
+        return self._prefixes[shard]
 
     def shard(self, workflow_id: str) -> int:
         return shard_of(workflow_id, self.shards)

@@ -38,7 +38,8 @@ _ACTIVITY_TIMERS = frozenset(
     {TimerKind.ACTIVITY_DEADLINE.value, TimerKind.ACTIVITY_RETRY.value, TimerKind.SCHEDULE_TO_CLOSE.value}
 )
 
-# How many events one read of a history stream returns.
+# How many events one read of a history stream returns; more than the longest history
+# lib.lua packs at close (PACK_HISTORY_EVENTS, 512), so a packed run fits one page.
 HISTORY_PAGE = 1000
 
 # How long a pump holds its shard's lease at most: what a pump that died delays the
@@ -466,7 +467,7 @@ class Protocol:
         reply's next due time is when it runs out."""
         lease = self.ks.pump_lease(shard)
         due = await self._call("pump_due", shard, [limit, worker, PUMP_LEASE_MS], [lease])
-        now, next_due, members = int(due[0]), int(due[1]), [text(m) for m in due[3:]]
+        now, next_due, members = int(due[0]), int(due[1]), [text(m) for m in due[2:]]
         if not members:
             return PumpReply(0, next_due, now)
         keys = await self._pump_keys(shard, members)
@@ -513,18 +514,18 @@ class Protocol:
         """A run's events after ``after``, as XRANGE entries, from its stream or, once the
         run closed, from the value its history was packed into (see lib.lua)."""
         key = self.ks.history(shard, workflow_id, run_id)
-        out: list[Any] = []
-        cursor = after
-        while True:
-            page: Any = await self.redis.xrange(key, min=f"({cursor}-0", max="+", count=HISTORY_PAGE)
-            out += page
-            if len(page) < HISTORY_PAGE:
-                break
+        # the first page and the packed value in one round trip: a run is read whole
+        # from one or the other (it is packed only if shorter than a page)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(key, min=f"({after}-0", max="+", count=HISTORY_PAGE)
+            pipe.get(self.ks.history_packed(shard, workflow_id, run_id))
+            page, packed = await pipe.execute()
+        out: list[Any] = list(page)
+        while len(page) == HISTORY_PAGE:
             cursor = int(text(page[-1][0]).split("-", 1)[0])
-        if out:
-            return out
-        packed = await self.redis.get(self.ks.history_packed(shard, workflow_id, run_id))
-        if packed is None:
+            page = await self.redis.xrange(key, min=f"({cursor}-0", max="+", count=HISTORY_PAGE) or []
+            out += page
+        if out or packed is None:
             return out
         # raw: an event's body is msgpack bytes, which Lua's cmsgpack packs as a string
         return [

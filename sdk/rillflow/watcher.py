@@ -196,10 +196,12 @@ class Watcher:
         (or it is empty), so what lay between may have been trimmed."""
         if not self.runs and not self.updates:
             return
-        for stream, cursor in cursors.items():
-            try:
-                info: Any = await self.client.redis.xinfo_stream(stream)
-            except ResponseError:  # no such stream yet: nothing closed there, nothing lost
+        async with self.client.redis.pipeline(transaction=False) as pipe:  # every shard in one trip
+            for stream in cursors:
+                pipe.xinfo_stream(stream)
+            infos = await pipe.execute(raise_on_error=False)
+        for (stream, cursor), info in zip(cursors.items(), infos, strict=True):
+            if isinstance(info, ResponseError):  # no such stream yet: nothing closed there, nothing lost
                 continue
             last = _id_tuple(text(info.get("last-generated-id") or "0-0"))
             first = info.get("first-entry")
