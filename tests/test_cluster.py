@@ -42,6 +42,7 @@ from rillflow_runtime.embedded import EmbeddedRedis, EmbeddedServerError, free_p
 from rillflow_runtime.keyspace import GROUP, Keyspace, shard_of
 from rillflow_runtime.model import CommandKind, Reply
 from rillflow_runtime.protocol import (
+    ActDone,
     ActivityOutcome,
     ActivityRoute,
     ActStartItem,
@@ -383,8 +384,9 @@ async def drive_run(c: Conn, shard: int) -> None:
     assert await p.heartbeat(shard, run, 1, 2, b"") == HeartbeatReply(Reply.GONE)  # not the current attempt
     result = pack({"result": pack("charged")})
     assert ast.route == ActivityRoute(wid, TQ, "", act_q, amsg)  # what act_done declares
-    assert await p.act_done(shard, [ActivityOutcome(run, 1, 1, result, ast.route)]) == [Reply.OK]
-    assert await p.act_done(shard, [ActivityOutcome(run, 1, 1, result, ast.route)]) == [Reply.OK]  # a retry
+    outcome = ActivityOutcome(run, 1, 1, result, ast.route)
+    assert await p.act_done(shard, [outcome]) == [ActDone(Reply.OK)]
+    assert await p.act_done(shard, [outcome]) == [ActDone(Reply.OK)]  # a retry
     assert await c.rc.xlen(act_q) == 0
     h = await history(c, shard, wid, run)
     assert h[-1] == ("5-0", "ActivityTaskCompleted") and len(h) == 5

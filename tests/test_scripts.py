@@ -185,9 +185,9 @@ async def test_repeated_terminate_and_activity_calls_answer_the_same(client: Cli
     done = ActivityOutcome(
         item.run_id, item.seq, item.attempt, pack({"seq": item.seq, "att": 1, "result": "hi"}), first.route
     )
-    assert await client.protocol.act_done(0, [done]) == [Reply.OK]
+    assert [d.reply for d in await client.protocol.act_done(0, [done])] == [Reply.OK]
     before = await snapshot(client)
-    assert await client.protocol.act_done(0, [done]) == [Reply.OK]
+    assert [d.reply for d in await client.protocol.act_done(0, [done])] == [Reply.OK]
     assert await snapshot(client) == before
     rid = uuid.uuid4().hex
     first_t = await client.protocol.terminate(h.id, None, pack({"reason": "x"}), 60_000, rid)
@@ -270,9 +270,8 @@ async def test_an_activity_result_wakes_the_sticky_worker_it_was_told_of_or_the_
     if moved:
         await client.redis.hset(rk, "sticky", "w2")
     result = pack({"seq": 1, "att": 1, "result": "hi"})
-    assert await client.protocol.act_done(0, [ActivityOutcome(h.run_id or "", 1, 1, result, ast.route)]) == [
-        Reply.OK
-    ]
+    done = await client.protocol.act_done(0, [ActivityOutcome(h.run_id or "", 1, 1, result, ast.route)])
+    assert [d.reply for d in done] == [Reply.OK]
     wft_q = (await client.redis.hget(rk, "wft_q") or b"").decode()
     if moved:
         assert wft_q == stream and await client.redis.hget(rk, "sticky") == b""

@@ -14,7 +14,7 @@ lib.lua).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from typing import Protocol as TypingProtocol
@@ -117,6 +117,9 @@ class TaskCompletion:
     fence: str
     message_id: str
     commands: Sequence[CommandLike]
+    # the seqs of the activities this worker takes itself, started at once in its name
+    # (eager dispatch: no task message, no read, no act_start)
+    eager: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class CompletionReply:
     reply: Reply  # OK, REFUSED, INVALID or AGAIN
     last_event_id: int = 0
     why: str = ""
+    now_ms: int = 0
+    # the activities handed to this worker, started: (seq, deadline ms) each
+    eager: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,25 @@ class ActStarted:
 
 
 @dataclass(frozen=True)
+class EagerStart:
+    """What a worker that reports activity outcomes needs to be handed the workflow task
+    an outcome wakes, for a run it caches: the task starts in the same call."""
+
+    worker: str
+    timeout_ms: int
+    max_events: int
+    # run id -> its cached position (last event id applied, fence); a run not here is
+    # woken through a task message as usual
+    positions: Mapping[str, tuple[int, str]]
+
+
+@dataclass(frozen=True)
+class ActDone:
+    reply: Reply  # OK, RETRY or REFUSED
+    task: WftStarted | None = None  # the run's next workflow task, started for this worker
+
+
+@dataclass(frozen=True)
 class ActivityOutcome:
     run_id: str
     seq: int
@@ -195,6 +220,22 @@ class PumpReply:
 
 def _reply(value: Any) -> Reply:
     return Reply(text(value))
+
+
+def _started(r: Any) -> WftStarted:
+    """A workflow task's start, as lib.lua's start_task answers it."""
+    return WftStarted(
+        _reply(r[0]),
+        fence=text(r[1]),
+        now_ms=int(r[2]),
+        workflow_id=text(r[3]),
+        workflow_type=text(r[4]),
+        last_event_id=int(r[5]),
+        start_ms=int(r[6]),
+        events=list(r[7]),
+        attempt=int(r[8]),
+        since=int(r[9]),
+    )
 
 
 class Protocol:
@@ -327,27 +368,7 @@ class Protocol:
                 ks.history(shard, it.workflow_id or wids[it.run_id], it.run_id),
             ]
         res = await self._call("wft_start", shard, args, keys)
-        out = []
-        for r in res:
-            reply = _reply(r[0])
-            if reply is not Reply.OK:
-                out.append(WftStarted(reply))
-                continue
-            out.append(
-                WftStarted(
-                    reply,
-                    fence=text(r[1]),
-                    now_ms=int(r[2]),
-                    workflow_id=text(r[3]),
-                    workflow_type=text(r[4]),
-                    last_event_id=int(r[5]),
-                    start_ms=int(r[6]),
-                    events=list(r[7]),
-                    attempt=int(r[8]),
-                    since=int(r[9]),
-                )
-            )
-        return out
+        return [_started(r) if _reply(r[0]) is Reply.OK else WftStarted(_reply(r[0])) for r in res]
 
     async def wft_complete(
         self,
@@ -367,15 +388,19 @@ class Protocol:
             args += [t.run_id, t.fence, t.message_id, len(t.commands)]
             keys += ks.run_keys(shard, t.workflow_id, t.run_id)
             for c in t.commands:
-                args += [str(c.kind), c.body, pack(list(c.aux))]
-                if c.kind is CommandKind.SCHEDULE_ACTIVITY and len(c.aux) > 1 and isinstance(c.aux[1], str):
+                activity = c.kind is CommandKind.SCHEDULE_ACTIVITY and len(c.aux) > 1
+                eager = activity and c.aux[0] in t.eager
+                args += [str(c.kind), c.body, pack(list(c.aux)), "1" if eager else ""]
+                if activity and not eager and isinstance(c.aux[1], str):
                     keys.append(ks.queue(shard, c.aux[1], "act"))
         res = await self._call("wft_complete", shard, args, keys)
         out = []
         for r in res:
             reply = _reply(r[0])
             if reply is Reply.OK:
-                out.append(CompletionReply(reply, int(r[1])))
+                handed = [int(x) for x in r[3]]
+                pairs = tuple(zip(handed[::2], handed[1::2], strict=True))
+                out.append(CompletionReply(reply, int(r[1]), now_ms=int(r[2]), eager=pairs))
             else:
                 out.append(CompletionReply(reply, why=text(r[1]) if len(r) > 1 else ""))
         return out
@@ -418,12 +443,17 @@ class Protocol:
             )
         return out
 
-    async def act_done(self, shard: int, outcomes: Sequence[ActivityOutcome]) -> list[Reply]:
+    async def act_done(
+        self, shard: int, outcomes: Sequence[ActivityOutcome], eager: EagerStart | None = None
+    ) -> list[ActDone]:
+        """``eager``: the reporting worker also runs the runs' workflow tasks."""
         ks = self.ks
-        args: list[Any] = []
+        args: list[Any] = [eager.worker, eager.timeout_ms, eager.max_events] if eager else ["", 1, 1]
         keys: list[str] = []
+        positions = eager.positions if eager else {}
         for o in outcomes:
             rt = o.route
+            since, seen = positions.get(o.run_id, (-1, ""))
             args += [
                 "fail" if o.failed else Reply.OK.value,
                 o.run_id,
@@ -434,19 +464,23 @@ class Protocol:
                 o.heartbeat_details,
                 rt.stream,
                 rt.message_id,
+                since,
+                seen,
             ]
             keys += [
                 ks.run(shard, o.run_id),
                 ks.acts(shard, o.run_id),
                 ks.history(shard, rt.workflow_id, o.run_id),
                 ks.buffer(shard, o.run_id),
-                rt.stream,
             ]
+            if rt.stream:  # (none for an attempt handed over at its scheduling)
+                keys.append(rt.stream)
             if rt.task_queue:
                 keys.append(ks.queue(shard, rt.task_queue, "wft"))
                 if rt.sticky:
                     keys.append(ks.sticky(shard, rt.task_queue, rt.sticky))
-        return [_reply(r) for r in await self._call("act_done", shard, args, keys)]
+        res = await self._call("act_done", shard, args, keys)
+        return [ActDone(_reply(r[0]), _started(r[1]) if r[1] else None) for r in res]
 
     async def heartbeat(
         self, shard: int, run_id: str, seq: int, attempt: int, details: bytes

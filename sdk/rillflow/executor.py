@@ -73,6 +73,12 @@ class Command:
     aux: list[Any]  # what the script reads (see wft_complete.lua)
     ident: tuple[Any, ...]  # what replay compares against the recorded event
 
+    def scheduled_activity(self) -> tuple[int, str, str] | None:
+        """(seq, name, task queue) of the activity this command schedules, if it does."""
+        if self.kind is CommandKind.SCHEDULE_ACTIVITY:
+            return int(self.aux[0]), str(self.ident[2]), str(self.aux[1])
+        return None
+
 
 def _ident_of_event(ev: HistoryEvent) -> tuple[Any, ...]:
     a = ev.attributes

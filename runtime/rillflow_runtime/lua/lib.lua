@@ -97,13 +97,14 @@ local function split(s, sep)
 end
 
 -- A workflow task's completion is remembered on the run hash as
--- wft_done = "<fence>|<reply>|<last event id>", so that a repeat of the same completion
--- (a client retry after a dropped connection) gets the same answer and no second
--- effect. Returns {reply, last} when `stored` is that fence's record, else nil.
+-- wft_done = "<fence>|<reply>|<last event id>|<seqs>" (seqs: the activities it handed
+-- to its worker, comma-separated), so that a repeat of the same completion (a client
+-- retry after a dropped connection) gets the same answer and no second effect.
+-- Returns {reply, last, seqs} when `stored` is that fence's record, else nil.
 local function done_record(stored, fence)
   if not stored or string.sub(stored, 1, #fence + 1) ~= fence .. '|' then return nil end
   local parts = split(string.sub(stored, #fence + 2), '|')
-  return { parts[1], tonumber(parts[2]) or 0 }
+  return { parts[1], tonumber(parts[2]) or 0, parts[3] or '' }
 end
 
 -- The run a client names: the given run id, or ('' given) the execution's current run
@@ -189,11 +190,45 @@ local function message_buffered(run)
   return false
 end
 
+-- The run hash fields a workflow task's start reads, in the order start_task reads them.
+local TASK_FIELDS = { 'status', 'wft', 'wft_msg', 'wid', 'wtype', 'last_eid', 'start_ms', 'wft_failures',
+  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq' }
+
+-- Start the run's workflow task for `w.worker` (r: its TASK_FIELDS), or, `again`, answer
+-- the start that worker already has the same way. The fence is "<attempt number>-<start
+-- time in us>": after a Redis rollback the attempt number may repeat but the time does
+-- not, so a fence from before the rollback is never current again. The events returned
+-- follow `w.since`, the last event the worker's cached instance applied, if `w.seen` (the
+-- fence of the completion that brought it there) is the completion Redis last recorded;
+-- else (a rollback; another worker's completion) they follow 0: the whole history, from
+-- which the instance must be rebuilt. Returns {R.OK, fence, start time, wid, wtype, last
+-- event id, run start ms, events, attempt, since}.
+local function start_task(run, r, again, w)
+  local fence, started = r[10], tonumber(r[11])
+  if not again then
+    local n = (tonumber(r[13]) or 0) + 1
+    fence = n .. '-' .. NOW_US
+    started = NOW
+    call('HSET', run_key(run), 'wft', WT.STARTED, 'wft_start_ms', NOW, 'wft_by', w.worker,
+      'wft_fence', fence, 'wft_seq', n)
+    call('ZADD', TIMERS, NOW + w.timeout, tmember(TK.TASK_TIMEOUT, run, fence))
+  end
+  local last, since = tonumber(r[6]), w.since
+  local rec = w.seen ~= '' and done_record(r[12], w.seen)
+  if since > last or not rec or rec[1] ~= R.OK then since = 0 end
+  local events = call('XRANGE', hist_key(r[4], run), (since + 1) .. '-0', '+', 'COUNT', w.max_events)
+  return { R.OK, fence, started, r[4], r[5], last, tonumber(r[7]), events, (tonumber(r[8]) or 0) + 1, since }
+end
+
 -- An event the workflow must see: buffered while a task is started, otherwise
 -- appended, with a workflow task scheduled unless one already is (or is backing off).
-local function deliver(run, etype, body)
-  local r = call('HMGET', run_key(run), 'status', 'wft', 'wid', 'tq')
-  if r[1] ~= RS.RUNNING then return false end
+-- `eager` (or nil): the worker reporting the event, which takes the workflow task at
+-- once if it caches the run (it ran its last task), as {worker, timeout, max_events,
+-- since, seen} (see start_task): then that task's start is returned, and no task message
+-- is written. Returns nil when the run is not running, else that start or true.
+local function deliver(run, etype, body, eager)
+  local r = call('HMGET', run_key(run), 'status', 'wft', 'wid', 'tq', 'sticky')
+  if r[1] ~= RS.RUNNING then return nil end
   if r[2] == WT.STARTED then
     call('RPUSH', buf_key(run), etype, NOW, body)
     -- the task that closes the run looks for buffered messages only when this is set
@@ -202,7 +237,12 @@ local function deliver(run, etype, body)
     end
   else
     append(run, r[3], etype, body)
-    if r[2] ~= WT.SCHEDULED and r[2] ~= WT.BACKOFF then schedule_wft(run, r[4]) end
+    if r[2] ~= WT.SCHEDULED and r[2] ~= WT.BACKOFF then
+      if eager and r[5] == eager.worker then
+        return start_task(run, call('HMGET', run_key(run), unpack(TASK_FIELDS)), false, eager)
+      end
+      schedule_wft(run, r[4])
+    end
   end
   return true
 end
@@ -355,10 +395,36 @@ local function act_dispatch(run, seq, s, scheduled)
   end
 end
 
+-- Hand an activity's first attempt straight to `worker`, recorded as started by it: the
+-- worker that completed the workflow task scheduling it, which had a free slot. No task
+-- message is written, so none is read, started or acknowledged; a worker that dies
+-- holding it is found out by the attempt's deadline, as for any started attempt.
+local function act_hand_over(run, seq, s, scheduled, worker)
+  s.st, s.started, s.by, s.msg = AS.STARTED, NOW, worker, ''
+  s.dl = act_deadline(s)
+  call('HSET', act_key(run), seq, cmsgpack.pack(s), seq .. ':b', scheduled)
+  call('ZADD', TIMERS, s.dl, tmember(TK.ACTIVITY_DEADLINE, run, seq, s.att))
+end
+
+-- The activities a completion handed to `worker` (seqs: as its done record has them) that
+-- are still that worker's first attempts, as {seq, deadline, ...}: the answer to a repeat.
+local function handed_over(run, seqs, worker)
+  local out = {}
+  for _, seq in ipairs(split(seqs or '', ',')) do
+    local s = act_get(run, seq)
+    if s and s.st == AS.STARTED and s.by == worker and s.att == 1 and s.msg == '' then
+      out[#out + 1] = tonumber(seq)
+      out[#out + 1] = s.dl
+    end
+  end
+  return out
+end
+
 -- After a failed or timed-out attempt: retry with exponential backoff while the
--- policy allows and the schedule-to-close deadline is not passed, else fail for good.
--- Returns true when a retry was scheduled.
-local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, final_type)
+-- policy allows and the schedule-to-close deadline is not passed, else fail for good
+-- (delivered as deliver does, with `eager`). Returns true when a retry was scheduled,
+-- else false and what deliver returned.
+local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, final_type, eager)
   local ak = act_key(run)
   if failure_body then call('HSET', ak, seq .. ':f', failure_body) end
   local delay = s.ii * (s.bc ^ (s.att - 1))
@@ -369,8 +435,7 @@ local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, 
   call('ZREM', TIMERS, tmember(TK.ACTIVITY_DEADLINE, run, seq, s.att))
   if non_retryable or exhausted or past_deadline then
     act_forget(run, seq, s)
-    deliver(run, final_type, failure_body)
-    return false
+    return false, deliver(run, final_type, failure_body, eager)
   end
   append(run, wid, EV.ACTIVITY_TASK_RETRYING, failure_body)
   s.att = s.att + 1

@@ -3,15 +3,17 @@
 -- one, then each run's keys (hash, history, act, buffer, signals, updates, wf hash) and
 -- the activity stream of each activity scheduled. ARGV: prefix, task_queue, retention
 -- ms, the worker's identity, its sticky schedule timeout ms (0 = no sticky queue), then
--- per task: run_id, fence, message id, number of commands, and per command three
--- values: its kind (CMD), the event body, an aux msgpack array the script reads:
+-- per task: run_id, fence, message id, number of commands, and per command four
+-- values: its kind (CMD), the event body, an aux msgpack array the script reads, and
+-- '1' for an activity the worker takes itself ('' otherwise: see act_hand_over):
 --   schedule_activity: seq, task queue, start_to_close, schedule_to_close, heartbeat
 --     (ms; 0 = none), max attempts (0 = unlimited), initial interval ms, coefficient,
 --     max interval ms
 --   start_timer: seq, duration ms; cancel_timer, cancel_activity: seq;
 --   complete_update: update id; complete_workflow, fail_workflow: nothing, and last.
 -- Every task's commands are checked before anything is written, so a bad command
--- never leaves a batch half applied. Per task returns {R.OK, last command event id},
+-- never leaves a batch half applied. Per task returns {R.OK, last command event id,
+-- now, {seq, deadline, ...} of the activities handed to the worker}
 -- {R.REFUSED, why} (the fence is not current: its message is dropped, unless it is still
 -- the run's task), {R.INVALID, why} (nothing written), or
 -- {R.AGAIN, why} when the task would close the run but signals or updates arrived
@@ -29,11 +31,11 @@ local i = 6
 while i <= #ARGV do
   local t = { run = ARGV[i], fence = ARGV[i + 1], msg = ARGV[i + 2], n = tonumber(ARGV[i + 3]), at = i + 4,
     cmds = {} }
-  if not t.n or t.n < 0 or t.at + t.n * 3 - 1 > #ARGV then
+  if not t.n or t.n < 0 or t.at + t.n * 4 - 1 > #ARGV then
     return redis.error_reply('wft_complete: malformed arguments at ' .. i)
   end
-  i = t.at + t.n * 3
-  for c = t.at, t.at + t.n * 3 - 1, 3 do
+  i = t.at + t.n * 4
+  for c = t.at, t.at + t.n * 4 - 1, 4 do
     local kind = ARGV[c]
     local ok, aux = pcall(cmsgpack.unpack, ARGV[c + 2])
     local why = nil
@@ -52,7 +54,7 @@ while i <= #ARGV do
     end
     if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then t.closes = true end
     if why and not t.invalid then t.invalid = why end
-    t.cmds[#t.cmds + 1] = { kind = kind, body = ARGV[c + 1], aux = aux }
+    t.cmds[#t.cmds + 1] = { kind = kind, body = ARGV[c + 1], aux = aux, eager = ARGV[c + 3] == '1' }
   end
   tasks[#tasks + 1] = t
 end
@@ -65,7 +67,7 @@ for _, t in ipairs(tasks) do
     'msgbuf', 'wft_done', 'wft_failures')
   local rec = done_record(r[9], fence)
   if rec then
-    out[#out + 1] = { rec[1], rec[2] }
+    out[#out + 1] = { rec[1], rec[2], NOW, handed_over(run, rec[3], worker) }
   elseif r[1] ~= RS.RUNNING then
     drop_msg(KEYS[3], t.msg)
     out[#out + 1] = { R.REFUSED, 'run is ' .. tostring(r[1] or 'missing') }
@@ -91,6 +93,7 @@ for _, t in ipairs(tasks) do
         cmsgpack.pack({ t0 = tonumber(r[6]), fence = fence, worker = worker }))
       local closed = false
       local ak = act_key(run)
+      local handed, seqs = {}, {}
       for _, cmd in ipairs(t.cmds) do
         local kind, body, aux = cmd.kind, cmd.body, cmd.aux
         if kind == CMD.SCHEDULE_ACTIVITY then
@@ -98,7 +101,14 @@ for _, t in ipairs(tasks) do
           last = append(run, wid, EV.ACTIVITY_TASK_SCHEDULED, body)
           local s = { att = 1, tq = aux[2], stc = aux[3], s2c = aux[4], hbt = aux[5],
             max = aux[6], ii = aux[7], bc = aux[8], mi = aux[9], sched = NOW, due = NOW }
-          act_dispatch(run, seq, s, body)
+          if cmd.eager and not t.closes then
+            act_hand_over(run, seq, s, body, worker)
+            handed[#handed + 1] = aux[1]
+            handed[#handed + 1] = s.dl
+            seqs[#seqs + 1] = seq
+          else
+            act_dispatch(run, seq, s, body)
+          end
           if s.s2c > 0 then
             call('ZADD', TIMERS, NOW + s.s2c, tmember(TK.SCHEDULE_TO_CLOSE, run, seq))
           end
@@ -129,7 +139,7 @@ for _, t in ipairs(tasks) do
           closed = true
         end
       end
-      local done = fence .. '|' .. R.OK .. '|' .. last
+      local done = fence .. '|' .. R.OK .. '|' .. last .. '|' .. table.concat(seqs, ',')
       if closed then
         call('HSET', rk, 'wft_done', done)  -- (closing the run dropped the message)
       else
@@ -144,7 +154,7 @@ for _, t in ipairs(tasks) do
             'wft_msg', '')
         end
       end
-      out[#out + 1] = { R.OK, last }
+      out[#out + 1] = { R.OK, last, NOW, handed }
     end
   end
 end

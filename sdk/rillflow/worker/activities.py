@@ -6,6 +6,12 @@ whichever is first); every heartbeat Redis records moves it, here as there. A pl
 timeout) keeps its slot until it ends, so the worker never runs more threads than
 ``max_concurrent_activities``. Results are reported in batches, one script call per
 shard.
+
+Eager dispatch: a workflow task this worker completes hands it up to a few of the
+activities it schedules, started in its name in the same call (``reserve`` holds their
+slots while the call is out, ``run_handed`` runs them), and an outcome that wakes a
+run this worker caches comes back with the run's next workflow task, started for it
+(``workflow_tasks.take_started`` runs it). Neither goes through a task stream.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -37,7 +43,17 @@ from rillflow.worker.context import BadMessage, Context, Streak, field, int_fiel
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
 from rillflow_runtime.model import Reply
-from rillflow_runtime.protocol import ActivityOutcome, ActivityRoute, ActStarted, ActStartItem
+from rillflow_runtime.protocol import (
+    ActivityOutcome,
+    ActivityRoute,
+    ActStarted,
+    ActStartItem,
+    EagerStart,
+    WftStarted,
+)
+
+if TYPE_CHECKING:
+    from rillflow.worker.workflow_tasks import WorkflowTasks
 
 log = structlog.get_logger("rillflow.worker")
 
@@ -89,9 +105,59 @@ class Activities:
         self._closing = False
         self._limiter: anyio.CapacityLimiter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reserved = 0  # slots held for activities a completion in flight may hand over
+        # messages a read brought beyond the free slots (a completion took some while the
+        # read was blocked): started, in order, as slots free up, before anything is read
+        self._backlog: collections.deque[tuple[int, str, Any]] = collections.deque()
+        # this worker's workflow tasks, when it runs them too: they take the tasks that
+        # activity outcomes wake (set by the Worker)
+        self.workflow_tasks: WorkflowTasks | None = None
 
     def free(self) -> int:
-        return self.max_concurrent - len(self.running) - self.abandoned_threads
+        return self.max_concurrent - len(self.running) - self.abandoned_threads - self._reserved
+
+    def serves(self, name: str) -> bool:
+        return name in self.activities
+
+    def reserve(self, wanted: int) -> int:
+        """Hold up to ``wanted`` slots for activities handed over by a completion; the
+        caller ``release``s them all when its reply is in (or it failed)."""
+        if self._closing or self.ctx.stopping.is_set() or self._limiter is None:
+            return 0
+        n = max(0, min(wanted, self.free()))
+        self._reserved += n
+        return n
+
+    def release(self, n: int) -> None:
+        self._reserved -= n
+        if n:
+            self._slots.set()
+
+    def run_handed(
+        self,
+        shard: int,
+        run: str,
+        seq: int,
+        scheduled: bytes,
+        started: WftStarted,
+        now_ms: int,
+        deadline_ms: int,
+    ) -> None:
+        """Run the first attempt of an activity that the completion of ``started`` (a
+        workflow task of this worker) handed over, started in this worker's name."""
+        ctx = self.ctx
+        sticky = ctx.identity if self.workflow_tasks is not None and self.workflow_tasks.sticky_ms else ""
+        route = ActivityRoute(started.workflow_id, ctx.task_queue, sticky, "", "")
+        item = ActStartItem(run, seq, 1, "")
+        st = ActStarted(
+            Reply.OK, scheduled, b"", started.workflow_id, started.workflow_type, now_ms, deadline_ms, route
+        )
+        try:
+            self._launch(shard, item, st, route)
+        except Exception as e:  # an unreadable scheduled body: fail the attempt, visibly
+            log.error("activity task cannot be run", run_id=run, seq=seq, error=str(e))
+            body = pack({"seq": seq, "att": 1, "failure": failure_from_exception(e)})
+            self.report(shard, ActivityOutcome(run, seq, 1, body, route, failed=True))
 
     async def poll(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -107,16 +173,31 @@ class Activities:
             if free <= 0:
                 self._slots.clear()
                 continue
-            for shard, stream, entries in await self.ctx.read(
-                streams, min(free, self.ctx.batch_size), streak
-            ):
+            if self._backlog:
+                batches = self._from_backlog(free)
+            else:
+                batches = await self.ctx.read(streams, min(free, self.ctx.batch_size), streak)
+            for shard, stream, entries in batches:
                 try:
                     await self.start(shard, stream, entries)
                     batch.ok()
                 except TRANSIENT as e:
                     await batch.failed(e)
 
+    def _from_backlog(self, n: int) -> list[tuple[int, str, Any]]:
+        """Up to ``n`` messages of the backlog, as reads return them: per stream."""
+        out: dict[tuple[int, str], list[Any]] = {}
+        for _ in range(min(n, len(self._backlog))):
+            shard, stream, entry = self._backlog.popleft()
+            out.setdefault((shard, stream), []).append(entry)
+        return [(shard, stream, entries) for (shard, stream), entries in out.items()]
+
     async def start(self, shard: int, stream: str, entries: Any) -> None:
+        entries = list(entries)
+        room = max(0, self.free())
+        if len(entries) > room:  # they stay pending here (claimable by others if it lasts)
+            self._backlog.extend((shard, stream, e) for e in entries[room:])
+            entries = entries[:room]
         items: list[ActStartItem] = []
         for msgid, fields in entries:
             mid = text(msgid)
@@ -328,12 +409,15 @@ class Activities:
         retrying = False
         try:
             for shard, outcomes in by_shard.items():
-                replies = await self.ctx.protocol.act_done(shard, outcomes)
+                replies = await self.ctx.protocol.act_done(shard, outcomes, self._eager(outcomes))
                 del pending[shard]
+                woken: list[tuple[str, WftStarted]] = []
                 for o, r in zip(outcomes, replies, strict=True):
                     self._ended.pop((o.run_id, o.seq, o.attempt), None)  # recorded: Redis knows
-                    retrying = retrying or r is Reply.RETRY
-                    if r is Reply.REFUSED:
+                    retrying = retrying or r.reply is Reply.RETRY
+                    if r.task is not None and self.workflow_tasks is not None:
+                        woken.append((o.run_id, r.task))
+                    if r.reply is Reply.REFUSED:
                         self.ctx.stats.refused += 1
                         log.warning(
                             "activity result refused: the attempt was timed out, cancelled or taken over",
@@ -341,11 +425,29 @@ class Activities:
                             seq=o.seq,
                             attempt=o.attempt,
                         )
+                if woken and self.workflow_tasks is not None:
+                    self.workflow_tasks.take_started(shard, woken)
         finally:
             # what was not sent goes out with the next flush; what was sent is not repeated
             self._done = [(s, o) for s, outs in pending.items() for o in outs] + self._done
         if retrying:  # a retry's due time may come before the pump's next look
             self.ctx.pump_wake.set()
+
+    def _eager(self, outcomes: list[ActivityOutcome]) -> EagerStart | None:
+        """Offer to take the workflow tasks these outcomes wake, for the runs of this
+        worker's queue (Redis starts one only for a run whose last task this worker ran);
+        not while stopping, when it could not run them."""
+        tasks = self.workflow_tasks
+        if tasks is None or self.ctx.stopping.is_set():
+            return None
+        positions = {
+            o.run_id: tasks.cache.position(o.run_id)
+            for o in outcomes
+            if o.route.task_queue == self.ctx.task_queue
+        }
+        if not positions:
+            return None
+        return tasks.eager_start(positions)
 
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat(self, a: _Attempt, details: list[Any]) -> None:

@@ -56,6 +56,7 @@ class Worker:
         pump_interval: float = 0.5,
         max_deliveries: int = 3,
         sticky_schedule_timeout: timedelta | None = timedelta(seconds=2),
+        max_eager_activities: int = 3,
         heartbeat_interval: timedelta = timedelta(seconds=10),
         identity: str | None = None,
     ) -> None:
@@ -63,9 +64,16 @@ class Worker:
             raise RillflowError(f"task queue {task_queue!r} is invalid: use letters, digits, '_', '-', '.'")
         if max_concurrent_activities < 1:
             raise RillflowError("max_concurrent_activities must be at least 1")
-        if max_cached_workflows < 0 or workflow_pollers < 1 or batch_size < 1 or max_deliveries < 1:
+        if (
+            max_cached_workflows < 0
+            or max_eager_activities < 0
+            or workflow_pollers < 1
+            or batch_size < 1
+            or max_deliveries < 1
+        ):
             raise RillflowError(
-                "max_cached_workflows must be >= 0; workflow_pollers, batch_size, max_deliveries >= 1"
+                "max_cached_workflows and max_eager_activities must be >= 0; "
+                "workflow_pollers, batch_size, max_deliveries >= 1"
             )
         self.client = client
         self.task_queue = task_queue
@@ -106,12 +114,18 @@ class Worker:
         # run; another worker takes it if this one does not start it within the timeout
         sticky_ms = int(sticky_schedule_timeout.total_seconds() * 1000) if sticky_schedule_timeout else 0
         self.tasks = (
-            WorkflowTasks(self.ctx, self.workflows, self.cache, sticky_ms) if self.workflows else None
+            WorkflowTasks(self.ctx, self.workflows, self.cache, sticky_ms, max_eager_activities)
+            if self.workflows
+            else None
         )
         self.queries = Queries(self.ctx, self.tasks, self.cache) if self.tasks else None
         self.acts = (
             Activities(self.ctx, self.activities, max_concurrent_activities) if self.activities else None
         )
+        # eager dispatch between the two halves of a worker that runs both (see activities)
+        if self.tasks is not None and self.acts is not None:
+            self.tasks.activities = self.acts
+            self.acts.workflow_tasks = self.tasks
         self.maintenance = Maintenance(
             self.ctx,
             self.tasks,
@@ -267,6 +281,8 @@ class Worker:
         for t in stuck:
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.tasks is not None:  # what the last reports woke before the worker stopped
+            await self.tasks.wait_deferred()
         try:
             await self.maintenance.leave(streams)
         except TRANSIENT as e:

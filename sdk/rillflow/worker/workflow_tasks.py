@@ -5,32 +5,50 @@ runs on the run's cached instance when the cache is exactly as far as the histor
 else on a fresh instance that replays the history first. At most one task per run is
 in flight in this worker: a second task of the same run (the first timed out and was
 scheduled again) waits for the first to finish.
+
+Eager dispatch: a completion hands this worker's activity poller a few of the
+activities it schedules, started in the same call; and a task that an activity outcome
+of this worker woke arrives started already (``take_started``), with no task message.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from rillflow.errors import WorkflowError, failure_from_exception
 from rillflow.executor import Command, WorkflowInfo, WorkflowInstance, run_task
 from rillflow.history import HistoryEvent
-from rillflow.worker.context import BadMessage, Context, field
+from rillflow.worker.context import BadMessage, Context, Streak, field
 from rillflow.worker.run_cache import RunCache, discard
 from rillflow.workflow import WorkflowDefinition
 from rillflow_runtime.codec import pack, text
 from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
 from rillflow_runtime.model import CommandKind, EventType, Reply
-from rillflow_runtime.protocol import TaskCompletion, WftFailure, WftStarted, WftStartItem
+from rillflow_runtime.protocol import EagerStart, TaskCompletion, WftFailure, WftStarted, WftStartItem
+
+if TYPE_CHECKING:
+    from rillflow.worker.activities import Activities
 
 log = structlog.get_logger("rillflow.worker")
 
 MAX_EVENTS_PER_START = 1000
+
+
+@dataclass(frozen=True)
+class _Task:
+    """A workflow task to run: read from a stream (``started`` None: start it first), or
+    started already for this worker by an activity outcome it reported."""
+
+    message_id: str
+    run: str
+    workflow_id: str
+    started: WftStarted | None = None
 
 
 @dataclass
@@ -49,11 +67,16 @@ class WorkflowTasks:
         workflows: dict[str, WorkflowDefinition],
         cache: RunCache,
         sticky_ms: int,
+        max_eager_activities: int = 0,
     ) -> None:
         self.ctx = ctx
         self.workflows = workflows
         self.cache = cache
         self.sticky_ms = sticky_ms
+        self.max_eager_activities = max_eager_activities
+        # this worker's activities, when it runs them too: they take the activities a
+        # completion schedules on this queue, while they have free slots (set by the Worker)
+        self.activities: Activities | None = None
         self._in_flight: dict[str, asyncio.Event] = {}  # run id -> set when its task ends
         self._deferred: set[asyncio.Task[None]] = set()
 
@@ -75,15 +98,29 @@ class WorkflowTasks:
         )
 
     async def wait_deferred(self) -> None:
-        if self._deferred:
+        while self._deferred:
             await asyncio.gather(*self._deferred, return_exceptions=True)
+
+    def eager_start(self, positions: Mapping[str, tuple[int, str]]) -> EagerStart:
+        """What an activity outcome's report needs to bring back the workflow task it
+        wakes, started for this worker, for these runs' cached positions."""
+        ctx = self.ctx
+        return EagerStart(
+            ctx.identity, ctx.settings.workflow_task_timeout_ms, MAX_EVENTS_PER_START, positions
+        )
+
+    def take_started(self, shard: int, started: list[tuple[str, WftStarted]]) -> None:
+        """Run workflow tasks Redis started for this worker when it reported the activity
+        outcomes that woke them; they have no task message (their stream, for the
+        completion's declarations, is the queue's shared one)."""
+        stream = self.ctx.ks.queue(shard, self.ctx.task_queue, "wft")
+        tasks = [_Task("", run, st.workflow_id, st) for run, st in started]
+        self._spawn(f"rillflow-woken-wft-{shard}", self._admit(shard, stream, tasks))
 
     # -- one batch ----------------------------------------------------------------------
     async def process(self, shard: int, stream: str, entries: Iterable[Any]) -> None:
-        """Start, run and complete the tasks of one read. Tasks of runs already in flight
-        here are deferred until those finish."""
-        now: list[tuple[str, str, str]] = []
-        later: list[tuple[str, Any]] = []
+        """Start, run and complete the tasks of one read."""
+        tasks: list[_Task] = []
         for msgid, fields in entries:
             mid = text(msgid)  # stream ids are ASCII: Redis makes them
             try:
@@ -92,15 +129,21 @@ class WorkflowTasks:
             except BadMessage as e:
                 await self.ctx.bad_message(shard, stream, mid, f"workflow task {e}")
                 continue
-            if run in self._in_flight or any(r == run for _, r, _ in now):
-                later.append((run, (msgid, fields)))
+            tasks.append(_Task(mid, run, wid))
+        await self._admit(shard, stream, tasks)
+
+    async def _admit(self, shard: int, stream: str, tasks: list[_Task]) -> None:
+        """Run ``tasks`` as one batch; those of runs already in flight here are deferred
+        until those finish."""
+        now: list[_Task] = []
+        for t in tasks:
+            if t.run in self._in_flight or any(n.run == t.run for n in now):
+                self._defer(shard, stream, t)
             else:
-                now.append((mid, run, wid))
-        for run, entry in later:
-            self._defer(run, shard, stream, entry)
+                now.append(t)
         if not now:
             return
-        done = {run: asyncio.Event() for _, run, _ in now}
+        done = {t.run: asyncio.Event() for t in now}
         self._in_flight.update(done)
         try:
             await self._run_batch(shard, stream, now)
@@ -110,37 +153,53 @@ class WorkflowTasks:
                     del self._in_flight[run]
                 ev.set()
 
-    def _defer(self, run: str, shard: int, stream: str, entry: Any) -> None:
+    def _defer(self, shard: int, stream: str, task: _Task) -> None:
         async def after() -> None:
-            while (ev := self._in_flight.get(run)) is not None:
+            while (ev := self._in_flight.get(task.run)) is not None:
                 await ev.wait()
+            await self._admit(shard, stream, [task])
+
+        self._spawn(f"rillflow-deferred-wft-{task.run}", after())
+
+    def _spawn(self, name: str, work: Any) -> None:
+        """Run ``work`` (a batch's admission) on its own; Redis failing under it leaves its
+        tasks to their retry paths (the workflow task timeout)."""
+
+        async def guarded() -> None:
             try:
-                await self.process(shard, stream, [entry])
+                await work
             except TRANSIENT as e:
                 reraise_if_cancelling()
-                log.warning("deferred workflow task interrupted; it will be retried", error=str(e))
+                log.warning("workflow task interrupted; it will be retried", error=str(e))
 
-        t = asyncio.create_task(after(), name=f"rillflow-deferred-wft-{run}")
+        t = asyncio.create_task(guarded(), name=name)
         self._deferred.add(t)
         t.add_done_callback(self._deferred.discard)
 
-    async def _run_batch(self, shard: int, stream: str, items: list[tuple[str, str, str]]) -> None:
+    async def _run_batch(self, shard: int, stream: str, tasks: list[_Task]) -> None:
         ctx = self.ctx
-        started = await ctx.protocol.wft_start(
-            shard,
-            stream,
-            ctx.settings.workflow_task_timeout_ms,
-            MAX_EVENTS_PER_START,
-            ctx.identity,
-            [
-                WftStartItem(run, msgid, *self.cache.position(run), workflow_id=wid)
-                for msgid, run, wid in items
-            ],
+        to_start = [t for t in tasks if t.started is None]
+        fresh = iter(
+            await ctx.protocol.wft_start(
+                shard,
+                stream,
+                ctx.settings.workflow_task_timeout_ms,
+                MAX_EVENTS_PER_START,
+                ctx.identity,
+                [
+                    WftStartItem(t.run, t.message_id, *self.cache.position(t.run), workflow_id=t.workflow_id)
+                    for t in to_start
+                ],
+            )
+            if to_start
+            else []
         )
+        started = [t.started or next(fresh) for t in tasks]
         activated: list[_Activated] = []
         failures: list[WftFailure] = []
         try:
-            for (msgid, run, _wid), st in zip(items, started, strict=True):
+            for t, st in zip(tasks, started, strict=True):
+                msgid, run = t.message_id, t.run
                 if st.reply is not Reply.OK:
                     continue
                 ctx.stats.workflow_tasks += 1
@@ -213,22 +272,31 @@ class WorkflowTasks:
     async def _complete(
         self, shard: int, stream: str, activated: list[_Activated], failures: list[WftFailure]
     ) -> None:
-        """Complete the batch in one call; commit to the cache only what Redis accepted."""
+        """Complete the batch in one call; commit to the cache only what Redis accepted,
+        and run the activities it handed to this worker."""
         ctx = self.ctx
-        replies = await ctx.protocol.wft_complete(
-            shard,
-            stream,
-            ctx.task_queue,
-            ctx.settings.retention_ms,
-            ctx.identity,
-            self.sticky_ms,
-            [
-                TaskCompletion(a.run, a.started.workflow_id, a.started.fence, a.message_id, a.commands)
-                for a in activated
-            ],
-        )
+        offers = self._offers(activated)
+        reserved = sum(len(o) for o in offers)
+        try:
+            replies = await self._send_completions(
+                shard,
+                stream,
+                [
+                    TaskCompletion(a.run, a.started.workflow_id, a.started.fence, a.message_id, a.commands, o)
+                    for a, o in zip(activated, offers, strict=True)
+                ],
+            )
+        finally:
+            if self.activities is not None:
+                self.activities.release(reserved)
         wake = False
         for a, r in zip(activated, replies, strict=True):
+            if r.reply is Reply.OK and r.eager and self.activities is not None:
+                bodies = {c.aux[0]: c.body for c in a.commands if c.kind is CommandKind.SCHEDULE_ACTIVITY}
+                for seq, deadline_ms in r.eager:
+                    self.activities.run_handed(
+                        shard, a.run, seq, bodies[seq], a.started, r.now_ms, deadline_ms
+                    )
             if r.reply is Reply.OK and not a.instance.closed:
                 self.cache.commit(a.run, a.instance, r.last_event_id, a.started.fence)
                 wake = wake or any(c.kind is CommandKind.START_TIMER for c in a.commands)
@@ -253,6 +321,51 @@ class WorkflowTasks:
                 log.warning("workflow task completion refused", run_id=a.run, reason=r.why)
         if wake:
             ctx.pump_wake.set()
+
+    def _offers(self, activated: list[_Activated]) -> list[frozenset[int]]:
+        """Per task, the activities this worker takes itself (eager dispatch): at most
+        ``max_eager_activities`` of those scheduled on its own queue that it runs, while it
+        has free slots, and none for a task that closes its run. The rest go through the
+        activity stream, where any worker takes them (a fan-out spreads)."""
+        acts = self.activities
+        out: list[frozenset[int]] = []
+        for a in activated:
+            wanted: list[int] = []
+            if acts is not None and self.max_eager_activities and not a.instance.closed:
+                for c in a.commands:
+                    act = c.scheduled_activity()
+                    if act and act[2] == self.ctx.task_queue and acts.serves(act[1]):
+                        wanted.append(act[0])
+                        if len(wanted) == self.max_eager_activities:
+                            break
+            n = acts.reserve(len(wanted)) if acts is not None and wanted else 0
+            out.append(frozenset(wanted[:n]))
+        return out
+
+    async def _send_completions(self, shard: int, stream: str, tasks: list[TaskCompletion]) -> list[Any]:
+        """wft_complete, sent again while Redis is away (within the workflow task timeout,
+        past which the fences are taken over anyway): a repeat gets the first call's answer,
+        so the activities it handed over are not left started with no one running them."""
+        ctx = self.ctx
+        give_up = asyncio.get_running_loop().time() + ctx.settings.workflow_task_timeout_ms / 1000
+        streak = Streak("workflow task completion: redis unavailable")
+        while True:
+            try:
+                replies = await ctx.protocol.wft_complete(
+                    shard,
+                    stream,
+                    ctx.task_queue,
+                    ctx.settings.retention_ms,
+                    ctx.identity,
+                    self.sticky_ms,
+                    tasks,
+                )
+                streak.ok()
+                return replies
+            except TRANSIENT as e:
+                if asyncio.get_running_loop().time() >= give_up or ctx.stopping.is_set():
+                    raise
+                await streak.failed(e)
 
     async def history_after(self, shard: int, wid: str, run: str, after: int) -> list[HistoryEvent]:
         return [HistoryEvent.from_entry(e) for e in await self.ctx.protocol.history(shard, wid, run, after)]
