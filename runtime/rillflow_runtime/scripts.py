@@ -72,9 +72,11 @@ class Library:
         parts = [lua_constants(), lua_source("lib")]
         for name in NAMES:
             # a script's body reads KEYS and ARGV as a plain script would: here they are
-            # its function's arguments
+            # its function's arguments; finish() writes what the call deferred
             parts.append(
-                f"local function {name}_fn(KEYS, ARGV)\nbegin(KEYS, ARGV)\n{lua_source(name)}\nend\n"
+                f"local function {name}_body(KEYS, ARGV)\n{lua_source(name)}\nend\n"
+                f"local function {name}_fn(KEYS, ARGV)\nbegin(KEYS, ARGV)\n"
+                f"local reply = {name}_body(KEYS, ARGV)\nfinish()\nreturn reply\nend\n"
             )
         body = "\n".join(parts)
         digest = hashlib.sha1(body.encode()).hexdigest()[:12]

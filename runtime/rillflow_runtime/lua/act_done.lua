@@ -14,7 +14,8 @@
 -- workflow task), that next task is started for it here, in place of a task message
 -- (see deliver). The answer is remembered on the activity (<seq>:d = "<attempt>|<answer>
 -- [|<fence of the task started>]"), so a repeat of the call (client retry) gets the same
--- answer, and the same started task while it is still that worker's.
+-- answer, and the same started task while it is still that worker's (after the run
+-- closed, the answers are kept folded on the run hash: see close_run).
 -- Per outcome returns {R.OK, R.RETRY (failed, will be retried) or R.REFUSED, the
 -- started workflow task as wft_start returns it, or nil}.
 local worker, timeout, max_events = ARGV[2], num(ARGV[3], 'timeout', 1), num(ARGV[4], 'max events', 1)
@@ -32,17 +33,16 @@ for i = 5, #ARGV, 11 do
   local eager = since >= 0 and { worker = worker, timeout = timeout, max_events = max_events, since = since,
     seen = ARGV[i + 10] } or nil
   local ak = act_key(run)
-  local r = call('HMGET', run_key(run), 'status', 'wid')
+  local r = call('HMGET', run_key(run), unpack(TASK_FIELDS))
+  knew(run, r[6])
   local a = call('HMGET', ak, seq .. ':d', seq)
   local prev = a[1] and split(a[1], '|') or {}
+  if not a[1] and r[1] and r[1] ~= RS.RUNNING then prev = folded_answer(run, seq, att) end
   local s = (r[1] == RS.RUNNING and a[2]) and cmsgpack.unpack(a[2]) or nil
   if tonumber(prev[1]) == att and (prev[2] == R.OK or prev[2] == R.RETRY) then
     local task = false
-    if prev[3] and eager then
-      local t = call('HMGET', run_key(run), unpack(TASK_FIELDS))
-      if t[1] == RS.RUNNING and t[2] == WT.STARTED and t[9] == worker and t[10] == prev[3] then
-        task = start_task(run, t, true, eager)
-      end
+    if prev[3] and eager and r[1] == RS.RUNNING and r[2] == WT.STARTED and r[9] == worker and r[10] == prev[3] then
+      task = start_task(run, r, true, eager)
     end
     out[#out + 1] = { prev[2], task }
   elseif not s or s.att ~= att or s.st ~= AS.STARTED then
@@ -53,11 +53,11 @@ for i = 5, #ARGV, 11 do
     local answer, woke = R.OK, nil
     if kind == R.OK then
       act_forget(run, seq, s)
-      woke = deliver(run, EV.ACTIVITY_TASK_COMPLETED, body, eager)
+      woke = deliver(run, EV.ACTIVITY_TASK_COMPLETED, body, eager, r)
     else
       if hb ~= '' then call('HSET', ak, seq .. ':hb', hb) end
       local retrying
-      retrying, woke = act_retry_or_fail(run, r[2], seq, s, body, nonretry, EV.ACTIVITY_TASK_FAILED, eager)
+      retrying, woke = act_retry_or_fail(run, r[4], seq, s, body, nonretry, EV.ACTIVITY_TASK_FAILED, eager, r)
       if retrying then answer = R.RETRY end
     end
     local task = type(woke) == 'table' and woke or false

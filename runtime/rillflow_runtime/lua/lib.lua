@@ -26,6 +26,11 @@ local PACK_HISTORY_BYTES = 65536
 -- NOW: Redis's clock in ms, the only clock that decides anything. NOW_US: the same in
 -- microseconds as a string, unique to this call (fences are made of it).
 local P, TIMERS, CLOSED, DECLARED, NOW, NOW_US
+-- LAST[run]: a run's last event id as this call knows it (read with the run's hash, or
+-- counted by append); DIRTY[run]: the run hash does not have it yet. The next write of
+-- the run hash through hset_run carries it, and finish() writes what no such write did:
+-- a call writes it once, not once per event it appends.
+local LAST, DIRTY
 
 -- Every Redis command of the scripts goes through `call`. With CHECK_KEYS (the test
 -- suite and the chaos run turn it on) a command on a key its caller did not declare is
@@ -48,6 +53,7 @@ end
 local function begin(keys, argv)
   call = CHECK_KEYS and checked_call or redis.call
   P, TIMERS, CLOSED = argv[1], keys[1], keys[2]
+  LAST, DIRTY = {}, {}
   DECLARED = {}
   for i = 1, #keys do DECLARED[keys[i]] = true end
   local t = redis.call('TIME')
@@ -136,9 +142,31 @@ local function drop_msg(stream, id, run)
   end
 end
 
+-- What a read of the run hash said its last event id is (unless this call moved it on).
+local function knew(run, last_eid)
+  if LAST[run] == nil and last_eid then LAST[run] = tonumber(last_eid) end
+end
+
+-- HSET on a run hash, with the run's last event id if this call appended to it.
+local function hset_run(run, ...)
+  if DIRTY[run] then
+    DIRTY[run] = nil
+    return call('HSET', run_key(run), 'last_eid', LAST[run], ...)
+  end
+  return call('HSET', run_key(run), ...)
+end
+
+-- The end of every call (see scripts.py): the last event ids no hset_run carried.
+local function finish()
+  for run in pairs(DIRTY) do call('HSET', run_key(run), 'last_eid', LAST[run]) end
+end
+
 -- Append one event to a run's history; the stream id is "<event_id>-0".
 local function append(run, wid, etype, body, t)
-  local eid = call('HINCRBY', run_key(run), 'last_eid', 1)
+  local eid = LAST[run]
+  if eid == nil then eid = tonumber(call('HGET', run_key(run), 'last_eid')) or 0 end
+  eid = eid + 1
+  LAST[run], DIRTY[run] = eid, true
   call('XADD', hist_key(wid, run), eid .. '-0', 'type', etype, 't', t or NOW, 'd', body)
   return eid
 end
@@ -152,14 +180,15 @@ local function schedule_wft(run, tq)
   local st = call('HMGET', rk, 'sticky', 'sticky_ms', 'wid')
   local q = queue_key(tq, 'wft')
   local sticky = st[1] and st[1] ~= '' and queue_key(tq, 'wft@' .. st[1])
+  local unstick = {}
   if sticky and DECLARED[sticky] then
     q = sticky
   elseif sticky then
     sticky = nil
-    call('HSET', rk, 'sticky', '')
+    unstick = { 'sticky', '' }
   end
   local id = call('XADD', q, '*', 'run', run, 'wid', st[3])
-  call('HSET', rk, 'wft', WT.SCHEDULED, 'wft_msg', id, 'wft_q', q)
+  hset_run(run, 'wft', WT.SCHEDULED, 'wft_msg', id, 'wft_q', q, unpack(unstick))
   if sticky then
     call('ZADD', TIMERS, NOW + tonumber(st[2]), tmember(TK.STICKY_FALLBACK, run, id))
   end
@@ -190,9 +219,9 @@ local function message_buffered(run)
   return false
 end
 
--- The run hash fields a workflow task's start reads, in the order start_task reads them.
+-- The run hash fields a workflow task's start reads (and deliver), in this order.
 local TASK_FIELDS = { 'status', 'wft', 'wft_msg', 'wid', 'wtype', 'last_eid', 'start_ms', 'wft_failures',
-  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq' }
+  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq', 'tq', 'sticky' }
 
 -- Start the run's workflow task for `w.worker` (r: its TASK_FIELDS), or, `again`, answer
 -- the start that worker already has the same way. The fence is "<attempt number>-<start
@@ -209,11 +238,10 @@ local function start_task(run, r, again, w)
     local n = (tonumber(r[13]) or 0) + 1
     fence = n .. '-' .. NOW_US
     started = NOW
-    call('HSET', run_key(run), 'wft', WT.STARTED, 'wft_start_ms', NOW, 'wft_by', w.worker,
-      'wft_fence', fence, 'wft_seq', n)
+    hset_run(run, 'wft', WT.STARTED, 'wft_start_ms', NOW, 'wft_by', w.worker, 'wft_fence', fence, 'wft_seq', n)
     call('ZADD', TIMERS, NOW + w.timeout, tmember(TK.TASK_TIMEOUT, run, fence))
   end
-  local last, since = tonumber(r[6]), w.since
+  local last, since = LAST[run] or tonumber(r[6]), w.since
   local rec = w.seen ~= '' and done_record(r[12], w.seen)
   if since > last or not rec or rec[1] ~= R.OK then since = 0 end
   local events = call('XRANGE', hist_key(r[4], run), (since + 1) .. '-0', '+', 'COUNT', w.max_events)
@@ -225,23 +253,24 @@ end
 -- `eager` (or nil): the worker reporting the event, which takes the workflow task at
 -- once if it caches the run (it ran its last task), as {worker, timeout, max_events,
 -- since, seen} (see start_task): then that task's start is returned, and no task message
--- is written. Returns nil when the run is not running, else that start or true.
-local function deliver(run, etype, body, eager)
-  local r = call('HMGET', run_key(run), 'status', 'wft', 'wid', 'tq', 'sticky')
+-- is written. `r` (or nil): the run's TASK_FIELDS, if the caller read them (and changed
+-- none since, but by append). Returns nil when the run is not running, else that start
+-- or true.
+local function deliver(run, etype, body, eager, r)
+  r = r or call('HMGET', run_key(run), unpack(TASK_FIELDS))
   if r[1] ~= RS.RUNNING then return nil end
+  knew(run, r[6])
   if r[2] == WT.STARTED then
     call('RPUSH', buf_key(run), etype, NOW, body)
     -- the task that closes the run looks for buffered messages only when this is set
     if etype == EV.WORKFLOW_EXECUTION_SIGNALED or etype == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED then
-      call('HSET', run_key(run), 'msgbuf', 1)
+      hset_run(run, 'msgbuf', 1)
     end
   else
-    append(run, r[3], etype, body)
+    append(run, r[4], etype, body)
     if r[2] ~= WT.SCHEDULED and r[2] ~= WT.BACKOFF then
-      if eager and r[5] == eager.worker then
-        return start_task(run, call('HMGET', run_key(run), unpack(TASK_FIELDS)), false, eager)
-      end
-      schedule_wft(run, r[4])
+      if eager and r[15] == eager.worker then return start_task(run, r, false, eager) end
+      schedule_wft(run, r[14])
     end
   end
   return true
@@ -261,8 +290,11 @@ local function note_messages(run)
   call('HSET', run_key(run), 'msgs', 1)
 end
 
-local function expire_run(run, wid, retention_ms, msgs, current, packed)
-  local keys = { run_key(run), packed and hist_packed_key(wid, run) or hist_key(wid, run), act_key(run) }
+-- (the packed history is written with its expiry; an act hash folded away is gone)
+local function expire_run(run, wid, retention_ms, msgs, current, packed, folded)
+  local keys = { run_key(run) }
+  if not packed then keys[#keys + 1] = hist_key(wid, run) end
+  if not folded then keys[#keys + 1] = act_key(run) end
   if msgs then
     keys[#keys + 1] = sig_key(run)
     keys[#keys + 1] = upd_key(run)
@@ -303,7 +335,7 @@ end
 -- {event id, type, time ms, body}) in place of its stream: a stream costs Redis about
 -- 4 KB however short it is (its first node is allocated whole), the packed value what
 -- its events weigh. Nothing is appended to a closed run, so the value is final.
-local function pack_history(run, wid, last_eid)
+local function pack_history(run, wid, last_eid, retention_ms)
   if last_eid > PACK_HISTORY_EVENTS then return false end
   local hk = hist_key(wid, run)
   if (call('MEMORY', 'USAGE', hk, 'SAMPLES', 0) or 0) > PACK_HISTORY_BYTES then return false end
@@ -314,28 +346,56 @@ local function pack_history(run, wid, last_eid)
     for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
     packed[i] = { tonumber(string.match(e[1], '^(%d+)')), f.type, tonumber(f.t), f.d }
   end
-  call('SET', hist_packed_key(wid, run), cmsgpack.pack(packed))
+  call('SET', hist_packed_key(wid, run), cmsgpack.pack(packed), 'PX', retention_ms)
   call('DEL', hk)
   return true
 end
 
+-- A closed run's act hash holds no state, only the answers act_done gave (<seq>:d), kept
+-- so that a repeat of one gets it again. When they are few, they are folded into the run
+-- hash as acts_d = "<seq>.<attempt>.<answer>,..." (short, so the hash stays compact) and
+-- the act hash goes: it costs more than its content. Returns the folded value or nil.
+local FOLD_BYTES = 48
+local function fold_answers(fields)
+  local parts = {}
+  for i = 1, #fields, 2 do
+    local seq = string.match(fields[i], '^(%d+):d$')
+    if not seq then return nil end
+    local d = split(fields[i + 1], '|')
+    parts[#parts + 1] = seq .. '.' .. d[1] .. '.' .. d[2]
+  end
+  local folded = table.concat(parts, ',')
+  if #folded > FOLD_BYTES then return nil end
+  return folded
+end
+
+-- The answer act_done gave for attempt `att` of activity `seq` of a closed run whose
+-- answers were folded, as {attempt, answer} (or {} if it gave none).
+local function folded_answer(run, seq, att)
+  local folded = call('HGET', run_key(run), 'acts_d')
+  if not folded then return {} end
+  local answer = string.match(',' .. folded .. ',', ',' .. seq .. '%.' .. att .. '%.(%a+),')
+  return answer and { tostring(att), answer } or {}
+end
+
 -- Close a run: the closing event, the outcome for result-waiters, the closed-runs
--- stream they block on, the retention clock, and every timer it still had. Returns the
--- closing event's id.
-local function close_run(run, status, etype, body, retention_ms)
+-- stream they block on, the retention clock, and every timer it still had. `extra`:
+-- more fields for the run hash (the caller's record of the call). Returns the closing
+-- event's id.
+local function close_run(run, status, etype, body, retention_ms, extra)
   local rk = run_key(run)
-  local r = call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence')
+  local r = call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid')
   local wid = r[1]
+  knew(run, r[7])
   local eid = append(run, wid, etype, body)
   if r[3] == WT.SCHEDULED or r[3] == WT.STARTED then drop_msg(r[2], r[4], run) end
-  call('HSET', rk, 'status', status, 'closed_ms', NOW, 'wft', WT.NONE, 'outcome', body,
-    'outcome_type', etype)
   local current = call('HGET', wf_key(wid), 'run') == run  -- (not when a newer run has the id)
   if current then call('HSET', wf_key(wid), 'status', status) end
   local gone = { tmember(TK.EXECUTION_TIMEOUT, run), tmember(TK.TASK_RETRY, run) }
   if r[6] then gone[#gone + 1] = tmember(TK.TASK_TIMEOUT, run, r[6]) end
   if r[4] and r[4] ~= '' then gone[#gone + 1] = tmember(TK.STICKY_FALLBACK, run, r[4]) end
   local acts = call('HGETALL', act_key(run))
+  local folded = #acts > 0 and fold_answers(acts)
   for i = 1, #acts, 2 do
     local f = acts[i]
     if string.sub(f, 1, 6) == 'timer:' then
@@ -367,10 +427,18 @@ local function close_run(run, status, etype, body, retention_ms)
   else
     call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
   end
-  local packed = pack_history(run, wid, eid)
+  local packed = pack_history(run, wid, eid, retention_ms)
+  local fields = { 'status', status, 'closed_ms', NOW, 'wft', WT.NONE, 'outcome', body, 'outcome_type', etype }
+  if folded then
+    fields[#fields + 1] = 'acts_d'
+    fields[#fields + 1] = folded
+    call('DEL', act_key(run))
+  end
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
+  hset_run(run, unpack(fields))
   -- what routed its workflow tasks is of no use to a closed run
   call('HDEL', rk, 'wft_msg', 'wft_q', 'wft_start_ms', 'wft_by', 'sticky', 'sticky_ms', 'msgbuf')
-  expire_run(run, wid, retention_ms, r[5], current, packed)
+  expire_run(run, wid, retention_ms, r[5], current, packed, folded)
   return eid
 end
 
@@ -424,7 +492,7 @@ end
 -- policy allows and the schedule-to-close deadline is not passed, else fail for good
 -- (delivered as deliver does, with `eager`). Returns true when a retry was scheduled,
 -- else false and what deliver returned.
-local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, final_type, eager)
+local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, final_type, eager, r)
   local ak = act_key(run)
   if failure_body then call('HSET', ak, seq .. ':f', failure_body) end
   local delay = s.ii * (s.bc ^ (s.att - 1))
@@ -435,7 +503,7 @@ local function act_retry_or_fail(run, wid, seq, s, failure_body, non_retryable, 
   call('ZREM', TIMERS, tmember(TK.ACTIVITY_DEADLINE, run, seq, s.att))
   if non_retryable or exhausted or past_deadline then
     act_forget(run, seq, s)
-    return false, deliver(run, final_type, failure_body, eager)
+    return false, deliver(run, final_type, failure_body, eager, r)
   end
   append(run, wid, EV.ACTIVITY_TASK_RETRYING, failure_body)
   s.att = s.att + 1
@@ -461,7 +529,7 @@ local function wft_backoff(run, wid, etype, body, first_now)
   local rk = run_key(run)
   local n = call('HINCRBY', rk, 'wft_failures', 1)
   if n == 1 then append(run, wid, etype, body) end
-  call('HSET', rk, 'wft_failure', body, 'wft', WT.BACKOFF, 'wft_msg', '', 'sticky', '')
+  hset_run(run, 'wft_failure', body, 'wft', WT.BACKOFF, 'wft_msg', '', 'sticky', '')
   flush_buffer(run, wid)
   local delay = 1000 * (2 ^ (n - 1))
   if first_now then delay = (n == 1) and 0 or 1000 * (2 ^ (n - 2)) end

@@ -9,20 +9,23 @@ local wid, run, wtype, tq, body = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local timeout = tonumber(ARGV[7])
 if not timeout or timeout <= 0 then return { R.INVALID, 'execution timeout must be a positive number of ms' } end
 if wid == '' or run == '' or wtype == '' or tq == '' then return { R.INVALID, 'empty id, type or queue' } end
-local rk = run_key(run)
-if call('EXISTS', rk) == 1 then
+local rk, wk = run_key(run), wf_key(wid)
+local cur = call('HMGET', wk, 'run', 'status')
+if cur[1] == run then return { R.OK, run } end  -- a repeat
+if call('EXISTS', rk) == 1 then  -- a repeat after another run took the id, or a stray run id
   if call('HGET', rk, 'wid') ~= wid then return { R.INVALID, 'run id already used' } end
   return { R.OK, run }
 end
-local wk = wf_key(wid)
-local cur = call('HMGET', wk, 'run', 'status')
 if cur[2] == RS.RUNNING then return { R.RUNNING, cur[1] } end
 -- checked: nothing below can fail
-call('DEL', wk)
+if cur[1] then call('DEL', wk) end  -- (an earlier run's bookkeeping)
 call('HSET', wk, 'run', run, 'status', RS.RUNNING)
-call('HSET', rk, 'wid', wid, 'wtype', wtype, 'tq', tq, 'status', RS.RUNNING,
-  'last_eid', 0, 'start_ms', NOW, 'wft_seq', 0, 'deadline_ms', NOW + timeout)
+knew(run, 0)
 append(run, wid, EV.WORKFLOW_EXECUTION_STARTED, body)
-schedule_wft(run, tq)
+-- its first workflow task (a new run has no worker caching it: the shared stream)
+local q = queue_key(tq, 'wft')
+local msg = call('XADD', q, '*', 'run', run, 'wid', wid)
+hset_run(run, 'wid', wid, 'wtype', wtype, 'tq', tq, 'status', RS.RUNNING, 'start_ms', NOW, 'wft_seq', 0,
+  'deadline_ms', NOW + timeout, 'wft', WT.SCHEDULED, 'wft_msg', msg, 'wft_q', q)
 call('ZADD', TIMERS, NOW + timeout, tmember(TK.EXECUTION_TIMEOUT, run))
 return { R.OK, run }

@@ -64,7 +64,8 @@ for _, t in ipairs(tasks) do
   local run, fence = t.run, t.fence
   local rk = run_key(run)
   local r = call('HMGET', rk, 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
-    'msgbuf', 'wft_done', 'wft_failures')
+    'msgbuf', 'wft_done', 'wft_failures', 'last_eid')
+  knew(run, r[11])
   local rec = done_record(r[9], fence)
   if rec then
     out[#out + 1] = { rec[1], rec[2], NOW, handed_over(run, rec[3], worker) }
@@ -83,7 +84,7 @@ for _, t in ipairs(tasks) do
     if t.closes and r[8] and message_buffered(run) then
       drop_msg(r[7], r[5], run)
       flush_buffer(run, wid)
-      call('HSET', rk, 'sticky', '', 'wft_done', fence .. '|' .. R.AGAIN .. '|0')
+      hset_run(run, 'sticky', '', 'wft_done', fence .. '|' .. R.AGAIN .. '|0')
       schedule_wft(run, tq)
       out[#out + 1] = { R.AGAIN, 'signals or updates arrived before the run could close' }
     else
@@ -131,27 +132,28 @@ for _, t in ipairs(tasks) do
         elseif kind == CMD.COMPLETE_UPDATE then
           last = append(run, wid, EV.WORKFLOW_EXECUTION_UPDATE_COMPLETED, body)
           finish_update(run, aux[1], body)
-        elseif kind == CMD.COMPLETE_WORKFLOW then
-          last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, retention)
-          closed = true
-        elseif kind == CMD.FAIL_WORKFLOW then
-          last = close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, retention)
+        elseif kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then
+          -- the closing event comes next; the run hash records this completion with it
+          -- (closing the run drops the task message)
+          local rec = { 'wft_done', fence .. '|' .. R.OK .. '|' .. (LAST[run] + 1) .. '|' }
+          if kind == CMD.COMPLETE_WORKFLOW then
+            last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, retention, rec)
+          else
+            last = close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, retention, rec)
+          end
           closed = true
         end
       end
       local done = fence .. '|' .. R.OK .. '|' .. last .. '|' .. table.concat(seqs, ',')
-      if closed then
-        call('HSET', rk, 'wft_done', done)  -- (closing the run dropped the message)
-      else
+      if not closed then
         drop_msg(r[7], r[5], run)
         -- the next task of this run goes to this worker, which now holds it in cache
         local sticky = sticky_ms > 0 and worker or ''
         if flush_buffer(run, wid) > 0 then
-          call('HSET', rk, 'sticky', sticky, 'sticky_ms', sticky_ms, 'wft_done', done)
+          hset_run(run, 'sticky', sticky, 'sticky_ms', sticky_ms, 'wft_done', done)
           schedule_wft(run, tq)
         else
-          call('HSET', rk, 'sticky', sticky, 'sticky_ms', sticky_ms, 'wft_done', done, 'wft', WT.NONE,
-            'wft_msg', '')
+          hset_run(run, 'sticky', sticky, 'sticky_ms', sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '')
         end
       end
       out[#out + 1] = { R.OK, last, NOW, handed }

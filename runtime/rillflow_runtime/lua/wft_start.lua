@@ -13,6 +13,7 @@
 local wq, timeout, max_events, worker = KEYS[3], num(ARGV[2], 'timeout', 1), num(ARGV[3], 'max events', 1), ARGV[4]
 if (#ARGV - 4) % 4 ~= 0 then error('rillflow: wft_start takes 4 arguments per task') end
 for i = 5, #ARGV, 4 do num(ARGV[i + 2], 'since', 0) end
+local sticky_stream = string.find(wq, '@', #P + 1, true) ~= nil
 local out = {}
 for i = 5, #ARGV, 4 do
   local run, msg = ARGV[i], ARGV[i + 1]
@@ -20,7 +21,8 @@ for i = 5, #ARGV, 4 do
   local mine = r[1] == RS.RUNNING and r[3] == msg
   local again = mine and r[2] == WT.STARTED and r[9] == worker
   if (mine and r[2] == WT.SCHEDULED) or again then
-    if not again then call('ZREM', TIMERS, tmember(TK.STICKY_FALLBACK, run, msg)) end
+    -- (a message on a worker's own stream has a timer that would move it elsewhere)
+    if not again and sticky_stream then call('ZREM', TIMERS, tmember(TK.STICKY_FALLBACK, run, msg)) end
     out[#out + 1] = start_task(run, r, again, { worker = worker, timeout = timeout, max_events = max_events,
       since = tonumber(ARGV[i + 2]), seen = ARGV[i + 3] })
   elseif mine and r[2] == WT.STARTED then
