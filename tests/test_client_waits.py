@@ -159,7 +159,7 @@ async def test_a_small_result_travels_in_the_closed_entry(client: Client, redis_
             await wait_until(entry, 10)
             fields = await entry()
             if size < 1024:
-                assert fields[b"outcome_type"] == b"WorkflowExecutionCompleted" and b"outcome" in fields
+                assert fields[b"status"] == b"completed" and b"outcome" in fields
                 await client.redis.delete(client.keyspace.run(0, h.run_id or ""))
             else:
                 assert b"outcome" not in fields

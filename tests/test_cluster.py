@@ -469,7 +469,6 @@ async def drive_run(c: Conn, shard: int) -> None:
         b"run": run.encode(),
         b"wid": wid.encode(),
         b"status": b"terminated",
-        b"outcome_type": b"WorkflowExecutionTerminated",
         b"outcome": pack({"reason": "test"}),  # small: it travels with the entry
     }
     upd2 = await p.update(wid, None, "u1", b"")

@@ -18,6 +18,7 @@ from rillflow.history import HistoryEvent
 from rillflow_runtime.codec import pack, unpack
 from rillflow_runtime.model import CommandKind, Reply
 from rillflow_runtime.protocol import (
+    ActDone,
     ActivityOutcome,
     ActivityRoute,
     ActStartItem,
@@ -106,6 +107,32 @@ async def test_an_outcome_brings_back_the_next_task_of_a_run_its_worker_caches(c
     )
     assert closed.reply is Reply.OK
     assert (await client.redis.hget(ks.run(0, run), "status")) == b"completed"
+
+
+async def test_a_repeated_result_after_its_run_closed_gets_the_same_answer(client: Client) -> None:
+    """A closed run's act hash is folded into its run hash (acts_d), answers included."""
+    stream, h, _task, _done = await _handed(client, _activity(1), eager=frozenset({1}))
+    ks, run = client.keyspace, h.run_id or ""
+    outcome = ActivityOutcome(run, 1, 1, pack({"seq": 1, "att": 1, "result": "hi"}), _route(h))
+    (first,) = await client.protocol.act_done(0, [outcome], EagerStart("w1", 10_000, 100, {run: (0, "")}))
+    assert first.reply is Reply.OK and first.task is not None
+    complete = _Cmd(CommandKind.COMPLETE_WORKFLOW, pack({"result": 1}), [])
+    (closed,) = await client.protocol.wft_complete(
+        0,
+        stream,
+        "default",
+        RETENTION,
+        "w1",
+        5_000,
+        [TaskCompletion(run, h.id, first.task.fence, "", [complete])],  # type: ignore[list-item]
+    )
+    assert closed.reply is Reply.OK
+    assert not await client.redis.exists(ks.acts(0, run))  # folded away
+    assert await client.redis.hget(ks.run(0, run), "acts_d") == b"1.1.ok"
+    (again,) = await client.protocol.act_done(0, [outcome], EagerStart("w1", 10_000, 100, {run: (0, "")}))
+    assert again == ActDone(Reply.OK)  # the same answer, no task: the run is closed
+    late = ActivityOutcome(run, 1, 2, pack({"seq": 1, "att": 2, "result": "hi"}), _route(h))
+    assert await client.protocol.act_done(0, [late]) == [ActDone(Reply.REFUSED)]
 
 
 async def test_an_outcome_reported_by_another_worker_wakes_the_run_through_its_stream(client: Client) -> None:

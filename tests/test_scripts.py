@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any
 
+import msgpack
 import pytest
 from redis.exceptions import ResponseError
 
@@ -18,7 +19,7 @@ from rillflow import Client, Worker
 from rillflow.history import HistoryEvent
 from rillflow_runtime.codec import pack
 from rillflow_runtime.keyspace import GROUP
-from rillflow_runtime.model import ENUMS, CommandKind, Reply
+from rillflow_runtime.model import ENUMS, EVENT_CODES, CommandKind, Reply
 from rillflow_runtime.protocol import ActivityOutcome, ActStartItem, RunReply, TaskCompletion, WftStartItem
 from rillflow_runtime.scripts import NAMES, lua_source
 from tests import flows
@@ -491,6 +492,51 @@ async def test_a_closed_runs_history_is_packed_into_one_value_and_reads_the_same
     )
     # what routed its tasks is gone with it
     assert await client.redis.hmget(ks.run(0, run), ["wft_q", "wft_msg", "sticky"]) == [None] * 3
+
+
+async def test_a_history_packed_in_the_first_form_is_read_as_well(client: Client) -> None:
+    """Runs closed before the packed form had type codes keep their history readable."""
+    ks, p = client.keyspace, client.protocol
+    old = [
+        [1, b"WorkflowExecutionStarted", 1_000, pack({"input": {"a": 1}})],
+        [2, b"WorkflowTaskCompleted", 1_005, pack({"t0": 1_004})],
+        [3, b"WorkflowExecutionCompleted", 1_005, pack({"result": 1})],
+    ]
+    await client.redis.set(ks.history_packed(0, "wid", "run"), msgpack.packb(old))
+    events = [HistoryEvent.from_entry(e) for e in await p.history(0, "wid", "run")]
+    assert [(e.event_id, e.type, e.time_ms) for e in events] == [
+        (1, "WorkflowExecutionStarted", 1_000),
+        (2, "WorkflowTaskCompleted", 1_005),
+        (3, "WorkflowExecutionCompleted", 1_005),
+    ]
+    assert events[0].attributes == {"input": {"a": 1}}
+
+
+def test_the_packed_type_codes_never_move() -> None:
+    """A packed history stores each type as its position in EVENT_CODES: new members go
+    at the end, or histories already packed would read as other events."""
+    assert [e.value for e in EVENT_CODES][:20] == [
+        "WorkflowExecutionStarted",
+        "WorkflowTaskCompleted",
+        "WorkflowTaskFailed",
+        "WorkflowTaskTimedOut",
+        "ActivityTaskScheduled",
+        "ActivityTaskCompleted",
+        "ActivityTaskFailed",
+        "ActivityTaskTimedOut",
+        "ActivityTaskRetrying",
+        "ActivityTaskCancelRequested",
+        "TimerStarted",
+        "TimerFired",
+        "TimerCanceled",
+        "WorkflowExecutionSignaled",
+        "WorkflowExecutionUpdateAccepted",
+        "WorkflowExecutionUpdateCompleted",
+        "WorkflowExecutionCompleted",
+        "WorkflowExecutionFailed",
+        "WorkflowExecutionTimedOut",
+        "WorkflowExecutionTerminated",
+    ]
 
 
 async def test_a_large_history_stays_a_stream_when_the_run_closes(client: Client) -> None:

@@ -122,6 +122,10 @@ ENUMS: dict[str, type[StrEnum]] = {
 }
 """The Lua table name each enum is generated under."""
 
+# A closed run's packed history names each event's type by its position here (from 1):
+# stored, so members are only ever added at the end, never reordered or removed.
+EVENT_CODES: tuple[EventType, ...] = tuple(EventType)
+
 # Events written right after a WorkflowTaskCompleted, one per command of that task.
 COMMAND_EVENTS = frozenset(
     {

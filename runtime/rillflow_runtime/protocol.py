@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import Keyspace
-from rillflow_runtime.model import CommandKind, Reply, TimerKind
+from rillflow_runtime.model import EVENT_CODES, CommandKind, Reply, TimerKind
 from rillflow_runtime.scripts import Scripts
 
 T = TypeVar("T")
@@ -220,6 +220,26 @@ class PumpReply:
 
 def _reply(value: Any) -> Reply:
     return Reply(text(value))
+
+
+def _unpack_history(packed: bytes) -> list[Any]:
+    """A packed history (see pack_history in lib.lua) as XRANGE entries."""
+    # raw: an event's body is msgpack bytes, which Lua's cmsgpack packs as a string
+    value = msgpack.unpackb(packed, raw=True)
+    if value and value[0] == 2:
+        _, t0, flat = value
+        return [
+            (f"{i}-0".encode(), {b"type": EVENT_TYPES[code], b"t": str(t0 + dt).encode(), b"d": body})
+            for i, (code, dt, body) in enumerate(zip(flat[::3], flat[1::3], flat[2::3], strict=True), 1)
+        ]
+    return [
+        (f"{eid}-0".encode(), {b"type": etype, b"t": str(t).encode(), b"d": body})
+        for eid, etype, t, body in value
+    ]
+
+
+# a packed history's type codes, as stream entries spell the types
+EVENT_TYPES = {i: e.value.encode() for i, e in enumerate(EVENT_CODES, 1)}
 
 
 def _started(r: Any) -> WftStarted:
@@ -561,12 +581,7 @@ class Protocol:
             out += page
         if out or packed is None:
             return out
-        # raw: an event's body is msgpack bytes, which Lua's cmsgpack packs as a string
-        return [
-            (f"{eid}-0".encode(), {b"type": etype, b"t": str(t).encode(), b"d": body})
-            for eid, etype, t, body in msgpack.unpackb(packed, raw=True)
-            if eid > after
-        ]
+        return [e for e in _unpack_history(packed) if int(e[0][:-2]) > after]
 
     async def dead_letter(self, shard: int, stream: str, message_id: str, reason: str) -> bool:
         keys = [stream, self.ks.dead_letters(stream)]

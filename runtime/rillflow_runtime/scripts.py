@@ -20,7 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from rillflow_runtime.model import ENUMS
+from rillflow_runtime.model import ENUMS, EVENT_CODES
 
 NAMES = (
     "start",
@@ -58,6 +58,8 @@ def lua_constants() -> str:
     for table, enum in ENUMS.items():
         items = ", ".join(f"{m.name} = '{m.value}'" for m in enum)
         lines.append(f"local {table} = {{ {items} }}")
+    codes = ", ".join(f"{e.value} = {i}" for i, e in enumerate(EVENT_CODES, 1))
+    lines.append(f"local EVCODE = {{ {codes} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -73,10 +73,19 @@ class ActivityOptions:
 
     @functools.cached_property
     def _wire(self) -> dict[str, Any]:
+        # a timeout that is not set is left out (readers take 0): every scheduled
+        # activity's event carries these, for as long as its run is kept
+        optional = {
+            k: v
+            for k, v in (
+                ("schedule_to_close_ms", _ms(self.schedule_to_close_timeout)),
+                ("heartbeat_ms", _ms(self.heartbeat_timeout)),
+            )
+            if v
+        }
         return {
             "start_to_close_ms": _ms(self.start_to_close_timeout),
-            "schedule_to_close_ms": _ms(self.schedule_to_close_timeout),
-            "heartbeat_ms": _ms(self.heartbeat_timeout),
+            **optional,
             "retry": {
                 "max_attempts": self.retry_policy_max_attempts,
                 "backoff_coefficient": self.retry_policy_backoff_coefficient,

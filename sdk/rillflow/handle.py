@@ -28,7 +28,7 @@ from rillflow.watcher import Waiter
 from rillflow.workflow import HANDLER_KINDS, HandlerDefinition, WorkflowDefinition, handler_definition
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import ID_RE, NAME_RE
-from rillflow_runtime.model import EventType, Reply, RunStatus
+from rillflow_runtime.model import Reply, RunStatus
 
 if TYPE_CHECKING:
     from rillflow.client import Client
@@ -156,15 +156,15 @@ class WorkflowHandle:
             fut = None
 
     async def _outcome_fields(self, run: str) -> list[Any]:
-        """Status, outcome type and outcome, in one read: a closed run needs no other."""
-        return await self._run_fields(run, "status", "outcome_type", "outcome")
+        """Status and outcome, in one read: a closed run needs no other."""
+        return await self._run_fields(run, "status", "outcome")
 
-    def _outcome(self, run: str, status: Any, otype: Any, outcome: Any) -> Any:
+    def _outcome(self, run: str, status: Any, outcome: Any) -> Any:
         if status is None:  # gone while we waited: expired, or lost in a Redis rollback
             raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
         st = text(status)
         body = unpack(outcome) if outcome else {}
-        if text(otype) == EventType.WORKFLOW_EXECUTION_COMPLETED:
+        if st == RunStatus.COMPLETED:
             value = body.get("result")
             return self.defn.sig.load_result_leniently(value) if self.defn else value
         raise WorkflowFailureError(self.id, run, st, _failure_cause(st, body))
@@ -199,9 +199,7 @@ class WorkflowHandle:
         pending.sort(key=lambda p: p.seq)
         wft_fail = fields.get("wft_failure")
         status = text(fields.get("status"))
-        closed_without_result = status != RunStatus.RUNNING and (
-            text(fields.get("outcome_type")) != EventType.WORKFLOW_EXECUTION_COMPLETED
-        )
+        closed_without_result = status not in (RunStatus.RUNNING, RunStatus.COMPLETED)
         outcome = fields.get("outcome")
         body = unpack(outcome) if outcome else {}
         return WorkflowDescription(

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("rillflow.client")
 
-Closing = tuple[Any, Any, Any] | None
-"""What woke a waiter for a run: the closed-runs entry's status, outcome type and outcome
+Closing = tuple[Any, Any] | None
+"""What woke a waiter for a run: the closed-runs entry's status and outcome
 (bytes as Redis gave them), or None when the entry did not carry the outcome (too large)
 or a re-check of the run's state woke it: then the waiter reads the run."""
 
@@ -169,11 +169,7 @@ class Watcher:
                 run = fields.get(b"run")
                 if run is not None:
                     outcome = fields.get(b"outcome")
-                    closing = (
-                        None
-                        if outcome is None
-                        else (fields.get(b"status"), fields.get(b"outcome_type"), outcome)
-                    )
+                    closing = None if outcome is None else (fields.get(b"status"), outcome)
                     self._wake(self.runs, text(run), closing)
                 upd = fields.get(b"update")
                 if upd is not None:

@@ -331,22 +331,31 @@ local function act_forget(run, seq, s)
   call('ZREM', TIMERS, act_members(run, seq, s))
 end
 
--- A closed run's history, packed into one msgpack value at hc:<wid>:<run> (an array of
--- {event id, type, time ms, body}) in place of its stream: a stream costs Redis about
--- 4 KB however short it is (its first node is allocated whole), the packed value what
--- its events weigh. Nothing is appended to a closed run, so the value is final.
+-- A closed run's history, packed into one msgpack value at hc:<wid>:<run> in place of
+-- its stream: a stream costs Redis about 4 KB however short it is (its first node is
+-- allocated whole), the packed value what its events weigh. The value is {2, time of
+-- event 1 (ms), {type code, ms after event 1, body, ...}}: event ids run 1, 2, 3, ...
+-- (a history has no gaps), a type is its position in model.EVENT_CODES. (The first
+-- packed form, {{event id, type, time, body}, ...}, is read as well.) Nothing is
+-- appended to a closed run, so the value is final.
 local function pack_history(run, wid, last_eid, retention_ms)
   if last_eid > PACK_HISTORY_EVENTS then return false end
   local hk = hist_key(wid, run)
   if (call('MEMORY', 'USAGE', hk, 'SAMPLES', 0) or 0) > PACK_HISTORY_BYTES then return false end
   local entries = call('XRANGE', hk, '-', '+')
-  local packed = {}
+  local flat, t0 = {}, nil
   for i, e in ipairs(entries) do
     local f = {}
     for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
-    packed[i] = { tonumber(string.match(e[1], '^(%d+)')), f.type, tonumber(f.t), f.d }
+    local t = tonumber(f.t)
+    t0 = t0 or t
+    -- (ids in order from 1, and known types: else the stream stays as it is)
+    if tonumber(string.match(e[1], '^(%d+)')) ~= i or not EVCODE[f.type] then return false end
+    flat[#flat + 1] = EVCODE[f.type]
+    flat[#flat + 1] = t - t0
+    flat[#flat + 1] = f.d
   end
-  call('SET', hist_packed_key(wid, run), cmsgpack.pack(packed), 'PX', retention_ms)
+  call('SET', hist_packed_key(wid, run), cmsgpack.pack({ 2, t0 or 0, flat }), 'PX', retention_ms)
   call('DEL', hk)
   return true
 end
@@ -422,13 +431,12 @@ local function close_run(run, status, etype, body, retention_ms, extra)
   end
   -- a small outcome travels with the entry, so that its waiter needs no read of the run
   if #body <= INLINE_OUTCOME_BYTES then
-    call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status,
-      'outcome_type', etype, 'outcome', body)
+    call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status, 'outcome', body)
   else
     call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
   end
   local packed = pack_history(run, wid, eid, retention_ms)
-  local fields = { 'status', status, 'closed_ms', NOW, 'wft', WT.NONE, 'outcome', body, 'outcome_type', etype }
+  local fields = { 'status', status, 'closed_ms', NOW, 'outcome', body }
   if folded then
     fields[#fields + 1] = 'acts_d'
     fields[#fields + 1] = folded
@@ -436,8 +444,10 @@ local function close_run(run, status, etype, body, retention_ms, extra)
   end
   for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   hset_run(run, unpack(fields))
-  -- what routed its workflow tasks is of no use to a closed run
-  call('HDEL', rk, 'wft_msg', 'wft_q', 'wft_start_ms', 'wft_by', 'sticky', 'sticky_ms', 'msgbuf')
+  -- what routed and fenced its workflow tasks is of no use to a closed run (a repeat of
+  -- the completion that closed it is answered from wft_done)
+  call('HDEL', rk, 'wft', 'wft_msg', 'wft_q', 'wft_start_ms', 'wft_by', 'wft_fence', 'wft_seq', 'sticky',
+    'sticky_ms', 'msgbuf')
   expire_run(run, wid, retention_ms, r[5], current, packed, folded)
   return eid
 end
