@@ -334,6 +334,12 @@ def worker(
     ],
     task_queue: Annotated[str, typer.Option("--task-queue", "-q", callback=_utf8)] = "default",
     max_concurrent_activities: Annotated[int, typer.Option()] = 100,
+    max_eager_activities: Annotated[
+        int,
+        typer.Option(
+            help="activities a workflow task hands straight to this worker (0: all go through the queue)"
+        ),
+    ] = 3,
     grace: Annotated[float, typer.Option(help="seconds running activities get to finish on SIGTERM")] = 30.0,
     identity: Annotated[
         str | None,
@@ -365,6 +371,7 @@ def worker(
                 wfs,
                 acts,
                 max_concurrent_activities=max_concurrent_activities,
+                max_eager_activities=max_eager_activities,
                 graceful_shutdown_timeout=timedelta(seconds=grace),
                 identity=identity,
                 heartbeat_interval=timedelta(seconds=heartbeat),

@@ -444,10 +444,10 @@ local function close_run(run, status, etype, body, retention_ms, extra)
   end
   for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   hset_run(run, unpack(fields))
-  -- what routed and fenced its workflow tasks is of no use to a closed run (a repeat of
-  -- the completion that closed it is answered from wft_done)
+  -- what routed and fenced its workflow tasks, and its deadline, are of no use to a
+  -- closed run (a repeat of the completion that closed it is answered from wft_done)
   call('HDEL', rk, 'wft', 'wft_msg', 'wft_q', 'wft_start_ms', 'wft_by', 'wft_fence', 'wft_seq', 'sticky',
-    'sticky_ms', 'msgbuf')
+    'sticky_ms', 'msgbuf', 'deadline_ms')
   expire_run(run, wid, retention_ms, r[5], current, packed, folded)
   return eid
 end
