@@ -155,11 +155,14 @@ async def bench(url: str, n: int, shards: int, workers: int) -> None:
         print(Cpu.line("W2", t0, t1, n2))
 
         probe: list[float] = []
-        for i in range(50):
+        for i in range(100):
             t = time.perf_counter()
             await (await client.start_workflow("bench_w1", {"i": i})).result(timeout=30)
             probe.append(time.perf_counter() - t)
-        print(f"latency probe p50       {statistics.median(probe) * 1000:10.2f} ms (50 sequential W1 runs)")
+        print(
+            f"latency probe p50       {statistics.median(probe) * 1000:10.2f} ms, p99 {pct(probe, 0.99):.2f} ms "
+            "(100 sequential W1 runs)"
+        )
     finally:
         for w in procs:
             w.terminate()

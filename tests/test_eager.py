@@ -111,11 +111,21 @@ async def test_an_outcome_brings_back_the_next_task_of_a_run_its_worker_caches(c
 
 async def test_a_repeated_result_after_its_run_closed_gets_the_same_answer(client: Client) -> None:
     """A closed run's act hash is folded into its run hash (acts_d), answers included."""
-    stream, h, _task, _done = await _handed(client, _activity(1), eager=frozenset({1}))
+    stream, h, _task, _done = await _handed(
+        client, _activity(1), _activity(2), _activity(3), eager=frozenset({1, 2, 3})
+    )
     ks, run = client.keyspace, h.run_id or ""
-    outcome = ActivityOutcome(run, 1, 1, pack({"seq": 1, "att": 1, "result": "hi"}), _route(h))
-    (first,) = await client.protocol.act_done(0, [outcome], EagerStart("w1", 10_000, 100, {run: (0, "")}))
+    eager = EagerStart("w1", 10_000, 100, {run: (0, "")})
+
+    def outcome(seq: int, att: int = 1) -> ActivityOutcome:
+        return ActivityOutcome(run, seq, att, pack({"seq": seq, "att": att, "result": "hi"}), _route(h))
+
+    (first,) = await client.protocol.act_done(0, [outcome(1)], eager)
     assert first.reply is Reply.OK and first.task is not None
+    # the others land while that task runs: buffered
+    assert [d.reply for d in await client.protocol.act_done(0, [outcome(2), outcome(3)], eager)] == [
+        Reply.OK
+    ] * 2
     complete = _Cmd(CommandKind.COMPLETE_WORKFLOW, pack({"result": 1}), [])
     (closed,) = await client.protocol.wft_complete(
         0,
@@ -128,11 +138,10 @@ async def test_a_repeated_result_after_its_run_closed_gets_the_same_answer(clien
     )
     assert closed.reply is Reply.OK
     assert not await client.redis.exists(ks.acts(0, run))  # folded away
-    assert await client.redis.hget(ks.run(0, run), "acts_d") == b"1.1.ok"
-    (again,) = await client.protocol.act_done(0, [outcome], EagerStart("w1", 10_000, 100, {run: (0, "")}))
-    assert again == ActDone(Reply.OK)  # the same answer, no task: the run is closed
-    late = ActivityOutcome(run, 1, 2, pack({"seq": 1, "att": 2, "result": "hi"}), _route(h))
-    assert await client.protocol.act_done(0, [late]) == [ActDone(Reply.REFUSED)]
+    assert await client.redis.hget(ks.run(0, run), "acts_d") == b"1-3.1.ok"
+    for seq in (1, 2, 3):  # the same answer, and no task: the run is closed
+        assert await client.protocol.act_done(0, [outcome(seq)], eager) == [ActDone(Reply.OK)]
+    assert await client.protocol.act_done(0, [outcome(2, att=2), outcome(4)]) == [ActDone(Reply.REFUSED)] * 2
 
 
 async def test_an_outcome_reported_by_another_worker_wakes_the_run_through_its_stream(client: Client) -> None:

@@ -362,18 +362,29 @@ end
 
 -- A closed run's act hash holds no state, only the answers act_done gave (<seq>:d), kept
 -- so that a repeat of one gets it again. When they are few, they are folded into the run
--- hash as acts_d = "<seq>.<attempt>.<answer>,..." (short, so the hash stays compact) and
--- the act hash goes: it costs more than its content. Returns the folded value or nil.
+-- hash as acts_d = "<seq>[-<last seq>].<attempt>.<answer>,..." (consecutive activities
+-- with the same attempt and answer share one item; short, so the hash stays compact)
+-- and the act hash goes: it costs more than its content. Returns the value or nil.
 local FOLD_BYTES = 48
 local function fold_answers(fields)
-  local parts = {}
+  local answers = {}
   for i = 1, #fields, 2 do
-    local seq = string.match(fields[i], '^(%d+):d$')
+    local seq = tonumber(string.match(fields[i], '^(%d+):d$'))
     if not seq then return nil end
     local d = split(fields[i + 1], '|')
-    parts[#parts + 1] = seq .. '.' .. d[1] .. '.' .. d[2]
+    answers[#answers + 1] = { seq, d[1] .. '.' .. d[2] }
   end
-  local folded = table.concat(parts, ',')
+  table.sort(answers, function(x, y) return x[1] < y[1] end)
+  local items, first = {}, 1
+  for i = 1, #answers do
+    local a, nxt = answers[i], answers[i + 1]
+    if not (nxt and nxt[1] == a[1] + 1 and nxt[2] == a[2]) then
+      local from = answers[first][1]
+      items[#items + 1] = (from == a[1] and from or (from .. '-' .. a[1])) .. '.' .. a[2]
+      first = i + 1
+    end
+  end
+  local folded = table.concat(items, ',')
   if #folded > FOLD_BYTES then return nil end
   return folded
 end
@@ -382,9 +393,14 @@ end
 -- answers were folded, as {attempt, answer} (or {} if it gave none).
 local function folded_answer(run, seq, att)
   local folded = call('HGET', run_key(run), 'acts_d')
-  if not folded then return {} end
-  local answer = string.match(',' .. folded .. ',', ',' .. seq .. '%.' .. att .. '%.(%a+),')
-  return answer and { tostring(att), answer } or {}
+  seq = tonumber(seq)
+  for _, item in ipairs(split(folded or '', ',')) do
+    local from, to, a, answer = string.match(item, '^(%d+)%-?(%d*)%.(%d+)%.(%a+)$')
+    from = tonumber(from)
+    to = tonumber(to) or from
+    if from and seq >= from and seq <= to and tonumber(a) == att then return { a, answer } end
+  end
+  return {}
 end
 
 -- Close a run: the closing event, the outcome for result-waiters, the closed-runs
