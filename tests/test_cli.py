@@ -161,6 +161,18 @@ def test_worker_serves_a_whole_module(redis_url: str, worker_procs: Any) -> None
     assert json.loads(p.stdout) == {"report_type": "weekly", "rows": 3}
 
 
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        (["--max-eager-activities", "-1"], "max_eager_activities must be >= 0"),
+        (["--sticky-timeout", "-1"], "--sticky-timeout must not be negative"),
+    ],
+)
+def test_worker_options_out_of_range_are_one_clear_line(redis_url: str, option: list[str], says: str) -> None:
+    p = rf("worker", "tests.flows:SERVED", "--url", redis_url, *option)
+    assert_one_line(p, 2, says)
+
+
 def test_registry_commands(redis_url: str, worker_procs: Any) -> None:
     url = ["--url", redis_url]
     p = rf("workflows", *url)

@@ -340,6 +340,13 @@ def worker(
             help="activities a workflow task hands straight to this worker (0: all go through the queue)"
         ),
     ] = 3,
+    sticky_timeout: Annotated[
+        float,
+        typer.Option(
+            help="seconds this worker gets to start the next task of a run it caches before any worker "
+            "may (0: no sticky queue, and no workflow task started by an activity's result)"
+        ),
+    ] = 2.0,
     grace: Annotated[float, typer.Option(help="seconds running activities get to finish on SIGTERM")] = 30.0,
     identity: Annotated[
         str | None,
@@ -363,6 +370,8 @@ def worker(
     async def main() -> None:
         if grace < 0:
             raise Exit(2, f"--grace must not be negative, got {grace:g}")
+        if sticky_timeout < 0:
+            raise Exit(2, f"--sticky-timeout must not be negative, got {sticky_timeout:g}")
         wfs, acts = load_target(target)
         async with connect(url, namespace) as client:
             w = Worker(
@@ -372,6 +381,7 @@ def worker(
                 acts,
                 max_concurrent_activities=max_concurrent_activities,
                 max_eager_activities=max_eager_activities,
+                sticky_schedule_timeout=timedelta(seconds=sticky_timeout) if sticky_timeout else None,
                 graceful_shutdown_timeout=timedelta(seconds=grace),
                 identity=identity,
                 heartbeat_interval=timedelta(seconds=heartbeat),

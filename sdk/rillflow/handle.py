@@ -53,7 +53,7 @@ class WorkflowDescription:
     status: str
     start_time: datetime
     close_time: datetime | None
-    execution_deadline: datetime | None
+    execution_deadline: datetime | None  # while the run is open (the execution timeout)
     history_length: int
     pending_activities: list[PendingActivity] = field(default_factory=list)
     workflow_task_failures: int = 0
