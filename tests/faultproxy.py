@@ -1,8 +1,10 @@
 """A TCP proxy in front of a real Redis server, for fault injection in tests.
 
 Every byte goes to the real server; the test decides, per command name or any other
-byte pattern a client sends, to drop the connection carrying it (``drop_on``) or to
-hold what that connection sends until released (``hold_on``). Nothing is faked: the
+byte pattern a client sends, to drop the connection carrying it (``drop_on``), to let
+it reach the server and drop the connection before the reply comes back
+(``drop_reply_on``: the command took effect, the client does not know), or to hold what
+that connection sends until released (``hold_on``). Nothing is faked: the
 client speaks to Redis through a socket that misbehaves the way networks do.
 
 Commands are matched on the bytes of their RESP encoding: ``command(b"XRANGE")`` is
@@ -31,7 +33,7 @@ class Fault:
     """One rule: what it matches, how many more times it acts (None: while armed)."""
 
     pattern: bytes
-    action: str  # "drop" or "hold"
+    action: str  # "drop", "drop_reply" or "hold"
     remaining: int | None = None
     armed: bool = True
     hits: int = 0
@@ -76,6 +78,7 @@ class _Conn:
         self.cr, self.cw = cr, cw
         self.sw: asyncio.StreamWriter | None = None
         self.holding = False
+        self.drop_reply = False  # the server's next bytes are not forwarded: the connection drops
         self.buffer: list[bytes] = []
         self.closed = False
 
@@ -127,8 +130,11 @@ class _Conn:
                     if f.action == "drop":
                         self.close()
                         return
-                    self.holding = True
-                    f.held.append(self)
+                    if f.action == "drop_reply":
+                        self.drop_reply = True
+                    else:
+                        self.holding = True
+                        f.held.append(self)
             tail = window[-256:]
             if self.holding:
                 self.buffer.append(chunk)
@@ -139,7 +145,7 @@ class _Conn:
     async def _server_to_client(self, sr: asyncio.StreamReader) -> None:
         while True:
             chunk = await sr.read(CHUNK)
-            if not chunk:
+            if not chunk or self.drop_reply:
                 return
             self.cw.write(chunk)
             await self.cw.drain()
@@ -177,6 +183,13 @@ class FaultProxy:
         """Close the connection that sends ``pattern`` (before it reaches the server),
         the next ``times`` times (None: until disarmed)."""
         f = Fault(pattern, "drop", times)
+        self.faults.append(f)
+        return f
+
+    def drop_reply_on(self, pattern: bytes, times: int | None = None) -> Fault:
+        """Let the command carrying ``pattern`` reach the server, then close its
+        connection instead of passing the reply back, the next ``times`` times."""
+        f = Fault(pattern, "drop_reply", times)
         self.faults.append(f)
         return f
 

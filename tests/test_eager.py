@@ -8,11 +8,14 @@ refused."""
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import rillflow as workflows
 from rillflow import Client, Worker
 from rillflow.history import HistoryEvent
 from rillflow_runtime.codec import pack, unpack
@@ -28,7 +31,9 @@ from rillflow_runtime.protocol import (
 )
 from tests import flows
 from tests.conftest import FAST, wait_until
+from tests.faultproxy import FaultProxy
 from tests.test_scripts import _activity, _Cmd, read_one, snapshot, started_task
+from tests.test_worker_faults import script_call
 
 pytestmark = pytest.mark.anyio
 
@@ -281,3 +286,113 @@ async def test_a_worker_killed_holding_a_handed_over_activity_loses_nothing(
     assert await h.result(timeout=20) == f"done by {b.proc.pid} on attempt 2"
     events = [e.type for e in await h.history()]
     assert events.count("ActivityTaskRetrying") == 1 and events.count("WorkflowExecutionCompleted") == 1
+
+
+# -- answers lost on the way back, stops, capacity -------------------------------------------
+def _client_attempts(c: Client) -> int:
+    retry = c.redis.connection_pool.connection_kwargs.get("retry")
+    return 1 + int(getattr(retry, "_retries", 0))
+
+
+async def _stepped(redis_url: str, proxy_url: str) -> tuple[Client, Client]:
+    """A client for the test, and one for the worker through the proxy; a long workflow
+    task timeout, so that only the answer's return can explain a quick finish."""
+    c = await Client.connect(redis_url, workflow_task_timeout=timedelta(seconds=60))
+    wc = await Client.connect(proxy_url, workflow_task_timeout=timedelta(seconds=60))
+    return c, wc
+
+
+@pytest.mark.parametrize("script", ["wft_complete", "act_done"])
+async def test_a_stopping_worker_whose_answer_was_lost_still_gets_what_redis_handed_it(
+    redis_url: str, script: str
+) -> None:
+    """The call landed, every answer to it (the client's retries too) was cut, and the
+    worker was told to stop meanwhile: it sends the call again, gets the activity (or the
+    workflow task) Redis started in its name, and runs it; nothing waits for a deadline."""
+    async with FaultProxy(redis_url) as proxy:
+        c, wc = await _stepped(redis_url, proxy.url)
+        try:
+            w = Worker(wc, workflows=[flows.SequentialWorkflow], activities=[flows.step], **FAST)
+            async with w:
+                # the first task hands over step 0; its result starts the second task
+                fault = proxy.drop_reply_on(script_call(script), times=_client_attempts(wc))
+                h = await c.start_workflow(flows.SequentialWorkflow, {"steps": 2})
+                await fault.wait_hits(1, timeout=15)
+                w.stop()
+            async with Worker(c, workflows=[flows.SequentialWorkflow], activities=[flows.step], **FAST):
+                assert await h.result(timeout=20) == 3
+        finally:
+            await wc.close()
+            await c.close()
+    events = [e.type for e in await h.history()]
+    # no attempt timed out, no workflow task timed out: what was handed over ran
+    assert "ActivityTaskRetrying" not in events and "WorkflowTaskTimedOut" not in events
+    assert events.count("ActivityTaskCompleted") == 2
+
+
+PEAK: dict[str, int] = {"now": 0, "peak": 0}
+
+
+@workflows.activity()
+async def counted(i: int) -> int:
+    PEAK["now"] += 1
+    PEAK["peak"] = max(PEAK["peak"], PEAK["now"])
+    try:
+        await asyncio.sleep(0.2)
+    finally:
+        PEAK["now"] -= 1
+    return i
+
+
+@workflows.workflow.define(name="eager_fan")
+class Fan:
+    @workflows.workflow.entrypoint
+    async def run(self, n: int) -> int:
+        total = 0
+        for _ in range(3):
+            total += sum(await asyncio.gather(*(counted(i) for i in range(n))))
+        return total
+
+
+async def test_handed_over_activities_never_run_past_the_workers_slots(client: Client) -> None:
+    """A completion is handed only slots nobody holds: not those of an act_start in
+    flight, nor those of a read that came back with more than there is room for."""
+    PEAK.update(now=0, peak=0)
+    async with Worker(
+        client, workflows=[Fan], activities=[counted], max_concurrent_activities=2, **FAST
+    ) as w:  # type: ignore[arg-type]
+        hs = [await client.start_workflow(Fan, {"n": 3}) for _ in range(6)]
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, len(w.running))
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            assert [await h.result(timeout=60) for h in hs] == [9] * 6
+        finally:
+            watcher.cancel()
+    assert peak <= 2 and PEAK["peak"] <= 2, (peak, PEAK)
+
+
+async def test_a_stopping_worker_hands_back_the_messages_it_read_and_could_not_start(client: Client) -> None:
+    """One slot: the first of three activities is handed over, the read waiting for the
+    slot brings a second message it has no room for. A graceful stop marks that message
+    idle, so the next worker takes it at once, not after its reclaim_idle."""
+    PEAK.update(now=0, peak=0)
+    aq = client.keyspace.queue(0, "default", "act")
+    async with Worker(
+        client, workflows=[Fan], activities=[counted], max_concurrent_activities=1, **FAST
+    ) as w:  # type: ignore[arg-type]
+        h = await client.start_workflow(Fan, {"n": 3})
+        assert w.acts is not None
+        await wait_until(lambda: len(w.acts._backlog) > 0, 10)  # type: ignore[union-attr]
+    pending: Any = await client.redis.xpending_range(aq, "rf", "-", "+", 10)
+    assert pending and all(p["time_since_delivered"] >= 3_600_000 for p in pending), pending
+    started = time.monotonic()
+    async with Worker(client, workflows=[Fan], activities=[counted]):  # reclaim_idle 30 s
+        assert await h.result(timeout=25) == 9
+    assert time.monotonic() - started < 20

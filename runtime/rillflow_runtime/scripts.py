@@ -74,11 +74,14 @@ class Library:
         parts = [lua_constants(), lua_source("lib")]
         for name in NAMES:
             # a script's body reads KEYS and ARGV as a plain script would: here they are
-            # its function's arguments; finish() writes what the call deferred
+            # its function's arguments; finish() writes what the call deferred, even when
+            # the body fails (a bug) after appending: a run's event counter never falls
+            # behind its history, whose next append would then be refused for good
             parts.append(
                 f"local function {name}_body(KEYS, ARGV)\n{lua_source(name)}\nend\n"
                 f"local function {name}_fn(KEYS, ARGV)\nbegin(KEYS, ARGV)\n"
-                f"local reply = {name}_body(KEYS, ARGV)\nfinish()\nreturn reply\nend\n"
+                f"local ok, reply = pcall({name}_body, KEYS, ARGV)\nfinish()\n"
+                f"if not ok then error(reply, 0) end\nreturn reply\nend\n"
             )
         body = "\n".join(parts)
         digest = hashlib.sha1(body.encode()).hexdigest()[:12]

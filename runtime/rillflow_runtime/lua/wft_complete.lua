@@ -22,6 +22,7 @@
 -- of a completion (client retry) gets the answer the first one got.
 local tq, retention, worker, sticky_ms = ARGV[2], num(ARGV[3], 'retention', 1), ARGV[4], num(ARGV[5], 'sticky ms', 0)
 
+local AGAIN_WHY = 'signals or updates arrived before the run could close'
 local KINDS = {}
 for _, v in pairs(CMD) do KINDS[v] = true end
 
@@ -67,7 +68,9 @@ for _, t in ipairs(tasks) do
     'msgbuf', 'wft_done', 'wft_failures', 'last_eid')
   knew(run, r[11])
   local rec = done_record(r[9], fence)
-  if rec then
+  if rec and rec[1] == R.AGAIN then
+    out[#out + 1] = { R.AGAIN, AGAIN_WHY }
+  elseif rec then
     out[#out + 1] = { rec[1], rec[2], NOW, handed_over(run, rec[3], worker) }
   elseif r[1] ~= RS.RUNNING then
     drop_msg(KEYS[3], t.msg)
@@ -86,7 +89,7 @@ for _, t in ipairs(tasks) do
       flush_buffer(run, wid)
       hset_run(run, 'sticky', '', 'wft_done', fence .. '|' .. R.AGAIN .. '|0')
       schedule_wft(run, tq)
-      out[#out + 1] = { R.AGAIN, 'signals or updates arrived before the run could close' }
+      out[#out + 1] = { R.AGAIN, AGAIN_WHY }
     else
       if r[10] then call('HDEL', rk, 'wft_failures', 'wft_failure') end
       -- the id of the last event of this task's commands (the buffer's come after)

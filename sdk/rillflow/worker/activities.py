@@ -42,6 +42,7 @@ from rillflow.payloads import check_size
 from rillflow.worker.context import BadMessage, Context, Streak, field, int_field
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
+from rillflow_runtime.keyspace import GROUP
 from rillflow_runtime.model import Reply
 from rillflow_runtime.protocol import (
     ActivityOutcome,
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("rillflow.worker")
 
+BACKLOG_HANDBACK_IDLE_MS = 86_400_000
 ENDED_MEMORY_S = 600.0  # well past the pump recording the timeout of an attempt that ended here
 
 
@@ -106,6 +108,10 @@ class Activities:
         self._limiter: anyio.CapacityLimiter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reserved = 0  # slots held for activities a completion in flight may hand over
+        self._starting = 0  # attempts in an act_start call that has not answered yet
+        # outcomes sent with an offer to take the workflow task they wake, not answered yet
+        # (run, seq, attempt)
+        self._offered: set[tuple[str, int, int]] = set()
         # messages a read brought beyond the free slots (a completion took some while the
         # read was blocked): started, in order, as slots free up, before anything is read
         self._backlog: collections.deque[tuple[int, str, Any]] = collections.deque()
@@ -114,7 +120,9 @@ class Activities:
         self.workflow_tasks: WorkflowTasks | None = None
 
     def free(self) -> int:
-        return self.max_concurrent - len(self.running) - self.abandoned_threads - self._reserved
+        return (
+            self.max_concurrent - len(self.running) - self.abandoned_threads - self._reserved - self._starting
+        )
 
     def serves(self, name: str) -> bool:
         return name in self.activities
@@ -169,6 +177,8 @@ class Activities:
         batch = Streak("activity batch interrupted; its tasks will be retried")
         while not self.ctx.stopping.is_set():
             await self._slots.wait()
+            if self.ctx.stopping.is_set():  # woken by the drain: a stopping worker starts nothing
+                break
             free = self.free()
             if free <= 0:
                 self._slots.clear()
@@ -184,6 +194,28 @@ class Activities:
                 except TRANSIENT as e:
                     await batch.failed(e)
 
+    async def hand_back_backlog(self) -> None:
+        """On a graceful stop: the messages read beyond free slots and never started are
+        marked idle for a day (XCLAIM IDLE, JUSTID: their delivery count is kept), so the
+        next reclaim of any live worker takes them, instead of ``reclaim_idle`` on."""
+        by_stream: dict[str, list[Any]] = {}
+        while self._backlog:
+            _shard, stream, (msgid, _fields) = self._backlog.popleft()
+            by_stream.setdefault(stream, []).append(text(msgid))
+        for stream, ids in by_stream.items():
+            await self.ctx.redis.xclaim(
+                stream, GROUP, self.ctx.identity, 0, ids, idle=BACKLOG_HANDBACK_IDLE_MS, justid=True
+            )
+        if by_stream:
+            log.info(
+                "handed back activity messages it read and never started",
+                count=sum(map(len, by_stream.values())),
+            )
+
+    def wake(self) -> None:
+        """Let a poller waiting for a slot see that the worker stops."""
+        self._slots.set()
+
     def _from_backlog(self, n: int) -> list[tuple[int, str, Any]]:
         """Up to ``n`` messages of the backlog, as reads return them: per stream."""
         out: dict[tuple[int, str], list[Any]] = {}
@@ -198,6 +230,17 @@ class Activities:
         if len(entries) > room:  # they stay pending here (claimable by others if it lasts)
             self._backlog.extend((shard, stream, e) for e in entries[room:])
             entries = entries[:room]
+        # their slots are taken from here on: a completion that would hand this worker
+        # activities meanwhile must not count them as free
+        self._starting += len(entries)
+        try:
+            await self._start(shard, stream, entries)
+        finally:
+            self._starting -= len(entries)
+        if self.free() <= 0:
+            self._slots.clear()
+
+    async def _start(self, shard: int, stream: str, entries: list[Any]) -> None:
         items: list[ActStartItem] = []
         for msgid, fields in entries:
             mid = text(msgid)
@@ -228,8 +271,6 @@ class Activities:
                 self.report(
                     shard, ActivityOutcome(it.run_id, it.seq, it.attempt, body, st.route, failed=True)
                 )
-        if self.free() <= 0:
-            self._slots.clear()
 
     def _launch(self, shard: int, it: ActStartItem, st: ActStarted, route: ActivityRoute) -> None:
         sched = unpack(st.scheduled)
@@ -425,6 +466,7 @@ class Activities:
                             seq=o.seq,
                             attempt=o.attempt,
                         )
+                    self._offered.discard((o.run_id, o.seq, o.attempt))  # answered
                 if woken and self.workflow_tasks is not None:
                     self.workflow_tasks.take_started(shard, woken)
         finally:
@@ -435,19 +477,24 @@ class Activities:
 
     def _eager(self, outcomes: list[ActivityOutcome]) -> EagerStart | None:
         """Offer to take the workflow tasks these outcomes wake, for the runs of this
-        worker's queue (Redis starts one only for a run whose last task this worker ran);
-        not while stopping, when it could not run them."""
+        worker's queue (Redis starts one only for a run whose last task this worker ran).
+        Not while stopping, but for an outcome sent with the offer before (its answer was
+        lost): Redis may have started the task for this worker then, and only a repeat with
+        the offer hands it back (the drain waits for it to run)."""
         tasks = self.workflow_tasks
-        if tasks is None or self.ctx.stopping.is_set():
+        if tasks is None:
             return None
-        positions = {
-            o.run_id: tasks.cache.position(o.run_id)
+        stopping = self.ctx.stopping.is_set()
+        offer = [
+            o
             for o in outcomes
             if o.route.task_queue == self.ctx.task_queue
-        }
-        if not positions:
+            and not (stopping and (o.run_id, o.seq, o.attempt) not in self._offered)
+        ]
+        if not offer:
             return None
-        return tasks.eager_start(positions)
+        self._offered.update((o.run_id, o.seq, o.attempt) for o in offer)
+        return tasks.eager_start({o.run_id: tasks.cache.position(o.run_id) for o in offer})
 
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat(self, a: _Attempt, details: list[Any]) -> None:

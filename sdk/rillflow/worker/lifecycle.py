@@ -64,6 +64,10 @@ class Worker:
             raise RillflowError(f"task queue {task_queue!r} is invalid: use letters, digits, '_', '-', '.'")
         if max_concurrent_activities < 1:
             raise RillflowError("max_concurrent_activities must be at least 1")
+        if not isinstance(max_eager_activities, int) or isinstance(max_eager_activities, bool):
+            raise RillflowError(
+                f"max_eager_activities must be a whole number >= 0 (0: none), got {max_eager_activities!r}"
+            )
         if (
             max_cached_workflows < 0
             or max_eager_activities < 0
@@ -254,6 +258,8 @@ class Worker:
         # the read's connection is closed under it.
         with contextlib.suppress(Exception):
             await self.ctx.reader.connection_pool.disconnect(inuse_connections=True)
+        if self.acts is not None:
+            self.acts.wake()
         if self._pollers:
             _, late = await asyncio.wait(self._pollers, timeout=max(self.grace, 5.0))
             for t in late:
@@ -261,6 +267,13 @@ class Worker:
         await asyncio.gather(*self._pollers, *filter(None, [self._liveness]), return_exceptions=True)
         if self.tasks is not None:
             await self.tasks.wait_deferred()
+        if self.acts is not None:
+            try:
+                await self.acts.hand_back_backlog()
+            except TRANSIENT as e:
+                log.warning(
+                    "could not hand back unstarted activity messages; reclaims take them", error=str(e)
+                )
         try:
             await self.client.registry.withdraw(self.identity)
         except TRANSIENT as e:

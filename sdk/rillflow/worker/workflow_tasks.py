@@ -343,10 +343,14 @@ class WorkflowTasks:
         return out
 
     async def _send_completions(self, shard: int, stream: str, tasks: list[TaskCompletion]) -> list[Any]:
-        """wft_complete, sent again while Redis is away (within the workflow task timeout,
-        past which the fences are taken over anyway): a repeat gets the first call's answer,
-        so the activities it handed over are not left started with no one running them."""
+        """wft_complete, sent again while Redis is away: a repeat gets the first call's
+        answer. Without activities to take, it gives up after the workflow task timeout
+        (or at once when stopping): the fences are taken over then anyway. With them, it
+        does not give up (a stopping worker's drain cancels it past the grace period): a
+        call Redis applied and whose answer was lost has them started in this worker's
+        name, and only its answer lets them run before their deadline."""
         ctx = self.ctx
+        handing = any(t.eager for t in tasks)
         give_up = asyncio.get_running_loop().time() + ctx.settings.workflow_task_timeout_ms / 1000
         streak = Streak("workflow task completion: redis unavailable")
         while True:
@@ -363,7 +367,7 @@ class WorkflowTasks:
                 streak.ok()
                 return replies
             except TRANSIENT as e:
-                if asyncio.get_running_loop().time() >= give_up or ctx.stopping.is_set():
+                if not handing and (asyncio.get_running_loop().time() >= give_up or ctx.stopping.is_set()):
                     raise
                 await streak.failed(e)
 
