@@ -55,6 +55,16 @@ async def _handed(client: Client, *cmds: _Cmd, eager: frozenset[int]) -> tuple[s
     return stream, h, task, done
 
 
+async def _close(
+    client: Client, stream: str, h: Any, fence: str, worker: str = "w1", msgid: str = ""
+) -> Reply:
+    """Complete a run's workflow task with the command that closes the run."""
+    complete = _Cmd(CommandKind.COMPLETE_WORKFLOW, pack({"result": 1}), [])
+    task = TaskCompletion(h.run_id or "", h.id, fence, msgid, [complete])  # type: ignore[list-item]
+    (reply,) = await client.protocol.wft_complete(0, stream, "default", RETENTION, worker, 5_000, [task])
+    return reply.reply
+
+
 def _route(h: Any) -> ActivityRoute:
     """Where the outcome of an activity handed to w1 lands: no task stream, no message."""
     return ActivityRoute(h.id, "default", "w1", "", "")
@@ -97,20 +107,7 @@ async def test_an_outcome_brings_back_the_next_task_of_a_run_its_worker_caches(c
     assert (again.task.fence, again.task.now_ms, again.task.events) == (st.fence, st.now_ms, st.events)
     assert await snapshot(client) == before
     # the task completes like any other
-    (closed,) = await client.protocol.wft_complete(
-        0,
-        stream,
-        "default",
-        RETENTION,
-        "w1",
-        5_000,
-        [
-            TaskCompletion(
-                run, h.id, st.fence, "", [_Cmd(CommandKind.COMPLETE_WORKFLOW, pack({"result": 1}), [])]
-            )
-        ],  # type: ignore[list-item]
-    )
-    assert closed.reply is Reply.OK
+    assert await _close(client, stream, h, st.fence) is Reply.OK
     assert (await client.redis.hget(ks.run(0, run), "status")) == b"completed"
 
 
@@ -131,17 +128,7 @@ async def test_a_repeated_result_after_its_run_closed_gets_the_same_answer(clien
     assert [d.reply for d in await client.protocol.act_done(0, [outcome(2), outcome(3)], eager)] == [
         Reply.OK
     ] * 2
-    complete = _Cmd(CommandKind.COMPLETE_WORKFLOW, pack({"result": 1}), [])
-    (closed,) = await client.protocol.wft_complete(
-        0,
-        stream,
-        "default",
-        RETENTION,
-        "w1",
-        5_000,
-        [TaskCompletion(run, h.id, first.task.fence, "", [complete])],  # type: ignore[list-item]
-    )
-    assert closed.reply is Reply.OK
+    assert await _close(client, stream, h, first.task.fence, "w1") is Reply.OK
     assert not await client.redis.exists(ks.acts(0, run))  # folded away
     assert await client.redis.hget(ks.run(0, run), "acts_d") == b"1-3.1.ok"
     for seq in (1, 2, 3):  # the same answer, and no task: the run is closed
@@ -180,27 +167,8 @@ async def test_a_late_completion_of_a_task_started_eagerly_is_refused_after_a_ta
     msgid, _ = await read_one(client, stream, "w2")
     (st2,) = await client.protocol.wft_start(0, stream, 10_000, 100, "w2", [WftStartItem(run, msgid, 0, "")])
     assert st2.reply is Reply.OK
-    complete = _Cmd(CommandKind.COMPLETE_WORKFLOW, pack({"result": 1}), [])
-    (late,) = await client.protocol.wft_complete(
-        0,
-        stream,
-        "default",
-        RETENTION,
-        "w1",
-        5_000,
-        [TaskCompletion(run, h.id, res.task.fence, "", [complete])],  # type: ignore[list-item]
-    )
-    assert late.reply is Reply.REFUSED
-    (ok,) = await client.protocol.wft_complete(
-        0,
-        stream,
-        "default",
-        RETENTION,
-        "w2",
-        5_000,
-        [TaskCompletion(run, h.id, st2.fence, msgid, [complete])],  # type: ignore[list-item]
-    )
-    assert ok.reply is Reply.OK
+    assert await _close(client, stream, h, res.task.fence, "w1") is Reply.REFUSED
+    assert await _close(client, stream, h, st2.fence, "w2", msgid=msgid) is Reply.OK
     events = [HistoryEvent.from_entry(e).type for e in await client.protocol.history(0, h.id, run)]
     assert events.count("WorkflowTaskTimedOut") == 1 and events.count("WorkflowExecutionCompleted") == 1
 
