@@ -222,6 +222,10 @@ def _reply(value: Any) -> Reply:
     return Reply(text(value))
 
 
+# a packed history's type codes, as stream entries spell the types
+EVENT_TYPES = {i: e.value.encode() for i, e in enumerate(EVENT_CODES, 1)}
+
+
 def _unpack_history(packed: bytes) -> list[Any]:
     """A packed history (see pack_history in lib.lua) as XRANGE entries."""
     # raw: an event's body is msgpack bytes, which Lua's cmsgpack packs as a string
@@ -236,10 +240,6 @@ def _unpack_history(packed: bytes) -> list[Any]:
         (f"{eid}-0".encode(), {b"type": etype, b"t": str(t).encode(), b"d": body})
         for eid, etype, t, body in value
     ]
-
-
-# a packed history's type codes, as stream entries spell the types
-EVENT_TYPES = {i: e.value.encode() for i, e in enumerate(EVENT_CODES, 1)}
 
 
 def _started(r: Any) -> WftStarted:

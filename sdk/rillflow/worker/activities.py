@@ -160,12 +160,7 @@ class Activities:
         st = ActStarted(
             Reply.OK, scheduled, b"", started.workflow_id, started.workflow_type, now_ms, deadline_ms, route
         )
-        try:
-            self._launch(shard, item, st, route)
-        except Exception as e:  # an unreadable scheduled body: fail the attempt, visibly
-            log.error("activity task cannot be run", run_id=run, seq=seq, error=str(e))
-            body = pack({"seq": seq, "att": 1, "failure": failure_from_exception(e)})
-            self.report(shard, ActivityOutcome(run, seq, 1, body, route, failed=True))
+        self._launch_or_fail(shard, item, st, route)
 
     async def poll(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -263,14 +258,15 @@ class Activities:
                 continue  # not ours to run, or ours already (reclaimed)
             if (it.run_id, it.seq, it.attempt) in self._ended:  # reclaimed from ourselves
                 continue
-            try:
-                self._launch(shard, it, st, st.route)
-            except Exception as e:  # an unreadable scheduled body: fail the attempt, visibly
-                log.error("activity task cannot be run", run_id=it.run_id, seq=it.seq, error=str(e))
-                body = pack({"seq": it.seq, "att": it.attempt, "failure": failure_from_exception(e)})
-                self.report(
-                    shard, ActivityOutcome(it.run_id, it.seq, it.attempt, body, st.route, failed=True)
-                )
+            self._launch_or_fail(shard, it, st, st.route)
+
+    def _launch_or_fail(self, shard: int, it: ActStartItem, st: ActStarted, route: ActivityRoute) -> None:
+        try:
+            self._launch(shard, it, st, route)
+        except Exception as e:  # an unreadable scheduled body: fail the attempt, visibly
+            log.error("activity task cannot be run", run_id=it.run_id, seq=it.seq, error=str(e))
+            body = pack({"seq": it.seq, "att": it.attempt, "failure": failure_from_exception(e)})
+            self.report(shard, ActivityOutcome(it.run_id, it.seq, it.attempt, body, route, failed=True))
 
     def _launch(self, shard: int, it: ActStartItem, st: ActStarted, route: ActivityRoute) -> None:
         sched = unpack(st.scheduled)

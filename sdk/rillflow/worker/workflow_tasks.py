@@ -30,7 +30,14 @@ from rillflow.workflow import WorkflowDefinition
 from rillflow_runtime.codec import pack, text
 from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
 from rillflow_runtime.model import CommandKind, EventType, Reply
-from rillflow_runtime.protocol import EagerStart, TaskCompletion, WftFailure, WftStarted, WftStartItem
+from rillflow_runtime.protocol import (
+    CompletionReply,
+    EagerStart,
+    TaskCompletion,
+    WftFailure,
+    WftStarted,
+    WftStartItem,
+)
 
 if TYPE_CHECKING:
     from rillflow.worker.activities import Activities
@@ -342,7 +349,9 @@ class WorkflowTasks:
             out.append(frozenset(wanted[:n]))
         return out
 
-    async def _send_completions(self, shard: int, stream: str, tasks: list[TaskCompletion]) -> list[Any]:
+    async def _send_completions(
+        self, shard: int, stream: str, tasks: list[TaskCompletion]
+    ) -> list[CompletionReply]:
         """wft_complete, sent again while Redis is away: a repeat gets the first call's
         answer. Without activities to take, it gives up after the workflow task timeout
         (or at once when stopping): the fences are taken over then anyway. With them, it
