@@ -108,6 +108,7 @@ class Reply(StrEnum):
     DONE = "done"
     RETRY = "retry"  # a failed attempt that will be retried
     GONE = "gone"  # the attempt is no longer current (timed out, cancelled, run closed)
+    STARTED = "started"  # a speculative task could not be recorded as run: it was started instead
     REROUTE = "reroute"  # the keys declared are not the ones the state needs now; nothing was written
 
 

@@ -120,16 +120,21 @@ class TaskCompletion:
     # the seqs of the activities this worker takes itself, started at once in its name
     # (eager dispatch: no task message, no read, no act_start)
     eager: frozenset[int] = frozenset()
+    # a speculative task (a run's first, run from its message with no wft_start; fence
+    # ''): the start time its workflow was given, to be recorded as the task's start
+    speculative_ms: int | None = None
 
 
 @dataclass(frozen=True)
 class CompletionReply:
-    reply: Reply  # OK, REFUSED, INVALID or AGAIN
+    reply: Reply  # OK, REFUSED, INVALID or AGAIN; for a speculative task OK, STARTED, BUSY or STALE
     last_event_id: int = 0
     why: str = ""
     now_ms: int = 0
     # the activities handed to this worker, started: (seq, deadline ms) each
     eager: tuple[tuple[int, int], ...] = ()
+    fence: str = ""  # the completed task's (Redis made it for a speculative task)
+    started: WftStarted | None = None  # STARTED: the task, started the usual way for this worker
 
 
 @dataclass(frozen=True)
@@ -399,13 +404,19 @@ class Protocol:
         worker: str,
         sticky_ms: int,
         tasks: Sequence[TaskCompletion],
+        *,
+        timeout_ms: int = 10_000,
+        max_events: int = HISTORY_PAGE,
     ) -> list[CompletionReply]:
-        """``stream``: where the tasks' messages were read (shared or this worker's own)."""
+        """``stream``: where the tasks' messages were read (shared or this worker's own).
+        ``timeout_ms`` and ``max_events`` matter only to a speculative task: the longest
+        it may have run, and, started instead, as for wft_start."""
         ks = self.ks
-        args: list[Any] = [task_queue, retention_ms, worker, sticky_ms]
+        args: list[Any] = [task_queue, retention_ms, worker, sticky_ms, timeout_ms, max_events]
         keys = [stream, ks.queue(shard, task_queue, "wft"), ks.sticky(shard, task_queue, worker)]
         for t in tasks:
-            args += [t.run_id, t.fence, t.message_id, len(t.commands)]
+            spec = "" if t.speculative_ms is None else t.speculative_ms
+            args += [t.run_id, t.fence, t.message_id, spec, len(t.commands)]
             keys += ks.run_keys(shard, t.workflow_id, t.run_id)
             for c in t.commands:
                 activity = c.kind is CommandKind.SCHEDULE_ACTIVITY and len(c.aux) > 1
@@ -420,7 +431,9 @@ class Protocol:
             if reply is Reply.OK:
                 handed = [int(x) for x in r[3]]
                 pairs = tuple(zip(handed[::2], handed[1::2], strict=True))
-                out.append(CompletionReply(reply, int(r[1]), now_ms=int(r[2]), eager=pairs))
+                out.append(CompletionReply(reply, int(r[1]), now_ms=int(r[2]), eager=pairs, fence=text(r[4])))
+            elif reply is Reply.STARTED:
+                out.append(CompletionReply(reply, started=_started(r[1])))
             else:
                 out.append(CompletionReply(reply, why=text(r[1]) if len(r) > 1 else ""))
         return out

@@ -13,8 +13,10 @@
 -- Rule for every script: check everything before the first write (Lua does not roll
 -- back), and answer a repeated call (a client retry) as the first one was answered.
 local GROUP = 'rf'
--- The largest outcome a closed-runs entry carries (the stream keeps ~10,000 entries).
-local INLINE_OUTCOME_BYTES = 1024
+-- The largest payload a message carries along so that its reader needs no other read:
+-- an outcome in a closed-runs entry (the stream keeps ~10,000 entries), a start event in
+-- a run's first task message.
+local INLINE_BYTES = 1024
 -- A closed run's history of at most this many events and bytes is packed into one
 -- value (see pack_history); a larger one stays a stream: packing it would hold Redis up,
 -- and saves nothing that matters next to its size.
@@ -103,14 +105,37 @@ local function split(s, sep)
 end
 
 -- A workflow task's completion is remembered on the run hash as
--- wft_done = "<fence>|<reply>|<last event id>|<seqs>" (seqs: the activities it handed
--- to its worker, comma-separated), so that a repeat of the same completion (a client
+-- wft_done = "<fence>|<reply>|<last event id>|<seqs>[|<message>]" (seqs: the activities
+-- it handed to its worker, comma-separated; message: the task message a speculative
+-- task ran from, see wft_complete), so that a repeat of the same completion (a client
 -- retry after a dropped connection) gets the same answer and no second effect.
--- Returns {reply, last, seqs} when `stored` is that fence's record, else nil.
-local function done_record(stored, fence)
-  if not stored or string.sub(stored, 1, #fence + 1) ~= fence .. '|' then return nil end
-  local parts = split(string.sub(stored, #fence + 2), '|')
-  return { parts[1], tonumber(parts[2]) or 0, parts[3] or '' }
+local function done_fields(stored)
+  local parts, from = {}, 1
+  while true do
+    local at = string.find(stored, '|', from, true)
+    if not at then
+      parts[#parts + 1] = string.sub(stored, from)
+      return parts
+    end
+    parts[#parts + 1] = string.sub(stored, from, at - 1)
+    from = at + 1
+  end
+end
+
+local function done_string(fence, reply, last, seqs, msg)
+  local s = fence .. '|' .. reply .. '|' .. last .. '|' .. (seqs or '')
+  if msg and msg ~= '' then s = s .. '|' .. msg end
+  return s
+end
+
+-- Returns {reply, last, seqs, fence} when `stored` is the record of `fence`'s completion
+-- (or, fence nil, of the speculative task run from message `msg`), else nil.
+local function done_record(stored, fence, msg)
+  if not stored then return nil end
+  if fence and string.sub(stored, 1, #fence + 1) ~= fence .. '|' then return nil end
+  local p = done_fields(stored)
+  if not fence and (msg == nil or msg == '' or p[5] ~= msg) then return nil end
+  return { p[2], tonumber(p[3]) or 0, p[4] or '', p[1] }
 end
 
 -- The run a client names: the given run id, or ('' given) the execution's current run
@@ -446,7 +471,7 @@ local function close_run(run, status, etype, body, retention_ms, extra)
     end
   end
   -- a small outcome travels with the entry, so that its waiter needs no read of the run
-  if #body <= INLINE_OUTCOME_BYTES then
+  if #body <= INLINE_BYTES then
     call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status, 'outcome', body)
   else
     call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'run', run, 'wid', wid, 'status', status)
@@ -561,4 +586,130 @@ local function wft_backoff(run, wid, etype, body, first_now)
   if first_now then delay = (n == 1) and 0 or 1000 * (2 ^ (n - 2)) end
   if delay > 60000 then delay = 60000 end
   call('ZADD', TIMERS, NOW + delay, tmember(TK.TASK_RETRY, run))
+end
+
+-- The commands of one workflow task's completion, ARGV[at .. at + 4n - 1]: per command
+-- its kind (CMD), the event body, an aux msgpack array the script reads, and '1' for an
+-- activity the worker takes itself ('' otherwise: see act_hand_over):
+--   schedule_activity: seq, task queue, start_to_close, schedule_to_close, heartbeat
+--     (ms; 0 = none), max attempts (0 = unlimited), initial interval ms, coefficient,
+--     max interval ms
+--   start_timer: seq, duration ms; cancel_timer, cancel_activity: seq;
+--   complete_update: update id; complete_workflow, fail_workflow: nothing, and last.
+-- Reads only: returns the commands, whether they close the run, and why they cannot be
+-- applied (nil when they can), so a caller checks a whole batch before its first write.
+-- (built at the first call: a library's load has no `pairs`)
+local KINDS
+
+local function parse_commands(argv, at, n)
+  if not KINDS then
+    KINDS = {}
+    for _, v in pairs(CMD) do KINDS[v] = true end
+  end
+  local cmds, closes, invalid = {}, false, nil
+  for c = at, at + n * 4 - 1, 4 do
+    local kind = argv[c]
+    local ok, aux = pcall(cmsgpack.unpack, argv[c + 2])
+    local why = nil
+    if not KINDS[kind] then why = 'unknown command kind ' .. tostring(kind)
+    elseif not ok or type(aux) ~= 'table' then why = 'undecodable command arguments'
+    elseif closes then why = 'a command after the closing command'
+    elseif kind == CMD.SCHEDULE_ACTIVITY then
+      if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'string' or aux[2] == '' then why = 'bad activity' end
+      for k = 3, 9 do if type(aux[k]) ~= 'number' then why = 'bad activity options' end end
+    elseif kind == CMD.START_TIMER then
+      if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'number' or aux[2] < 1 then why = 'bad timer' end
+    elseif kind == CMD.CANCEL_TIMER or kind == CMD.CANCEL_ACTIVITY then
+      if type(aux[1]) ~= 'number' then why = 'bad sequence number' end
+    elseif kind == CMD.COMPLETE_UPDATE then
+      if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad update id' end
+    end
+    if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then closes = true end
+    if why and not invalid then invalid = why end
+    cmds[#cmds + 1] = { kind = kind, body = argv[c + 1], aux = aux, eager = argv[c + 3] == '1' }
+  end
+  return cmds, closes, invalid
+end
+
+-- Record a workflow task's completion (its commands checked by parse_commands):
+-- WorkflowTaskCompleted (with the task's start time t0 and fence), one event per
+-- command and what each starts, then, unless it closed the run, the events buffered
+-- while the task ran (another task is scheduled for them) and the drop of its message.
+-- c: {fence, t0, worker, tq, retention, sticky_ms, cmds, closes, stream and msg (the
+-- task's message), spec (a speculative task: it never started, so nothing of it was
+-- buffered or timed, and its message id goes in the record)}. Returns the last event id
+-- of the commands and the activities handed to the worker as {seq, deadline, ...}.
+local function record_task(run, wid, c)
+  local fence = c.fence
+  local last = append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
+    cmsgpack.pack({ t0 = c.t0, fence = fence, worker = c.worker }))
+  local closed = false
+  local ak = act_key(run)
+  local handed, seqs = {}, {}
+  local spec_msg = c.spec and c.msg or nil
+  for _, cmd in ipairs(c.cmds) do
+    local kind, body, aux = cmd.kind, cmd.body, cmd.aux
+    if kind == CMD.SCHEDULE_ACTIVITY then
+      local seq = tostring(aux[1])
+      last = append(run, wid, EV.ACTIVITY_TASK_SCHEDULED, body)
+      local s = { att = 1, tq = aux[2], stc = aux[3], s2c = aux[4], hbt = aux[5],
+        max = aux[6], ii = aux[7], bc = aux[8], mi = aux[9], sched = NOW, due = NOW }
+      if cmd.eager and not c.closes then
+        act_hand_over(run, seq, s, body, c.worker)
+        handed[#handed + 1] = aux[1]
+        handed[#handed + 1] = s.dl
+        seqs[#seqs + 1] = seq
+      else
+        act_dispatch(run, seq, s, body)
+      end
+      if s.s2c > 0 then
+        call('ZADD', TIMERS, NOW + s.s2c, tmember(TK.SCHEDULE_TO_CLOSE, run, seq))
+      end
+    elseif kind == CMD.START_TIMER then
+      last = append(run, wid, EV.TIMER_STARTED, body)
+      call('HSET', ak, 'timer:' .. aux[1], NOW + aux[2])
+      call('ZADD', TIMERS, NOW + aux[2], tmember(TK.USER_TIMER, run, aux[1]))
+    elseif kind == CMD.CANCEL_TIMER then
+      call('ZREM', TIMERS, tmember(TK.USER_TIMER, run, aux[1]))
+      call('HDEL', ak, 'timer:' .. aux[1])
+      last = append(run, wid, EV.TIMER_CANCELED, body)
+    elseif kind == CMD.CANCEL_ACTIVITY then
+      local seq = tostring(aux[1])
+      local s = act_get(run, seq)
+      if s then
+        drop_msg(queue_key(s.tq, 'act'), s.msg, run)
+        act_forget(run, seq, s)
+      end
+      last = append(run, wid, EV.ACTIVITY_TASK_CANCEL_REQUESTED, body)
+    elseif kind == CMD.COMPLETE_UPDATE then
+      last = append(run, wid, EV.WORKFLOW_EXECUTION_UPDATE_COMPLETED, body)
+      finish_update(run, aux[1], body)
+    elseif kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then
+      -- the closing event comes next; the run hash records this completion with it
+      -- (closing the run drops the task message)
+      local rec = { 'wft_done', done_string(fence, R.OK, LAST[run] + 1, '', spec_msg) }
+      if kind == CMD.COMPLETE_WORKFLOW then
+        last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, c.retention, rec)
+      else
+        last = close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, c.retention, rec)
+      end
+      closed = true
+    end
+  end
+  if not closed then
+    local done = done_string(fence, R.OK, last, table.concat(seqs, ','), spec_msg)
+    drop_msg(c.stream, c.msg, run)
+    -- the next task of this run goes to this worker, which now holds it in cache
+    local sticky = c.sticky_ms > 0 and c.worker or ''
+    if not c.spec and flush_buffer(run, wid) > 0 then
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done)
+      schedule_wft(run, c.tq)
+    elseif c.spec then
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '',
+        'wft_seq', 1)
+    else
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '')
+    end
+  end
+  return last, handed
 end

@@ -22,9 +22,16 @@ if cur[1] then call('DEL', wk) end  -- (an earlier run's bookkeeping)
 call('HSET', wk, 'run', run, 'status', RS.RUNNING)
 knew(run, 0)
 append(run, wid, EV.WORKFLOW_EXECUTION_STARTED, body)
--- its first workflow task (a new run has no worker caching it: the shared stream)
+-- its first workflow task (a new run has no worker caching it: the shared stream); a
+-- small start event travels with it, so a worker can run the task at once and record
+-- its start and completion in one call (a speculative task: see wft_complete)
 local q = queue_key(tq, 'wft')
-local msg = call('XADD', q, '*', 'run', run, 'wid', wid)
+local msg
+if #body <= INLINE_BYTES then
+  msg = call('XADD', q, '*', 'run', run, 'wid', wid, 'wtype', wtype, 't', NOW, 'ev', body)
+else
+  msg = call('XADD', q, '*', 'run', run, 'wid', wid)
+end
 hset_run(run, 'wid', wid, 'wtype', wtype, 'tq', tq, 'status', RS.RUNNING, 'start_ms', NOW, 'wft_seq', 0,
   'deadline_ms', NOW + timeout, 'wft', WT.SCHEDULED, 'wft_msg', msg, 'wft_q', q)
 call('ZADD', TIMERS, NOW + timeout, tmember(TK.EXECUTION_TIMEOUT, run))

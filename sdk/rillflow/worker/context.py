@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from rillflow.client import Client
+from rillflow.worker.clock import RedisClock
 from rillflow_runtime.codec import text
 from rillflow_runtime.connections import TRANSIENT, make_blocking_reader, reraise_if_cancelling
 from rillflow_runtime.keyspace import GROUP
@@ -31,6 +32,7 @@ class WorkerStats:
     cache_misses: int = 0
     refused: int = 0
     dead_lettered: int = 0
+    speculation_refused: int = 0  # speculative first tasks Redis could not record as run
 
 
 class Streak:
@@ -82,6 +84,7 @@ class Context:
         self.stopping = asyncio.Event()
         self.exit_request: BaseException | None = None  # SystemExit & co. raised by user code
         self.pump_wake = asyncio.Event()
+        self.clock = RedisClock()  # Redis's time as its answers tell it (speculative tasks)
         self.reader: Redis = make_blocking_reader(client.url, readers, READ_BLOCK_S)
 
     def streams(self, kind: str) -> dict[str, int]:

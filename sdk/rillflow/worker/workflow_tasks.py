@@ -9,13 +9,19 @@ scheduled again) waits for the first to finish.
 Eager dispatch: a completion hands this worker's activity poller a few of the
 activities it schedules, started in the same call; and a task that an activity outcome
 of this worker woke arrives started already (``take_started``), with no task message.
+
+Speculative first tasks: a run's first task message carries its start event, so the
+task runs at once, on Redis's time as ``RedisClock`` tells it, and one call records its
+start and completion together (see wft_complete.lua). When Redis cannot (something
+happened to the run meanwhile), it starts the task the usual way instead and the task
+runs again from the history; nothing of the speculative run is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +30,7 @@ import structlog
 from rillflow.errors import WorkflowError, failure_from_exception
 from rillflow.executor import Command, WorkflowInfo, WorkflowInstance, run_task
 from rillflow.history import HistoryEvent
-from rillflow.worker.context import BadMessage, Context, Streak, field
+from rillflow.worker.context import BadMessage, Context, Streak, field, int_field
 from rillflow.worker.run_cache import RunCache, discard
 from rillflow.workflow import WorkflowDefinition
 from rillflow_runtime.codec import pack, text
@@ -50,12 +56,14 @@ MAX_EVENTS_PER_START = 1000
 @dataclass(frozen=True)
 class _Task:
     """A workflow task to run: read from a stream (``started`` None: start it first), or
-    started already for this worker by an activity outcome it reported."""
+    started already for this worker by an activity outcome it reported, or a run's first
+    task to run speculatively (``started`` made of its message, with no fence)."""
 
     message_id: str
     run: str
     workflow_id: str
     started: WftStarted | None = None
+    speculative: bool = False
 
 
 @dataclass
@@ -65,6 +73,7 @@ class _Activated:
     started: WftStarted
     instance: WorkflowInstance
     commands: list[Command]
+    speculative: bool = False
 
 
 class WorkflowTasks:
@@ -133,11 +142,37 @@ class WorkflowTasks:
             try:
                 run = field(fields, "run")
                 wid = field(fields, "wid", default="")  # '' in a message of an older version
+                first = self._first_task(run, wid, fields)
             except BadMessage as e:
                 await self.ctx.bad_message(shard, stream, mid, f"workflow task {e}")
                 continue
-            tasks.append(_Task(mid, run, wid))
+            tasks.append(_Task(mid, run, wid, first, speculative=first is not None))
         await self._admit(shard, stream, tasks)
+
+    def _first_task(self, run: str, wid: str, fields: Any) -> WftStarted | None:
+        """The first task of a new run as its message carries it (its start event, see
+        start.lua), to run speculatively; None when it does not, or when this worker
+        cannot yet tell Redis's time."""
+        body = fields.get(b"ev")
+        if body is None or not wid or self.ctx.clock.now_ms() is None or self.cache.peek(run) is not None:
+            return None
+        start_ms = int_field(fields, "t")
+        entry = (
+            b"1-0",
+            {
+                b"type": EventType.WORKFLOW_EXECUTION_STARTED.value.encode(),
+                b"t": b"%d" % start_ms,
+                b"d": body,
+            },
+        )
+        return WftStarted(
+            Reply.OK,
+            workflow_id=wid,
+            workflow_type=field(fields, "wtype"),
+            last_event_id=1,
+            start_ms=start_ms,
+            events=[entry],
+        )
 
     async def _admit(self, shard: int, stream: str, tasks: list[_Task]) -> None:
         """Run ``tasks`` as one batch; those of runs already in flight here are deferred
@@ -202,6 +237,9 @@ class WorkflowTasks:
             else []
         )
         started = [t.started or next(fresh) for t in tasks]
+        for t, st in zip(tasks, started, strict=True):
+            if not t.speculative and st.reply is Reply.OK:
+                ctx.clock.observe(st.now_ms)
         activated: list[_Activated] = []
         failures: list[WftFailure] = []
         try:
@@ -209,9 +247,15 @@ class WorkflowTasks:
                 msgid, run = t.message_id, t.run
                 if st.reply is not Reply.OK:
                     continue
-                ctx.stats.workflow_tasks += 1
+                if t.speculative:
+                    now = self.ctx.clock.now_ms()
+                    if now is None:  # (forgotten since the read)
+                        self._defer(shard, stream, _Task(msgid, run, t.workflow_id))
+                        continue
+                    st = replace(st, now_ms=max(now, st.start_ms))
                 try:
-                    activated.append(await self._activate(shard, run, msgid, st))
+                    act = await self._activate(shard, run, msgid, st)
+                    act.speculative = t.speculative
                 except TRANSIENT:
                     # Redis, not the workflow, failed: the task times out and runs again
                     raise
@@ -221,6 +265,11 @@ class WorkflowTasks:
                     ctx.request_exit(e, f"workflow '{st.workflow_type}' ({st.workflow_id})")
                     continue
                 except Exception as e:
+                    if t.speculative:
+                        # started the usual way, it runs again and records the failure
+                        self._defer(shard, stream, _Task(msgid, run, t.workflow_id))
+                        continue
+                    ctx.stats.workflow_tasks += 1
                     ctx.stats.workflow_task_failures += 1
                     log.error(
                         "workflow task failed",
@@ -232,6 +281,9 @@ class WorkflowTasks:
                     )
                     body = pack({"failure": failure_from_exception(e)})
                     failures.append(WftFailure(run, st.workflow_id, st.fence, msgid, body))
+                    continue
+                ctx.stats.workflow_tasks += 1
+                activated.append(act)
             if activated:
                 await self._complete(shard, stream, activated, failures)
                 activated = []
@@ -289,7 +341,15 @@ class WorkflowTasks:
                 shard,
                 stream,
                 [
-                    TaskCompletion(a.run, a.started.workflow_id, a.started.fence, a.message_id, a.commands, o)
+                    TaskCompletion(
+                        a.run,
+                        a.started.workflow_id,
+                        a.started.fence,
+                        a.message_id,
+                        a.commands,
+                        o,
+                        a.started.now_ms if a.speculative else None,
+                    )
                     for a, o in zip(activated, offers, strict=True)
                 ],
             )
@@ -298,6 +358,8 @@ class WorkflowTasks:
                 self.activities.release(reserved)
         wake = False
         for a, r in zip(activated, replies, strict=True):
+            if r.reply is Reply.OK:
+                ctx.clock.observe(r.now_ms)
             if r.reply is Reply.OK and r.eager and self.activities is not None:
                 bodies = {c.aux[0]: c.body for c in a.commands if c.kind is CommandKind.SCHEDULE_ACTIVITY}
                 for seq, deadline_ms in r.eager:
@@ -305,11 +367,22 @@ class WorkflowTasks:
                         shard, a.run, seq, bodies[seq], a.started, r.now_ms, deadline_ms
                     )
             if r.reply is Reply.OK and not a.instance.closed:
-                self.cache.commit(a.run, a.instance, r.last_event_id, a.started.fence)
+                self.cache.commit(a.run, a.instance, r.last_event_id, r.fence)
                 wake = wake or any(c.kind is CommandKind.START_TIMER for c in a.commands)
                 continue
             discard(a.instance)
-            if r.reply is Reply.AGAIN:
+            if r.started is not None:
+                # (a speculative task Redis could not record as it ran: it runs again, from
+                # the history, once this batch is done)
+                ctx.stats.speculation_refused += 1
+                if r.started.now_ms < a.started.now_ms:  # the estimate was ahead of Redis
+                    ctx.clock.forget()
+                self._defer(shard, stream, _Task(a.message_id, a.run, a.started.workflow_id, r.started))
+            elif r.reply is Reply.OK:
+                pass  # (the task closed the run)
+            elif a.speculative:
+                ctx.stats.speculation_refused += 1  # (started elsewhere, or no longer the run's task)
+            elif r.reply is Reply.AGAIN:
                 log.info("workflow task runs again", run_id=a.run, reason=r.why)
             elif r.reply is Reply.INVALID:
                 failures.append(
@@ -323,7 +396,7 @@ class WorkflowTasks:
                         ),
                     )
                 )
-            elif r.reply is not Reply.OK:
+            else:
                 ctx.stats.refused += 1
                 log.warning("workflow task completion refused", run_id=a.run, reason=r.why)
         if wake:
@@ -372,6 +445,8 @@ class WorkflowTasks:
                     ctx.identity,
                     self.sticky_ms,
                     tasks,
+                    timeout_ms=ctx.settings.workflow_task_timeout_ms,
+                    max_events=MAX_EVENTS_PER_START,
                 )
                 streak.ok()
                 return replies
