@@ -263,6 +263,18 @@ def _started(r: Any) -> WftStarted:
     )
 
 
+def _completion(r: Any) -> CompletionReply:
+    """A workflow task's completion, as wft_complete answers it."""
+    reply = _reply(r[0])
+    if reply is Reply.OK:
+        handed = [int(x) for x in r[3]]
+        pairs = tuple(zip(handed[::2], handed[1::2], strict=True))
+        return CompletionReply(reply, int(r[1]), now_ms=int(r[2]), eager=pairs, fence=text(r[4]))
+    if reply is Reply.STARTED:
+        return CompletionReply(reply, started=_started(r[1]))
+    return CompletionReply(reply, why=text(r[1]) if len(r) > 1 else "")
+
+
 class Protocol:
     """The scripts of one namespace, called through one client."""
 
@@ -425,18 +437,7 @@ class Protocol:
                 if activity and not eager and isinstance(c.aux[1], str):
                     keys.append(ks.queue(shard, c.aux[1], "act"))
         res = await self._call("wft_complete", shard, args, keys)
-        out = []
-        for r in res:
-            reply = _reply(r[0])
-            if reply is Reply.OK:
-                handed = [int(x) for x in r[3]]
-                pairs = tuple(zip(handed[::2], handed[1::2], strict=True))
-                out.append(CompletionReply(reply, int(r[1]), now_ms=int(r[2]), eager=pairs, fence=text(r[4])))
-            elif reply is Reply.STARTED:
-                out.append(CompletionReply(reply, started=_started(r[1])))
-            else:
-                out.append(CompletionReply(reply, why=text(r[1]) if len(r) > 1 else ""))
-        return out
+        return [_completion(r) for r in res]
 
     async def wft_fail(self, shard: int, stream: str, failures: Sequence[WftFailure]) -> list[Reply]:
         """``stream``: where the tasks' messages were read."""

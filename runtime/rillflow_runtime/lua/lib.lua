@@ -636,9 +636,10 @@ end
 -- command and what each starts, then, unless it closed the run, the events buffered
 -- while the task ran (another task is scheduled for them) and the drop of its message.
 -- c: {fence, t0, worker, tq, retention, sticky_ms, cmds, closes, stream and msg (the
--- task's message), spec (a speculative task: it never started, so nothing of it was
--- buffered or timed, and its message id goes in the record)}. Returns the last event id
--- of the commands and the activities handed to the worker as {seq, deadline, ...}.
+-- task's message, if it has one), spec (a speculative task: it never started, so nothing
+-- of it was buffered or timed; `seq` is its attempt number, and the id of a message it
+-- ran from goes in the record)}. Returns the last event id of the commands and the
+-- activities handed to the worker as {seq, deadline, ...}.
 local function record_task(run, wid, c)
   local fence = c.fence
   local last = append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
@@ -706,10 +707,17 @@ local function record_task(run, wid, c)
       schedule_wft(run, c.tq)
     elseif c.spec then
       hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '',
-        'wft_seq', 1)
+        'wft_seq', c.seq)
     else
       hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '')
     end
   end
   return last, handed
+end
+
+-- Whether a speculative task's start `at` (ms: the time its workflow was given, the
+-- worker's estimate of this clock) can be recorded: no earlier than `after` (what the
+-- run's history had seen), no later than NOW, and less than a workflow task timeout ago.
+local function spec_time_ok(at, after, timeout)
+  return at >= after and at <= NOW and NOW - at < timeout
 end

@@ -52,12 +52,11 @@ local function complete_speculative(t, r)
   if rec then
     return { rec[1], rec[2], NOW, handed_over(run, rec[3], worker), rec[4] }
   elseif current and r[2] == WT.SCHEDULED and tonumber(r[6]) == 1 and (tonumber(r[13]) or 0) == 0
-      and not t.invalid
-      and t.spec >= tonumber(r[7]) and t.spec <= NOW and NOW - t.spec < timeout then
+      and not t.invalid and spec_time_ok(t.spec, tonumber(r[7]), timeout) then
     local fence = '1-' .. NOW_US
     local last, handed = record_task(run, r[4], { fence = fence, t0 = t.spec, worker = worker, tq = tq,
       retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes, stream = KEYS[3],
-      msg = t.msg, spec = true })
+      msg = t.msg, spec = true, seq = 1 })
     return { R.OK, last, NOW, handed, fence }
   elseif current and (r[2] == WT.SCHEDULED or (r[2] == WT.STARTED and r[9] == worker)) then
     return { R.STARTED, start_task(run, r, r[2] == WT.STARTED, { worker = worker, timeout = timeout,

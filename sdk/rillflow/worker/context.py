@@ -32,7 +32,8 @@ class WorkerStats:
     cache_misses: int = 0
     refused: int = 0
     dead_lettered: int = 0
-    speculation_refused: int = 0  # speculative first tasks Redis could not record as run
+    speculated: int = 0  # first workflow tasks run from their message and recorded as run
+    speculation_refused: int = 0  # ... that Redis could not record as run (run again)
 
 
 class Streak:

@@ -359,16 +359,8 @@ class WorkflowTasks:
         wake = False
         for a, r in zip(activated, replies, strict=True):
             if r.reply is Reply.OK:
-                ctx.clock.observe(r.now_ms)
-            if r.reply is Reply.OK and r.eager and self.activities is not None:
-                bodies = {c.aux[0]: c.body for c in a.commands if c.kind is CommandKind.SCHEDULE_ACTIVITY}
-                for seq, deadline_ms in r.eager:
-                    self.activities.run_handed(
-                        shard, a.run, seq, bodies[seq], a.started, r.now_ms, deadline_ms
-                    )
-            if r.reply is Reply.OK and not a.instance.closed:
-                self.cache.commit(a.run, a.instance, r.last_event_id, r.fence)
-                wake = wake or any(c.kind is CommandKind.START_TIMER for c in a.commands)
+                ctx.stats.speculated += a.speculative
+                wake = self._accepted(shard, a, r) or wake
                 continue
             discard(a.instance)
             if r.started is not None:
@@ -378,8 +370,6 @@ class WorkflowTasks:
                 if r.started.now_ms < a.started.now_ms:  # the estimate was ahead of Redis
                     ctx.clock.forget()
                 self._defer(shard, stream, _Task(a.message_id, a.run, a.started.workflow_id, r.started))
-            elif r.reply is Reply.OK:
-                pass  # (the task closed the run)
             elif a.speculative:
                 ctx.stats.speculation_refused += 1  # (started elsewhere, or no longer the run's task)
             elif r.reply is Reply.AGAIN:
@@ -401,6 +391,20 @@ class WorkflowTasks:
                 log.warning("workflow task completion refused", run_id=a.run, reason=r.why)
         if wake:
             ctx.pump_wake.set()
+
+    def _accepted(self, shard: int, a: _Activated, r: CompletionReply) -> bool:
+        """A completion Redis recorded: run the activities it handed this worker, keep the
+        instance unless its run closed. Returns whether it started a timer."""
+        self.ctx.clock.observe(r.now_ms)
+        if r.eager and self.activities is not None:
+            bodies = {c.aux[0]: c.body for c in a.commands if c.kind is CommandKind.SCHEDULE_ACTIVITY}
+            for seq, deadline_ms in r.eager:
+                self.activities.run_handed(shard, a.run, seq, bodies[seq], a.started, r.now_ms, deadline_ms)
+        if a.instance.closed:
+            discard(a.instance)
+            return False
+        self.cache.commit(a.run, a.instance, r.last_event_id, r.fence)
+        return any(c.kind is CommandKind.START_TIMER for c in a.commands)
 
     def _offers(self, activated: list[_Activated]) -> list[frozenset[int]]:
         """Per task, the activities this worker takes itself (eager dispatch): at most
