@@ -246,7 +246,7 @@ end
 
 -- The run hash fields a workflow task's start reads (and deliver), in this order.
 local TASK_FIELDS = { 'status', 'wft', 'wft_msg', 'wid', 'wtype', 'last_eid', 'start_ms', 'wft_failures',
-  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq', 'tq', 'sticky' }
+  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq', 'tq', 'sticky', 'wft_q', 'msgs' }
 
 -- Start the run's workflow task for `w.worker` (r: its TASK_FIELDS), or, `again`, answer
 -- the start that worker already has the same way. The fence is "<attempt number>-<start
@@ -381,8 +381,7 @@ local function pack_history(run, wid, last_eid, retention_ms)
     flat[#flat + 1] = f.d
   end
   call('SET', hist_packed_key(wid, run), cmsgpack.pack({ 2, t0 or 0, flat }), 'PX', retention_ms)
-  call('DEL', hk)
-  return true
+  return true  -- (the caller deletes the stream)
 end
 
 -- A closed run's act hash holds no state, only the answers act_done gave (<seq>:d), kept
@@ -428,13 +427,17 @@ local function folded_answer(run, seq, att)
   return {}
 end
 
+-- The run hash fields close_run reads, in this order.
+local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid' }
+
 -- Close a run: the closing event, the outcome for result-waiters, the closed-runs
 -- stream they block on, the retention clock, and every timer it still had. `extra`:
--- more fields for the run hash (the caller's record of the call). Returns the closing
--- event's id.
-local function close_run(run, status, etype, body, retention_ms, extra)
+-- more fields for the run hash (the caller's record of the call). `r` (or nil): the
+-- run's CLOSE_FIELDS, if the caller read them in this call. Returns the closing event's
+-- id.
+local function close_run(run, status, etype, body, retention_ms, extra, r)
   local rk = run_key(run)
-  local r = call('HMGET', rk, 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid')
+  r = r or call('HMGET', rk, unpack(CLOSE_FIELDS))
   local wid = r[1]
   knew(run, r[7])
   local eid = append(run, wid, etype, body)
@@ -460,7 +463,6 @@ local function close_run(run, status, etype, body, retention_ms, extra)
     end
   end
   zrem_all(gone)
-  call('DEL', buf_key(run))
   -- updates still running will never finish: their callers are told now
   local upd = r[5] and call('HGETALL', upd_key(run)) or {}
   for i = 1, #upd, 2 do
@@ -478,11 +480,14 @@ local function close_run(run, status, etype, body, retention_ms, extra)
   end
   local packed = pack_history(run, wid, eid, retention_ms)
   local fields = { 'status', status, 'closed_ms', NOW, 'outcome', body }
+  local gone_keys = { buf_key(run) }
+  if packed then gone_keys[#gone_keys + 1] = hist_key(wid, run) end
   if folded then
     fields[#fields + 1] = 'acts_d'
     fields[#fields + 1] = folded
-    call('DEL', act_key(run))
+    gone_keys[#gone_keys + 1] = act_key(run)
   end
+  call('DEL', unpack(gone_keys))
   for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   hset_run(run, unpack(fields))
   -- what routed and fenced its workflow tasks, and its deadline, are of no use to a
@@ -638,8 +643,9 @@ end
 -- c: {fence, t0, worker, tq, retention, sticky_ms, cmds, closes, stream and msg (the
 -- task's message, if it has one), spec (a speculative task: it never started, so nothing
 -- of it was buffered or timed; `seq` is its attempt number, and the id of a message it
--- ran from goes in the record)}. Returns the last event id of the commands and the
--- activities handed to the worker as {seq, deadline, ...}.
+-- ran from goes in the record), known (the run's CLOSE_FIELDS as the caller read them,
+-- for close_run)}. Returns the last event id of the commands and the activities handed
+-- to the worker as {seq, deadline, ...}.
 local function record_task(run, wid, c)
   local fence = c.fence
   local last = append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
@@ -690,9 +696,9 @@ local function record_task(run, wid, c)
       -- (closing the run drops the task message)
       local rec = { 'wft_done', done_string(fence, R.OK, LAST[run] + 1, '', spec_msg) }
       if kind == CMD.COMPLETE_WORKFLOW then
-        last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, c.retention, rec)
+        last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, c.retention, rec, c.known)
       else
-        last = close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, c.retention, rec)
+        last = close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, c.retention, rec, c.known)
       end
       closed = true
     end

@@ -56,7 +56,7 @@ local function complete_speculative(t, r)
     local fence = '1-' .. NOW_US
     local last, handed = record_task(run, r[4], { fence = fence, t0 = t.spec, worker = worker, tq = tq,
       retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes, stream = KEYS[3],
-      msg = t.msg, spec = true, seq = 1 })
+      msg = t.msg, spec = true, seq = 1, known = { r[4], r[16], r[2], r[3], r[17], r[10], r[6] } })
     return { R.OK, last, NOW, handed, fence }
   elseif current and (r[2] == WT.SCHEDULED or (r[2] == WT.STARTED and r[9] == worker)) then
     return { R.STARTED, start_task(run, r, r[2] == WT.STARTED, { worker = worker, timeout = timeout,
@@ -78,7 +78,7 @@ for _, t in ipairs(tasks) do
     out[#out + 1] = complete_speculative(t, r)
   else
     local r = call('HMGET', rk, 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
-      'msgbuf', 'wft_done', 'wft_failures', 'last_eid')
+      'msgbuf', 'wft_done', 'wft_failures', 'last_eid', 'msgs')
     knew(run, r[11])
     local rec = done_record(r[9], fence)
     if rec and rec[1] == R.AGAIN then
@@ -95,9 +95,11 @@ for _, t in ipairs(tasks) do
       out[#out + 1] = { R.INVALID, t.invalid }
     else
       local wid = r[4]
-      call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence))
+      local again = t.closes and r[8] and message_buffered(run)
+      -- (closing the run removes its task's timeout with its other timers)
+      if again or not t.closes then call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence)) end
       if r[8] then call('HDEL', rk, 'msgbuf') end
-      if t.closes and r[8] and message_buffered(run) then
+      if again then
         drop_msg(r[7], r[5], run)
         flush_buffer(run, wid)
         hset_run(run, 'sticky', '', 'wft_done', done_string(fence, R.AGAIN, 0))
@@ -107,7 +109,7 @@ for _, t in ipairs(tasks) do
         if r[10] then call('HDEL', rk, 'wft_failures', 'wft_failure') end
         local last, handed = record_task(run, wid, { fence = fence, t0 = tonumber(r[6]), worker = worker,
           tq = tq, retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes,
-          stream = r[7], msg = r[5] })
+          stream = r[7], msg = r[5], known = { wid, r[7], r[2], r[5], r[12], r[3], r[11] } })
         out[#out + 1] = { R.OK, last, NOW, handed, fence }
       end
     end
