@@ -118,11 +118,12 @@ async def test_a_speculative_task_is_started_and_completed_in_one_call_and_a_rep
 
 async def test_a_speculative_task_that_closes_the_run_answers_a_repeat_the_same(client: Client) -> None:
     h, stream, msgid, _ = await first_message(client)
-    done = await speculate(client, stream, h, msgid, await redis_ms(client), _complete())
+    at = await redis_ms(client)
+    done = await speculate(client, stream, h, msgid, at, _complete())
     assert done.reply is Reply.OK
     assert await h.result(timeout=5) == 1
     before = await snapshot(client)
-    again = await speculate(client, stream, h, msgid, await redis_ms(client), _complete())
+    again = await speculate(client, stream, h, msgid, at, _complete())
     assert (again.reply, again.fence, again.last_event_id) == (Reply.OK, done.fence, done.last_event_id)
     assert await snapshot(client) == before
 
@@ -264,3 +265,35 @@ async def test_a_start_item_for_a_speculated_run_is_refused_as_stale(client: Cli
     assert (await speculate(client, stream, h, msgid, await redis_ms(client), _activity(1))).reply is Reply.OK
     (st,) = await client.protocol.wft_start(0, stream, TIMEOUT, 100, "w2", [WftStartItem(h.run_id, msgid, 0)])
     assert st.reply is Reply.STALE
+
+
+async def test_only_the_same_call_is_answered_as_a_repeat(client: Client) -> None:
+    """Another worker that ran the same first message (a reclaim while the first worker's
+    call was on its way), or the same worker running it again, is not told it succeeded:
+    its instance ran on another time, and the record is the first call's."""
+    h, stream, msgid, _ = await first_message(client)
+    at = await redis_ms(client)
+    done = await speculate(client, stream, h, msgid, at, _activity(1))
+    assert done.reply is Reply.OK
+    before = await snapshot(client)
+    other = await speculate(client, stream, h, msgid, at, _activity(1), worker="w2")
+    later = await speculate(client, stream, h, msgid, at + 1, _activity(1))
+    assert (other.reply, later.reply) == (Reply.STALE, Reply.STALE)
+    assert await snapshot(client) == before
+    again = await speculate(client, stream, h, msgid, at, _activity(1))
+    assert (again.reply, again.fence) == (Reply.OK, done.fence)
+
+
+async def test_a_first_message_that_cannot_be_read_whole_is_started_the_usual_way(client: Client) -> None:
+    h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
+    ks, run = client.keyspace, h.run_id or ""
+    stream = ks.queue(0, "default", "wft")
+    ((old, fields),) = await client.redis.xrange(stream)
+    # (as a message of some other version might be: an 'ev' with a time this one cannot read)
+    msg = await client.redis.xadd(stream, {**fields, b"t": b"soon"})
+    await client.redis.xdel(stream, old)
+    await client.redis.hset(ks.run(0, run), "wft_msg", msg)
+    acts = [flows.hello, flows.hello_sync]
+    async with Worker(client, workflows=[flows.HelloWorkflow], activities=acts, **FAST) as w:  # type: ignore[list-item]
+        assert len(await h.result(timeout=10)) == 2
+        assert w.stats.speculated == 0

@@ -105,10 +105,11 @@ local function split(s, sep)
 end
 
 -- A workflow task's completion is remembered on the run hash as
--- wft_done = "<fence>|<reply>|<last event id>|<seqs>[|<message>]" (seqs: the activities
--- it handed to its worker, comma-separated; message: the task message a speculative
--- task ran from, see wft_complete), so that a repeat of the same completion (a client
--- retry after a dropped connection) gets the same answer and no second effect.
+-- wft_done = "<fence>|<reply>|<last event id>|<seqs>[|<call>]" (seqs: the activities it
+-- handed to its worker, comma-separated; call: "<message>/<start>/<worker>" of a
+-- speculative task, see wft_complete, which has no fence of its own to be known by),
+-- so that a repeat of the same completion (a client retry after a dropped connection)
+-- gets the same answer and no second effect.
 local function done_fields(stored)
   local parts, from = {}, 1
   while true do
@@ -122,19 +123,21 @@ local function done_fields(stored)
   end
 end
 
-local function done_string(fence, reply, last, seqs, msg)
+local function done_string(fence, reply, last, seqs, call_id)
   local s = fence .. '|' .. reply .. '|' .. last .. '|' .. (seqs or '')
-  if msg and msg ~= '' then s = s .. '|' .. msg end
+  if call_id then s = s .. '|' .. call_id end
   return s
 end
 
 -- Returns {reply, last, seqs, fence} when `stored` is the record of `fence`'s completion
--- (or, fence nil, of the speculative task run from message `msg`), else nil.
-local function done_record(stored, fence, msg)
+-- (or, fence nil, of the speculative call `call_id`: the same message, start and worker,
+-- so that no other worker's call, nor a later run of the same message, is taken for a
+-- repeat), else nil.
+local function done_record(stored, fence, call_id)
   if not stored then return nil end
   if fence and string.sub(stored, 1, #fence + 1) ~= fence .. '|' then return nil end
   local p = done_fields(stored)
-  if not fence and (msg == nil or msg == '' or p[5] ~= msg) then return nil end
+  if not fence and (not call_id or p[5] ~= call_id) then return nil end
   return { p[2], tonumber(p[3]) or 0, p[4] or '', p[1] }
 end
 
@@ -642,8 +645,8 @@ end
 -- while the task ran (another task is scheduled for them) and the drop of its message.
 -- c: {fence, t0, worker, tq, retention, sticky_ms, cmds, closes, stream and msg (the
 -- task's message, if it has one), spec (a speculative task: it never started, so nothing
--- of it was buffered or timed; `seq` is its attempt number, and the id of a message it
--- ran from goes in the record), known (the run's CLOSE_FIELDS as the caller read them,
+-- of it was buffered or timed; `seq` is its attempt number, and `call_id` goes in the
+-- record), known (the run's CLOSE_FIELDS as the caller read them,
 -- for close_run)}. Returns the last event id of the commands and the activities handed
 -- to the worker as {seq, deadline, ...}.
 local function record_task(run, wid, c)
@@ -653,7 +656,7 @@ local function record_task(run, wid, c)
   local closed = false
   local ak = act_key(run)
   local handed, seqs = {}, {}
-  local spec_msg = c.spec and c.msg or nil
+  local spec_call = c.spec and c.call_id or nil
   for _, cmd in ipairs(c.cmds) do
     local kind, body, aux = cmd.kind, cmd.body, cmd.aux
     if kind == CMD.SCHEDULE_ACTIVITY then
@@ -694,7 +697,7 @@ local function record_task(run, wid, c)
     elseif kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then
       -- the closing event comes next; the run hash records this completion with it
       -- (closing the run drops the task message)
-      local rec = { 'wft_done', done_string(fence, R.OK, LAST[run] + 1, '', spec_msg) }
+      local rec = { 'wft_done', done_string(fence, R.OK, LAST[run] + 1, '', spec_call) }
       if kind == CMD.COMPLETE_WORKFLOW then
         last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, c.retention, rec, c.known)
       else
@@ -704,7 +707,7 @@ local function record_task(run, wid, c)
     end
   end
   if not closed then
-    local done = done_string(fence, R.OK, last, table.concat(seqs, ','), spec_msg)
+    local done = done_string(fence, R.OK, last, table.concat(seqs, ','), spec_call)
     drop_msg(c.stream, c.msg, run)
     -- the next task of this run goes to this worker, which now holds it in cache
     local sticky = c.sticky_ms > 0 and c.worker or ''

@@ -38,7 +38,7 @@ while i <= #ARGV do
   if not t.n or t.n < 0 or t.at + t.n * 4 - 1 > #ARGV then
     return redis.error_reply('wft_complete: malformed arguments at ' .. i)
   end
-  if ARGV[i + 3] ~= '' then t.spec = num(ARGV[i + 3], 'speculative start', 0) end
+  if ARGV[i + 3] ~= '' then t.spec, t.spec_arg = num(ARGV[i + 3], 'speculative start', 0), ARGV[i + 3] end
   i = t.at + t.n * 4
   t.cmds, t.closes, t.invalid = parse_commands(ARGV, t.at, t.n)
   tasks[#tasks + 1] = t
@@ -47,7 +47,8 @@ end
 -- The speculative task `t` of a run whose TASK_FIELDS are `r`.
 local function complete_speculative(t, r)
   local run = t.run
-  local rec = done_record(r[12], nil, t.msg)
+  local call_id = t.msg .. '/' .. t.spec_arg .. '/' .. worker
+  local rec = done_record(r[12], nil, call_id)
   local current = r[1] == RS.RUNNING and r[3] == t.msg
   if rec then
     return { rec[1], rec[2], NOW, handed_over(run, rec[3], worker), rec[4] }
@@ -56,7 +57,7 @@ local function complete_speculative(t, r)
     local fence = '1-' .. NOW_US
     local last, handed = record_task(run, r[4], { fence = fence, t0 = t.spec, worker = worker, tq = tq,
       retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes, stream = KEYS[3],
-      msg = t.msg, spec = true, seq = 1, known = { r[4], r[16], r[2], r[3], r[17], r[10], r[6] } })
+      msg = t.msg, spec = true, seq = 1, call_id = call_id, known = { r[4], r[16], r[2], r[3], r[17], r[10], r[6] } })
     return { R.OK, last, NOW, handed, fence }
   elseif current and (r[2] == WT.SCHEDULED or (r[2] == WT.STARTED and r[9] == worker)) then
     return { R.STARTED, start_task(run, r, r[2] == WT.STARTED, { worker = worker, timeout = timeout,

@@ -85,8 +85,16 @@ class Context:
         self.stopping = asyncio.Event()
         self.exit_request: BaseException | None = None  # SystemExit & co. raised by user code
         self.pump_wake = asyncio.Event()
-        self.clock = RedisClock()  # Redis's time as its answers tell it (speculative tasks)
+        self._clocks: dict[int, RedisClock] = {}
         self.reader: Redis = make_blocking_reader(client.url, readers, READ_BLOCK_S)
+
+    def clock(self, shard: int) -> RedisClock:
+        """Redis's time as the answers of a shard's calls tell it (speculative tasks): one
+        per shard, as shards may live on different servers."""
+        c = self._clocks.get(shard)
+        if c is None:
+            c = self._clocks[shard] = RedisClock()
+        return c
 
     def streams(self, kind: str) -> dict[str, int]:
         """This queue's stream of ``kind`` in every shard, with its shard."""

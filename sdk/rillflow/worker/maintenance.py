@@ -56,7 +56,7 @@ class Maintenance:
             try:
                 for s in ctx.ks.all_shards():
                     p = await ctx.protocol.pump(s, PUMP_BATCH, ctx.settings.retention_ms, ctx.identity)
-                    ctx.clock.observe(p.now_ms)
+                    ctx.clock(s).observe(p.now_ms)
                     if p.handled >= PUMP_BATCH:
                         wait = 0
                     elif p.next_due_ms > 0:

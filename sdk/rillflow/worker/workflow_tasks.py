@@ -142,21 +142,30 @@ class WorkflowTasks:
             try:
                 run = field(fields, "run")
                 wid = field(fields, "wid", default="")  # '' in a message of an older version
-                first = self._first_task(run, wid, fields)
+                first = self._first_task(shard, run, wid, fields)
             except BadMessage as e:
                 await self.ctx.bad_message(shard, stream, mid, f"workflow task {e}")
                 continue
             tasks.append(_Task(mid, run, wid, first, speculative=first is not None))
         await self._admit(shard, stream, tasks)
 
-    def _first_task(self, run: str, wid: str, fields: Any) -> WftStarted | None:
+    def _first_task(self, shard: int, run: str, wid: str, fields: Any) -> WftStarted | None:
         """The first task of a new run as its message carries it (its start event, see
-        start.lua), to run speculatively; None when it does not, or when this worker
-        cannot yet tell Redis's time."""
+        start.lua), to run speculatively; None when it does not (or not readably: the
+        task is started the usual way then), or when this worker cannot yet tell Redis's
+        time."""
         body = fields.get(b"ev")
-        if body is None or not wid or self.ctx.clock.now_ms() is None or self.cache.peek(run) is not None:
+        if (
+            body is None
+            or not wid
+            or self.ctx.clock(shard).now_ms() is None
+            or self.cache.peek(run) is not None
+        ):
             return None
-        start_ms = int_field(fields, "t")
+        try:
+            start_ms, wtype = int_field(fields, "t"), field(fields, "wtype")
+        except BadMessage:
+            return None
         entry = (
             b"1-0",
             {
@@ -168,7 +177,7 @@ class WorkflowTasks:
         return WftStarted(
             Reply.OK,
             workflow_id=wid,
-            workflow_type=field(fields, "wtype"),
+            workflow_type=wtype,
             last_event_id=1,
             start_ms=start_ms,
             events=[entry],
@@ -239,7 +248,7 @@ class WorkflowTasks:
         started = [t.started or next(fresh) for t in tasks]
         for t, st in zip(tasks, started, strict=True):
             if not t.speculative and st.reply is Reply.OK:
-                ctx.clock.observe(st.now_ms)
+                ctx.clock(shard).observe(st.now_ms)
         activated: list[_Activated] = []
         failures: list[WftFailure] = []
         try:
@@ -248,7 +257,7 @@ class WorkflowTasks:
                 if st.reply is not Reply.OK:
                     continue
                 if t.speculative:
-                    now = self.ctx.clock.now_ms()
+                    now = ctx.clock(shard).now_ms()
                     if now is None:  # (forgotten since the read)
                         self._defer(shard, stream, _Task(msgid, run, t.workflow_id))
                         continue
@@ -368,7 +377,7 @@ class WorkflowTasks:
                 # the history, once this batch is done)
                 ctx.stats.speculation_refused += 1
                 if r.started.now_ms < a.started.now_ms:  # the estimate was ahead of Redis
-                    ctx.clock.forget()
+                    ctx.clock(shard).forget()
                 self._defer(shard, stream, _Task(a.message_id, a.run, a.started.workflow_id, r.started))
             elif a.speculative:
                 ctx.stats.speculation_refused += 1  # (started elsewhere, or no longer the run's task)
@@ -395,7 +404,7 @@ class WorkflowTasks:
     def _accepted(self, shard: int, a: _Activated, r: CompletionReply) -> bool:
         """A completion Redis recorded: run the activities it handed this worker, keep the
         instance unless its run closed. Returns whether it started a timer."""
-        self.ctx.clock.observe(r.now_ms)
+        self.ctx.clock(shard).observe(r.now_ms)
         if r.eager and self.activities is not None:
             bodies = {c.aux[0]: c.body for c in a.commands if c.kind is CommandKind.SCHEDULE_ACTIVITY}
             for seq, deadline_ms in r.eager:
