@@ -187,11 +187,13 @@ class WorkflowTasks:
         """Run ``tasks`` as one batch; those of runs already in flight here are deferred
         until those finish."""
         now: list[_Task] = []
+        runs: set[str] = set()
         for t in tasks:
-            if t.run in self._in_flight or any(n.run == t.run for n in now):
+            if t.run in self._in_flight or t.run in runs:
                 self._defer(shard, stream, t)
             else:
                 now.append(t)
+                runs.add(t.run)
         if not now:
             return
         done = {t.run: asyncio.Event() for t in now}
