@@ -297,3 +297,19 @@ async def test_a_first_message_that_cannot_be_read_whole_is_started_the_usual_wa
     async with Worker(client, workflows=[flows.HelloWorkflow], activities=acts, **FAST) as w:  # type: ignore[list-item]
         assert len(await h.result(timeout=10)) == 2
         assert w.stats.speculated == 0
+
+
+@pytest.mark.parametrize("closes", [False, True])
+async def test_a_speculative_task_keeps_the_run_hash_compact(client: Client, closes: bool) -> None:
+    """Every value of a run hash stays within the server's compact-encoding limit (64
+    bytes), the record of a speculative call included: one longer value would double
+    what each run costs for good (the encoding never goes back)."""
+    h, stream, msgid, _ = await first_message(client)
+    cmd = _complete() if closes else _activity(1)
+    worker = "a-rather-long-worker-identity-0123456789"
+    assert (
+        await speculate(client, stream, h, msgid, await redis_ms(client), cmd, worker=worker)
+    ).reply is Reply.OK
+    rk = client.keyspace.run(0, h.run_id)
+    assert len(await client.redis.hget(rk, "wft_done") or b"") <= 64
+    assert await client.redis.object("encoding", rk) == b"listpack"

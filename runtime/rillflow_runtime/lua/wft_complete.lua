@@ -38,7 +38,7 @@ while i <= #ARGV do
   if not t.n or t.n < 0 or t.at + t.n * 4 - 1 > #ARGV then
     return redis.error_reply('wft_complete: malformed arguments at ' .. i)
   end
-  if ARGV[i + 3] ~= '' then t.spec, t.spec_arg = num(ARGV[i + 3], 'speculative start', 0), ARGV[i + 3] end
+  if ARGV[i + 3] ~= '' then t.spec = num(ARGV[i + 3], 'speculative start', 0) end
   i = t.at + t.n * 4
   t.cmds, t.closes, t.invalid = parse_commands(ARGV, t.at, t.n)
   tasks[#tasks + 1] = t
@@ -47,7 +47,9 @@ end
 -- The speculative task `t` of a run whose TASK_FIELDS are `r`.
 local function complete_speculative(t, r)
   local run = t.run
-  local call_id = t.msg .. '/' .. t.spec_arg .. '/' .. worker
+  -- (short, so that the run hash keeps its compact encoding: values of at most 64 bytes)
+  local call_id = t.msg .. '+' .. (t.spec - (tonumber(string.match(t.msg, '^(%d+)')) or 0)) .. '.'
+    .. string.sub(redis.sha1hex(worker), 1, 4)
   local rec = done_record(r[12], nil, call_id)
   local current = r[1] == RS.RUNNING and r[3] == t.msg
   if rec then
