@@ -249,7 +249,7 @@ end
 
 -- The run hash fields a workflow task's start reads (and deliver), in this order.
 local TASK_FIELDS = { 'status', 'wft', 'wft_msg', 'wid', 'wtype', 'last_eid', 'start_ms', 'wft_failures',
-  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq', 'tq', 'sticky', 'wft_q', 'msgs' }
+  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq', 'tq', 'sticky' }
 
 -- Start the run's workflow task for `w.worker` (r: its TASK_FIELDS), or, `again`, answer
 -- the start that worker already has the same way. The fence is "<attempt number>-<start

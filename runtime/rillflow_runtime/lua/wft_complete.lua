@@ -44,7 +44,12 @@ while i <= #ARGV do
   tasks[#tasks + 1] = t
 end
 
--- The speculative task `t` of a run whose TASK_FIELDS are `r`.
+-- What a speculative task reads of its run: TASK_FIELDS, then what close_run needs too.
+local SPEC_FIELDS = { unpack(TASK_FIELDS) }
+SPEC_FIELDS[#SPEC_FIELDS + 1] = 'wft_q'
+SPEC_FIELDS[#SPEC_FIELDS + 1] = 'msgs'
+
+-- The speculative task `t` of a run whose SPEC_FIELDS are `r`.
 local function complete_speculative(t, r)
   local run = t.run
   -- (short, so that the run hash keeps its compact encoding: values of at most 64 bytes)
@@ -76,7 +81,7 @@ for _, t in ipairs(tasks) do
   local run, fence = t.run, t.fence
   local rk = run_key(run)
   if t.spec then
-    local r = call('HMGET', rk, unpack(TASK_FIELDS))
+    local r = call('HMGET', rk, unpack(SPEC_FIELDS))
     knew(run, r[6])
     out[#out + 1] = complete_speculative(t, r)
   else
