@@ -69,9 +69,16 @@ def _complete() -> _Cmd:
 
 
 async def speculate(
-    client: Client, stream: str, h: Any, msgid: str, at_ms: int, *cmds: _Cmd, worker: str = "w1"
+    client: Client,
+    stream: str,
+    h: Any,
+    msgid: str,
+    at_ms: int,
+    *cmds: _Cmd,
+    worker: str = "w1",
+    eager: frozenset[int] = frozenset(),
 ) -> CompletionReply:
-    task = TaskCompletion(h.run_id, h.id, "", msgid, list(cmds), speculative_ms=at_ms)  # type: ignore[arg-type]
+    task = TaskCompletion(h.run_id, h.id, "", msgid, list(cmds), eager, at_ms)  # type: ignore[arg-type]
     (reply,) = await client.protocol.wft_complete(
         0, stream, "default", RETENTION, worker, 5_000, [task], timeout_ms=TIMEOUT, max_events=100
     )
@@ -299,17 +306,23 @@ async def test_a_first_message_that_cannot_be_read_whole_is_started_the_usual_wa
         assert w.stats.speculated == 0
 
 
-@pytest.mark.parametrize("closes", [False, True])
-async def test_a_speculative_task_keeps_the_run_hash_compact(client: Client, closes: bool) -> None:
+@pytest.mark.parametrize("shape", ["closes", "one", "ten_handed"])
+async def test_a_speculative_task_keeps_the_run_hash_compact(client: Client, shape: str) -> None:
     """Every value of a run hash stays within the server's compact-encoding limit (64
-    bytes), the record of a speculative call included: one longer value would double
-    what each run costs for good (the encoding never goes back)."""
+    bytes), the record of a speculative call included (late, with many activities handed
+    over): one longer value would double what each run costs for good (the encoding
+    never goes back)."""
     h, stream, msgid, _ = await first_message(client)
-    cmd = _complete() if closes else _activity(1)
+    n = 10 if shape == "ten_handed" else 1
+    cmds = [_complete()] if shape == "closes" else [_activity(i) for i in range(1, n + 1)]
+    eager = frozenset(range(1, n + 1)) if shape == "ten_handed" else frozenset()
     worker = "a-rather-long-worker-identity-0123456789"
-    assert (
-        await speculate(client, stream, h, msgid, await redis_ms(client), cmd, worker=worker)
-    ).reply is Reply.OK
+    await asyncio.sleep(0.05)  # (started a while after the run: a larger offset)
+    at = await redis_ms(client) - 1
+    done = await speculate(client, stream, h, msgid, at, *cmds, worker=worker, eager=eager)
+    assert done.reply is Reply.OK and len(done.eager) == len(eager)
+    again = await speculate(client, stream, h, msgid, at, *cmds, worker=worker, eager=eager)
+    assert again.eager == done.eager  # (the record reads its ranges back)
     rk = client.keyspace.run(0, h.run_id)
     assert len(await client.redis.hget(rk, "wft_done") or b"") <= 64
     assert await client.redis.object("encoding", rk) == b"listpack"

@@ -106,10 +106,11 @@ end
 
 -- A workflow task's completion is remembered on the run hash as
 -- wft_done = "<fence>|<reply>|<last event id>|<seqs>[|<call>]" (seqs: the activities it
--- handed to its worker, comma-separated; call: "<message>/<start>/<worker>" of a
--- speculative task, see wft_complete, which has no fence of its own to be known by),
--- so that a repeat of the same completion (a client retry after a dropped connection)
--- gets the same answer and no second effect.
+-- handed to its worker, as seq_ranges writes them; call: a speculative task's, see
+-- wft_complete, which has no fence of its own to be known by), so that a repeat of the
+-- same completion (a client retry after a dropped connection) gets the same answer and
+-- no second effect. Short: a run hash value over 64 bytes would cost the hash its
+-- compact encoding for good.
 local function done_fields(stored)
   local parts, from = {}, 1
   while true do
@@ -121,6 +122,31 @@ local function done_fields(stored)
     parts[#parts + 1] = string.sub(stored, from, at - 1)
     from = at + 1
   end
+end
+
+-- Sequence numbers (ascending) as "<first>[-<last>],...": the activities a task
+-- schedules are mostly consecutive. seq_list reads them back.
+local function seq_ranges(seqs)
+  local items, i = {}, 1
+  while i <= #seqs do
+    local j = i
+    while seqs[j + 1] and tonumber(seqs[j + 1]) == tonumber(seqs[j]) + 1 do j = j + 1 end
+    items[#items + 1] = (j == i) and tostring(seqs[i]) or (seqs[i] .. '-' .. seqs[j])
+    i = j + 1
+  end
+  return table.concat(items, ',')
+end
+
+local function seq_list(text)
+  local out = {}
+  for _, item in ipairs(split(text or '', ',')) do
+    local from, to = string.match(item, '^(%d+)%-?(%d*)$')
+    from = tonumber(from)
+    if from then
+      for q = from, tonumber(to) or from do out[#out + 1] = tostring(q) end
+    end
+  end
+  return out
 end
 
 local function done_string(fence, reply, last, seqs, call_id)
@@ -537,7 +563,7 @@ end
 -- are still that worker's first attempts, as {seq, deadline, ...}: the answer to a repeat.
 local function handed_over(run, seqs, worker)
   local out = {}
-  for _, seq in ipairs(split(seqs or '', ',')) do
+  for _, seq in ipairs(seq_list(seqs)) do
     local s = act_get(run, seq)
     if s and s.st == AS.STARTED and s.by == worker and s.att == 1 and s.msg == '' then
       out[#out + 1] = tonumber(seq)
@@ -707,7 +733,7 @@ local function record_task(run, wid, c)
     end
   end
   if not closed then
-    local done = done_string(fence, R.OK, last, table.concat(seqs, ','), spec_call)
+    local done = done_string(fence, R.OK, last, seq_ranges(seqs), spec_call)
     drop_msg(c.stream, c.msg, run)
     -- the next task of this run goes to this worker, which now holds it in cache
     local sticky = c.sticky_ms > 0 and c.worker or ''

@@ -49,12 +49,26 @@ local SPEC_FIELDS = { unpack(TASK_FIELDS) }
 SPEC_FIELDS[#SPEC_FIELDS + 1] = 'wft_q'
 SPEC_FIELDS[#SPEC_FIELDS + 1] = 'msgs'
 
+local DIGITS = '0123456789abcdefghijklmnopqrstuvwxyz'
+local function base36(n)
+  local sign, out = '', ''
+  if n < 0 then sign, n = '-', -n end
+  repeat
+    local d = n % 36
+    out = string.sub(DIGITS, d + 1, d + 1) .. out
+    n = (n - d) / 36
+  until n == 0
+  return sign .. out
+end
+
 -- The speculative task `t` of a run whose SPEC_FIELDS are `r`.
 local function complete_speculative(t, r)
   local run = t.run
-  -- (short, so that the run hash keeps its compact encoding: values of at most 64 bytes)
-  local call_id = t.msg .. '+' .. (t.spec - (tonumber(string.match(t.msg, '^(%d+)')) or 0)) .. '.'
-    .. string.sub(redis.sha1hex(worker), 1, 4)
+  -- The run's first message is the only one a speculative task runs from, so the call is
+  -- its start (as ms after the run's, in base 36) and its worker (4 hex digits of its
+  -- digest; handed_over checks the whole identity): short, for the run hash to stay
+  -- compact (see done_string).
+  local call_id = base36(t.spec - (tonumber(r[7]) or 0)) .. '.' .. string.sub(redis.sha1hex(worker), 1, 4)
   local rec = done_record(r[12], nil, call_id)
   local current = r[1] == RS.RUNNING and r[3] == t.msg
   if rec then
