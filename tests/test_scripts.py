@@ -115,6 +115,18 @@ async def test_a_repeated_completion_answers_the_same_and_records_once(client: C
     assert await snapshot(client) == before
 
 
+async def test_completing_an_update_the_run_never_accepted_is_refused(client: Client) -> None:
+    """(Else its outcome would land in an update hash that nothing expires.)"""
+    stream, (h, msgid, st) = await started_task(client)
+    good = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 5}), [1, 5])
+    stray = _Cmd(CommandKind.COMPLETE_UPDATE, pack({"update_id": "u9", "result": 1}), ["u9"])
+    before = await snapshot(client)
+    task = TaskCompletion(h.run_id or "", h.id, st.fence, msgid, [good, stray])  # type: ignore[list-item]
+    (r,) = await client.protocol.wft_complete(0, stream, "default", 60_000, "w1", 0, [task])
+    assert r.reply is Reply.INVALID and "u9" in r.why
+    assert await snapshot(client) == before
+
+
 async def test_a_bad_command_is_refused_before_anything_is_written(client: Client) -> None:
     stream, (h, msgid, st) = await started_task(client)
     good = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 5}), [1, 5])

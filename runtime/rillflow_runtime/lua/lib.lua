@@ -665,6 +665,18 @@ local function parse_commands(argv, at, n)
   return cmds, closes, invalid
 end
 
+-- Why the commands cannot complete the updates they name, or nil: an update id the
+-- run never accepted (its completion would leave an update hash that nothing expires)
+-- or one already completed. Reads only.
+local function updates_not_open(run, cmds)
+  for _, cmd in ipairs(cmds) do
+    if cmd.kind == CMD.COMPLETE_UPDATE and call('HGET', upd_key(run), cmd.aux[1]) ~= R.ACCEPTED then
+      return 'update ' .. tostring(cmd.aux[1]) .. ' is not an open update of the run'
+    end
+  end
+  return nil
+end
+
 -- Record a workflow task's completion (its commands checked by parse_commands):
 -- WorkflowTaskCompleted (with the task's start time t0 and fence), one event per
 -- command and what each starts, then, unless it closed the run, the events buffered

@@ -44,6 +44,13 @@ while i <= #ARGV do
   tasks[#tasks + 1] = t
 end
 
+-- Why task `t`'s commands cannot be recorded (false: they can): parse_commands's
+-- checks, then those that read the run (kept in t.invalid).
+local function invalid(t)
+  if t.invalid == nil then t.invalid = updates_not_open(t.run, t.cmds) or false end
+  return t.invalid
+end
+
 -- What a speculative task reads of its run: TASK_FIELDS, then what close_run needs too.
 local SPEC_FIELDS = { unpack(TASK_FIELDS) }
 SPEC_FIELDS[#SPEC_FIELDS + 1] = 'wft_q'
@@ -71,6 +78,7 @@ local function complete_speculative(t, r)
   local call_id = base36(t.spec - (tonumber(r[7]) or 0)) .. '.' .. string.sub(redis.sha1hex(worker), 1, 4)
   local rec = done_record(r[12], nil, call_id)
   local current = r[1] == RS.RUNNING and r[3] == t.msg
+  if not rec and current then invalid(t) end
   if rec then
     return { rec[1], rec[2], NOW, handed_over(run, rec[3], worker), rec[4] }
   elseif current and r[2] == WT.SCHEDULED and tonumber(r[6]) == 1 and (tonumber(r[13]) or 0) == 0
@@ -113,7 +121,7 @@ for _, t in ipairs(tasks) do
     elseif r[2] ~= WT.STARTED or r[3] ~= fence then
       if r[5] ~= t.msg then drop_msg(KEYS[3], t.msg) end
       out[#out + 1] = { R.REFUSED, 'workflow task was taken over' }
-    elseif t.invalid then
+    elseif invalid(t) then
       out[#out + 1] = { R.INVALID, t.invalid }
     else
       local wid = r[4]
