@@ -2,9 +2,9 @@
 
 A worker that runs a run's first task straight from its message (see wft_complete.lua)
 gives the workflow a start time before Redis records one. That time must be Redis's
-clock, not the worker's: every time a script answers with carries NOW, and since NOW was
-read before the answer arrived, ``NOW - local time on arrival`` never exceeds the true
-offset between the two clocks. The largest such offset seen lately is therefore an
+clock, not the worker's: script answers carry Redis's NOW, and since NOW was read
+before the answer arrived, ``NOW - local time on arrival`` never exceeds the true offset
+between the two clocks. The largest such offset seen lately is therefore an
 estimate that is never ahead of Redis (by more than the clocks drift apart in a window),
 and usually within a round trip behind it. The script checks the time anyway (no
 earlier than the run's start, no later than its own NOW) and starts the task the usual
