@@ -96,6 +96,14 @@ class Context:
             c = self._clocks[shard] = RedisClock()
         return c
 
+    async def learn_clocks(self) -> None:
+        """Seed each shard's clock with Redis's TIME, so that the first tasks a starting
+        worker reads (a backlog) can already run speculatively. (This client talks to one
+        server, which holds every shard.)"""
+        sec, usec = await self.redis.time()
+        for s in self.ks.all_shards():
+            self.clock(s).observe(int(sec) * 1000 + int(usec) // 1000)
+
     def streams(self, kind: str) -> dict[str, int]:
         """This queue's stream of ``kind`` in every shard, with its shard."""
         return {self.ks.queue(s, self.task_queue, kind): s for s in self.ks.all_shards()}

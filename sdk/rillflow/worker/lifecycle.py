@@ -188,6 +188,7 @@ class Worker:
         self._started_ms = int(time.time() * 1000)
         await self._publish()  # first: a worker refused here leaves nothing behind
         await self.ctx.ensure_groups(streams)
+        await self.ctx.learn_clocks()
         log.info(
             "worker started",
             identity=self.identity,
