@@ -156,9 +156,8 @@ local function done_string(fence, reply, last, seqs, call_id)
 end
 
 -- Returns {reply, last, seqs, fence} when `stored` is the record of `fence`'s completion
--- (or, fence nil, of the speculative call `call_id`: the same message, start and worker,
--- so that no other worker's call, nor a later run of the same message, is taken for a
--- repeat), else nil.
+-- (or, fence nil, of the speculative call `call_id`, see wft_complete: no other
+-- worker's call, nor a later run of the same message, is taken for a repeat), else nil.
 local function done_record(stored, fence, call_id)
   if not stored then return nil end
   if fence and string.sub(stored, 1, #fence + 1) ~= fence .. '|' then return nil end
@@ -276,6 +275,13 @@ end
 -- The run hash fields a workflow task's start reads (and deliver), in this order.
 local TASK_FIELDS = { 'status', 'wft', 'wft_msg', 'wid', 'wtype', 'last_eid', 'start_ms', 'wft_failures',
   'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq', 'tq', 'sticky' }
+
+-- What a speculative task's completion reads of its run: TASK_FIELDS, then what
+-- close_run needs too (built here, once, when the library loads).
+local SPEC_FIELDS = {}
+for i = 1, #TASK_FIELDS do SPEC_FIELDS[i] = TASK_FIELDS[i] end
+SPEC_FIELDS[#SPEC_FIELDS + 1] = 'wft_q'
+SPEC_FIELDS[#SPEC_FIELDS + 1] = 'msgs'
 
 -- Start the run's workflow task for `w.worker` (r: its TASK_FIELDS), or, `again`, answer
 -- the start that worker already has the same way. The fence is "<attempt number>-<start
@@ -458,6 +464,15 @@ end
 
 -- The run hash fields close_run reads, in this order.
 local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid' }
+
+-- The values of the fields `want` out of `r`, an HMGET of the fields `have`: what a
+-- caller already read, in the order another reader of the hash takes it.
+local function project(have, r, want)
+  local at, out = {}, {}
+  for i, f in ipairs(have) do at[f] = i end
+  for i, f in ipairs(want) do out[i] = r[at[f]] end
+  return out
+end
 
 -- Close a run: the closing event, the outcome for result-waiters, the closed-runs
 -- stream they block on, the retention clock, and every timer it still had. `extra`:
@@ -682,11 +697,11 @@ end
 -- command and what each starts, then, unless it closed the run, the events buffered
 -- while the task ran (another task is scheduled for them) and the drop of its message.
 -- c: {fence, t0, worker, tq, retention, sticky_ms, cmds, closes, stream and msg (the
--- task's message, if it has one), spec (a speculative task: it never started, so nothing
--- of it was buffered or timed; `seq` is its attempt number, and `call_id` goes in the
--- record), known (the run's CLOSE_FIELDS as the caller read them,
--- for close_run)}. Returns the last event id of the commands and the activities handed
--- to the worker as {seq, deadline, ...}.
+-- task's message, if it has one), spec (a speculative first task: it never started, so
+-- nothing of it was buffered or timed, its attempt is the run's first, and its
+-- `call_id` goes in the record), known (the run's CLOSE_FIELDS as the caller read them,
+-- for close_run, when the task closes the run)}. Returns the last event id of the
+-- commands and the activities handed to the worker as {seq, deadline, ...}.
 local function record_task(run, wid, c)
   local fence = c.fence
   local last = append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
@@ -694,7 +709,6 @@ local function record_task(run, wid, c)
   local closed = false
   local ak = act_key(run)
   local handed, seqs = {}, {}
-  local spec_call = c.spec and c.call_id or nil
   for _, cmd in ipairs(c.cmds) do
     local kind, body, aux = cmd.kind, cmd.body, cmd.aux
     if kind == CMD.SCHEDULE_ACTIVITY then
@@ -735,7 +749,7 @@ local function record_task(run, wid, c)
     elseif kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then
       -- the closing event comes next; the run hash records this completion with it
       -- (closing the run drops the task message)
-      local rec = { 'wft_done', done_string(fence, R.OK, LAST[run] + 1, '', spec_call) }
+      local rec = { 'wft_done', done_string(fence, R.OK, LAST[run] + 1, '', c.call_id) }
       if kind == CMD.COMPLETE_WORKFLOW then
         last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, c.retention, rec, c.known)
       else
@@ -745,18 +759,23 @@ local function record_task(run, wid, c)
     end
   end
   if not closed then
-    local done = done_string(fence, R.OK, last, seq_ranges(seqs), spec_call)
     drop_msg(c.stream, c.msg, run)
     -- the next task of this run goes to this worker, which now holds it in cache
-    local sticky = c.sticky_ms > 0 and c.worker or ''
+    local fields = { 'sticky', c.sticky_ms > 0 and c.worker or '', 'sticky_ms', c.sticky_ms,
+      'wft_done', done_string(fence, R.OK, last, seq_ranges(seqs), c.call_id) }
+    if c.spec then
+      fields[#fields + 1] = 'wft_seq'
+      fields[#fields + 1] = 1
+    end
     if not c.spec and flush_buffer(run, wid) > 0 then
-      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done)
+      hset_run(run, unpack(fields))
       schedule_wft(run, c.tq)
-    elseif c.spec then
-      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '',
-        'wft_seq', c.seq)
     else
-      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '')
+      fields[#fields + 1] = 'wft'
+      fields[#fields + 1] = WT.NONE
+      fields[#fields + 1] = 'wft_msg'
+      fields[#fields + 1] = ''
+      hset_run(run, unpack(fields))
     end
   end
   return last, handed
@@ -767,4 +786,16 @@ end
 -- run's history had seen), no later than NOW, and less than a workflow task timeout ago.
 local function spec_time_ok(at, after, timeout)
   return at >= after and at <= NOW and NOW - at < timeout
+end
+
+local DIGITS = '0123456789abcdefghijklmnopqrstuvwxyz'
+local function base36(n)
+  local sign, out = '', ''
+  if n < 0 then sign, n = '-', -n end
+  repeat
+    local d = n % 36
+    out = string.sub(DIGITS, d + 1, d + 1) .. out
+    n = (n - d) / 36
+  until n == 0
+  return sign .. out
 end

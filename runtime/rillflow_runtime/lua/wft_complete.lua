@@ -51,22 +51,9 @@ local function invalid(t)
   return t.invalid
 end
 
--- What a speculative task reads of its run: TASK_FIELDS, then what close_run needs too.
-local SPEC_FIELDS = { unpack(TASK_FIELDS) }
-SPEC_FIELDS[#SPEC_FIELDS + 1] = 'wft_q'
-SPEC_FIELDS[#SPEC_FIELDS + 1] = 'msgs'
-
-local DIGITS = '0123456789abcdefghijklmnopqrstuvwxyz'
-local function base36(n)
-  local sign, out = '', ''
-  if n < 0 then sign, n = '-', -n end
-  repeat
-    local d = n % 36
-    out = string.sub(DIGITS, d + 1, d + 1) .. out
-    n = (n - d) / 36
-  until n == 0
-  return sign .. out
-end
+-- What a started task's completion reads of its run, in this order.
+local COMPLETE_FIELDS = { 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q', 'msgbuf',
+  'wft_done', 'wft_failures', 'last_eid', 'msgs' }
 
 -- The speculative task `t` of a run whose SPEC_FIELDS are `r`.
 local function complete_speculative(t, r)
@@ -86,7 +73,7 @@ local function complete_speculative(t, r)
     local fence = '1-' .. NOW_US
     local last, handed = record_task(run, r[4], { fence = fence, t0 = t.spec, worker = worker, tq = tq,
       retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes, stream = KEYS[3],
-      msg = t.msg, spec = true, seq = 1, call_id = call_id, known = { r[4], r[16], r[2], r[3], r[17], r[10], r[6] } })
+      msg = t.msg, spec = true, call_id = call_id, known = t.closes and project(SPEC_FIELDS, r, CLOSE_FIELDS) })
     return { R.OK, last, NOW, handed, fence }
   elseif current and (r[2] == WT.SCHEDULED or (r[2] == WT.STARTED and r[9] == worker)) then
     return { R.STARTED, start_task(run, r, r[2] == WT.STARTED, { worker = worker, timeout = timeout,
@@ -107,8 +94,7 @@ for _, t in ipairs(tasks) do
     knew(run, r[6])
     out[#out + 1] = complete_speculative(t, r)
   else
-    local r = call('HMGET', rk, 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q',
-      'msgbuf', 'wft_done', 'wft_failures', 'last_eid', 'msgs')
+    local r = call('HMGET', rk, unpack(COMPLETE_FIELDS))
     knew(run, r[11])
     local rec = done_record(r[9], fence)
     if rec and rec[1] == R.AGAIN then
@@ -139,7 +125,7 @@ for _, t in ipairs(tasks) do
         if r[10] then call('HDEL', rk, 'wft_failures', 'wft_failure') end
         local last, handed = record_task(run, wid, { fence = fence, t0 = tonumber(r[6]), worker = worker,
           tq = tq, retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes,
-          stream = r[7], msg = r[5], known = { wid, r[7], r[2], r[5], r[12], r[3], r[11] } })
+          stream = r[7], msg = r[5], known = t.closes and project(COMPLETE_FIELDS, r, CLOSE_FIELDS) })
         out[#out + 1] = { R.OK, last, NOW, handed, fence }
       end
     end

@@ -63,7 +63,10 @@ class _Task:
     run: str
     workflow_id: str
     started: WftStarted | None = None
-    speculative: bool = False
+
+    @property
+    def speculative(self) -> bool:
+        return self.started is not None and not self.started.fence
 
 
 @dataclass
@@ -73,7 +76,11 @@ class _Activated:
     started: WftStarted
     instance: WorkflowInstance
     commands: list[Command]
-    speculative: bool = False
+
+    @property
+    def speculative(self) -> bool:
+        """Run from its message, not started in Redis: it has no fence yet."""
+        return not self.started.fence
 
 
 class WorkflowTasks:
@@ -146,7 +153,7 @@ class WorkflowTasks:
             except BadMessage as e:
                 await self.ctx.bad_message(shard, stream, mid, f"workflow task {e}")
                 continue
-            tasks.append(_Task(mid, run, wid, first, speculative=first is not None))
+            tasks.append(_Task(mid, run, wid, first))
         await self._admit(shard, stream, tasks)
 
     def _first_task(self, shard: int, run: str, wid: str, fields: Any) -> WftStarted | None:
@@ -266,7 +273,6 @@ class WorkflowTasks:
                     st = replace(st, now_ms=max(now, st.start_ms))
                 try:
                     act = await self._activate(shard, run, msgid, st)
-                    act.speculative = t.speculative
                 except TRANSIENT:
                     # Redis, not the workflow, failed: the task times out and runs again
                     raise
