@@ -465,12 +465,22 @@ end
 -- The run hash fields close_run reads, in this order.
 local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid' }
 
--- The values of the fields `want` out of `r`, an HMGET of the fields `have`: what a
--- caller already read, in the order another reader of the hash takes it.
+-- What a started task's completion reads of its run, in this order.
+local COMPLETE_FIELDS = { 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q', 'msgbuf',
+  'wft_done', 'wft_failures', 'last_eid', 'msgs' }
+
+-- The values of the fields `want` out of `r`, an HMGET of the fields `have` (one of the
+-- lists above): what a caller already read, in the order another reader takes it.
+local FIELD_AT = {}  -- a field list -> {field -> its position}, built once per list
 local function project(have, r, want)
-  local at, out = {}, {}
-  for i, f in ipairs(have) do at[f] = i end
-  for i, f in ipairs(want) do out[i] = r[at[f]] end
+  local at = FIELD_AT[have]
+  if not at then
+    at = {}
+    for i = 1, #have do at[have[i]] = i end
+    FIELD_AT[have] = at
+  end
+  local out = {}
+  for i = 1, #want do out[i] = r[at[want[i]]] end
   return out
 end
 
@@ -761,21 +771,16 @@ local function record_task(run, wid, c)
   if not closed then
     drop_msg(c.stream, c.msg, run)
     -- the next task of this run goes to this worker, which now holds it in cache
-    local fields = { 'sticky', c.sticky_ms > 0 and c.worker or '', 'sticky_ms', c.sticky_ms,
-      'wft_done', done_string(fence, R.OK, last, seq_ranges(seqs), c.call_id) }
-    if c.spec then
-      fields[#fields + 1] = 'wft_seq'
-      fields[#fields + 1] = 1
-    end
-    if not c.spec and flush_buffer(run, wid) > 0 then
-      hset_run(run, unpack(fields))
+    local sticky = c.sticky_ms > 0 and c.worker or ''
+    local done = done_string(fence, R.OK, last, seq_ranges(seqs), c.call_id)
+    if c.spec then  -- (never started: nothing was buffered; this was the run's first attempt)
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '',
+        'wft_seq', 1)
+    elseif flush_buffer(run, wid) > 0 then
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done)
       schedule_wft(run, c.tq)
     else
-      fields[#fields + 1] = 'wft'
-      fields[#fields + 1] = WT.NONE
-      fields[#fields + 1] = 'wft_msg'
-      fields[#fields + 1] = ''
-      hset_run(run, unpack(fields))
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '')
     end
   end
   return last, handed

@@ -51,10 +51,6 @@ local function invalid(t)
   return t.invalid
 end
 
--- What a started task's completion reads of its run, in this order.
-local COMPLETE_FIELDS = { 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q', 'msgbuf',
-  'wft_done', 'wft_failures', 'last_eid', 'msgs' }
-
 -- The speculative task `t` of a run whose SPEC_FIELDS are `r`.
 local function complete_speculative(t, r)
   local run = t.run
