@@ -469,18 +469,24 @@ local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'l
 local COMPLETE_FIELDS = { 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q', 'msgbuf',
   'wft_done', 'wft_failures', 'last_eid', 'msgs' }
 
--- The values of the fields `want` out of `r`, an HMGET of the fields `have` (one of the
--- lists above): what a caller already read, in the order another reader takes it.
-local FIELD_AT = {}  -- a field list -> {field -> its position}, built once per list
-local function project(have, r, want)
-  local at = FIELD_AT[have]
-  if not at then
-    at = {}
-    for i = 1, #have do at[have[i]] = i end
-    FIELD_AT[have] = at
+-- Where each of the fields `want` sits in an HMGET of the fields `have`, worked out when
+-- the library loads (a field `have` lacks fails the load, not a call), so that a caller
+-- hands close_run what it already read (pick) in close_run's order.
+local function positions(have, want)
+  local at, out = {}, {}
+  for i = 1, #have do at[have[i]] = i end
+  for i = 1, #want do
+    out[i] = at[want[i]]
+    if not out[i] then error('rillflow: ' .. want[i] .. ' is not among the fields read') end
   end
+  return out
+end
+local CLOSE_FROM_SPEC = positions(SPEC_FIELDS, CLOSE_FIELDS)
+local CLOSE_FROM_COMPLETE = positions(COMPLETE_FIELDS, CLOSE_FIELDS)
+
+local function pick(r, at)
   local out = {}
-  for i = 1, #want do out[i] = r[at[want[i]]] end
+  for i = 1, #at do out[i] = r[at[i]] end
   return out
 end
 

@@ -69,7 +69,7 @@ local function complete_speculative(t, r)
     local fence = '1-' .. NOW_US
     local last, handed = record_task(run, r[4], { fence = fence, t0 = t.spec, worker = worker, tq = tq,
       retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes, stream = KEYS[3],
-      msg = t.msg, spec = true, call_id = call_id, known = t.closes and project(SPEC_FIELDS, r, CLOSE_FIELDS) })
+      msg = t.msg, spec = true, call_id = call_id, known = t.closes and pick(r, CLOSE_FROM_SPEC) })
     return { R.OK, last, NOW, handed, fence }
   elseif current and (r[2] == WT.SCHEDULED or (r[2] == WT.STARTED and r[9] == worker)) then
     return { R.STARTED, start_task(run, r, r[2] == WT.STARTED, { worker = worker, timeout = timeout,
@@ -121,7 +121,7 @@ for _, t in ipairs(tasks) do
         if r[10] then call('HDEL', rk, 'wft_failures', 'wft_failure') end
         local last, handed = record_task(run, wid, { fence = fence, t0 = tonumber(r[6]), worker = worker,
           tq = tq, retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes,
-          stream = r[7], msg = r[5], known = t.closes and project(COMPLETE_FIELDS, r, CLOSE_FIELDS) })
+          stream = r[7], msg = r[5], known = t.closes and pick(r, CLOSE_FROM_COMPLETE) })
         out[#out + 1] = { R.OK, last, NOW, handed, fence }
       end
     end
