@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError as SchemaError
 from pydantic import BaseModel
@@ -391,18 +392,35 @@ def _with_workers(entry: RegisteredWorkflow, live: list[WorkerInfo]) -> Register
     return replace(entry, live_workers=by_queue)
 
 
+@dataclass(frozen=True)
+class _Validator:
+    """A registered input schema, compiled once. ``fast`` (Rust) only says yes or no, in
+    a fraction of a microsecond; ``full`` (pure Python, 50-100x slower) is asked only for
+    input ``fast`` refuses, to word every error with its path."""
+
+    fast: Any
+    full: Draft202012Validator
+
+
 @functools.lru_cache(maxsize=256)
-def _validator(spec_json: str, kind: str, name: str) -> Draft202012Validator:
+def _validator(spec_json: str, kind: str, name: str) -> _Validator:
     """Compiled once per registered version of a workflow (or handler), not once per call."""
     spec = json.loads(spec_json)
-    if not kind:
-        return Draft202012Validator(spec["input_schema"])
-    handler = next(h for h in spec["handlers"][kind] if h["name"] == name)
-    return Draft202012Validator(handler["input_schema"])
+    if kind:
+        schema = next(h for h in spec["handlers"][kind] if h["name"] == name)["input_schema"]
+    else:
+        schema = spec["input_schema"]
+    return _Validator(jsonschema_rs.Draft202012Validator(schema), Draft202012Validator(schema))
 
 
-def _check(validator: Draft202012Validator, data: Any, what: str) -> None:
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+def _check(validator: _Validator, data: Any, what: str) -> None:
+    try:
+        if validator.fast.is_valid(data):
+            return
+    except (ValueError, TypeError):  # data it cannot read (a non-string key): the full check words it
+        pass
+    # the full check decides: input is refused only with the errors that say why
+    errors = sorted(validator.full.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         raise InvalidInputError(
             f"invalid input for {what} (its registered input schema): "
