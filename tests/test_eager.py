@@ -98,6 +98,9 @@ async def test_an_outcome_brings_back_the_next_task_of_a_run_its_worker_caches(c
     # a new fence, and only what the cached instance has not seen: the result
     assert st.fence != task.fence and st.since == done.last_event_id
     assert [HistoryEvent.from_entry(e).type for e in st.events] == ["ActivityTaskCompleted"]
+    # the event the call appended is handed back as a read of the history gives it
+    as_read = [(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in st.events]
+    assert as_read == await client.redis.xrange(ks.history(0, h.id, run), min=f"{st.since + 1}-0")
     assert await client.redis.hget(ks.run(0, run), "wft") == b"started"
     for q in (stream, ks.sticky(0, "default", "w1")):  # no task message anywhere
         assert await client.redis.xlen(q) == 0

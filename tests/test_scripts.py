@@ -564,3 +564,49 @@ async def test_a_large_history_stays_a_stream_when_the_run_closes(client: Client
     assert not await client.redis.exists(ks.history_packed(0, h.id, h.run_id or ""))
     assert [e.type for e in await h.history()][-1] == "WorkflowExecutionTerminated"
     assert 0 < await client.redis.pttl(ks.history(0, h.id, h.run_id or "")) <= client.settings.retention_ms
+
+
+async def _body_bytes(client: Client, wid: str, run: str) -> int:
+    return sum(
+        len(fields[b"d"]) for _id, fields in await client.redis.xrange(client.keyspace.history(0, wid, run))
+    )
+
+
+async def test_a_runs_history_bytes_are_counted_as_its_events_are_written(client: Client) -> None:
+    """`hbytes` (what packing at close and the history limits go by) is the sum of the
+    event bodies, buffered ones included once they join the history."""
+    ks, p = client.keyspace, client.protocol
+    stream, (h, msgid, st) = await started_task(client)
+    run = h.run_id or ""
+    for i in range(3):  # buffered: the task is started
+        assert (
+            await p.signal(h.id, None, pack({"name": "note", "input": pack([i])}), f"rq-{i}")
+        ).reply is Reply.OK
+    assert await client.redis.llen(ks.buffer(0, run)) == 9  # (type, time, body) each
+    assert int(await client.redis.hget(ks.run(0, run), "hbytes") or -1) == await _body_bytes(
+        client, h.id, run
+    )
+    timer = _Cmd(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 60_000}), [1, 60_000])
+    task = TaskCompletion(run, h.id, st.fence, msgid, [timer])  # type: ignore[list-item]
+    assert (await p.wft_complete(0, stream, "default", 60_000, "w1", 0, [task]))[0].reply is Reply.OK
+    assert int(await client.redis.hget(ks.run(0, run), "hbytes") or -1) == await _body_bytes(
+        client, h.id, run
+    )
+    await h.terminate("done")
+    assert await client.redis.hget(ks.run(0, run), "hbytes") is None  # a closed run keeps no count
+
+
+async def test_a_run_from_before_history_bytes_were_counted_is_packed_by_its_memory(client: Client) -> None:
+    """A run whose hash has no `hbytes` (started by an earlier version) is not given a
+    wrong count: packing at close measures its stream instead."""
+    ks, p = client.keyspace, client.protocol
+    h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"})
+    run = h.run_id or ""
+    await client.redis.hdel(ks.run(0, run), "hbytes")
+    big = pack({"name": "note", "input": pack(["x" * 20_000])})
+    for i in range(5):  # 100 KB of signals
+        assert (await p.signal(h.id, None, big, f"rq-{i}")).reply is Reply.OK
+    assert await client.redis.hget(ks.run(0, run), "hbytes") is None
+    await h.terminate("done")
+    assert await client.redis.exists(ks.history(0, h.id, run))  # measured: too large to pack
+    assert not await client.redis.exists(ks.history_packed(0, h.id, run))

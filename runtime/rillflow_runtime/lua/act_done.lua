@@ -34,7 +34,7 @@ for i = 5, #ARGV, 11 do
     seen = ARGV[i + 10] } or nil
   local ak = act_key(run)
   local r = call('HMGET', run_key(run), unpack(TASK_FIELDS))
-  knew(run, r[6])
+  knew(run, r[6], r[16])
   local a = call('HMGET', ak, seq .. ':d', seq)
   local prev = a[1] and split(a[1], '|') or {}
   if not a[1] and r[1] and r[1] ~= RS.RUNNING then prev = folded_answer(run, seq, att) end

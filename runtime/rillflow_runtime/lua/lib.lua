@@ -31,8 +31,10 @@ local P, TIMERS, CLOSED, DECLARED, NOW, NOW_US
 -- LAST[run]: a run's last event id as this call knows it (read with the run's hash, or
 -- counted by append); DIRTY[run]: the run hash does not have it yet. The next write of
 -- the run hash through hset_run carries it, and finish() writes what no such write did:
--- a call writes it once, not once per event it appends.
-local LAST, DIRTY
+-- a call writes it once, not once per event it appends. BYTES[run]: the bytes of its
+-- events' bodies (`hbytes`, written with `last_eid`; false for a run from before it was
+-- counted). FRESH[run]: the last event this call appended, as XRANGE would return it.
+local LAST, DIRTY, BYTES, FRESH
 
 -- Every Redis command of the scripts goes through `call`. With CHECK_KEYS (the test
 -- suite and the chaos run turn it on) a command on a key its caller did not declare is
@@ -55,7 +57,7 @@ end
 local function begin(keys, argv)
   call = CHECK_KEYS and checked_call or redis.call
   P, TIMERS, CLOSED = argv[1], keys[1], keys[2]
-  LAST, DIRTY = {}, {}
+  LAST, DIRTY, BYTES, FRESH = {}, {}, {}, {}
   DECLARED = {}
   for i = 1, #keys do DECLARED[keys[i]] = true end
   local t = redis.call('TIME')
@@ -195,32 +197,52 @@ local function drop_msg(stream, id, run)
   end
 end
 
--- What a read of the run hash said its last event id is (unless this call moved it on).
-local function knew(run, last_eid)
-  if LAST[run] == nil and last_eid then LAST[run] = tonumber(last_eid) end
+-- What a read of the run hash said its last event id and history bytes are (unless this
+-- call moved them on).
+local function knew(run, last_eid, hbytes)
+  if LAST[run] == nil and last_eid then
+    LAST[run] = tonumber(last_eid)
+    BYTES[run] = tonumber(hbytes) or false
+  end
 end
 
--- HSET on a run hash, with the run's last event id if this call appended to it.
+-- HSET on a run hash, with the run's last event id and history bytes if this call
+-- appended to it.
 local function hset_run(run, ...)
   if DIRTY[run] then
     DIRTY[run] = nil
+    if BYTES[run] then return call('HSET', run_key(run), 'last_eid', LAST[run], 'hbytes', BYTES[run], ...) end
     return call('HSET', run_key(run), 'last_eid', LAST[run], ...)
   end
   return call('HSET', run_key(run), ...)
 end
 
--- The end of every call (see scripts.py): the last event ids no hset_run carried.
+-- The end of every call (see scripts.py): what no hset_run carried.
 local function finish()
-  for run in pairs(DIRTY) do call('HSET', run_key(run), 'last_eid', LAST[run]) end
+  for run in pairs(DIRTY) do
+    if BYTES[run] then
+      call('HSET', run_key(run), 'last_eid', LAST[run], 'hbytes', BYTES[run])
+    else
+      call('HSET', run_key(run), 'last_eid', LAST[run])
+    end
+  end
 end
 
 -- Append one event to a run's history; the stream id is "<event_id>-0".
 local function append(run, wid, etype, body, t)
   local eid = LAST[run]
-  if eid == nil then eid = tonumber(call('HGET', run_key(run), 'last_eid')) or 0 end
+  if eid == nil then
+    local r = call('HMGET', run_key(run), 'last_eid', 'hbytes')
+    eid = tonumber(r[1]) or 0
+    BYTES[run] = tonumber(r[2]) or false
+  end
   eid = eid + 1
   LAST[run], DIRTY[run] = eid, true
-  call('XADD', hist_key(wid, run), eid .. '-0', 'type', etype, 't', t or NOW, 'd', body)
+  if BYTES[run] then BYTES[run] = BYTES[run] + #body end
+  -- (a time read back from a buffer is a string already; NOW is written as Redis writes it)
+  t = t or string.format('%.0f', NOW)
+  call('XADD', hist_key(wid, run), eid .. '-0', 'type', etype, 't', t, 'd', body)
+  FRESH[run] = { eid .. '-0', { 'type', etype, 't', t, 'd', body } }
   return eid
 end
 
@@ -274,7 +296,7 @@ end
 
 -- The run hash fields a workflow task's start reads (and deliver), in this order.
 local TASK_FIELDS = { 'status', 'wft', 'wft_msg', 'wid', 'wtype', 'last_eid', 'start_ms', 'wft_failures',
-  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq', 'tq', 'sticky' }
+  'wft_by', 'wft_fence', 'wft_start_ms', 'wft_done', 'wft_seq', 'tq', 'sticky', 'hbytes' }
 
 -- What a speculative task's completion reads of its run: TASK_FIELDS, then what
 -- close_run needs too (built here, once, when the library loads).
@@ -304,7 +326,15 @@ local function start_task(run, r, again, w)
   local last, since = LAST[run] or tonumber(r[6]), w.since
   local rec = w.seen ~= '' and done_record(r[12], w.seen)
   if since > last or not rec or rec[1] ~= R.OK then since = 0 end
-  local events = call('XRANGE', hist_key(r[4], run), (since + 1) .. '-0', '+', 'COUNT', w.max_events)
+  -- the one event the worker lacks is the one this call appended (an outcome that woke
+  -- the run, in act_done): no need to read it back
+  local fresh = FRESH[run]
+  local events
+  if since == last - 1 and fresh and fresh[1] == last .. '-0' then
+    events = { fresh }
+  else
+    events = call('XRANGE', hist_key(r[4], run), (since + 1) .. '-0', '+', 'COUNT', w.max_events)
+  end
   return { R.OK, fence, started, r[4], r[5], last, tonumber(r[7]), events, (tonumber(r[8]) or 0) + 1, since }
 end
 
@@ -319,7 +349,7 @@ end
 local function deliver(run, etype, body, eager, r)
   r = r or call('HMGET', run_key(run), unpack(TASK_FIELDS))
   if r[1] ~= RS.RUNNING then return nil end
-  knew(run, r[6])
+  knew(run, r[6], r[16])
   if r[2] == WT.STARTED then
     call('RPUSH', buf_key(run), etype, NOW, body)
     -- the task that closes the run looks for buffered messages only when this is set
@@ -351,7 +381,7 @@ local function note_messages(run)
 end
 
 -- (the packed history is written with its expiry; an act hash folded away is gone)
-local function expire_run(run, wid, retention_ms, msgs, current, packed, folded)
+local function expire_run(run, wid, retention_ms, msgs, packed, folded)
   local keys = { run_key(run) }
   if not packed then keys[#keys + 1] = hist_key(wid, run) end
   if not folded then keys[#keys + 1] = act_key(run) end
@@ -362,7 +392,7 @@ local function expire_run(run, wid, retention_ms, msgs, current, packed, folded)
   for _, k in ipairs(keys) do
     call('PEXPIRE', k, retention_ms)
   end
-  if current then call('PEXPIRE', wf_key(wid), retention_ms) end
+  call('PEXPIRE', wf_key(wid), retention_ms)
 end
 
 -- Per-activity state lives in the run's act hash: field <seq> is a msgpack map of
@@ -401,7 +431,8 @@ end
 local function pack_history(run, wid, last_eid, retention_ms)
   if last_eid > PACK_HISTORY_EVENTS then return false end
   local hk = hist_key(wid, run)
-  if (call('MEMORY', 'USAGE', hk, 'SAMPLES', 0) or 0) > PACK_HISTORY_BYTES then return false end
+  local size = BYTES[run] or call('MEMORY', 'USAGE', hk, 'SAMPLES', 0) or 0
+  if size > PACK_HISTORY_BYTES then return false end
   local entries = call('XRANGE', hk, '-', '+')
   local flat, t0 = {}, nil
   for i, e in ipairs(entries) do
@@ -463,11 +494,11 @@ local function folded_answer(run, seq, att)
 end
 
 -- The run hash fields close_run reads, in this order.
-local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid' }
+local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid', 'hbytes' }
 
 -- What a started task's completion reads of its run, in this order.
 local COMPLETE_FIELDS = { 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q', 'msgbuf',
-  'wft_done', 'wft_failures', 'last_eid', 'msgs' }
+  'wft_done', 'wft_failures', 'last_eid', 'msgs', 'hbytes' }
 
 -- Where each of the fields `want` sits in an HMGET of the fields `have`, worked out when
 -- the library loads (a field `have` lacks fails the load, not a call), so that a caller
@@ -499,11 +530,15 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
   local rk = run_key(run)
   r = r or call('HMGET', rk, unpack(CLOSE_FIELDS))
   local wid = r[1]
-  knew(run, r[7])
+  knew(run, r[7], r[8])
   local eid = append(run, wid, etype, body)
   if r[3] == WT.SCHEDULED or r[3] == WT.STARTED then drop_msg(r[2], r[4], run) end
-  local current = call('HGET', wf_key(wid), 'run') == run  -- (not when a newer run has the id)
-  if current then call('HSET', wf_key(wid), 'status', status) end
+  -- A running run is its execution's current run: start refuses an id whose current run
+  -- is running, and every run closes here (the suite and the chaos run check it).
+  if CHECK_KEYS and call('HGET', wf_key(wid), 'run') ~= run then
+    error('rillflow: closing run ' .. run .. ', which is not the current run of ' .. wid)
+  end
+  call('HSET', wf_key(wid), 'status', status)
   local gone = { tmember(TK.EXECUTION_TIMEOUT, run), tmember(TK.TASK_RETRY, run) }
   if r[6] then gone[#gone + 1] = tmember(TK.TASK_TIMEOUT, run, r[6]) end
   if r[4] and r[4] ~= '' then gone[#gone + 1] = tmember(TK.STICKY_FALLBACK, run, r[4]) end
@@ -553,8 +588,8 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
   -- what routed and fenced its workflow tasks, and its deadline, are of no use to a
   -- closed run (a repeat of the completion that closed it is answered from wft_done)
   call('HDEL', rk, 'wft', 'wft_msg', 'wft_q', 'wft_start_ms', 'wft_by', 'wft_fence', 'wft_seq', 'sticky',
-    'sticky_ms', 'msgbuf', 'deadline_ms')
-  expire_run(run, wid, retention_ms, r[5], current, packed, folded)
+    'sticky_ms', 'msgbuf', 'deadline_ms', 'hbytes')
+  expire_run(run, wid, retention_ms, r[5], packed, folded)
   return eid
 end
 

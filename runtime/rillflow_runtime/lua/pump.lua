@@ -52,8 +52,8 @@ for i = 4, #ARGV do
   local kind, run = parts[1], parts[2]
   local rk = run_key(run)
   local r = score and tonumber(score) <= NOW and DECLARED[rk]
-    and call('HMGET', rk, 'status', 'wid', 'tq', 'wft', 'wft_fence', 'wft_msg', 'wft_q', 'last_eid')
-  if r then knew(run, r[8]) end
+    and call('HMGET', rk, 'status', 'wid', 'tq', 'wft', 'wft_fence', 'wft_msg', 'wft_q', 'last_eid', 'hbytes')
+  if r then knew(run, r[8], r[9]) end
   if r and declared_for(kind, run, r, parts, m) then
     call('ZREM', TIMERS, m)
     handled = handled + 1

@@ -20,7 +20,7 @@ if cur[2] == RS.RUNNING then return { R.RUNNING, cur[1] } end
 -- checked: nothing below can fail
 if cur[1] then call('DEL', wk) end  -- (an earlier run's bookkeeping)
 call('HSET', wk, 'run', run, 'status', RS.RUNNING)
-knew(run, 0)
+knew(run, 0, 0)
 append(run, wid, EV.WORKFLOW_EXECUTION_STARTED, body)
 -- its first workflow task (a new run has no worker caching it: the shared stream); a
 -- small start event travels with it, so a worker can run the task at once and record

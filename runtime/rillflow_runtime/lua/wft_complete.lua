@@ -87,11 +87,11 @@ for _, t in ipairs(tasks) do
   local rk = run_key(run)
   if t.spec then
     local r = call('HMGET', rk, unpack(SPEC_FIELDS))
-    knew(run, r[6])
+    knew(run, r[6], r[16])
     out[#out + 1] = complete_speculative(t, r)
   else
     local r = call('HMGET', rk, unpack(COMPLETE_FIELDS))
-    knew(run, r[11])
+    knew(run, r[11], r[13])
     local rec = done_record(r[9], fence)
     if rec and rec[1] == R.AGAIN then
       out[#out + 1] = { R.AGAIN, AGAIN_WHY }
