@@ -460,7 +460,7 @@ async def drive_run(c: Conn, shard: int) -> None:
     h = await history(c, shard, wid, run)
     assert h[-1] == ("10-0", "WorkflowExecutionTerminated") and len(h) == 10
     assert not await c.rc.exists(ks.history(shard, wid, run))  # packed: one value, not a stream
-    assert 0 < await c.rc.pttl(ks.history_packed(shard, wid, run)) <= RETENTION_MS
+    assert 0 < await c.rc.pttl(ks.history_packed(shard, run)) <= RETENTION_MS
     assert await c.rc.hget(ks.run(shard, run), "status") == b"terminated"
     assert 0 < await c.rc.pttl(ks.run(shard, run)) <= RETENTION_MS
     assert await c.rc.zcard(ks.timers(shard)) == 0

@@ -498,7 +498,7 @@ async def test_a_closed_runs_history_is_packed_into_one_value_and_reads_the_same
     ]
     assert [e.event_id for e in await h.history()] == list(range(1, len(closed) + 1))
     assert not await client.redis.exists(ks.history(0, h.id, run))  # the stream is gone
-    assert 0 < await client.redis.pttl(ks.history_packed(0, h.id, run)) <= 60_000
+    assert 0 < await client.redis.pttl(ks.history_packed(0, run)) <= 60_000
     assert [e.event_id for e in map(HistoryEvent.from_entry, await p.history(0, h.id, run, after=2))] == list(
         range(3, len(closed) + 1)
     )
@@ -507,14 +507,15 @@ async def test_a_closed_runs_history_is_packed_into_one_value_and_reads_the_same
 
 
 async def test_a_history_packed_in_the_first_form_is_read_as_well(client: Client) -> None:
-    """Runs closed before the packed form had type codes keep their history readable."""
+    """Runs closed by earlier versions (before the packed form had type codes, under the
+    key named by execution and run) keep their history readable."""
     ks, p = client.keyspace, client.protocol
     old = [
         [1, b"WorkflowExecutionStarted", 1_000, pack({"input": {"a": 1}})],
         [2, b"WorkflowTaskCompleted", 1_005, pack({"t0": 1_004})],
         [3, b"WorkflowExecutionCompleted", 1_005, pack({"result": 1})],
     ]
-    await client.redis.set(ks.history_packed(0, "wid", "run"), msgpack.packb(old))
+    await client.redis.set(ks.history_packed_before(0, "wid", "run"), msgpack.packb(old))
     events = [HistoryEvent.from_entry(e) for e in await p.history(0, "wid", "run")]
     assert [(e.event_id, e.type, e.time_ms) for e in events] == [
         (1, "WorkflowExecutionStarted", 1_000),
@@ -561,7 +562,7 @@ async def test_a_large_history_stays_a_stream_when_the_run_closes(client: Client
         assert (await p.signal(h.id, None, big, f"rq-{i}")).reply is Reply.OK
     await h.terminate("done")
     assert await client.redis.exists(ks.history(0, h.id, h.run_id or ""))
-    assert not await client.redis.exists(ks.history_packed(0, h.id, h.run_id or ""))
+    assert not await client.redis.exists(ks.history_packed(0, h.run_id or ""))
     assert [e.type for e in await h.history()][-1] == "WorkflowExecutionTerminated"
     assert 0 < await client.redis.pttl(ks.history(0, h.id, h.run_id or "")) <= client.settings.retention_ms
 
@@ -609,4 +610,4 @@ async def test_a_run_from_before_history_bytes_were_counted_is_packed_by_its_mem
     assert await client.redis.hget(ks.run(0, run), "hbytes") is None
     await h.terminate("done")
     assert await client.redis.exists(ks.history(0, h.id, run))  # measured: too large to pack
-    assert not await client.redis.exists(ks.history_packed(0, h.id, run))
+    assert not await client.redis.exists(ks.history_packed(0, run))

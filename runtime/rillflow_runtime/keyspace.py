@@ -80,8 +80,13 @@ class Keyspace:
     def history(self, shard: int, workflow_id: str, run_id: str) -> str:
         return f"{self.prefix(shard)}h:{workflow_id}:{run_id}"
 
-    def history_packed(self, shard: int, workflow_id: str, run_id: str) -> str:
-        """A closed run's history packed into one msgpack value, in place of its stream."""
+    def history_packed(self, shard: int, run_id: str) -> str:
+        """A closed run's history packed into one msgpack value, in place of its stream
+        (named by the run alone: a closed run's keys are most of what retention costs)."""
+        return f"{self.prefix(shard)}hc:{run_id}"
+
+    def history_packed_before(self, shard: int, workflow_id: str, run_id: str) -> str:
+        """Where runs closed by an earlier version packed their history: read, never written."""
         return f"{self.prefix(shard)}hc:{workflow_id}:{run_id}"
 
     def acts(self, shard: int, run_id: str) -> str:
@@ -122,7 +127,7 @@ class Keyspace:
         return [
             f"{p}run:{run_id}",
             f"{p}h:{workflow_id}:{run_id}",
-            f"{p}hc:{workflow_id}:{run_id}",
+            f"{p}hc:{run_id}",
             f"{p}act:{run_id}",
             f"{p}buf:{run_id}",
             f"{p}sig:{run_id}",

@@ -564,7 +564,7 @@ class Protocol:
             keys += [ks.signals(shard, run), ks.updates(shard, run)]
             if wid:
                 w = text(wid)
-                keys += [ks.wf(shard, w), ks.history(shard, w, run), ks.history_packed(shard, w, run)]
+                keys += [ks.wf(shard, w), ks.history(shard, w, run), ks.history_packed(shard, run)]
             if tq:
                 keys.append(ks.queue(shard, text(tq), "wft"))
                 if sticky:
@@ -586,8 +586,10 @@ class Protocol:
         # from one or the other (it is packed only if shorter than a page)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xrange(key, min=f"({after}-0", max="+", count=HISTORY_PAGE)
-            pipe.get(self.ks.history_packed(shard, workflow_id, run_id))
-            page, packed = await pipe.execute()
+            pipe.get(self.ks.history_packed(shard, run_id))
+            pipe.get(self.ks.history_packed_before(shard, workflow_id, run_id))
+            page, packed, packed_before = await pipe.execute()
+        packed = packed or packed_before
         out: list[Any] = list(page)
         while len(page) == HISTORY_PAGE:
             cursor = int(text(page[-1][0]).split("-", 1)[0])

@@ -67,7 +67,7 @@ end
 
 local function run_key(run) return P .. 'run:' .. run end
 local function hist_key(wid, run) return P .. 'h:' .. wid .. ':' .. run end
-local function hist_packed_key(wid, run) return P .. 'hc:' .. wid .. ':' .. run end
+local function hist_packed_key(run) return P .. 'hc:' .. run end
 local function act_key(run) return P .. 'act:' .. run end
 local function buf_key(run) return P .. 'buf:' .. run end
 local function wf_key(wid) return P .. 'wf:' .. wid end
@@ -421,7 +421,7 @@ local function act_forget(run, seq, s)
   call('ZREM', TIMERS, act_members(run, seq, s))
 end
 
--- A closed run's history, packed into one msgpack value at hc:<wid>:<run> in place of
+-- A closed run's history, packed into one msgpack value at hc:<run> in place of
 -- its stream: a stream costs Redis about 4 KB however short it is (its first node is
 -- allocated whole), the packed value what its events weigh. The value is {2, time of
 -- event 1 (ms), {type code, ms after event 1, body, ...}}: event ids run 1, 2, 3, ...
@@ -446,7 +446,7 @@ local function pack_history(run, wid, last_eid, retention_ms)
     flat[#flat + 1] = t - t0
     flat[#flat + 1] = f.d
   end
-  call('SET', hist_packed_key(wid, run), cmsgpack.pack({ 2, t0 or 0, flat }), 'PX', retention_ms)
+  call('SET', hist_packed_key(run), cmsgpack.pack({ 2, t0 or 0, flat }), 'PX', retention_ms)
   return true  -- (the caller deletes the stream)
 end
 
@@ -583,12 +583,15 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
     gone_keys[#gone_keys + 1] = act_key(run)
   end
   call('DEL', unpack(gone_keys))
-  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
-  hset_run(run, unpack(fields))
-  -- what routed and fenced its workflow tasks, and its deadline, are of no use to a
-  -- closed run (a repeat of the completion that closed it is answered from wft_done)
+  -- what routed and fenced its workflow tasks, its deadline and its byte count are of no
+  -- use to a closed run (a repeat of the completion that closed it is answered from
+  -- wft_done). Removed before the closing fields are written: the hash is then never
+  -- larger than its final form, and its allocation fits that form.
   call('HDEL', rk, 'wft', 'wft_msg', 'wft_q', 'wft_start_ms', 'wft_by', 'wft_fence', 'wft_seq', 'sticky',
     'sticky_ms', 'msgbuf', 'deadline_ms', 'hbytes')
+  BYTES[run] = false
+  for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
+  hset_run(run, unpack(fields))
   expire_run(run, wid, retention_ms, r[5], packed, folded)
   return eid
 end
