@@ -26,15 +26,18 @@ local PACK_HISTORY_BYTES = 65536
 -- The state of the call in progress. Redis runs one call at a time, and begin() sets
 -- all of it before anything reads it.
 -- NOW: Redis's clock in ms, the only clock that decides anything. NOW_US: the same in
--- microseconds as a string, unique to this call (fences are made of it).
-local P, TIMERS, CLOSED, DECLARED, NOW, NOW_US
+-- microseconds as a string, unique to this call (fences are made of it). NOW_MS: NOW as
+-- a string, as event times are written.
+local P, TIMERS, CLOSED, DECLARED, NOW, NOW_US, NOW_MS
 -- LAST[run]: a run's last event id as this call knows it (read with the run's hash, or
 -- counted by append); DIRTY[run]: the run hash does not have it yet. The next write of
 -- the run hash through hset_run carries it, and finish() writes what no such write did:
 -- a call writes it once, not once per event it appends. BYTES[run]: the bytes of its
 -- events' bodies (`hbytes`, written with `last_eid`; false for a run from before it was
--- counted). FRESH[run]: the last event this call appended, as XRANGE would return it.
-local LAST, DIRTY, BYTES, FRESH
+-- counted). FRESH_*: the last event this call appended (of any run), kept as plain
+-- values (a table per event would cost more than the read it saves).
+local LAST, DIRTY, BYTES
+local FRESH_RUN, FRESH_ID, FRESH_TYPE, FRESH_T, FRESH_BODY
 
 -- Every Redis command of the scripts goes through `call`. With CHECK_KEYS (the test
 -- suite and the chaos run turn it on) a command on a key its caller did not declare is
@@ -57,12 +60,14 @@ end
 local function begin(keys, argv)
   call = CHECK_KEYS and checked_call or redis.call
   P, TIMERS, CLOSED = argv[1], keys[1], keys[2]
-  LAST, DIRTY, BYTES, FRESH = {}, {}, {}, {}
+  LAST, DIRTY, BYTES = {}, {}, {}
+  FRESH_RUN = nil
   DECLARED = {}
   for i = 1, #keys do DECLARED[keys[i]] = true end
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   NOW_US = t[1] .. string.format('%06d', tonumber(t[2]))
+  NOW_MS = string.format('%.0f', NOW)
 end
 
 local function run_key(run) return P .. 'run:' .. run end
@@ -239,10 +244,10 @@ local function append(run, wid, etype, body, t)
   eid = eid + 1
   LAST[run], DIRTY[run] = eid, true
   if BYTES[run] then BYTES[run] = BYTES[run] + #body end
-  -- (a time read back from a buffer is a string already; NOW is written as Redis writes it)
-  t = t or string.format('%.0f', NOW)
-  call('XADD', hist_key(wid, run), eid .. '-0', 'type', etype, 't', t, 'd', body)
-  FRESH[run] = { eid .. '-0', { 'type', etype, 't', t, 'd', body } }
+  local id = eid .. '-0'
+  t = t or NOW_MS
+  call('XADD', hist_key(wid, run), id, 'type', etype, 't', t, 'd', body)
+  FRESH_RUN, FRESH_ID, FRESH_TYPE, FRESH_T, FRESH_BODY = run, id, etype, t, body
   return eid
 end
 
@@ -328,10 +333,9 @@ local function start_task(run, r, again, w)
   if since > last or not rec or rec[1] ~= R.OK then since = 0 end
   -- the one event the worker lacks is the one this call appended (an outcome that woke
   -- the run, in act_done): no need to read it back
-  local fresh = FRESH[run]
   local events
-  if since == last - 1 and fresh and fresh[1] == last .. '-0' then
-    events = { fresh }
+  if since == last - 1 and FRESH_RUN == run and FRESH_ID == last .. '-0' then
+    events = { { FRESH_ID, { 'type', FRESH_TYPE, 't', FRESH_T, 'd', FRESH_BODY } } }
   else
     events = call('XRANGE', hist_key(r[4], run), (since + 1) .. '-0', '+', 'COUNT', w.max_events)
   end
