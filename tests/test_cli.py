@@ -166,6 +166,7 @@ def test_worker_serves_a_whole_module(redis_url: str, worker_procs: Any) -> None
     [
         (["--max-eager-activities", "-1"], "max_eager_activities must be >= 0"),
         (["--sticky-timeout", "-1"], "--sticky-timeout must not be negative"),
+        (["--wait-for-redis", "-1"], "--wait-for-redis must not be negative"),
     ],
 )
 def test_worker_options_out_of_range_are_one_clear_line(redis_url: str, option: list[str], says: str) -> None:
@@ -274,6 +275,9 @@ MISTAKES: list[tuple[list[str], dict[str, str], int, str]] = [
     ),
     (["describe", "x", "--url", "{url_db99}"], {}, 4, "refused: DB index is out of range"),
     (["describe", "x", "--url", "{url_wrongpass}"], {}, 4, "refused the credentials"),
+    # a worker waits for an unreachable server, not for credentials or a database to change
+    (["worker", "rillflow.demo", "--url", "{url_wrongpass}"], {}, 4, "refused the credentials"),
+    (["worker", "rillflow.demo", "--url", "{url_db99}"], {}, 4, "refused: DB index is out of range"),
     (["query", "x", "q", "--timeout", "0", "--url", "{url}"], {}, 2, "--timeout must be a positive number"),
     (["result", "x", "--timeout", "-1", "--url", "{url}"], {}, 2, "--timeout must be a positive number"),
     (["worker", "broken_syntax", "--url", "{url}"], {}, 2, "SyntaxError: invalid syntax ("),
@@ -424,3 +428,33 @@ def test_the_keyspace_script_counts_keys_by_kind_and_finds_the_url(redis_url: st
     assert p.returncode == 0, p.stderr
     counts = next(line for line in p.stdout.splitlines() if line.startswith("keys:"))
     assert "'hc': 1" in counts and "'run': 1" in counts and "'other'" not in counts, p.stdout
+
+
+def test_a_worker_started_while_redis_is_down_waits_for_it(tmp_path: Path, worker_procs: Any) -> None:
+    """A worker pod that comes up during a Redis restart or failover waits (saying so in
+    its log), then serves, rather than exiting into a crash loop."""
+    from rillflow_runtime.embedded import EmbeddedRedis, free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    w = worker_procs(url, wait=False)
+    deadline = time.monotonic() + 30
+    while "waiting for Redis" not in w.output():
+        assert w.proc.poll() is None, w.output()
+        assert time.monotonic() < deadline, w.output()
+        time.sleep(0.05)
+    with EmbeddedRedis(tmp_path / "late", port=port) as server:
+        w.wait_registered()
+        p = rf("start", "hello_workflow", "--input", '{"name": "late"}', "--wait", "--url", server.url)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout) == ["hello late", "hi late from a thread"]
+        assert w.terminate() == 0
+
+
+def test_a_worker_that_cannot_reach_redis_in_time_exits_with_one_line() -> None:
+    p = rf("worker", "tests.flows:SERVED", "--url", "redis://127.0.0.1:1/0", "--wait-for-redis", "0")
+    assert_one_line(p, 4, "cannot reach Redis at redis://127.0.0.1:1/0 (--url)")
+    p = rf("worker", "tests.flows:SERVED", "--url", "redis://127.0.0.1:1/0", "--wait-for-redis", "1")
+    assert p.returncode == 4 and "Traceback" not in p.stderr, p.stderr
+    assert "waiting for Redis" in p.stderr  # the log line of each try
+    assert "after waiting 1 s: --wait-for-redis" in p.stderr.strip().splitlines()[-1]

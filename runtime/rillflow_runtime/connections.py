@@ -4,6 +4,8 @@ dedicated connections for blocking reads, each with the rules that make them saf
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -11,8 +13,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import AuthenticationError, DataError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
@@ -92,3 +94,30 @@ def reraise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def wait_until_reachable(
+    url: str, wait_s: float, on_wait: Callable[[BaseException, float], None] | None = None
+) -> None:
+    """Return once the server at ``url`` answers a PING, trying for up to ``wait_s``
+    seconds: a worker started while Redis restarts, loads its AOF or fails over waits
+    for it (as Celery's and arq's workers do) instead of exiting into a crash loop.
+    ``on_wait(error, delay)`` is told of each failed try. An error that waiting cannot
+    fix (credentials, ACLs, a bad URL) is raised at once; the last transient one when
+    the time is up."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.25
+    while True:
+        redis = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5, retry=Retry(NoBackoff(), 0))
+        try:
+            await redis.ping()
+            return
+        except TRANSIENT as e:  # (a server still loading its data answers BusyLoadingError, one of them)
+            if isinstance(e, AuthenticationError) or time.monotonic() + delay > deadline:
+                raise  # (wrong credentials: no wait makes them right)
+            if on_wait is not None:
+                on_wait(e, delay)
+        finally:
+            await redis.aclose()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)

@@ -62,6 +62,7 @@ from rillflow.errors import (
 )
 from rillflow.history import HistoryEvent
 from rillflow.payloads import to_wire
+from rillflow_runtime.connections import wait_until_reachable
 
 app = typer.Typer(
     help="rillflow: durable workflows in plain async Python, on nothing but Redis.",
@@ -360,6 +361,13 @@ def worker(
     url: UrlOpt = None,
     namespace: NsOpt = "default",
     log_level: Annotated[str, typer.Option()] = "info",
+    wait_for_redis: Annotated[
+        float,
+        typer.Option(
+            help="seconds a worker started while Redis is unreachable (restarting, loading, failing "
+            "over) waits for it, logging each try, before it exits 4 (0: exit at once)"
+        ),
+    ] = 60.0,
 ) -> None:
     """Run a worker until SIGTERM or Ctrl-C (then it stops taking tasks, lets running
     activities finish within --grace seconds, and exits 0)."""
@@ -372,7 +380,30 @@ def worker(
             raise Exit(2, f"--grace must not be negative, got {grace:g}")
         if sticky_timeout < 0:
             raise Exit(2, f"--sticky-timeout must not be negative, got {sticky_timeout:g}")
+        if wait_for_redis < 0:
+            raise Exit(2, f"--wait-for-redis must not be negative, got {wait_for_redis:g}")
         wfs, acts = load_target(target)
+        target_url, source = resolve_url(url)
+        log = structlog.get_logger("rillflow.worker")
+
+        def waiting(e: BaseException, delay: float) -> None:
+            log.warning(
+                "waiting for Redis",
+                url=redact(target_url),
+                source=source,
+                error=safe_text(str(e)),
+                retry_in_s=delay,
+            )
+
+        try:
+            await wait_until_reachable(target_url, wait_for_redis, waiting)
+        except RedisError as e:
+            exit_ = redis_exit(e, target_url, source)
+            if exit_ is None:
+                raise
+            if wait_for_redis:
+                exit_ = Exit(exit_.code, f"{exit_} (after waiting {wait_for_redis:g} s: --wait-for-redis)")
+            raise exit_ from None
         async with connect(url, namespace) as client:
             w = Worker(
                 client,
