@@ -493,6 +493,19 @@ async def drive_run(c: Conn, shard: int) -> None:
     ((_, dlq),) = dead
     assert dlq == {b"junk": b"1", b"dlq_reason": b"undecodable", b"dlq_source": f"{act_q}/{bad}".encode()}
 
+    # signal-with-start: starts an execution with its signal, then signals its running run
+    wid2 = workflow_id_on(ks, shard, f"inbox-s{shard}")
+    first = await p.signal_with_start(wid2, uuid.uuid4().hex, "Checkout", TQ, pack({}), 60_000, sig, "s-1")
+    assert first.reply is Reply.OK and first.started
+    assert [t for _, t in await history(c, shard, wid2, first.run_id)] == [
+        "WorkflowExecutionStarted",
+        "WorkflowExecutionSignaled",
+    ]
+    then = await p.signal_with_start(wid2, uuid.uuid4().hex, "Checkout", TQ, pack({}), 60_000, sig, "s-2")
+    assert (then.reply, then.run_id, then.started) == (Reply.OK, first.run_id, False)
+    dup = await p.signal_with_start(wid2, uuid.uuid4().hex, "Checkout", TQ, pack({}), 60_000, sig, "s-2")
+    assert (dup.reply, dup.run_id) == (Reply.DUPLICATE, first.run_id)
+
 
 async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: Cluster, conn: Conn) -> None:
     shards = one_shard_per_node(conn.ks)

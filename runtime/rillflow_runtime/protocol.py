@@ -192,6 +192,14 @@ class EagerStart:
 
 
 @dataclass(frozen=True)
+class SignalStartReply:
+    reply: Reply  # OK, DUPLICATE (delivered before) or INVALID
+    run_id: str
+    started: bool = False  # the call started the run it signalled
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class ActDone:
     reply: Reply  # OK, RETRY or REFUSED
     task: WftStarted | None = None  # the run's next workflow task, started for this worker
@@ -350,6 +358,31 @@ class Protocol:
             shard, workflow_id, run_id, lambda keys: self._call("signal", shard, args, keys)
         )
         return RunReply(_reply(res[0]), text(res[1]))
+
+    async def signal_with_start(
+        self,
+        workflow_id: str,
+        run_id: str,
+        workflow_type: str,
+        task_queue: str,
+        body: bytes,
+        timeout_ms: int,
+        signal_body: bytes,
+        request_id: str,
+    ) -> SignalStartReply:
+        """Signal the execution's running run, or start ``run_id`` with ``body`` and
+        signal it, in one call (see signal_start.lua)."""
+        shard = self.ks.shard(workflow_id)
+        ks = self.ks
+        args = [workflow_id, run_id, workflow_type, task_queue, body, timeout_ms, signal_body, request_id]
+        fresh = [*ks.run_keys(shard, workflow_id, run_id), ks.queue(shard, task_queue, "wft")]
+        res = await self._client_call(
+            shard, workflow_id, None, lambda keys: self._call("signal_start", shard, args, [*keys, *fresh])
+        )
+        reply = _reply(res[0])
+        if reply is Reply.INVALID:
+            return SignalStartReply(reply, "", why=text(res[1]))
+        return SignalStartReply(reply, text(res[1]), started=text(res[2]) == "1")
 
     async def update(self, workflow_id: str, run_id: str | None, update_id: str, body: bytes) -> UpdateReply:
         shard = self.ks.shard(workflow_id)

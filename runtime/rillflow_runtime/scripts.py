@@ -34,6 +34,7 @@ NAMES = (
     "pump",
     "terminate",
     "signal",
+    "signal_start",
     "query",
     "update",
     "dead_letter",

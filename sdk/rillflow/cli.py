@@ -255,7 +255,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, indent=2, default=_json_default)
 
 
-def _parse_input(raw: str | None) -> Any:
+def _parse_input(raw: str | None, option: str = "--input") -> Any:
     """--input as wire data: valid JSON that the wire can carry (a number beyond 64 bits
     or a "\\ud800" escape is refused here, whatever the workflow is)."""
     if raw is None:
@@ -263,10 +263,10 @@ def _parse_input(raw: str | None) -> Any:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise Exit(2, f"--input is not valid JSON: {e}") from e
+        raise Exit(2, f"{option} is not valid JSON: {e}") from e
     except RecursionError:
-        raise Exit(2, "--input is nested too deeply") from None
-    return to_wire(value, "--input")
+        raise Exit(2, f"{option} is nested too deeply") from None
+    return to_wire(value, option)
 
 
 # -- worker -------------------------------------------------------------------------------
@@ -448,26 +448,56 @@ def start(
             "--allow-unregistered", help="start even if no worker has registered NAME yet (no validation)"
         ),
     ] = False,
+    signal: Annotated[
+        str | None,
+        typer.Option(
+            "--signal",
+            help="signal-with-start: send this signal to execution --id, starting it first only if no "
+            "run of it is running (one atomic call)",
+            callback=_utf8,
+        ),
+    ] = None,
+    signal_input: Annotated[
+        str | None, typer.Option("--signal-input", help="the signal's input as JSON", callback=_utf8)
+    ] = None,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
 ) -> None:
     """Start a workflow; print its execution id (or, with --wait, its result). The input
-    is checked against the registered schema first: nothing is written if it fails."""
+    is checked against the registered schema first: nothing is written if it fails.
+    With --signal, signal the execution's running run instead if it has one."""
 
     async def main() -> None:
         _positive(execution_timeout, "--execution-timeout")
+        if signal is None and signal_input is not None:
+            raise Exit(2, "--signal-input needs --signal NAME")
+        if signal is not None and id is None:
+            raise Exit(2, "--signal needs --id: the execution to signal, or to start")
         data = _parse_input(input)
+        sdata = _parse_input(signal_input, "--signal-input") if signal is not None else None
+        timeout = timedelta(seconds=execution_timeout) if execution_timeout is not None else None
         async with connect(url, namespace) as client:
-            h = await client.start_workflow(
-                name,
-                data,
-                execution_id=id,
-                task_queue=task_queue,
-                execution_timeout=timedelta(seconds=execution_timeout)
-                if execution_timeout is not None
-                else None,
-                allow_unregistered=allow_unregistered,
-            )
+            if signal is not None and id is not None:
+                h = await client.signal_with_start(
+                    name,
+                    data,
+                    execution_id=id,
+                    signal=signal,
+                    signal_payload=sdata,
+                    task_queue=task_queue,
+                    execution_timeout=timeout,
+                    allow_unregistered=allow_unregistered,
+                )
+                err.print(f"{'started' if h.started else 'signalled running'} {h.id}: {signal}")
+            else:
+                h = await client.start_workflow(
+                    name,
+                    data,
+                    execution_id=id,
+                    task_queue=task_queue,
+                    execution_timeout=timeout,
+                    allow_unregistered=allow_unregistered,
+                )
             if not wait:
                 print(h.id)
                 return

@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,6 +26,7 @@ from rillflow.registry import RegisteredWorkflow, Registry
 from rillflow.watcher import Watcher
 from rillflow.workflow import (
     DEFAULT_EXECUTION_TIMEOUT,
+    WorkflowDefinition,
     get_workflow_definition,
 )
 from rillflow_runtime.codec import pack, text
@@ -85,6 +87,17 @@ async def ensure_namespace(
             f"is fixed when a namespace is created (asked for {shards})"
         )
     return settings
+
+
+@dataclass(frozen=True)
+class _StartRequest:
+    defn: WorkflowDefinition | None
+    name: str
+    workflow_id: str
+    task_queue: str
+    body: bytes
+    timeout_ms: int
+    run_id: str
 
 
 class Client:
@@ -192,6 +205,86 @@ class Client:
         deployed. Either way the run goes to ``task_queue``, else to the one queue the
         workflow is registered on, else to ``"default"``, and waits there for a worker.
         """
+        req = await self._start_request(
+            workflow, params, execution_id, task_queue, execution_timeout, allow_unregistered
+        )
+        wid, run_id = req.workflow_id, req.run_id
+        # waiting for the close before the run exists spares result() a read of its status
+        closed = self._watcher.wait_new_run(self.keyspace.shard(wid), run_id) if self._watcher else None
+        try:
+            res = await self.protocol.start(wid, run_id, req.name, req.task_queue, req.body, req.timeout_ms)
+        except BaseException:
+            if closed is not None:
+                self.watcher.forget(closed)
+            raise
+        if closed is not None and (res.reply is not Reply.OK or res.run_id != run_id):
+            self.watcher.forget(closed)
+            closed = None
+        if res.reply is Reply.RUNNING:
+            raise WorkflowAlreadyStartedError(wid, res.run_id)
+        if res.reply is not Reply.OK:
+            raise RillflowError(f"workflow execution {wid!r} was not started: {res.why}")
+        handle = WorkflowHandle(self, wid, res.run_id, req.defn)
+        handle._closed = closed
+        return handle
+
+    async def signal_with_start(
+        self,
+        workflow: type | str,
+        params: Any = None,
+        *,
+        execution_id: str,
+        signal: str | Callable[..., Any],
+        signal_payload: Any = None,
+        task_queue: str | None = None,
+        execution_timeout: timedelta | None = None,
+        allow_unregistered: bool = False,
+        request_id: str | None = None,
+    ) -> WorkflowHandle:
+        """Send ``signal`` to execution ``execution_id``, starting it first (with
+        ``params``, as ``start_workflow`` would) if no run of it is running, in one
+        atomic call: the signal is never lost between a start and a signal, and callers
+        racing on the same id start one run between them. Both inputs are validated
+        before anything is written. A retry with the same ``request_id`` delivers once.
+        Returns a handle on the run that got the signal (``handle.started`` says whether
+        this call started it)."""
+        if execution_id is None:
+            raise InvalidInputError(
+                "signal_with_start needs an execution_id: the execution to signal, or to start"
+            )
+        req = await self._start_request(
+            workflow, params, execution_id, task_queue, execution_timeout, allow_unregistered
+        )
+        probe = WorkflowHandle(self, req.workflow_id, None, req.defn)
+        name, data, _ = await probe._handler_input("signal", signal, signal_payload, req.name)
+        sbody = pack({"name": name, "input": data})
+        check_size(sbody, self.max_payload_bytes, f"signal '{name}'")
+        res = await self.protocol.signal_with_start(
+            req.workflow_id,
+            req.run_id,
+            req.name,
+            req.task_queue,
+            req.body,
+            req.timeout_ms,
+            sbody,
+            request_id or uuid.uuid4().hex,
+        )
+        if res.reply is Reply.INVALID:
+            raise RillflowError(f"signal '{name}' to execution {req.workflow_id!r} was not sent: {res.why}")
+        handle = WorkflowHandle(self, req.workflow_id, res.run_id, req.defn)
+        handle.started = res.started
+        return handle
+
+    async def _start_request(
+        self,
+        workflow: type | str,
+        params: Any,
+        execution_id: str | None,
+        task_queue: str | None,
+        execution_timeout: timedelta | None,
+        allow_unregistered: bool,
+    ) -> _StartRequest:
+        """A start, checked and encoded (see start_workflow); nothing is written."""
         defn = None if isinstance(workflow, str) else get_workflow_definition(workflow)
         name = defn.name if defn else str(workflow)
         if not NAME_RE.fullmatch(name):
@@ -236,25 +329,8 @@ class Client:
             }
         )
         check_size(body, self.max_payload_bytes, f"input of workflow '{name}'")
-        run_id = str(uuid.uuid4())  # also the request's identity: a re-sent start finds its run
-        # waiting for the close before the run exists spares result() a read of its status
-        closed = self._watcher.wait_new_run(self.keyspace.shard(wid), run_id) if self._watcher else None
-        try:
-            res = await self.protocol.start(wid, run_id, name, tq, body, timeout_ms)
-        except BaseException:
-            if closed is not None:
-                self.watcher.forget(closed)
-            raise
-        if closed is not None and (res.reply is not Reply.OK or res.run_id != run_id):
-            self.watcher.forget(closed)
-            closed = None
-        if res.reply is Reply.RUNNING:
-            raise WorkflowAlreadyStartedError(wid, res.run_id)
-        if res.reply is not Reply.OK:
-            raise RillflowError(f"workflow execution {wid!r} was not started: {res.why}")
-        handle = WorkflowHandle(self, wid, res.run_id, defn)
-        handle._closed = closed
-        return handle
+        # the run id is also the request's identity: a re-sent start finds its run
+        return _StartRequest(defn, name, wid, tq, body, timeout_ms, str(uuid.uuid4()))
 
     async def _registration(self, name: str) -> RegisteredWorkflow | None:
         now = time.monotonic()

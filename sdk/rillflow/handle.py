@@ -90,6 +90,8 @@ class WorkflowHandle:
         # set by start_workflow when the client's watcher was already reading: registered
         # before the run existed, so it cannot miss the run's close (see result())
         self._closed: Waiter | None = None
+        # set by signal_with_start: whether that call started the run it signalled
+        self.started: bool | None = None
 
     def __del__(self) -> None:
         # a handle dropped without waiting on its result stops waiting for it, so that
@@ -353,10 +355,11 @@ class WorkflowHandle:
         return outcome
 
     async def _handler_input(
-        self, kind: str, handler: str | Callable[..., Any], payload: Any
+        self, kind: str, handler: str | Callable[..., Any], payload: Any, workflow_type: str | None = None
     ) -> tuple[str, Any, HandlerDefinition | None]:
         """The handler's name and the payload as validated wire data: against the handler
-        when the class is known, else against the schema its workers registered."""
+        when the class is known, else against the schema its workers registered for
+        ``workflow_type`` (default: the type of the execution's run)."""
         h = handler_definition(handler)
         if h is not None and h.kind != kind:
             article = "an" if kind[0] in "aeiou" else "a"
@@ -368,7 +371,7 @@ class WorkflowHandle:
             h = self.defn.handler(kind, name)
         if h is not None:
             return name, h.sig.encode_input(payload), h
-        entry = await self.client._registration(await self._workflow_type())
+        entry = await self.client._registration(workflow_type or await self._workflow_type())
         if entry is None:
             return name, to_wire(payload, f"{kind} '{name}'"), None
         return name, entry.check_handler_input(HANDLER_KINDS[kind], name, payload), None

@@ -370,6 +370,50 @@ local function deliver(run, etype, body, eager, r)
   return true
 end
 
+-- Why a start's arguments cannot make a run (nil: they can). Reads nothing.
+local function start_invalid(wid, run, wtype, tq, timeout)
+  if not timeout or timeout <= 0 then return 'execution timeout must be a positive number of ms' end
+  if wid == '' or run == '' or wtype == '' or tq == '' then return 'empty id, type or queue' end
+  return nil
+end
+
+-- Make `run` its execution's current run, started with `body` (checked by the caller: no
+-- run of the execution is running; `had_run`: an earlier one's bookkeeping is there),
+-- and queue its first workflow task. A new run has no worker caching it: the task goes
+-- to the shared stream. With `inline`, a small start event travels with it, so that a
+-- worker can run the task at once and record its start and completion in one call (a
+-- speculative task: see wft_complete); not when the caller appends more events at once.
+local function create_run(wid, run, wtype, tq, body, timeout, had_run, inline)
+  local wk = wf_key(wid)
+  if had_run then call('DEL', wk) end
+  call('HSET', wk, 'run', run, 'status', RS.RUNNING)
+  knew(run, 0, 0)
+  append(run, wid, EV.WORKFLOW_EXECUTION_STARTED, body)
+  local q = queue_key(tq, 'wft')
+  local msg
+  if inline and #body <= INLINE_BYTES then
+    msg = call('XADD', q, '*', 'run', run, 'wid', wid, 'wtype', wtype, 't', NOW, 'ev', body)
+  else
+    msg = call('XADD', q, '*', 'run', run, 'wid', wid)
+  end
+  hset_run(run, 'wid', wid, 'wtype', wtype, 'tq', tq, 'status', RS.RUNNING, 'start_ms', NOW, 'wft_seq', 0,
+    'deadline_ms', NOW + timeout, 'wft', WT.SCHEDULED, 'wft_msg', msg, 'wft_q', q)
+  call('ZADD', TIMERS, NOW + timeout, tmember(TK.EXECUTION_TIMEOUT, run))
+end
+
+-- Whether request id `rid` of a signal to `run` is new (and now recorded): an id the run
+-- saw within the last hour (and among its last 10,000) is not delivered twice, so a
+-- client may retry a signal it is unsure of; older ids are forgotten, so the record does
+-- not grow with every signal. '' (no id) is always new.
+local function signal_is_new(run, rid)
+  if rid == '' then return true end
+  local sk = sig_key(run)
+  if call('ZADD', sk, 'NX', NOW, rid) == 0 then return false end
+  call('ZREMRANGEBYSCORE', sk, '-inf', NOW - 3600000)
+  call('ZREMRANGEBYRANK', sk, 0, -10001)
+  return true
+end
+
 -- Record an update's outcome where its callers look: the run's update hash (for any
 -- caller, while the run is retained), and an entry in the shard's closed stream that
 -- wakes the callers' watchers.
