@@ -34,6 +34,7 @@ class EventType(StrEnum):
     WORKFLOW_EXECUTION_FAILED = "WorkflowExecutionFailed"
     WORKFLOW_EXECUTION_TIMED_OUT = "WorkflowExecutionTimedOut"
     WORKFLOW_EXECUTION_TERMINATED = "WorkflowExecutionTerminated"
+    WORKFLOW_EXECUTION_CONTINUED_AS_NEW = "WorkflowExecutionContinuedAsNew"
 
 
 class RunStatus(StrEnum):
@@ -44,6 +45,7 @@ class RunStatus(StrEnum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     TERMINATED = "terminated"
+    CONTINUED_AS_NEW = "continued_as_new"  # closed; the execution goes on in its next run
 
 
 class TaskState(StrEnum):
@@ -73,6 +75,7 @@ class CommandKind(StrEnum):
     COMPLETE_UPDATE = "complete_update"
     COMPLETE_WORKFLOW = "complete_workflow"
     FAIL_WORKFLOW = "fail_workflow"
+    CONTINUE_AS_NEW = "continue_as_new"
 
 
 class TimerKind(StrEnum):
@@ -137,6 +140,7 @@ COMMAND_EVENTS = frozenset(
         EventType.WORKFLOW_EXECUTION_COMPLETED,
         EventType.WORKFLOW_EXECUTION_FAILED,
         EventType.WORKFLOW_EXECUTION_UPDATE_COMPLETED,
+        EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
     }
 )
 # Events that wake the workflow: the inputs of its next workflow task.

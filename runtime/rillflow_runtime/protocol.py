@@ -108,6 +108,7 @@ class WftStarted:
     events: list[Any] = field(default_factory=list)  # raw XRANGE entries after `since`
     attempt: int = 1
     since: int = 0  # what the events follow: the worker's value, or 0 if Redis is behind it
+    history_bytes: int = -1  # the bytes of the history's event bodies (-1: not counted)
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ def _started(r: Any) -> WftStarted:
         events=list(r[7]),
         attempt=int(r[8]),
         since=int(r[9]),
+        history_bytes=int(r[10]) if len(r) > 10 else -1,
     )
 
 
@@ -469,6 +471,8 @@ class Protocol:
                 args += [str(c.kind), c.body, pack(list(c.aux)), "1" if eager else ""]
                 if activity and not eager and isinstance(c.aux[1], str):
                     keys.append(ks.queue(shard, c.aux[1], "act"))
+                elif c.kind is CommandKind.CONTINUE_AS_NEW and c.aux and isinstance(c.aux[0], str):
+                    keys += ks.run_keys(shard, t.workflow_id, c.aux[0])  # the execution's next run
         res = await self._call("wft_complete", shard, args, keys)
         return [_completion(r) for r in res]
 

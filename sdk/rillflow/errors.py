@@ -248,3 +248,13 @@ def safe_text(s: str) -> str:
     """``s`` with what UTF-8 cannot encode (lone surrogates) escaped, so that a message
     about bad text can itself be printed and stored."""
     return s.encode("utf-8", "backslashreplace").decode()
+
+
+class ContinueAsNewError(BaseException):
+    """Raised by ``workflow.continue_as_new()``: it ends the run, which its execution
+    continues in a new run. A BaseException, so that ``except Exception`` in workflow
+    code does not swallow it; let it through."""
+
+    def __init__(self, params: object) -> None:
+        super().__init__("continue as new")
+        self.params = params

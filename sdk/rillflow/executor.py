@@ -35,6 +35,7 @@ import structlog
 
 from rillflow.errors import (
     ActivityError,
+    ContinueAsNewError,
     InvalidInputError,
     InvalidResultError,
     NonDeterminismError,
@@ -64,6 +65,15 @@ class WorkflowInfo:
     task_queue: str
     start_time: datetime
     attempt: int = 1
+    # the run's history as of the current workflow task: events, and bytes of their bodies
+    history_length: int = 0
+    history_size: int = 0
+
+
+# When workflow.should_continue_as_new() turns true (Temporal's suggestion); lib.lua's
+# HISTORY_MAX_* are the hard limits, at which a task fails the run instead.
+SUGGEST_CONTINUE_EVENTS = 4096
+SUGGEST_CONTINUE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -78,6 +88,13 @@ class Command:
         if self.kind is CommandKind.SCHEDULE_ACTIVITY:
             return int(self.aux[0]), str(self.ident[2]), str(self.aux[1])
         return None
+
+
+def _handler_continued(h: HandlerDefinition) -> WorkflowError:
+    return WorkflowError(
+        f"{h.kind} handler '{h.name}' called workflow.continue_as_new(): only the entrypoint may. "
+        "Set state in the handler and continue as new from the entrypoint"
+    )
 
 
 def _ident_of_event(ev: HistoryEvent) -> tuple[Any, ...]:
@@ -97,6 +114,8 @@ def _ident_of_event(ev: HistoryEvent) -> tuple[Any, ...]:
             return ("FailWorkflow",)
         case "WorkflowExecutionUpdateCompleted":
             return ("CompleteUpdate", a.get("update_id"))
+        case "WorkflowExecutionContinuedAsNew":
+            return ("ContinueAsNew",)
     return (ev.type,)
 
 
@@ -477,6 +496,10 @@ class WorkflowInstance:
         self._refused: set[asyncio.Task[Any]] = set()  # tasks refused once during teardown
         self._armed = False  # the guard's profile function is set by _inside
         self._issued = 0  # command-producing calls, issued or dropped (a query must make none)
+        self._started: dict[str, Any] = {}  # the WorkflowExecutionStarted attributes
+        # the history as the current task's start told it (see WorkflowInfo)
+        self.history_length = 0
+        self.history_size = 0
 
     # -- driving ---------------------------------------------------------------------------
     def activate(self, events: list[HistoryEvent], now_ms: int, replaying: bool) -> list[Command]:
@@ -666,6 +689,7 @@ class WorkflowInstance:
     def _apply(self, ev: HistoryEvent) -> None:
         a = ev.attributes
         if ev.type == "WorkflowExecutionStarted":
+            self._started = a
             self._seed(a.get("seed"))
             self.loop.create_task(self._main(a.get("input")), name=f"workflow:{self.info.workflow_id}")
         elif ev.type == "WorkflowExecutionSignaled":
@@ -755,11 +779,38 @@ class WorkflowInstance:
             self._close(
                 CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",)
             )
+        except ContinueAsNewError as e:
+            try:
+                self._continue_as_new(e.params)
+            except Exception as bad:  # (input that does not fit the entrypoint: a bug)
+                self.task_error = bad
         except Exception as e:
             self.task_error = e
         else:
             check_size(encoded, self.max_payload_bytes, f"result of workflow '{self.defn.name}'")
             self._close(CommandKind.COMPLETE_WORKFLOW, encoded, ("CompleteWorkflow",))
+
+    def _continue_as_new(self, params: Any) -> None:
+        """Close the run with the command that starts the execution's next run: the same
+        workflow on the same task queue, with ``params`` checked against the entrypoint
+        as a start's input is, and a seed of its own. Its id is made here, so that a
+        re-sent completion names the same run."""
+        with _Unguarded():
+            data = self.defn.sig.encode_input(params)
+            start = pack(
+                {
+                    "workflow_type": self.defn.name,
+                    "task_queue": self.info.task_queue,
+                    "input": data,
+                    "execution_timeout_ms": self._started.get("execution_timeout_ms"),
+                    "seed": os.urandom(16),
+                    "continued_from": self.info.run_id,
+                }
+            )
+            next_run = str(uuid.uuid4())
+        check_size(start, self.max_payload_bytes, f"input of workflow '{self.defn.name}' (continue_as_new)")
+        # (the script writes the closing event, which names the next run)
+        self._close(CommandKind.CONTINUE_AS_NEW, start, ("ContinueAsNew",), [next_run])
 
     def _decode(self, kind: str, name: str, data: Any) -> tuple[HandlerDefinition, list[Any], dict[str, Any]]:
         """The handler and its arguments; InvalidInputError if there is no such handler
@@ -806,6 +857,9 @@ class WorkflowInstance:
             outcome = {"result": h.sig.dump_result(await self._call(h, args, kwargs))}
         except (WorkflowError, InvalidResultError, TimeoutError) as e:
             outcome = {"failure": failure_from_exception(e)}
+        except ContinueAsNewError:
+            self.note_background_error(_handler_continued(h))
+            return
         except Exception as e:
             self.note_background_error(e)
             return
@@ -833,15 +887,19 @@ class WorkflowInstance:
             self._close(
                 CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",)
             )
+        except ContinueAsNewError:
+            self.note_background_error(_handler_continued(h))
         except Exception as e:
             self.note_background_error(e)
         finally:
             self.handlers_running -= 1
 
-    def _close(self, kind: CommandKind, body: bytes, ident: tuple[Any, ...]) -> None:
+    def _close(
+        self, kind: CommandKind, body: bytes, ident: tuple[Any, ...], aux: list[Any] | None = None
+    ) -> None:
         if self.closed or self._tearing_down:  # the run closes once
             return
-        self._emit(Command(kind, body, [], ident))
+        self._emit(Command(kind, body, aux or [], ident))
         self.closed = True
 
     # -- commands -------------------------------------------------------------------------
@@ -963,21 +1021,28 @@ def run_task(
     now_ms: int,
     *,
     fresh: bool,
+    history: tuple[int, int] = (0, 0),
 ) -> list[Command]:
     """Apply a workflow task's events and return the new commands.
 
     ``fresh``: ``events`` is the whole history, replayed activation by activation (each
     WorkflowTaskCompleted closes one; the command events after it must match what the
     code issues) before the live activation. Otherwise the instance is cached and
-    ``events`` are just the new inputs.
+    ``events`` are just the new inputs. ``history``: the history's length and size as
+    the task's start tells them (workflow.info()); a replayed activation sees them as
+    they were then.
     """
     if not fresh:
+        instance.history_length, instance.history_size = history
         return instance.activate([e for e in events if e.type in INPUT_EVENTS], now_ms, False)
     if not any(e.type == EventType.WORKFLOW_TASK_COMPLETED for e in events):
         # nothing to replay: the guard is armed only while workflow code is stepped
+        instance.history_length, instance.history_size = history
         return instance.activate([e for e in events if e.type in INPUT_EVENTS], now_ms, False)
     with _arming(instance.defn.enforce_determinism):  # once for all the activations it replays
-        return instance.activate(replay(instance, events), now_ms, False)
+        pending = replay(instance, events)
+        instance.history_length, instance.history_size = history
+        return instance.activate(pending, now_ms, False)
 
 
 def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[HistoryEvent]:
@@ -986,22 +1051,28 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
     events no workflow task has seen yet."""
     pending: list[HistoryEvent] = []
     i, n = 0, len(events)
+    size = 0  # the bytes of the events' bodies before events[i]
     with _arming(instance.defn.enforce_determinism):  # once for all its activations
         while i < n:
             ev = events[i]
             if ev.type == "WorkflowTaskCompleted":
+                # the task started when its WorkflowTaskCompleted was the next event to come
+                instance.history_length, instance.history_size = ev.event_id - 1, size
                 cmds = instance.activate(pending, int(ev.attributes.get("t0") or ev.time_ms), True)
                 pending = []
+                size += ev.size
                 j = i + 1
                 recorded: list[HistoryEvent] = []
                 while j < n and events[j].type in COMMAND_EVENTS:
                     recorded.append(events[j])
+                    size += events[j].size
                     j += 1
                 _check_replay(instance, cmds, recorded)
                 i = j
                 continue
             if ev.type in INPUT_EVENTS:
                 pending.append(ev)
+            size += ev.size
             i += 1
     return pending
 

@@ -72,6 +72,14 @@ def _failure_cause(status: str, body: dict[str, Any]) -> WorkflowError:
     return WorkflowError(str(reason), type=kind)
 
 
+def _next_run(status: Any, outcome: Any) -> str | None:
+    """The run a closed run continued as, if it did."""
+    if status is None or text(status) != RunStatus.CONTINUED_AS_NEW or not outcome:
+        return None
+    nxt = unpack(outcome).get("next_run_id")
+    return str(nxt) if nxt else None
+
+
 def _dt(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, tz=UTC) if ms else None
 
@@ -121,7 +129,8 @@ class WorkflowHandle:
 
     async def result(self, timeout: float | timedelta | None = None) -> Any:
         """Wait for the run to close; return its result or raise
-        :class:`WorkflowFailureError`. ``TimeoutError`` if ``timeout`` passes first."""
+        :class:`WorkflowFailureError`. ``TimeoutError`` if ``timeout`` passes first. A run
+        that continued as new is followed to the next run, and so on to the last."""
         secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         loop = asyncio.get_running_loop()
         deadline = None if secs is None else loop.time() + secs
@@ -144,12 +153,18 @@ class WorkflowHandle:
                     raise
                 if fields[0] is None or text(fields[0]) != RunStatus.RUNNING:
                     watcher.forget(fut)
+                    if (after := _next_run(*fields)) is not None:
+                        run, fut = after, None
+                        continue
                     return self._outcome(run, *fields)
             try:
                 left = None if deadline is None else max(0.0, deadline - loop.time())
                 closing = await asyncio.wait_for(asyncio.shield(fut), left)
             finally:
                 watcher.forget(fut)
+            if closing and (after := _next_run(*closing)) is not None:
+                run, fut = after, None  # continued as new: follow the chain
+                continue
             if closing:  # the closed-runs entry, with a small outcome: nothing to read
                 return self._outcome(run, *closing)
             # woken without the outcome: the entry did not carry it, or the watcher

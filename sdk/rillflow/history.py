@@ -18,6 +18,7 @@ class HistoryEvent:
     type: str
     time_ms: int
     attributes: dict[str, Any]
+    size: int = 0  # the bytes of its body, as the run's history size counts them
 
     @property
     def time(self) -> datetime:
@@ -38,4 +39,5 @@ class HistoryEvent:
             type=text(fields.get("type")),
             time_ms=int(fields.get("t") or 0),
             attributes=attrs if isinstance(attrs, dict) else {},
+            size=len(body) if body else 0,
         )

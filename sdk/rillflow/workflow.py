@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import random as _random
 import uuid as _uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-from rillflow.errors import InvalidInputError, WorkflowDefinitionError
-from rillflow.executor import WorkflowInfo, current_instance, require_instance, skip_determinism_enforcement
+from rillflow.errors import ContinueAsNewError, InvalidInputError, WorkflowDefinitionError
+from rillflow.executor import (
+    SUGGEST_CONTINUE_BYTES,
+    SUGGEST_CONTINUE_EVENTS,
+    WorkflowInfo,
+    current_instance,
+    require_instance,
+    skip_determinism_enforcement,
+)
 from rillflow.payloads import Signature
 from rillflow_runtime.keyspace import NAME_RE
 
@@ -272,7 +280,32 @@ class workflow:
 
     @staticmethod
     def info() -> WorkflowInfo:
-        return require_instance("workflow.info()").info
+        """The run's identity, and its history's length and size as of the current task."""
+        inst = require_instance("workflow.info()")
+        return dataclasses.replace(
+            inst.info, history_length=inst.history_length, history_size=inst.history_size
+        )
+
+    @staticmethod
+    def continue_as_new(params: Any = None) -> NoReturn:
+        """End this run and go on in a new run of the same execution (same id, same
+        workflow and task queue, an empty history), started with ``params`` as the
+        entrypoint's input: how a workflow that runs for ever, or for long, keeps its
+        history small. It raises (never returns); signals that arrive while the task that
+        calls it runs are delivered to the new run; the execution timeout covers the whole
+        chain; ``handle.result()`` follows it to its last run. Only the entrypoint may call it."""
+        require_instance("workflow.continue_as_new()")
+        raise ContinueAsNewError(params)
+
+    @staticmethod
+    def should_continue_as_new() -> bool:
+        """Whether the history has grown to the suggested size for continuing as new
+        (4,096 events or 4 MB; at 51,200 events or 50 MB a task fails the run instead).
+        False outside a workflow."""
+        inst = current_instance()
+        if inst is None:
+            return False
+        return inst.history_length >= SUGGEST_CONTINUE_EVENTS or inst.history_size >= SUGGEST_CONTINUE_BYTES
 
     @staticmethod
     def all_handlers_finished() -> bool:

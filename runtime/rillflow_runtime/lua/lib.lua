@@ -288,11 +288,13 @@ local function flush_buffer(run, wid)
 end
 
 -- Whether a signal or an update is waiting in the buffer: a run must not close
--- without seeing it.
-local function message_buffered(run)
+-- without seeing it. `updates_only`: for a run that continues as new, which carries its
+-- signals over to the next run (an update is answered by the run that accepted it).
+local function message_buffered(run, updates_only)
   local items = call('LRANGE', buf_key(run), 0, -1)
   for i = 1, #items, 3 do
-    if items[i] == EV.WORKFLOW_EXECUTION_SIGNALED or items[i] == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED then
+    if items[i] == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+        or (items[i] == EV.WORKFLOW_EXECUTION_SIGNALED and not updates_only) then
       return true
     end
   end
@@ -318,7 +320,7 @@ SPEC_FIELDS[#SPEC_FIELDS + 1] = 'msgs'
 -- fence of the completion that brought it there) is the completion Redis last recorded;
 -- else (a rollback; another worker's completion) they follow 0: the whole history, from
 -- which the instance must be rebuilt. Returns {R.OK, fence, start time, wid, wtype, last
--- event id, run start ms, events, attempt, since}.
+-- event id, run start ms, events, attempt, since, history bytes (-1: not counted)}.
 local function start_task(run, r, again, w)
   local fence, started = r[10], tonumber(r[11])
   if not again then
@@ -339,7 +341,10 @@ local function start_task(run, r, again, w)
   else
     events = call('XRANGE', hist_key(r[4], run), (since + 1) .. '-0', '+', 'COUNT', w.max_events)
   end
-  return { R.OK, fence, started, r[4], r[5], last, tonumber(r[7]), events, (tonumber(r[8]) or 0) + 1, since }
+  local hbytes = BYTES[run]
+  if hbytes == nil then hbytes = tonumber(r[16]) end
+  return { R.OK, fence, started, r[4], r[5], last, tonumber(r[7]), events, (tonumber(r[8]) or 0) + 1, since,
+    hbytes or -1 }
 end
 
 -- An event the workflow must see: buffered while a task is started, otherwise
@@ -746,7 +751,9 @@ end
 --     (ms; 0 = none), max attempts (0 = unlimited), initial interval ms, coefficient,
 --     max interval ms
 --   start_timer: seq, duration ms; cancel_timer, cancel_activity: seq;
---   complete_update: update id; complete_workflow, fail_workflow: nothing, and last.
+--   complete_update: update id; complete_workflow, fail_workflow: nothing, and last;
+--   continue_as_new: the next run's id (the body is that run's WorkflowExecutionStarted
+--     body: Lua's cmsgpack reads no msgpack bin), and last.
 -- Reads only: returns the commands, whether they close the run, and why they cannot be
 -- applied (nil when they can), so a caller checks a whole batch before its first write.
 -- (built at the first call: a library's load has no `pairs`)
@@ -774,24 +781,80 @@ local function parse_commands(argv, at, n)
       if type(aux[1]) ~= 'number' then why = 'bad sequence number' end
     elseif kind == CMD.COMPLETE_UPDATE then
       if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad update id' end
+    elseif kind == CMD.CONTINUE_AS_NEW then
+      if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad next run' end
     end
-    if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then closes = true end
+    if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW or kind == CMD.CONTINUE_AS_NEW then
+      closes = true
+    end
     if why and not invalid then invalid = why end
     cmds[#cmds + 1] = { kind = kind, body = argv[c + 1], aux = aux, eager = argv[c + 3] == '1' }
   end
   return cmds, closes, invalid
 end
 
--- Why the commands cannot complete the updates they name, or nil: an update id the
--- run never accepted (its completion would leave an update hash that nothing expires)
--- or one already completed. Reads only.
-local function updates_not_open(run, cmds)
+-- Why the commands cannot be applied to the run as it is, or nil: an update id the run
+-- never accepted (its completion would leave an update hash that nothing expires) or one
+-- already completed; a next run whose id is taken. Reads only.
+local function commands_not_applicable(run, cmds)
   for _, cmd in ipairs(cmds) do
     if cmd.kind == CMD.COMPLETE_UPDATE and call('HGET', upd_key(run), cmd.aux[1]) ~= R.ACCEPTED then
       return 'update ' .. tostring(cmd.aux[1]) .. ' is not an open update of the run'
+    elseif cmd.kind == CMD.CONTINUE_AS_NEW and call('EXISTS', run_key(cmd.aux[1])) == 1 then
+      return 'the next run id ' .. cmd.aux[1] .. ' is taken'
     end
   end
   return nil
+end
+
+-- The most a history may hold (Temporal's limits): a task of a run past either fails
+-- the run, with this reason, in place of its commands, so that a history never grows
+-- without bound. workflow.should_continue_as_new() turns true well before (executor.py).
+local HISTORY_MAX_EVENTS, HISTORY_MAX_BYTES = 51200, 52428800
+local function history_over(last_eid, hbytes)
+  if (tonumber(last_eid) or 0) >= HISTORY_MAX_EVENTS or (tonumber(hbytes) or 0) >= HISTORY_MAX_BYTES then
+    return cmsgpack.pack({ failure = { type = 'HistoryLimitExceeded', non_retryable = true, stack = '',
+      message = 'the history reached ' .. tostring(last_eid) .. ' events / ' .. tostring(hbytes or '?')
+        .. ' bytes, past the limit of ' .. HISTORY_MAX_EVENTS .. ' events or ' .. HISTORY_MAX_BYTES
+        .. ' bytes: continue as new (workflow.continue_as_new) before it grows this long' } })
+  end
+  return nil
+end
+
+-- Close the run as CONTINUED_AS_NEW and start its execution's next run, `next_run`,
+-- with `start_body`, in the same call: the execution is never without a running run (the
+-- closing event names the next run, and so does the closed-runs entry: result-waiters
+-- follow it). The
+-- execution timeout covers the whole chain (the next run keeps this one's deadline);
+-- the signals that arrived while the closing task ran, and the request ids of those
+-- delivered lately, go on to the next run, after its start. `c`: record_task's. Returns
+-- the closing event's id.
+local function continue_as_new(run, wid, c, next_run, start_body)
+  local rk = run_key(run)
+  local body = cmsgpack.pack({ next_run_id = next_run })
+  local st = call('HMGET', rk, 'deadline_ms', 'wtype', 'msgs')
+  local carried = {}
+  local items = call('LRANGE', buf_key(run), 0, -1)
+  for i = 1, #items, 3 do
+    if items[i] == EV.WORKFLOW_EXECUTION_SIGNALED then
+      carried[#carried + 1] = items[i + 1]
+      carried[#carried + 1] = items[i + 2]
+    end
+  end
+  local rec = { 'wft_done', done_string(c.fence, R.OK, LAST[run] + 1, '', c.call_id) }
+  local eid = close_run(run, RS.CONTINUED_AS_NEW, EV.WORKFLOW_EXECUTION_CONTINUED_AS_NEW, body, c.retention, rec,
+    c.known)
+  local left = (tonumber(st[1]) or NOW) - NOW
+  create_run(wid, next_run, st[2], c.tq, start_body, left > 0 and left or 1, true, #carried == 0)
+  if st[3] then
+    call('ZUNIONSTORE', sig_key(next_run), 1, sig_key(run))
+    note_messages(next_run)
+  end
+  for i = 1, #carried, 2 do
+    append(next_run, wid, EV.WORKFLOW_EXECUTION_SIGNALED, carried[i + 1], carried[i])
+  end
+  if #carried > 0 then note_messages(next_run) end
+  return eid
 end
 
 -- Record a workflow task's completion (its commands checked by parse_commands):
@@ -857,6 +920,9 @@ local function record_task(run, wid, c)
       else
         last = close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, c.retention, rec, c.known)
       end
+      closed = true
+    elseif kind == CMD.CONTINUE_AS_NEW then
+      last = continue_as_new(run, wid, c, aux[1], body)
       closed = true
     end
   end

@@ -47,7 +47,7 @@ end
 -- Why task `t`'s commands cannot be recorded (false: they can): parse_commands's
 -- checks, then those that read the run (kept in t.invalid).
 local function invalid(t)
-  if t.invalid == nil then t.invalid = updates_not_open(t.run, t.cmds) or false end
+  if t.invalid == nil then t.invalid = commands_not_applicable(t.run, t.cmds) or false end
   return t.invalid
 end
 
@@ -107,7 +107,10 @@ for _, t in ipairs(tasks) do
       out[#out + 1] = { R.INVALID, t.invalid }
     else
       local wid = r[4]
-      local again = t.closes and r[8] and message_buffered(run)
+      -- a history at its limit: the run fails in place of the task's commands
+      local over = not t.closes and history_over(r[11], r[13])
+      if over then t.cmds, t.closes = { { kind = CMD.FAIL_WORKFLOW, body = over, aux = {} } }, true end
+      local again = t.closes and r[8] and message_buffered(run, t.cmds[#t.cmds].kind == CMD.CONTINUE_AS_NEW)
       -- (closing the run removes its task's timeout with its other timers)
       if again or not t.closes then call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence)) end
       if r[8] then call('HDEL', rk, 'msgbuf') end

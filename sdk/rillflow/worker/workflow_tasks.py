@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from rillflow.errors import WorkflowError, failure_from_exception
-from rillflow.executor import Command, WorkflowInfo, WorkflowInstance, run_task
+from rillflow.executor import SUGGEST_CONTINUE_EVENTS, Command, WorkflowInfo, WorkflowInstance, run_task
 from rillflow.history import HistoryEvent
 from rillflow.worker.context import BadMessage, Context, Streak, field, int_field
 from rillflow.worker.run_cache import RunCache, discard
@@ -81,6 +81,24 @@ class _Activated:
     def speculative(self) -> bool:
         """Run from its message, not started in Redis: it has no fence yet."""
         return not self.started.fence
+
+
+def _warn_if_long(st: WftStarted, run: str) -> None:
+    """Said at every 4,096th event past the suggested size, well before the limit at
+    which a task fails the run (lib.lua's HISTORY_MAX_*)."""
+    n = st.last_event_id
+    if n >= SUGGEST_CONTINUE_EVENTS and (n // SUGGEST_CONTINUE_EVENTS) != (
+        st.since // SUGGEST_CONTINUE_EVENTS
+    ):
+        log.warning(
+            "workflow history is long: continue as new (workflow.should_continue_as_new())",
+            workflow_id=st.workflow_id,
+            run_id=run,
+            workflow_type=st.workflow_type,
+            events=n,
+            bytes=st.history_bytes,
+            fails_at_events=51_200,
+        )
 
 
 class WorkflowTasks:
@@ -188,6 +206,7 @@ class WorkflowTasks:
             last_event_id=1,
             start_ms=start_ms,
             events=[entry],
+            history_bytes=len(body),
         )
 
     async def _admit(self, shard: int, stream: str, tasks: list[_Task]) -> None:
@@ -325,11 +344,14 @@ class WorkflowTasks:
             and st.since == cached.last_event_id  # Redis is not behind the instance
             and not any(e.type == EventType.WORKFLOW_TASK_COMPLETED for e in events)
         )
+        history = (st.last_event_id, max(st.history_bytes, 0))
+        _warn_if_long(st, run)
         if cached is not None and hit:
             self.ctx.stats.cache_hits += 1
             inst = cached.instance
             try:
-                return _Activated(run, msgid, st, inst, run_task(inst, events, st.now_ms, fresh=False))
+                cmds = run_task(inst, events, st.now_ms, fresh=False, history=history)
+                return _Activated(run, msgid, st, inst, cmds)
             except BaseException:
                 discard(inst)
                 raise
@@ -340,7 +362,9 @@ class WorkflowTasks:
             events = await self.history_after(shard, st.workflow_id, run, 0)
         inst = self.new_instance(st.workflow_id, run, st.workflow_type, st.start_ms, st.attempt)
         try:
-            return _Activated(run, msgid, st, inst, run_task(inst, events, st.now_ms, fresh=True))
+            return _Activated(
+                run, msgid, st, inst, run_task(inst, events, st.now_ms, fresh=True, history=history)
+            )
         except BaseException:
             discard(inst)
             raise
