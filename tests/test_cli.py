@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -164,13 +165,17 @@ def test_worker_serves_a_whole_module(redis_url: str, worker_procs: Any) -> None
 @pytest.mark.parametrize(
     ("option", "says"),
     [
-        (["--max-eager-activities", "-1"], "max_eager_activities must be >= 0"),
+        (["--max-eager-activities", "-1"], "--max-eager-activities must not be negative, got -1"),
+        (["--max-concurrent-activities", "0"], "--max-concurrent-activities must be at least 1"),
+        (["--heartbeat", "0"], "--heartbeat must be a positive number of seconds"),
+        (["--log-level", "nope"], "--log-level must be one of debug, info, warning, error, critical"),
         (["--sticky-timeout", "-1"], "--sticky-timeout must not be negative"),
         (["--wait-for-redis", "-1"], "--wait-for-redis must not be negative"),
     ],
 )
-def test_worker_options_out_of_range_are_one_clear_line(redis_url: str, option: list[str], says: str) -> None:
-    p = rf("worker", "tests.flows:SERVED", "--url", redis_url, *option)
+def test_worker_options_out_of_range_are_one_clear_line(option: list[str], says: str) -> None:
+    # (an unreachable server: the options are checked before anything waits for it)
+    p = rf("worker", "tests.flows:SERVED", "--url", "redis://127.0.0.1:1/0", *option)
     assert_one_line(p, 2, says)
 
 
@@ -458,3 +463,50 @@ def test_a_worker_that_cannot_reach_redis_in_time_exits_with_one_line() -> None:
     assert p.returncode == 4 and "Traceback" not in p.stderr, p.stderr
     assert "waiting for Redis" in p.stderr  # the log line of each try
     assert "after waiting 1 s: --wait-for-redis" in p.stderr.strip().splitlines()[-1]
+
+
+def test_a_worker_refused_at_once_does_not_claim_it_waited(redis_url: str) -> None:
+    netloc = urlsplit(redis_url).netloc
+    for url, says in [
+        (f"redis://nobody:s3cret-pw@{netloc}/0", "refused the credentials"),
+        (f"redis://{netloc}/99", "DB index is out of range"),
+    ]:
+        p = rf("worker", "rillflow.demo", "--url", url, "--wait-for-redis", "30")
+        assert_one_line(p, 4, says)
+        assert "after waiting" not in p.stderr
+
+
+def test_a_server_that_needs_a_password_the_url_lacks_says_so(tmp_path: Path) -> None:
+    from rillflow_runtime.embedded import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path / "pw") as server:
+        with redis.Redis.from_url(server.url) as r:
+            r.config_set("requirepass", "s3cret-pw")
+        netloc = urlsplit(server.url).netloc
+        p = rf("worker", "rillflow.demo", "--url", f"redis://{netloc}/0")
+        assert_one_line(p, 4, "needs a password and the URL gives none")
+        p = rf("describe", "x", "--url", f"redis://:s3cret-pw@{netloc}/0")
+        assert_one_line(p, 3, "no workflow execution 'x'")  # the right one gets through
+
+
+def test_a_port_that_is_not_redis_gets_one_line() -> None:
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def answer_http() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = srv.accept()
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer_http, daemon=True).start()
+    try:
+        p = rf("describe", "x", "--url", f"redis://127.0.0.1:{port}/0")
+        assert_one_line(p, 4, "does not answer as a Redis server does")
+    finally:
+        srv.close()

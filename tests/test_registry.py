@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 import rillflow as workflows
 from rillflow import Client, Worker
@@ -390,3 +391,27 @@ async def test_two_workers_publishing_at_once_cannot_both_pass_the_check(
         failed = [o for o in outcomes if isinstance(o, Exception)]
         assert len(failed) == 1 and type(failed[0]).__name__ == "WorkflowRegistrationConflictError"
         assert [w.identity for w in await c1.registry.workers()] in (["first"], ["second"])
+
+
+class Code(BaseModel):
+    model_config = ConfigDict(regex_engine="python-re")
+    code: str = Field(pattern=r"^[A-Z]{3}\Z")  # Python's regex: \Z, which Rust's lacks
+
+
+@workflows.workflow.define(name="code_workflow")
+class CodeWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, c: Code) -> str:
+        return c.code
+
+
+async def test_a_schema_the_fast_checker_cannot_compile_is_still_checked(client: Client) -> None:
+    """jsonschema-rs refuses some schemas pydantic writes (a Python-only pattern): the
+    full check alone serves them, so the workflow still starts by name."""
+    async with worker(client, [CodeWorkflow]):
+        h = await client.start_workflow("code_workflow", {"code": "ABC"})
+        assert await h.result(timeout=10) == "ABC"
+        before = await keys(client)
+        with pytest.raises(workflows.InvalidInputError, match="does not match"):
+            await client.start_workflow("code_workflow", {"code": "abc"})
+        assert await keys(client) == before

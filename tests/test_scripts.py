@@ -504,6 +504,8 @@ async def test_a_closed_runs_history_is_packed_into_one_value_and_reads_the_same
     )
     # what routed its tasks is gone with it
     assert await client.redis.hmget(ks.run(0, run), ["wft_q", "wft_msg", "sticky"]) == [None] * 3
+    # the packed value is keyed by the run alone: another execution's id does not read it
+    assert await p.history(0, "another-execution", run) == []
 
 
 async def test_a_history_packed_in_the_first_form_is_read_as_well(client: Client) -> None:
@@ -611,3 +613,23 @@ async def test_a_run_from_before_history_bytes_were_counted_is_packed_by_its_mem
     await h.terminate("done")
     assert await client.redis.exists(ks.history(0, h.id, run))  # measured: too large to pack
     assert not await client.redis.exists(ks.history_packed(0, run))
+
+
+@pytest.mark.parametrize("how", ["start", "signal_with_start"])
+async def test_a_start_never_keeps_the_expiry_of_an_execution_record_left_half(
+    client: Client, how: str
+) -> None:
+    """An execution hash lost while its run ran (an eviction, an operator's DEL) leaves,
+    after the close, one holding only a status, with the retention's expiry. A new run of
+    the id must not inherit that expiry: its record would vanish while it runs, and a
+    second start of the id would then run beside it."""
+    ks = client.keyspace
+    wk = ks.wf(ks.shard("half-wf"), "half-wf")
+    await client.redis.hset(wk, "status", "terminated")
+    await client.redis.pexpire(wk, 60_000)
+    if how == "start":
+        h = await client.start_workflow(flows.InboxWorkflow, execution_id="half-wf")
+    else:
+        h = await client.signal_with_start(flows.InboxWorkflow, execution_id="half-wf", signal="finish")
+    assert await client.redis.hget(wk, "run") == (h.run_id or "").encode()
+    assert await client.redis.pttl(wk) == -1

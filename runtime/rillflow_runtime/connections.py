@@ -4,6 +4,7 @@ dedicated connections for blocking reads, each with the rules that make them saf
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -113,11 +114,25 @@ async def wait_until_reachable(
             await redis.ping()
             return
         except TRANSIENT as e:  # (a server still loading its data answers BusyLoadingError, one of them)
-            if isinstance(e, AuthenticationError) or time.monotonic() + delay > deadline:
-                raise  # (wrong credentials: no wait makes them right)
+            left = deadline - time.monotonic()
+            if isinstance(e, AuthenticationError) or _tls_refused(e) or left <= 0:
+                raise  # (wrong credentials or certificates: no wait makes them right)
+            pause = min(delay, left)  # the last try comes at the deadline, not before it
             if on_wait is not None:
-                on_wait(e, delay)
+                on_wait(e, pause)
         finally:
             await redis.aclose()
-        await asyncio.sleep(delay)
+        await asyncio.sleep(pause)
         delay = min(delay * 2, 5.0)
+
+
+def _tls_refused(e: BaseException) -> bool:
+    """A TLS handshake that failed on certificates or protocol: a setting, not an outage."""
+    seen: BaseException | None = e
+    for _ in range(8):  # (a chain of causes is short; a cycle must not spin)
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -625,7 +625,10 @@ class Protocol:
             pipe.xrange(key, min=f"({after}-0", max="+", count=HISTORY_PAGE)
             pipe.get(self.ks.history_packed(shard, run_id))
             pipe.get(self.ks.history_packed_before(shard, workflow_id, run_id))
-            page, packed, packed_before = await pipe.execute()
+            pipe.hget(self.ks.run(shard, run_id), "wid")
+            page, packed, packed_before, owner = await pipe.execute()
+        if packed is not None and owner is not None and text(owner) != workflow_id:
+            packed = None  # (keyed by its run alone: another execution's run is not this one's)
         packed = packed or packed_before
         out: list[Any] = list(page)
         while len(page) == HISTORY_PAGE:

@@ -20,12 +20,13 @@ import os
 import re
 import signal as _signals
 import sys
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import structlog
 import typer
@@ -33,7 +34,10 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
+    InvalidResponse,
     NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisError,
     ResponseError,
 )
@@ -62,7 +66,7 @@ from rillflow.errors import (
 )
 from rillflow.history import HistoryEvent
 from rillflow.payloads import to_wire
-from rillflow_runtime.connections import wait_until_reachable
+from rillflow_runtime.connections import TRANSIENT, wait_until_reachable
 
 app = typer.Typer(
     help="rillflow: durable workflows in plain async Python, on nothing but Redis.",
@@ -127,6 +131,9 @@ def _positive(value: float | None, option: str) -> None:
 MAX_SECONDS = 10 * 365 * 86400.0  # ten years: longer is a mistake, and overflows the clock
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def configure_logging(level: str = "info") -> None:
     import logging
 
@@ -172,7 +179,15 @@ def redis_exit(e: RedisError, url: str, source: str) -> Exit | None:
     """What a Redis error means for the user, as an exit code and a line; None for an
     error that is not the user's to fix (a bug: let its traceback show)."""
     where = f"Redis at {redact(url)} ({source})"
-    msg = safe_text(str(e)) or type(e).__name__
+    msg = (safe_text(str(e)) or type(e).__name__).rstrip(".")
+    anonymous = urlparse(url).password is None
+    needs_auth = msg.startswith("NOAUTH") or "must be called with the client already authenticated" in msg
+    if needs_auth and anonymous:
+        return Exit(
+            4,
+            f"{where} needs a password and the URL gives none: put it in the URL "
+            "(redis://:password@host:port/db, or redis://user:password@...)",
+        )
     if isinstance(e, AuthenticationError | AuthenticationWrongNumberOfArgsError) or msg.startswith(
         ("WRONGPASS", "NOAUTH")
     ):
@@ -181,6 +196,12 @@ def redis_exit(e: RedisError, url: str, source: str) -> Exit | None:
             f"{where} refused the credentials: {msg}; put the right ones in the URL "
             "(redis://user:password@host:port/db)",
         )
+    if isinstance(e, ReadOnlyError):
+        return Exit(4, f"{where} is a read-only replica: {msg}; point the URL at the primary")
+    if isinstance(e, OutOfMemoryError):
+        return Exit(4, f"{where} refused a write: {msg}; free memory or raise maxmemory")
+    if isinstance(e, InvalidResponse):
+        return Exit(4, f"{where} does not answer as a Redis server does ({msg}): check the host and port")
     if isinstance(e, NoPermissionError) or msg.startswith("NOPERM") or "ACL failure" in msg:
         return Exit(
             4,
@@ -376,12 +397,21 @@ def worker(
     configure_logging(log_level)
 
     async def main() -> None:
+        # every option checked before anything waits for Redis
         if grace < 0:
             raise Exit(2, f"--grace must not be negative, got {grace:g}")
         if sticky_timeout < 0:
             raise Exit(2, f"--sticky-timeout must not be negative, got {sticky_timeout:g}")
         if wait_for_redis < 0:
             raise Exit(2, f"--wait-for-redis must not be negative, got {wait_for_redis:g}")
+        if max_concurrent_activities < 1:
+            raise Exit(2, f"--max-concurrent-activities must be at least 1, got {max_concurrent_activities}")
+        if max_eager_activities < 0:
+            raise Exit(2, f"--max-eager-activities must not be negative, got {max_eager_activities}")
+        if heartbeat <= 0:
+            raise Exit(2, f"--heartbeat must be a positive number of seconds, got {heartbeat:g}")
+        if log_level.lower() not in LOG_LEVELS:
+            raise Exit(2, f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
         wfs, acts = load_target(target)
         target_url, source = resolve_url(url)
         log = structlog.get_logger("rillflow.worker")
@@ -395,16 +425,32 @@ def worker(
                 retry_in_s=delay,
             )
 
+        started = time.monotonic()
+
+        async def reach() -> Client:
+            """Redis, waited for until --wait-for-redis runs out: at start, and again if it
+            goes away while the worker connects (a restart, a failover)."""
+            while True:
+                left = max(0.0, wait_for_redis - (time.monotonic() - started))
+                try:
+                    await wait_until_reachable(target_url, left, waiting)
+                    return await Client.connect(target_url, namespace)
+                except RedisError as e:
+                    gone = isinstance(e, TRANSIENT) and not isinstance(e, AuthenticationError)
+                    if gone and time.monotonic() - started < wait_for_redis:
+                        waiting(e, 0.25)
+                        await asyncio.sleep(0.25)
+                        continue
+                    exit_ = redis_exit(e, target_url, source)
+                    if exit_ is None:
+                        raise
+                    if gone and wait_for_redis:
+                        waited = time.monotonic() - started
+                        exit_ = Exit(exit_.code, f"{exit_} (after waiting {waited:.0f} s: --wait-for-redis)")
+                    raise exit_ from None
+
+        client = await reach()
         try:
-            await wait_until_reachable(target_url, wait_for_redis, waiting)
-        except RedisError as e:
-            exit_ = redis_exit(e, target_url, source)
-            if exit_ is None:
-                raise
-            if wait_for_redis:
-                exit_ = Exit(exit_.code, f"{exit_} (after waiting {wait_for_redis:g} s: --wait-for-redis)")
-            raise exit_ from None
-        async with connect(url, namespace) as client:
             w = Worker(
                 client,
                 task_queue,
@@ -419,6 +465,13 @@ def worker(
             )
             _sigterm_to_stop(w._stopping.set)
             await w.run()
+        except RedisError as e:
+            exit_ = redis_exit(e, target_url, source)
+            if exit_ is None:
+                raise
+            raise exit_ from None
+        finally:
+            await client.close()
 
     run(main)
 

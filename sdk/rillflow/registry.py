@@ -398,7 +398,7 @@ class _Validator:
     a fraction of a microsecond; ``full`` (pure Python, 50-100x slower) is asked only for
     input ``fast`` refuses, to word every error with its path."""
 
-    fast: Any
+    fast: Any  # None: the schema is one jsonschema-rs refuses to compile (see _validator)
     full: Draft202012Validator
 
 
@@ -410,12 +410,19 @@ def _validator(spec_json: str, kind: str, name: str) -> _Validator:
         schema = next(h for h in spec["handlers"][kind] if h["name"] == name)["input_schema"]
     else:
         schema = spec["input_schema"]
-    return _Validator(jsonschema_rs.Draft202012Validator(schema), Draft202012Validator(schema))
+    try:
+        fast = jsonschema_rs.Draft202012Validator(schema)
+    except Exception:  # (any refusal: the full check alone still serves)
+        # jsonschema-rs checks the schema against the metaschema and compiles patterns with
+        # Rust's regex (no backreferences, no \Z): a schema pydantic wrote for a Python
+        # regex, or with a free-form `examples`, is still a schema the full check reads
+        fast = None
+    return _Validator(fast, Draft202012Validator(schema))
 
 
 def _check(validator: _Validator, data: Any, what: str) -> None:
     try:
-        if validator.fast.is_valid(data):
+        if validator.fast is not None and validator.fast.is_valid(data):
             return
     except (ValueError, TypeError):  # data it cannot read (a non-string key): the full check words it
         pass

@@ -383,7 +383,8 @@ local function start_invalid(wid, run, wtype, tq, timeout)
 end
 
 -- Make `run` its execution's current run, started with `body` (checked by the caller: no
--- run of the execution is running; `had_run`: an earlier one's bookkeeping is there),
+-- run of the execution is running; `had_run`: the execution's hash exists, an earlier
+-- run's bookkeeping, with its expiry: it goes, so the new run's record never expires),
 -- and queue its first workflow task. A new run has no worker caching it: the task goes
 -- to the shared stream. With `inline`, a small start event travels with it, so that a
 -- worker can run the task at once and record its start and completion in one call (a
@@ -583,14 +584,15 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
   local rk = run_key(run)
   r = r or call('HMGET', rk, unpack(CLOSE_FIELDS))
   local wid = r[1]
-  knew(run, r[7], r[8])
-  local eid = append(run, wid, etype, body)
-  if r[3] == WT.SCHEDULED or r[3] == WT.STARTED then drop_msg(r[2], r[4], run) end
   -- A running run is its execution's current run: start refuses an id whose current run
-  -- is running, and every run closes here (the suite and the chaos run check it).
+  -- is running, and every run closes here (the suite and the chaos run check it, before
+  -- anything is written).
   if CHECK_KEYS and call('HGET', wf_key(wid), 'run') ~= run then
     error('rillflow: closing run ' .. run .. ', which is not the current run of ' .. wid)
   end
+  knew(run, r[7], r[8])
+  local eid = append(run, wid, etype, body)
+  if r[3] == WT.SCHEDULED or r[3] == WT.STARTED then drop_msg(r[2], r[4], run) end
   call('HSET', wf_key(wid), 'status', status)
   local gone = { tmember(TK.EXECUTION_TIMEOUT, run), tmember(TK.TASK_RETRY, run) }
   if r[6] then gone[#gone + 1] = tmember(TK.TASK_TIMEOUT, run, r[6]) end

@@ -29,7 +29,7 @@ if cur[2] == RS.RUNNING then
   return { R.OK, target, '0' }
 end
 -- checked: nothing below can fail
-create_run(wid, run, wtype, tq, body, timeout, cur[1] ~= nil, false)
+create_run(wid, run, wtype, tq, body, timeout, cur[1] or cur[2], false)
 signal_is_new(run, rid)
 note_messages(run)
 deliver(run, EV.WORKFLOW_EXECUTION_SIGNALED, sbody)

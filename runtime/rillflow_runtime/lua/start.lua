@@ -17,5 +17,5 @@ if call('EXISTS', run_key(run)) == 1 then  -- a repeat after another run took th
 end
 if cur[2] == RS.RUNNING then return { R.RUNNING, cur[1] } end
 -- checked: nothing below can fail
-create_run(wid, run, wtype, tq, body, timeout, cur[1] ~= nil, true)
+create_run(wid, run, wtype, tq, body, timeout, cur[1] or cur[2], true)
 return { R.OK, run }

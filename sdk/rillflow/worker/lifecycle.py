@@ -25,7 +25,7 @@ from rillflow.client import Client
 from rillflow.errors import RillflowError, WorkflowRegistrationConflictError
 from rillflow.registry import workflow_spec
 from rillflow.worker.activities import Activities
-from rillflow.worker.context import Context, WorkerStats
+from rillflow.worker.context import Context, Streak, WorkerStats
 from rillflow.worker.maintenance import Maintenance
 from rillflow.worker.queries import Queries
 from rillflow.worker.run_cache import RunCache
@@ -186,9 +186,18 @@ class Worker:
     async def run(self) -> None:
         streams = self._streams()
         self._started_ms = int(time.time() * 1000)
-        await self._publish()  # first: a worker refused here leaves nothing behind
-        await self.ctx.ensure_groups(streams)
-        await self.ctx.learn_clocks()
+        streak = Streak("worker start interrupted: redis unavailable")
+        while True:  # (Redis going away while the worker starts is waited out, as later)
+            try:
+                await self._publish()  # first: a worker refused here leaves nothing behind
+                await self.ctx.ensure_groups(streams)
+                await self.ctx.learn_clocks()
+                break
+            except TRANSIENT as e:
+                if self.ctx.stopping.is_set():
+                    raise
+                await streak.failed(e)
+        streak.ok()
         log.info(
             "worker started",
             identity=self.identity,
