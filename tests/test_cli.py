@@ -154,6 +154,20 @@ def test_dev_runs_the_demo(tmp_path: Path) -> None:
     assert not (tmp_path / "dev" / "url").exists()  # cleaned up on exit
 
 
+def test_a_second_dev_server_leaves_the_first_one_the_clis_default(tmp_path: Path, redis_url: str) -> None:
+    """A dev server already answering at the URL the CLI finds stays its default: a
+    second one (another --data-dir) neither takes the URL file nor removes it."""
+    url_file = tmp_path / "dev" / "url"
+    url_file.parent.mkdir(parents=True)
+    url_file.write_text(redis_url)  # (a live server, standing for the first dev server)
+    p = rf(
+        "dev", "--once", "--data-dir", str(tmp_path / "d2"), env={"RILLFLOW_HOME": str(tmp_path)}, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    assert f"another dev server ({redis_url}) is the CLI's default" in p.stdout
+    assert url_file.read_text() == redis_url
+
+
 def test_worker_serves_a_whole_module(redis_url: str, worker_procs: Any) -> None:
     """What docker-compose's worker service runs: every workflow and activity in a module."""
     worker_procs(redis_url, target="rillflow.demo")

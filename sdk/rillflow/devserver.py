@@ -128,6 +128,24 @@ async def _refund_demo(client: Client, out: Console) -> None:
     out.print(f"demo_refund_order history: {_summary(await h.history())}")
 
 
+def _live_url(path: Path) -> str | None:
+    """The URL in ``path`` if a server answers there (another dev server's), else None."""
+    import redis
+
+    try:
+        url = path.read_text().strip()
+    except OSError:
+        return None
+    if not url:
+        return None
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5) as r:
+            r.ping()
+    except (redis.RedisError, OSError, ValueError):
+        return None
+    return url
+
+
 async def run_dev(data_dir: Path, port: int | None, once: bool, out: Console) -> None:
     from rillflow.client import Client
     from rillflow.demo import ACTIVITIES, WORKFLOWS
@@ -148,14 +166,24 @@ async def run_dev(data_dir: Path, port: int | None, once: bool, out: Console) ->
         lock.__exit__(None, None, None)
         raise RillflowError(str(e)) from e
     url_path = url_file()
+    # the CLI's default server stays the one that claimed it while that one runs: a second
+    # dev server (another --data-dir) is reached with --url
+    other = _live_url(url_path)
+    claimed = other is None
     try:
-        url_path.parent.mkdir(parents=True, exist_ok=True)
-        url_path.write_text(server.url)
+        if claimed:
+            url_path.parent.mkdir(parents=True, exist_ok=True)
+            url_path.write_text(server.url)
     except OSError as e:
         server.stop()
         lock.__exit__(None, None, None)
         raise RillflowError(f"cannot write the server's URL to {url_path}: {e}") from e
     out.print(f"embedded server [bold]{server.url}[/bold] (binary {server.binary}, AOF in {data_dir})")
+    if not claimed:
+        out.print(
+            f"[yellow]another dev server ({other}) is the CLI's default; reach this one with "
+            f"--url {server.url}[/yellow]"
+        )
     try:
         client = await Client.connect(server.url)
         async with Worker(client, DEMO_TASK_QUEUE, WORKFLOWS, ACTIVITIES, pump_interval=0.1) as worker:
@@ -185,7 +213,8 @@ async def run_dev(data_dir: Path, port: int | None, once: bool, out: Console) ->
         await client.close()
     finally:
         with contextlib.suppress(OSError):
-            url_path.unlink()
+            if claimed and url_path.read_text().strip() == server.url:
+                url_path.unlink()
         server.stop()
         lock.__exit__(None, None, None)
         out.print("stopped")
