@@ -199,16 +199,9 @@ async def test_a_repeated_completion_that_continues_starts_one_next_run(client: 
 
 async def test_info_tells_the_history_size_and_should_continue_as_new_turns_true(client: Client) -> None:
     async with _worker(client, HistoryInfoWorkflow):
-        h = await client.start_workflow(HistoryInfoWorkflow, execution_id="hist-info")
-
-        async def idle() -> bool:
-            return "WorkflowTaskCompleted" in [e.type for e in await h.history()]
-
-        await wait_until(idle, 15)
         # as if the run had grown long: the next task starts at event 5,001
-        await client.redis.hset(client.keyspace.run(h.shard, h.run_id or ""), "last_eid", 5000)
-        await h.signal("proceed")
-        await wait_until(lambda: len_at_least(h, 3), 15)
+        h = await _grown(client, "hist-info", 5000)
+        await wait_until(lambda: _tasks_done(h, 2), 15)
         await h.signal("proceed")
         seen = await h.result(timeout=20)
     events = await h.history()
@@ -226,20 +219,23 @@ async def test_info_tells_the_history_size_and_should_continue_as_new_turns_true
     assert unpack(cmds[-1].body)["result"] == seen
 
 
-async def len_at_least(h: Any, n: int) -> bool:
-    return [e.type for e in await h.history()].count("WorkflowTaskCompleted") >= n - 1
+async def _tasks_done(h: Any, n: int) -> bool:
+    return [e.type for e in await h.history()].count("WorkflowTaskCompleted") >= n
+
+
+async def _grown(client: Client, execution_id: str, last_eid: int) -> Any:
+    """A HistoryInfoWorkflow run whose first task is done, its history's event count then
+    set to ``last_eid`` (as if it had grown that long), and woken for its next task."""
+    h = await client.start_workflow(HistoryInfoWorkflow, execution_id=execution_id)
+    await wait_until(lambda: _tasks_done(h, 1), 15)
+    await client.redis.hset(client.keyspace.run(h.shard, h.run_id or ""), "last_eid", last_eid)
+    await h.signal("proceed")
+    return h
 
 
 async def test_a_history_at_the_hard_limit_fails_the_run_with_a_clear_reason(client: Client) -> None:
     async with _worker(client, HistoryInfoWorkflow):
-        h = await client.start_workflow(HistoryInfoWorkflow, execution_id="hist-limit")
-
-        async def idle() -> bool:
-            return "WorkflowTaskCompleted" in [e.type for e in await h.history()]
-
-        await wait_until(idle, 15)
-        await client.redis.hset(client.keyspace.run(h.shard, h.run_id or ""), "last_eid", 51_199)
-        await h.signal("proceed")
+        h = await _grown(client, "hist-limit", 51_199)
         with pytest.raises(workflows.WorkflowFailureError) as ei:
             await h.result(timeout=20)
     assert ei.value.cause.type == "HistoryLimitExceeded"

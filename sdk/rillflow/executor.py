@@ -70,10 +70,12 @@ class WorkflowInfo:
     history_size: int = 0
 
 
-# When workflow.should_continue_as_new() turns true (Temporal's suggestion); lib.lua's
-# HISTORY_MAX_* are the hard limits, at which a task fails the run instead.
+# When workflow.should_continue_as_new() turns true (Temporal's suggestion), and the
+# hard limit, at which a task fails the run instead (enforced by lib.lua's HISTORY_MAX_*,
+# which must say the same).
 SUGGEST_CONTINUE_EVENTS = 4096
 SUGGEST_CONTINUE_BYTES = 4 * 1024 * 1024
+HISTORY_MAX_EVENTS = 51_200
 
 
 @dataclass

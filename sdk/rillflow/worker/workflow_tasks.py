@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from rillflow.errors import WorkflowError, failure_from_exception
-from rillflow.executor import SUGGEST_CONTINUE_EVENTS, Command, WorkflowInfo, WorkflowInstance, run_task
+from rillflow.executor import (
+    HISTORY_MAX_EVENTS,
+    SUGGEST_CONTINUE_EVENTS,
+    Command,
+    WorkflowInfo,
+    WorkflowInstance,
+    run_task,
+)
 from rillflow.history import HistoryEvent
 from rillflow.worker.context import BadMessage, Context, Streak, field, int_field
 from rillflow.worker.run_cache import RunCache, discard
@@ -97,7 +104,7 @@ def _warn_if_long(st: WftStarted, run: str) -> None:
             workflow_type=st.workflow_type,
             events=n,
             bytes=st.history_bytes,
-            fails_at_events=51_200,
+            fails_at_events=HISTORY_MAX_EVENTS,
         )
 
 
