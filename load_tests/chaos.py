@@ -11,8 +11,8 @@ at random (replacing each one), SIGKILLs Redis and restarts it over the same dat
 tail of the AOF: what an ``appendfsync everysec`` power loss does, limited to what the
 workers wrote while starts and signals were paused, so that nothing a client was told
 is lost. Every script checks that it touches only the keys its caller declared. Then
-it stops the chaos, waits (bounded) for every run to close, and prints one line per
-figure. It exits 1 unless lost runs, stuck runs, duplicated completions
+it stops the chaos, waits (bounded) for every execution to close (following chains of
+continue-as-new), and prints one line per figure. It exits 1 unless lost runs, stuck runs, duplicated completions
 and duplicated signal applications are all 0.
 
 The seed fixes the workflows, the signals and the chaos schedule; which process a kill
@@ -75,6 +75,7 @@ CLOSING = frozenset(
         "WorkflowExecutionFailed",
         "WorkflowExecutionTimedOut",
         "WorkflowExecutionTerminated",
+        "WorkflowExecutionContinuedAsNew",
     }
 )
 # what a dropped connection or a restarting server raises through redis-py's retries
@@ -165,6 +166,7 @@ def make_plans(cfg: ChaosConfig) -> list[RunRecord]:
             sleep_ms=rng.choice([0, rng.randint(50, 1500)]),
             beats=rng.choice([0, rng.randint(5, 20)]),
             signals=rng.choice([0, 1, 2, 3, 5]),
+            hops=rng.choice([0, 0, 0, 1, 2]),
         )
         delays = [rng.uniform(0.0, 1.5) for _ in range(plan.signals)]
         out.append(RunRecord(i, f"chaos-{cfg.seed}-{i}", plan, delays))
@@ -264,7 +266,7 @@ async def send_signals(client: Client, rec: RunRecord, gate: Gate) -> None:
     """Send ``rec``'s signals after their delays, each with its own request id, each
     retried with that id until acknowledged."""
     assert rec.run_id is not None
-    handle = client.get_workflow_handle(rec.execution_id, run_id=rec.run_id)
+    handle = client.get_workflow_handle(rec.execution_id)  # its current run: chains go on
     for j, delay in enumerate(rec.signal_delays):
         await asyncio.sleep(delay)
         rid = f"{rec.execution_id}-sig-{j}"
@@ -805,9 +807,10 @@ class ChaosRun:
 
         async def closed(rec: RunRecord) -> bool:
             async with sem:
-                h = client.get_workflow_handle(rec.execution_id, run_id=rec.run_id)
+                h = client.get_workflow_handle(rec.execution_id)  # its latest run: chains go on
                 try:
-                    return bool((await retrying(h.describe)).status != "running")
+                    desc = await retrying(h.describe)
+                    return desc.status not in ("running", "continued_as_new")
                 except WorkflowNotFoundError:
                     return True  # vanished: the check counts it as lost
 
@@ -866,26 +869,55 @@ class ChaosRun:
         rep = self.report
         wid, run = rec.execution_id, rec.run_id
         assert run is not None
-        h = client.get_workflow_handle(wid, run_id=run)
-        try:
-            desc = await retrying(h.describe)
-        except WorkflowNotFoundError:
-            rep.lost.append(f"{wid} run {run}: acknowledged, but Redis has no such run")
-            return
-        events = await retrying(h.history)
-        if not events or events[0].type != "WorkflowExecutionStarted":
-            rep.lost.append(
-                f"{wid} run {run}: status {desc.status}, but its history is missing or starts late"
+        # a retried start may have found the execution a run or two down its chain
+        while True:
+            first = await retrying(client.get_workflow_handle(wid, run_id=run).history)
+            before = first[0].attributes.get("continued_from") if first else None
+            if not before:
+                break
+            run = str(before)
+        # follow the chain of continue-as-new: what the harness checks is the execution
+        pokes: list[int] = []
+        scheduled: list[tuple[str, int]] = []
+        runs: list[str] = []
+        while True:
+            runs.append(run)
+            h = client.get_workflow_handle(wid, run_id=run)
+            try:
+                desc = await retrying(h.describe)
+            except WorkflowNotFoundError:
+                rep.lost.append(f"{wid} run {run}: acknowledged or continued into, but Redis has no such run")
+                return
+            events = await retrying(h.history)
+            if not events or events[0].type != "WorkflowExecutionStarted":
+                rep.lost.append(
+                    f"{wid} run {run}: status {desc.status}, but its history is missing or starts late"
+                )
+                return
+            ending = [e for e in events if e.type in CLOSING]
+            if len(ending) > 1 or closes[run] > 1:
+                rep.dup_completions.append(
+                    f"{wid} run {run}: closing events {[(e.event_id, e.type) for e in ending]}, "
+                    f"{closes[run]} entries in the closed stream"
+                )
+            # each signal of an execution carries its own payload (1, 2, ...): a repeat is a
+            # double delivery, within one run or carried into the next
+            pokes += [signal_payload(e) for e in events if e.type == "WorkflowExecutionSignaled"]
+            scheduled += [
+                (str(e.attributes.get("name")), int(e.attributes.get("input", {}).get("n", -1)))
+                for e in events
+                if e.type == "ActivityTaskScheduled"
+            ]
+            if desc.status != "continued_as_new":
+                break
+            run = str(ending[-1].attributes["next_run_id"])
+            if run in runs:
+                rep.wrong.append(f"{wid}: the chain {runs} continues into {run} again")
+                return
+        if len(runs) != rec.plan.hops + 1 and desc.status == "completed":
+            rep.wrong.append(
+                f"{wid}: completed after {len(runs)} runs {runs}, the plan has {rec.plan.hops + 1}"
             )
-            return
-        ending = [e for e in events if e.type in CLOSING]
-        if len(ending) > 1 or closes[run] > 1:
-            rep.dup_completions.append(
-                f"{wid} run {run}: closing events {[(e.event_id, e.type) for e in ending]}, "
-                f"{closes[run]} entries in the closed stream"
-            )
-        # each signal of a run carries its own payload (1, 2, ...): a repeat is a double delivery
-        pokes = [signal_payload(e) for e in events if e.type == "WorkflowExecutionSignaled"]
         signaled = len(pokes)
         doubled = [f"payload {k} x{c}" for k, c in Counter(pokes).items() if c > 1]
         if desc.status == "running":
@@ -900,8 +932,8 @@ class ChaosRun:
                 f"{p.name}#{p.seq} {p.state} att {p.attempt}" for p in desc.pending_activities
             )
             rep.stuck.append(
-                f"{wid} run {run} ({plan_text(rec.plan)}): {wft}; pending [{pending}]; "
-                f"{signaled} signals in history, {rec.acked} acknowledged; "
+                f"{wid} run {run} ({plan_text(rec.plan)}; run {len(runs)} of the chain): {wft}; "
+                f"pending [{pending}]; {signaled} signals in history, {rec.acked} acknowledged; "
                 f"wft failures {desc.workflow_task_failures}; last events: {last_events(events)}"
             )
         result: dict[str, int] = {}
@@ -927,14 +959,10 @@ class ChaosRun:
                 f"{wid} run {run}: returned {result}, expected value {want} and the {signaled} signals "
                 f"of its history (summing to {sum(pokes)}); {rec.acked} acknowledged"
             )
-        scheduled = [
-            (str(e.attributes.get("name")), int(e.attributes.get("input", {}).get("n", -1)))
-            for e in events
-            if e.type == "ActivityTaskScheduled"
-        ]
-        if desc.status == "completed" and len(scheduled) != activity_count(rec.plan):
+        planned = activity_count(rec.plan) * len(runs)
+        if desc.status == "completed" and len(scheduled) != planned:
             rep.wrong.append(
-                f"{wid} run {run}: {len(scheduled)} activities scheduled, the plan has {activity_count(rec.plan)}"
+                f"{wid} run {run}: {len(scheduled)} activities scheduled, the plan has {planned}"
             )
         for key in scheduled:
             if key not in executed:

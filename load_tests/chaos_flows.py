@@ -2,15 +2,17 @@
 
 One workflow type mixes every kind of step the chaos must not break: async activities
 (some in parallel), a plain ``def`` activity (run in a thread), a durable timer, an
-activity that heartbeats and resumes from its details, and signals it counts and waits
-for. What each step returns is plain arithmetic, so :func:`expected_value` can say
-what a run must return without running it.
+activity that heartbeats and resumes from its details, signals it counts and waits
+for, and continue-as-new (a plan with ``hops`` runs its steps again in the next run of
+the same execution, carrying its value and the signals it has counted). What each step
+returns is plain arithmetic, so :func:`expected_value` can say what a run must return
+without running it.
 
 Each activity execution adds one to ``chaos:exec:<execution id>:<activity>:<n>`` in the
 tally server named by ``RILLFLOW_CHAOS_TALLY_URL``: a Redis of the harness's own that
 is never killed nor rolled back, so the counts survive what the run does to the
-engine's Redis. ``n`` numbers the activity calls of a workflow, so a count above one
-is a re-execution.
+engine's Redis. ``n`` numbers the activity calls of an execution (``HOP_STRIDE`` apart
+from one run of the chain to the next), so a count above one is a re-execution.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ TALLY_ENV = "RILLFLOW_CHAOS_TALLY_URL"
 TALLY_PREFIX = "chaos:exec:"
 WORKFLOW_NAME = "chaos_mix"
 SIGNAL_NAME = "poke"
+HOP_STRIDE = 100  # activity numbers of run k of a chain start at k * HOP_STRIDE
 
 # unlimited attempts: under chaos an attempt may time out any number of times, and a run
 # that fails because its worker kept dying would hide what the harness is looking for
@@ -99,7 +102,12 @@ class Plan(BaseModel):
     fan: int = 0  # parallel async activities beside the sync one
     sleep_ms: int = 0  # a durable timer
     beats: int = 0  # steps of the heartbeating activity (0: not called)
-    signals: int = 0  # signals the run waits for
+    signals: int = 0  # signals the execution waits for (its last run does, counting those carried)
+    hops: int = 0  # runs still to come by continue-as-new
+    hop: int = 0  # this run's place in the chain
+    value: int | None = None  # where this run starts: the previous run's value
+    carried: int = 0  # signals the earlier runs of the chain applied
+    carried_sum: int = 0
 
 
 @workflows.workflow.define(name=WORKFLOW_NAME)
@@ -107,6 +115,7 @@ class ChaosMix:
     def __init__(self) -> None:
         self.signals = 0
         self.signal_sum = 0
+        self.carried = False
 
     @workflows.workflow.signal(name=SIGNAL_NAME)
     def poke(self, k: int) -> None:
@@ -115,8 +124,13 @@ class ChaosMix:
 
     @workflows.workflow.entrypoint
     async def run(self, plan: Plan) -> dict[str, int]:
-        value = await add(0, plan.i, 1)
-        n = 1
+        if not self.carried:  # a signal may run before the entrypoint: add to it, never reset it
+            self.carried = True
+            self.signals += plan.carried
+            self.signal_sum += plan.carried_sum
+        n = plan.hop * HOP_STRIDE
+        value = await add(n, plan.i if plan.value is None else plan.value, 1)
+        n += 1
         if plan.fan:
             parts = await asyncio.gather(
                 *(add(n + k, value, k) for k in range(plan.fan)), double_sync(n + plan.fan, value)
@@ -131,18 +145,34 @@ class ChaosMix:
         if plan.beats:
             value = await beat(n, value, plan.beats)
             n += 1
-        await workflow.wait_condition(lambda: self.signals >= plan.signals)
+        if not plan.hops:
+            await workflow.wait_condition(lambda: self.signals >= plan.signals)
         value = await add(n, value, 1)  # a step after the signals: the run does not end on them
+        if plan.hops:
+            workflow.continue_as_new(
+                plan.model_copy(
+                    update={
+                        "hops": plan.hops - 1,
+                        "hop": plan.hop + 1,
+                        "value": value,
+                        "carried": self.signals,
+                        "carried_sum": self.signal_sum,
+                    }
+                )
+            )
         return {"value": value, "signals": self.signals, "signal_sum": self.signal_sum}
 
 
 def expected_value(plan: Plan) -> int:
-    """What ``ChaosMix.run`` returns as ``value`` for ``plan``, computed without running it."""
-    value = plan.i + 1
-    value = sum(value + k for k in range(plan.fan)) + 2 * value if plan.fan else 2 * value
-    return value + plan.beats + 1
+    """What the last run of ``plan``'s chain returns as ``value``, computed without running it."""
+    value = plan.i if plan.value is None else plan.value
+    for _ in range(plan.hops + 1):
+        value += 1
+        value = sum(value + k for k in range(plan.fan)) + 2 * value if plan.fan else 2 * value
+        value += plan.beats + 1
+    return value
 
 
 def activity_count(plan: Plan) -> int:
-    """How many activities a run of ``plan`` schedules."""
+    """How many activities one run of ``plan`` schedules (each run of a chain: the same)."""
     return 1 + plan.fan + 1 + (1 if plan.beats else 0) + 1

@@ -50,16 +50,31 @@ async def test_the_checks_count_what_they_see(redis_url: str, monkeypatch: Any) 
         async with Worker(
             client, workflows=[ChaosMix], activities=[chaos_flows.add, chaos_flows.double_sync], **FAST
         ):  # type: ignore[arg-type]
-            signals = {"fine": 1, "doubled": 2, "wrong": 0, "stuck": 1, "lost": 0, "closed-twice": 0}
+            signals = {
+                "fine": 1,
+                "doubled": 2,
+                "wrong": 0,
+                "stuck": 1,
+                "lost": 0,
+                "closed-twice": 0,
+                "chained": 2,
+            }
             recs = [RunRecord(i, wid, Plan(i=i, signals=n), []) for i, (wid, n) in enumerate(signals.items())]
-            fine, doubled, wrong, stuck, lost, closed_twice = recs
-            for rec in (fine, doubled, stuck, closed_twice):
+            fine, doubled, wrong, stuck, lost, closed_twice, chained = recs
+            chained.plan.hops = 2  # checked across its three runs: counts nothing
+            for rec in (fine, doubled, stuck, closed_twice, chained):
                 h = await client.start_workflow(ChaosMix, rec.plan, execution_id=rec.execution_id)
                 rec.run_id = h.run_id
             h = await client.start_workflow(ChaosMix, Plan(i=30), execution_id=wrong.execution_id)
             wrong.run_id = h.run_id  # the harness expects what Plan(i=2) returns
             lost.run_id = "no-such-run"
-            for rec, k in ((fine, 1), (doubled, 1), (doubled, 1)):  # the same signal twice
+            for rec, k in (
+                (fine, 1),
+                (doubled, 1),
+                (doubled, 1),
+                (chained, 1),
+                (chained, 2),
+            ):  # doubled: twice
                 rid = f"{rec.execution_id}-{len(rec.sent)}"
                 await client.get_workflow_handle(rec.execution_id).signal("poke", k, request_id=rid)
                 rec.sent.append(rid)
@@ -67,9 +82,9 @@ async def test_the_checks_count_what_they_see(redis_url: str, monkeypatch: Any) 
                 rec.acked_sum += k
 
             async def closed() -> bool:
-                runs = (fine, doubled, wrong, closed_twice)
+                runs = (fine, doubled, wrong, closed_twice, chained)
                 states = [(await client.get_workflow_handle(r.execution_id).describe()).status for r in runs]
-                return "running" not in states
+                return not {"running", "continued_as_new"} & set(states)
 
             await wait_until(closed, 20)
             twice = {
