@@ -251,6 +251,43 @@ async def test_a_closed_run_whose_handler_scheduled_late_replays(client: Client)
     assert RAN == []
 
 
+# -- the order of one activation ---------------------------------------------------------------
+@workflows.workflow.define(name="exec_counts_pokes")
+class CountsPokesWorkflow:
+    def __init__(self) -> None:
+        self.pokes = 0
+
+    @workflows.workflow.signal(name="poke")
+    def poke(self) -> None:
+        self.pokes += 1
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> int:
+        await record("a")
+        return self.pokes
+
+
+def test_a_signal_beside_the_result_the_code_resumes_on_is_handled_first() -> None:
+    """The activity's result and a signal reach the run in one workflow task (the signal
+    came while the activity completed): the code returns only after the signal's
+    handler ran, live and on replay, whatever their order in the history."""
+    done = HistoryEvent(3, "ActivityTaskCompleted", T0, {"seq": 1, "result": "a"})
+    poke = HistoryEvent(4, "WorkflowExecutionSignaled", T0, {"name": "poke", "input": None})
+    live = _instance(CountsPokesWorkflow)
+    assert [c.ident[0] for c in run_task(live, [_started()], T0, fresh=True)] == ["ScheduleActivity"]
+    cmds = run_task(live, [done, poke], T0, fresh=False)
+    assert unpack(cmds[-1].body)["result"] == 1
+    # a worker without the run cached replays the same history to the same end
+    wtc = HistoryEvent(2, "WorkflowTaskCompleted", T0, {})
+    scheduled = HistoryEvent(3, "ActivityTaskScheduled", T0, {"seq": 1, "name": "record", "input": ["a"]})
+    done = HistoryEvent(4, done.type, T0, done.attributes)
+    poke = HistoryEvent(5, poke.type, T0, poke.attributes)
+    replayed = run_task(
+        _instance(CountsPokesWorkflow), [_started(), wtc, scheduled, done, poke], T0, fresh=True
+    )
+    assert unpack(replayed[-1].body)["result"] == 1
+
+
 # -- seeds -------------------------------------------------------------------------------------
 @workflows.workflow.define(name="exec_draws")
 class DrawsWorkflow:

@@ -524,7 +524,7 @@ class WorkflowInstance:
         self.loop._now = now_ms / 1000
         self.replaying = replaying
         self.commands = []
-        for ev in events:
+        for ev in sorted(events, key=_activation_order):
             self._apply(ev)
         self._run_until_blocked()
         if self.task_error is not None:
@@ -1015,6 +1015,19 @@ class WorkflowInstance:
 
     def uuid4(self) -> uuid.UUID:
         return uuid.UUID(int=self.random.getrandbits(128), version=4)
+
+
+_MESSAGES = frozenset({"WorkflowExecutionSignaled", "WorkflowExecutionUpdateAccepted"})
+
+
+def _activation_order(ev: HistoryEvent) -> int:
+    """Within one activation: the start, then signals and updates (each kind in history
+    order), then what resolves the code's awaits. A handler's task is created before the
+    code resumes, so the code sees every message its task delivered before it goes on;
+    otherwise a run resuming on an activity's result could return (or continue as new)
+    without the signal recorded beside that result, as Temporal's activations order
+    their jobs too. Live and replayed activations are sorted alike."""
+    return 0 if ev.type == "WorkflowExecutionStarted" else 1 if ev.type in _MESSAGES else 2
 
 
 def run_task(
