@@ -871,8 +871,11 @@ class ChaosRun:
         assert run is not None
         # a retried start may have found the execution a run or two down its chain
         while True:
-            first = await retrying(client.get_workflow_handle(wid, run_id=run).history)
-            before = first[0].attributes.get("continued_from") if first else None
+            try:
+                first = await retrying(client.get_workflow_handle(wid, run_id=run).history)
+            except WorkflowNotFoundError:
+                break  # (counted as lost below)
+            before = first[0].attributes.get("continued_from")
             if not before:
                 break
             run = str(before)
@@ -888,7 +891,10 @@ class ChaosRun:
             except WorkflowNotFoundError:
                 rep.lost.append(f"{wid} run {run}: acknowledged or continued into, but Redis has no such run")
                 return
-            events = await retrying(h.history)
+            try:
+                events = await retrying(h.history)
+            except WorkflowNotFoundError:
+                events = []
             if not events or events[0].type != "WorkflowExecutionStarted":
                 rep.lost.append(
                     f"{wid} run {run}: status {desc.status}, but its history is missing or starts late"

@@ -92,6 +92,47 @@ def test_start_wait_result_describe_history(redis_url: str, worker_procs: Any) -
     assert p.returncode == 3 and "not running" in p.stderr
 
 
+def test_run_id_reads_each_run_of_a_chain(redis_url: str, worker_procs: Any) -> None:
+    worker_procs(redis_url, target="tests.test_continue_as_new:CHAIN")
+    p = rf(
+        "start",
+        "chain_workflow",
+        "--input",
+        '{"n": 0, "until": 3}',
+        "--id",
+        "cli-chain",
+        "--wait",
+        "--url",
+        redis_url,
+    )
+    assert p.returncode == 0, p.stderr
+    total = json.loads(p.stdout)
+    # walk the chain back from the last run: each run's first event names the one before
+    p = rf("history", "cli-chain", "--json", "--url", redis_url)
+    last = [json.loads(line) for line in p.stdout.splitlines()]
+    middle = last[0]["continued_from"]
+    p = rf("history", "cli-chain", "--run-id", middle, "--json", "--url", redis_url)
+    assert p.returncode == 0, p.stderr
+    events = [json.loads(line) for line in p.stdout.splitlines()]
+    assert events[0]["input"]["n"] == 1 and events[-1]["type"] == "WorkflowExecutionContinuedAsNew"
+    first = events[0]["continued_from"]
+    p = rf("history", "cli-chain", "--run-id", first, "--url", redis_url)
+    assert p.returncode == 0 and "next run " + middle in p.stdout, p.stdout
+    p = rf("describe", "cli-chain", "--run-id", middle, "--url", redis_url)
+    assert p.returncode == 0 and "continued_as_new" in p.stdout and "failure" not in p.stdout, p.stdout
+    # a closed run's describe shows its result; result of an earlier run follows the chain
+    current = rf("describe", "cli-chain", "--url", redis_url)
+    assert current.returncode == 0 and re.search(rf"result\s+{total}\b", current.stdout), current.stdout
+    last_run = re.search(r"run id\s+(\S+)", current.stdout)
+    assert last_run and re.search(r"continued as\s+" + last_run[1], p.stdout), p.stdout
+    p = rf("result", "cli-chain", "--run-id", first, "--url", redis_url)
+    assert p.returncode == 0 and json.loads(p.stdout) == total
+    # a run id of another execution, or none at all, is not found
+    for cmd in ("describe", "history", "result"):
+        p = rf(cmd, "cli-1-no-such", "--run-id", first, "--url", redis_url)
+        assert_one_line(p, 3, "not found")
+
+
 def test_errors_have_exit_codes(redis_url: str) -> None:
     p = rf("start", "hello_workflow", "--input", "{not json", "--url", redis_url)
     assert p.returncode == 2 and "not valid JSON" in p.stderr

@@ -131,6 +131,7 @@ async def test_a_chain_of_runs_carries_its_state_and_result_follows_it_to_the_en
 
 # what the worker process of the carry test serves (its closing task blocks its loop)
 CARRY = [CarryWorkflow, flows.step]
+CHAIN = [ChainWorkflow, flows.step]
 
 
 async def test_signals_that_arrive_while_the_run_continues_go_to_the_next_run(

@@ -115,6 +115,12 @@ NsOpt = Annotated[
     typer.Option("--namespace", "-n", envvar="RILLFLOW_NAMESPACE", callback=_utf8, help="Namespace."),
 ]
 ExecIdArg = Annotated[str, typer.Argument(help="the execution id", callback=_utf8)]
+RunIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--run-id", callback=_utf8, help="an earlier run of the execution (default: its current run)"
+    ),
+]
 
 
 class Exit(Exception):
@@ -564,16 +570,18 @@ def start(
 def result(
     execution_id: ExecIdArg,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait")] = None,
+    run_id: RunIdOpt = None,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
 ) -> None:
-    """Wait for an execution's result and print it as JSON."""
+    """Wait for an execution's result and print it as JSON (a run that continued as new:
+    the result of the last run of its chain)."""
 
     async def main() -> None:
         _positive(timeout, "--timeout")
         async with connect(url, namespace) as client:
             try:
-                value = await client.get_workflow_handle(execution_id).result(timeout=timeout)
+                value = await client.get_workflow_handle(execution_id, run_id=run_id).result(timeout=timeout)
             except TimeoutError as e:
                 raise Exit(1, f"no result within {timeout} s; the run is still open") from e
             print(_json(value))
@@ -582,12 +590,15 @@ def result(
 
 
 @app.command()
-def describe(execution_id: ExecIdArg, url: UrlOpt = None, namespace: NsOpt = "default") -> None:
-    """Show an execution's state: status, times, pending activities, task failures."""
+def describe(
+    execution_id: ExecIdArg, run_id: RunIdOpt = None, url: UrlOpt = None, namespace: NsOpt = "default"
+) -> None:
+    """Show an execution's state: status, times, result or failure, pending activities,
+    task failures."""
 
     async def main() -> None:
         async with connect(url, namespace) as client:
-            d = await client.get_workflow_handle(execution_id).describe()
+            d = await client.get_workflow_handle(execution_id, run_id=run_id).describe()
             t = Table(show_header=False, box=None)
             for k, v in [
                 ("execution id", d.execution_id),
@@ -599,7 +610,9 @@ def describe(execution_id: ExecIdArg, url: UrlOpt = None, namespace: NsOpt = "de
                 ("closed", d.close_time.isoformat() if d.close_time else "-"),
                 ("deadline", d.execution_deadline.isoformat() if d.execution_deadline else "-"),
                 ("history events", str(d.history_length)),
+                *([("result", _json(d.result))] if d.status == "completed" else []),
                 *([("failure", f"{d.failure.type}: {d.failure.message}")] if d.failure else []),
+                *([("continued as", d.next_run_id)] if d.next_run_id else []),
             ]:
                 t.add_row(f"[bold]{k}[/bold]", escape(v))
             out.print(t)
@@ -624,7 +637,10 @@ def event_details(e: HistoryEvent) -> str:
     f = a.get("failure") or {}
     match e.type:
         case "WorkflowExecutionStarted":
-            return f"{a.get('workflow_type')} input={json.dumps(a.get('input'), default=str)}"
+            after = f" continued from {a['continued_from']}" if a.get("continued_from") else ""
+            return f"{a.get('workflow_type')} input={json.dumps(a.get('input'), default=str)}{after}"
+        case "WorkflowExecutionContinuedAsNew":
+            return f"next run {a.get('next_run_id')}"
         case "ActivityTaskScheduled":
             return f"#{a.get('seq')} {a.get('name')} input={json.dumps(a.get('input'), default=str)}"
         case "ActivityTaskCompleted":
@@ -648,6 +664,7 @@ def event_details(e: HistoryEvent) -> str:
 def history(
     execution_id: ExecIdArg,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per event")] = False,
+    run_id: RunIdOpt = None,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
 ) -> None:
@@ -655,7 +672,7 @@ def history(
 
     async def main() -> None:
         async with connect(url, namespace) as client:
-            events = await client.get_workflow_handle(execution_id).history()
+            events = await client.get_workflow_handle(execution_id, run_id=run_id).history()
             if as_json:
                 for e in events:
                     rec = {"event_id": e.event_id, "time": e.time.isoformat(), "type": e.type, **e.attributes}

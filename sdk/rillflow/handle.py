@@ -59,6 +59,8 @@ class WorkflowDescription:
     workflow_task_failures: int = 0
     last_workflow_task_failure: WorkflowError | None = None
     failure: WorkflowError | None = None  # why a closed run did not complete: what result() raises from
+    result: Any = None  # a completed run's result, as stored (the typed one: result())
+    next_run_id: str | None = None  # the run this one continued as
 
 
 def _failure_cause(status: str, body: dict[str, Any]) -> WorkflowError:
@@ -173,8 +175,10 @@ class WorkflowHandle:
             fut = None
 
     async def _outcome_fields(self, run: str) -> list[Any]:
-        """Status and outcome, in one read: a closed run needs no other."""
-        return await self._run_fields(run, "status", "outcome")
+        """Status and outcome, in one read: a closed run needs no other. A run id of
+        another execution reads as no run at all."""
+        status, outcome, wid = await self._run_fields(run, "status", "outcome", "wid")
+        return [status, outcome] if wid is not None and text(wid) == self.id else [None, None]
 
     def _outcome(self, run: str, status: Any, outcome: Any) -> Any:
         if status is None:  # gone while we waited: expired, or lost in a Redis rollback
@@ -190,7 +194,7 @@ class WorkflowHandle:
         run = await self._resolve_run()
         ks, r = self.client.keyspace, self.client.redis
         fields: dict[str, Any] = {text(k): v for k, v in (await r.hgetall(ks.run(self.shard, run))).items()}
-        if not fields:
+        if not fields or text(fields.get("wid") or "") != self.id:
             raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
         acts_raw: dict[str, Any] = {
             text(k): v for k, v in (await r.hgetall(ks.acts(self.shard, run))).items()
@@ -216,9 +220,15 @@ class WorkflowHandle:
         pending.sort(key=lambda p: p.seq)
         wft_fail = fields.get("wft_failure")
         status = text(fields.get("status"))
-        closed_without_result = status not in (RunStatus.RUNNING, RunStatus.COMPLETED)
+        closed_without_result = status not in (
+            RunStatus.RUNNING,
+            RunStatus.COMPLETED,
+            RunStatus.CONTINUED_AS_NEW,
+        )
         outcome = fields.get("outcome")
         body = unpack(outcome) if outcome else {}
+        if not isinstance(body, dict):
+            body = {}
         return WorkflowDescription(
             execution_id=self.id,
             run_id=run,
@@ -234,14 +244,16 @@ class WorkflowHandle:
             last_workflow_task_failure=exception_from_failure(unpack(wft_fail).get("failure", {}))
             if wft_fail
             else None,
-            failure=_failure_cause(status, body if isinstance(body, dict) else {})
-            if closed_without_result
-            else None,
+            failure=_failure_cause(status, body) if closed_without_result else None,
+            result=body.get("result") if status == RunStatus.COMPLETED else None,
+            next_run_id=_next_run(status, outcome),
         )
 
     async def history(self) -> list[HistoryEvent]:
         run = await self._resolve_run()
         entries = await self.client.protocol.history(self.shard, self.id, run)
+        if not entries:  # every run's history starts with its start: this run is not the id's
+            raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
         return [HistoryEvent.from_entry(e) for e in entries]
 
     async def signal(
