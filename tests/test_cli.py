@@ -133,6 +133,28 @@ def test_run_id_reads_each_run_of_a_chain(redis_url: str, worker_procs: Any) -> 
         assert_one_line(p, 3, "not found")
 
 
+def test_history_follow_prints_events_as_they_come(redis_url: str, worker_procs: Any) -> None:
+    worker_procs(redis_url)
+    p = rf("start", "timer_workflow", "--input", '{"seconds": 3}', "--id", "cli-follow", "--url", redis_url)
+    assert p.returncode == 0, p.stderr
+    cmd = [sys.executable, "-m", "rillflow.cli", "history", "cli-follow", "--follow", "--url", redis_url]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    with subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as f:
+        assert f.stdout is not None
+        lines = [f.stdout.readline()]
+        # the start is printed at once, while the timer still runs
+        status = rf("describe", "cli-follow", "--url", redis_url)
+        assert "running" in status.stdout and "WorkflowExecutionStarted  timer_workflow" in lines[0]
+        out, err = f.communicate(timeout=30)
+    assert f.returncode == 0, err
+    lines += out.splitlines()
+    types = [line.split()[2] for line in lines]
+    assert types[-1] == "WorkflowExecutionCompleted" and "TimerFired" in types, lines
+    assert [int(line.split()[0]) for line in lines] == list(range(1, len(lines) + 1))
+
+
 def test_errors_have_exit_codes(redis_url: str) -> None:
     p = rf("start", "hello_workflow", "--input", "{not json", "--url", redis_url)
     assert p.returncode == 2 and "not valid JSON" in p.stderr

@@ -143,6 +143,16 @@ COMMAND_EVENTS = frozenset(
         EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
     }
 )
+# Events that close a run: the last of its history.
+CLOSING_EVENTS = frozenset(
+    {
+        EventType.WORKFLOW_EXECUTION_COMPLETED,
+        EventType.WORKFLOW_EXECUTION_FAILED,
+        EventType.WORKFLOW_EXECUTION_TIMED_OUT,
+        EventType.WORKFLOW_EXECUTION_TERMINATED,
+        EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
+    }
+)
 # Events that wake the workflow: the inputs of its next workflow task.
 INPUT_EVENTS = frozenset(
     {

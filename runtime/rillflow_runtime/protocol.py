@@ -639,6 +639,28 @@ class Protocol:
             return out
         return [e for e in _unpack_history(packed) if int(e[0][:-2]) > after]
 
+    async def closed_cursor(self, shard: int) -> str:
+        """The id of the shard's last closed-stream entry: a follower reading from it
+        sees every run that closes afterwards."""
+        last = await self.redis.xrevrange(self.ks.closed(shard), count=1)
+        return text(last[0][0]) if last else "0-0"
+
+    async def wait_history(
+        self, reader: Any, shard: int, workflow_id: str, run_id: str, after: int, closed: str, block_ms: int
+    ) -> tuple[list[Any], list[Any]]:
+        """One blocking read (on ``reader``, a blocking-read client) of both a run's
+        events after ``after`` and the shard's closed stream after ``closed``: it returns
+        as soon as the run grows or any run of the shard closes (its history may then
+        have been packed: read the rest with :meth:`history`). Both keys share the
+        shard's hash tag, so it is one call on a Cluster too."""
+        key, ck = self.ks.history(shard, workflow_id, run_id), self.ks.closed(shard)
+        resp = await reader.xread({key: f"{after}-0", ck: closed}, block=block_ms, count=HISTORY_PAGE)
+        events: list[Any] = []
+        closes: list[Any] = []
+        for stream, entries in resp or []:
+            (events if text(stream) == key else closes).extend(entries)
+        return events, closes
+
     async def dead_letter(self, shard: int, stream: str, message_id: str, reason: str) -> bool:
         keys = [stream, self.ks.dead_letters(stream)]
         return bool(await self._call("dead_letter", shard, [message_id, reason], keys))

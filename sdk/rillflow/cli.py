@@ -664,19 +664,37 @@ def event_details(e: HistoryEvent) -> str:
 def history(
     execution_id: ExecIdArg,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per event")] = False,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", "-f", help="then print each new event as it is appended, until the execution closes"
+        ),
+    ] = False,
     run_id: RunIdOpt = None,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
 ) -> None:
     """Print an execution's event history."""
 
+    def as_record(e: HistoryEvent) -> str:
+        rec = {"event_id": e.event_id, "time": e.time.isoformat(), "type": e.type, **e.attributes}
+        return json.dumps(rec, default=_json_default)
+
     async def main() -> None:
         async with connect(url, namespace) as client:
-            events = await client.get_workflow_handle(execution_id, run_id=run_id).history()
+            handle = client.get_workflow_handle(execution_id, run_id=run_id)
+            if follow:  # a line per event, flushed as it comes: a table waits for its end
+                async for e in handle.follow_history():
+                    if as_json:
+                        print(as_record(e), flush=True)
+                    else:
+                        line = f"{e.event_id:>5}  {e.time.strftime('%H:%M:%S.%f')[:-3]}  {e.type}  {event_details(e)}"
+                        print(line.rstrip(), flush=True)
+                return
+            events = await handle.history()
             if as_json:
                 for e in events:
-                    rec = {"event_id": e.event_id, "time": e.time.isoformat(), "type": e.type, **e.attributes}
-                    print(json.dumps(rec, default=_json_default))
+                    print(as_record(e))
                 return
             t = Table("id", "time", "type", "details")
             for e in events:

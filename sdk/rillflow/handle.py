@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -27,8 +27,9 @@ from rillflow.payloads import check_size, to_wire
 from rillflow.watcher import Waiter
 from rillflow.workflow import HANDLER_KINDS, HandlerDefinition, WorkflowDefinition, handler_definition
 from rillflow_runtime.codec import pack, text, unpack
+from rillflow_runtime.connections import make_blocking_reader
 from rillflow_runtime.keyspace import ID_RE, NAME_RE
-from rillflow_runtime.model import Reply, RunStatus
+from rillflow_runtime.model import CLOSING_EVENTS, Reply, RunStatus
 
 if TYPE_CHECKING:
     from rillflow.client import Client
@@ -72,6 +73,9 @@ def _failure_cause(status: str, body: dict[str, Any]) -> WorkflowError:
         status, status
     )
     return WorkflowError(str(reason), type=kind)
+
+
+FOLLOW_BLOCK_S = 10.0  # one blocking read of follow_history: how long before it is re-armed
 
 
 def _next_run(status: Any, outcome: Any) -> str | None:
@@ -255,6 +259,47 @@ class WorkflowHandle:
         if not entries:  # every run's history starts with its start: this run is not the id's
             raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
         return [HistoryEvent.from_entry(e) for e in entries]
+
+    async def follow_history(self, *, next_runs: bool = True) -> AsyncIterator[HistoryEvent]:
+        """The run's events, then each one as it is appended, until the run closes. One
+        blocking read at a time waits for the next (see Protocol.wait_history): no
+        polling. With ``next_runs``, a run that continues as new is followed into its
+        next run, and so on to the last."""
+        proto = self.client.protocol
+        run = await self._resolve_run()
+        reader = make_blocking_reader(self.client.url, 1, FOLLOW_BLOCK_S)
+        try:
+            while True:
+                # the cursor before the first read: a close after it wakes the wait below
+                cursor = await proto.closed_cursor(self.shard)
+                entries = await proto.history(self.shard, self.id, run)
+                if not entries:
+                    raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
+                after, last, closed = 0, None, False
+                while True:
+                    for entry in entries:
+                        last = HistoryEvent.from_entry(entry)
+                        after = last.event_id
+                        yield last
+                    if last is not None and last.type in CLOSING_EVENTS:
+                        break
+                    if closed:  # its stream maybe packed away: what is left, from either
+                        entries = await proto.history(self.shard, self.id, run, after=after)
+                        if not entries:
+                            return  # gone under us (retention, a rollback): nothing more
+                        continue
+                    entries, closes = await proto.wait_history(
+                        reader, self.shard, self.id, run, after, cursor, int(FOLLOW_BLOCK_S * 1000)
+                    )
+                    if closes:
+                        cursor = text(closes[-1][0])
+                        closed = any(text(f.get(b"run", b"")) == run for _, f in closes)
+                nxt = last.attributes.get("next_run_id") if last is not None else None
+                if not (next_runs and nxt):
+                    return
+                run = str(nxt)
+        finally:
+            await reader.aclose()
 
     async def signal(
         self, signal: str | Callable[..., Any], payload: Any = None, *, request_id: str | None = None
