@@ -617,11 +617,25 @@ def describe(
                 t.add_row(f"[bold]{k}[/bold]", escape(v))
             out.print(t)
             if d.pending_activities:
-                pt = Table("seq", "activity", "state", "attempt", "last failure", title="pending activities")
+                pt = Table(
+                    "seq",
+                    "activity",
+                    "state",
+                    "attempt",
+                    "next attempt",
+                    "last failure",
+                    title="pending activities",
+                )
                 for p in d.pending_activities:
                     lf = f"{p.last_failure.type}: {p.last_failure.message}" if p.last_failure else ""
-                    pt.add_row(str(p.seq), p.name, p.state, str(p.attempt), lf)
+                    nxt = p.next_attempt_time.isoformat() if p.next_attempt_time else ""
+                    pt.add_row(str(p.seq), escape(p.name), p.state, str(p.attempt), nxt, escape(lf))
                 out.print(pt)
+            if d.pending_timers:
+                tt = Table("seq", "fires at", title="pending timers")
+                for timer in d.pending_timers:
+                    tt.add_row(str(timer.seq), timer.fire_time.isoformat())
+                out.print(tt)
             if d.last_workflow_task_failure:
                 f = d.last_workflow_task_failure
                 out.print(

@@ -29,7 +29,7 @@ from rillflow.workflow import HANDLER_KINDS, HandlerDefinition, WorkflowDefiniti
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.connections import make_blocking_reader
 from rillflow_runtime.keyspace import ID_RE, NAME_RE
-from rillflow_runtime.model import CLOSING_EVENTS, Reply, RunStatus
+from rillflow_runtime.model import CLOSING_EVENTS, ActivityState, Reply, RunStatus
 
 if TYPE_CHECKING:
     from rillflow.client import Client
@@ -43,6 +43,13 @@ class PendingActivity:
     attempt: int
     last_failure: WorkflowError | None
     heartbeat_details: list[Any] | None
+    next_attempt_time: datetime | None = None  # in backoff: when its next attempt is dispatched
+
+
+@dataclass
+class PendingTimer:
+    seq: int
+    fire_time: datetime
 
 
 @dataclass
@@ -57,6 +64,7 @@ class WorkflowDescription:
     execution_deadline: datetime | None  # while the run is open (the execution timeout)
     history_length: int
     pending_activities: list[PendingActivity] = field(default_factory=list)
+    pending_timers: list[PendingTimer] = field(default_factory=list)
     workflow_task_failures: int = 0
     last_workflow_task_failure: WorkflowError | None = None
     failure: WorkflowError | None = None  # why a closed run did not complete: what result() raises from
@@ -200,11 +208,18 @@ class WorkflowHandle:
         fields: dict[str, Any] = {text(k): v for k, v in (await r.hgetall(ks.run(self.shard, run))).items()}
         if not fields or text(fields.get("wid") or "") != self.id:
             raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
-        acts_raw: dict[str, Any] = {
-            text(k): v for k, v in (await r.hgetall(ks.acts(self.shard, run))).items()
-        }
-        pending = []
+        # a closed run's act hash is what closing left for retention: nothing is pending
+        acts_raw: dict[str, Any] = (
+            {text(k): v for k, v in (await r.hgetall(ks.acts(self.shard, run))).items()}
+            if text(fields.get("status")) == RunStatus.RUNNING
+            else {}
+        )
+        pending, timers = [], []
         for key, val in acts_raw.items():
+            if key.startswith("timer:"):  # a workflow timer still pending: its due time
+                timers.append(
+                    PendingTimer(seq=int(key[6:]), fire_time=_dt(val) or datetime.fromtimestamp(0, UTC))
+                )
             if ":" in key:
                 continue
             s = unpack(val)
@@ -219,9 +234,13 @@ class WorkflowHandle:
                     attempt=int(s.get("att", 1)),
                     last_failure=exception_from_failure(unpack(fail).get("failure", {})) if fail else None,
                     heartbeat_details=unpack(hb) if hb else None,
+                    next_attempt_time=_dt(s.get("due"))
+                    if text(s.get("st")) == ActivityState.BACKOFF
+                    else None,
                 )
             )
         pending.sort(key=lambda p: p.seq)
+        timers.sort(key=lambda t: t.seq)
         wft_fail = fields.get("wft_failure")
         status = text(fields.get("status"))
         closed_without_result = status not in (
@@ -244,6 +263,7 @@ class WorkflowHandle:
             execution_deadline=_dt(fields.get("deadline_ms")),
             history_length=int(fields.get("last_eid") or 0),
             pending_activities=pending,
+            pending_timers=timers,
             workflow_task_failures=int(fields.get("wft_failures") or 0),
             last_workflow_task_failure=exception_from_failure(unpack(wft_fail).get("failure", {}))
             if wft_fail
