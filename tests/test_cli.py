@@ -155,6 +155,21 @@ def test_history_follow_prints_events_as_they_come(redis_url: str, worker_procs:
     assert [int(line.split()[0]) for line in lines] == list(range(1, len(lines) + 1))
 
 
+def test_a_worker_takes_the_path_of_a_file(redis_url: str, worker_procs: Any, tmp_path: Path) -> None:
+    (tmp_path / "cli_file_flows.py").write_text(
+        "import rillflow as workflows\n\n"
+        "@workflows.workflow.define(name='from_a_file')\n"
+        "class FromAFile:\n"
+        "    @workflows.workflow.entrypoint\n"
+        "    async def run(self) -> str:\n"
+        "        return 'ran'\n"
+    )
+    worker_procs(redis_url, target=str(tmp_path / "cli_file_flows.py") + ":FromAFile")
+    p = rf("start", "from_a_file", "--id", "cli-file", "--wait", "--url", redis_url)
+    assert p.returncode == 0 and json.loads(p.stdout) == "ran", p.stderr
+    assert_one_line(rf("worker", "./no_such_flows.py", "--url", redis_url), 2, "no file './no_such_flows.py'")
+
+
 def test_errors_have_exit_codes(redis_url: str) -> None:
     p = rf("start", "hello_workflow", "--input", "{not json", "--url", redis_url)
     assert p.returncode == 2 and "not valid JSON" in p.stderr

@@ -299,12 +299,20 @@ def _parse_input(raw: str | None, option: str = "--input") -> Any:
 # -- worker -------------------------------------------------------------------------------
 def load_target(target: str) -> tuple[list[type], list[ActivityDefinition]]:
     """``module`` (every workflow and activity it defines) or ``module:attr`` (a class,
-    an activity, or a list of them)."""
+    an activity, or a list of them); ``module`` may be the path of its file."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     mod_name, _, attr = target.partition(":")
     if not mod_name:
         raise Exit(2, f"{target!r} names no module: use module or module:attr")
+    if mod_name.endswith(".py"):  # a file (./shop.py): imported by name from its directory
+        path = Path(mod_name)
+        if not path.is_file():
+            raise Exit(2, f"no file {mod_name!r} (give a module name, shop, or the path of a .py file)")
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        mod_name = path.stem
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
@@ -358,7 +366,11 @@ def _sigterm_to_stop(stop: Callable[[], None]) -> None:
 @app.command()
 def worker(
     target: Annotated[
-        str, typer.Argument(help="module or module:attr holding workflows and activities", callback=_utf8)
+        str,
+        typer.Argument(
+            help="module, module:attr or path/to/module.py[:attr] holding workflows and activities",
+            callback=_utf8,
+        ),
     ],
     task_queue: Annotated[str, typer.Option("--task-queue", "-q", callback=_utf8)] = "default",
     max_concurrent_activities: Annotated[int, typer.Option()] = 100,
