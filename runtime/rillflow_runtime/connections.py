@@ -58,6 +58,31 @@ def _pack_with_hiredis(redis: Redis) -> Redis:
     return redis
 
 
+class _Refused(Exception):
+    def __init__(self, error: AuthenticationError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _TransientRetry(Retry):
+    """Retries TRANSIENT errors but a refused or missing password: redis-py files
+    AuthenticationError under ConnectionError, and retrying it (inside the retries of
+    the pool's health checks, which retry too) held a command for minutes before the
+    user learnt that the URL lacks a password."""
+
+    async def call_with_retry(self, do: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
+        async def once() -> Any:
+            try:
+                return await do()
+            except AuthenticationError as e:
+                raise _Refused(e) from e
+
+        try:
+            return await super().call_with_retry(once, *args, **kwargs)
+        except _Refused as r:
+            raise r.error from None
+
+
 def make_redis(url: str, max_connections: int = 64) -> Redis:
     """A client that waits for a free connection rather than failing, and rides out a
     dropped connection or a restarting server by retrying with backoff (a few seconds).
@@ -67,7 +92,7 @@ def make_redis(url: str, max_connections: int = 64) -> Redis:
         max_connections=max_connections,
         timeout=None,
         socket_timeout=COMMAND_TIMEOUT_S,
-        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.02), retries=12),
+        retry=_TransientRetry(ExponentialWithJitterBackoff(cap=1.0, base=0.02), retries=12),
         retry_on_error=list(TRANSIENT),
         health_check_interval=30,
     )

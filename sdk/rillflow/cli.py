@@ -187,7 +187,10 @@ def redis_exit(e: RedisError, url: str, source: str) -> Exit | None:
     where = f"Redis at {redact(url)} ({source})"
     msg = (safe_text(str(e)) or type(e).__name__).rstrip(".")
     anonymous = urlparse(url).password is None
-    needs_auth = msg.startswith("NOAUTH") or "must be called with the client already authenticated" in msg
+    needs_auth = (
+        msg.startswith(("NOAUTH", "Authentication required"))
+        or "must be called with the client already authenticated" in msg
+    )
     if needs_auth and anonymous:
         return Exit(
             4,
