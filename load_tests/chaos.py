@@ -1052,12 +1052,12 @@ async def scan_leftovers(
             continue
         what = m.group(2)
         kind, _, rest = what.partition(":")
-        if kind in ("run", "act", "buf", "sig", "upd", "h", "hc"):
+        if kind in ("run", "act", "buf", "upd", "h", "hc"):
             rid = rest.rsplit(":", 1)[-1]  # h:<execution id>:<run id>, hc: likewise
             per_run[rid].append(key)
             if kind == "run":
                 run_key[rid] = key
-        elif kind == "wf":
+        elif kind in ("wf", "wsig"):  # an execution's: they expire with its last run
             wf_keys.append(key)
         elif kind == "q" and what.endswith(":dlq"):
             if dead := int(await db.xlen(key)):
@@ -1075,7 +1075,7 @@ async def scan_leftovers(
     rids = list(run_key)
     statuses = await pipelined(db, [("hget", run_key[rid], "status") for rid in rids])
     closed = {rid for rid, st in zip(rids, statuses, strict=True) if text(st) != "running"} - open_runs
-    currents = await pipelined(db, [("hget", k, "run") for k in wf_keys])
+    currents = await pipelined(db, [("hget", k.replace(":wsig:", ":wf:", 1), "run") for k in wf_keys])
     owned = [(k, rid) for rid in closed for k in per_run[rid]]
     owned += [(k, text(rid)) for k, rid in zip(wf_keys, currents, strict=True) if text(rid) in closed]
     ttls = await pipelined(db, [("pttl", k) for k, _ in owned])

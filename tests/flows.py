@@ -500,6 +500,10 @@ class QueriedWorkflow:
     def wrong_type(self) -> int:
         return "ten"  # type: ignore[return-value]
 
+    @workflows.workflow.query()
+    def restart(self) -> str:
+        workflows.workflow.continue_as_new()  # only the entrypoint may
+
     @workflows.workflow.signal()
     def finish(self) -> None:
         self.done = True

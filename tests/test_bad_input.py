@@ -196,6 +196,11 @@ async def test_invalid_start_input_is_refused_before_anything_is_written(client:
         await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, execution_id="has spaces/and slashes")
     with pytest.raises(workflows.InvalidInputError, match="task queue"):
         await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, task_queue="bad queue")
+    for timeout in (30, timedelta(0)):  # seconds as a bare number is a mistake, named
+        with pytest.raises(
+            workflows.InvalidInputError, match="execution_timeout must be a positive timedelta"
+        ):
+            await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, execution_timeout=timeout)  # type: ignore[arg-type]
     assert await keys(client) == before
 
 
@@ -298,6 +303,10 @@ async def test_result_of_unknown_execution(client: Client) -> None:
 
 # -- definition-time checks -----------------------------------------------------------------
 def test_definition_errors_are_clear() -> None:
+    with pytest.raises(
+        workflows.WorkflowDefinitionError, match="execution_timeout must be a positive timedelta"
+    ):
+        workflows.workflow.define(name="x", execution_timeout=60)  # type: ignore[arg-type]
     with pytest.raises(workflows.WorkflowDefinitionError, match="must be async function"):
 
         @workflows.workflow.define(name="x")

@@ -70,6 +70,47 @@ class CarryWorkflow:
         return self.seen
 
 
+@workflow.define(name="bad_continue_workflow")
+class BadContinueWorkflow:
+    @workflow.entrypoint
+    async def run(self, p: Chain) -> int:
+        workflow.continue_as_new({"n": "not a number", "until": 1})
+
+
+class Mailbox(BaseModel):
+    generation: int = 0
+    seen: list[str] = []
+
+
+@workflow.define(name="mailbox_workflow")
+class MailboxWorkflow:
+    """Continues as new after each of its first two signals, then waits to be ended."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @workflow.signal()
+    def note(self, word: str) -> None:
+        self.seen.append(word)
+
+    @workflow.query()
+    def words(self) -> list[str]:
+        return self.seen
+
+    @workflow.update()
+    def count(self) -> int:
+        return len(self.seen)
+
+    @workflow.entrypoint
+    async def run(self, p: Mailbox) -> list[str]:
+        self.seen = p.seen + self.seen
+        await workflow.wait_condition(lambda: len(self.seen) > p.generation)
+        if p.generation < 2:
+            workflow.continue_as_new(Mailbox(generation=p.generation + 1, seen=self.seen))
+        await workflow.wait_condition(lambda: False)
+        return self.seen
+
+
 @workflow.define(name="forever_workflow", execution_timeout=timedelta(seconds=2))
 class ForeverWorkflow:
     @workflow.entrypoint
@@ -127,6 +168,44 @@ async def test_a_chain_of_runs_carries_its_state_and_result_follows_it_to_the_en
     last = await client.get_workflow_handle("chain-1", run_id=runs[-1]).history()
     assert last[0].attributes["continued_from"] == runs[-2]
     assert await client.get_workflow_handle("chain-1").result(timeout=5) == 15
+
+
+async def test_a_started_handle_reaches_its_chains_current_run(client: Client) -> None:
+    async def runs(n: int) -> bool:
+        return len(await _runs_of(client, h)) >= n
+
+    async with _worker(client, MailboxWorkflow):
+        h = await client.start_workflow(MailboxWorkflow, Mailbox(), execution_id="mail-1")
+        first = h.run_id
+        await h.signal("note", "a")  # its run continues as new
+        await wait_until(lambda: runs(2), 15)
+        await h.signal("note", "b")  # reaches the second run, which continues again
+        await wait_until(lambda: runs(3), 15)
+        chain = await _runs_of(client, h)
+        assert len(chain) == 3
+        assert await h.query("words") == ["a", "b"]
+        assert await h.execute_update("count") == 2
+        described = await h.describe()
+        assert (described.run_id, described.status) == (chain[2], "running")
+        assert h.run_id == first  # (still the run it started: history() reads that one)
+        # a handle on one run reaches only that run
+        exact = client.get_workflow_handle("mail-1", run_id=first)
+        with pytest.raises(workflows.WorkflowNotFoundError, match="not running"):
+            await exact.signal("note", "c")
+        # the first run gone past its retention: result() still follows the chain
+        await client.redis.delete(client.keyspace.run(h.shard, first))
+        with pytest.raises(TimeoutError):
+            await exact.result(timeout=0.5)
+        await h.terminate("done")
+        with pytest.raises(workflows.WorkflowFailureError) as ei:
+            await exact.result(timeout=5)
+        assert (ei.value.run_id, ei.value.status) == (chain[2], "terminated")
+        # the id started again is another chain: the old handle does not reach it
+        again = await client.start_workflow(MailboxWorkflow, Mailbox(), execution_id="mail-1")
+        with pytest.raises(workflows.WorkflowNotFoundError, match="not running"):
+            await h.signal("note", "x")
+        assert (await again.describe()).status == "running" and await again.query("words") == []
+        await again.terminate("done")
 
 
 # what the worker process of the carry test serves (its closing task blocks its loop)
@@ -243,7 +322,58 @@ async def test_a_history_at_the_hard_limit_fails_the_run_with_a_clear_reason(cli
     assert "51200 events" in ei.value.cause.message and "continue as new" in ei.value.cause.message
 
 
+async def test_a_run_at_the_hard_limit_fails_even_with_a_signal_waiting(client: Client) -> None:
+    # a signal that arrives while the task runs would normally get another task at once:
+    # at the limit it must not, or a steady stream of signals keeps the run growing
+    stream, (h, msgid, st) = await started_task(client)
+    run, ks = h.run_id or "", client.keyspace
+    await client.redis.hset(ks.run(0, run), "last_eid", 51_200)
+    signal = pack({"name": "more", "input": pack(None)})
+    assert (await client.protocol.signal(h.id, run, signal, "")).reply is Reply.OK
+    task = TaskCompletion(run, h.id, st.fence, msgid, [])
+    (done,) = await client.protocol.wft_complete(0, stream, "default", 60_000, "w1", 0, [task])
+    assert done.reply is Reply.OK
+    assert await client.redis.hget(ks.run(0, run), "status") == b"failed"
+    with pytest.raises(workflows.WorkflowFailureError) as ei:
+        await h.result(timeout=5)
+    assert ei.value.cause.type == "HistoryLimitExceeded"
+
+
 def test_outside_a_workflow_continue_as_new_raises_and_should_continue_is_false() -> None:
     with pytest.raises(RuntimeError, match="can only be called from workflow code"):
         workflow.continue_as_new(1)
     assert workflow.should_continue_as_new() is False
+
+
+def test_the_long_history_warning_comes_once_per_step_not_with_every_replay() -> None:
+    from structlog.testing import capture_logs
+
+    from rillflow.worker.workflow_tasks import _warn_if_long
+    from rillflow_runtime.protocol import WftStarted
+
+    def task(since: int, last: int, completed_at: int) -> tuple[WftStarted, str, list[HistoryEvent]]:
+        st = WftStarted(Reply.OK, workflow_id="w", last_event_id=last, since=since)
+        events = [HistoryEvent(completed_at, "WorkflowTaskCompleted", 0, {})] if completed_at else []
+        return st, "r", events
+
+    with capture_logs() as logs:
+        _warn_if_long(*task(4090, 4100, 0))  # crosses 4,096 on a cached instance: said
+        _warn_if_long(*task(0, 4110, 4100))  # a replay of the whole history: not again
+        _warn_if_long(*task(0, 4110, 4000))  # its events cross it, replayed: said
+        _warn_if_long(*task(8000, 8100, 0))  # 8,192 is not crossed yet: not said
+    assert [e["events"] for e in logs if "history is long" in e["event"]] == [4100, 4110]
+
+
+async def test_params_that_do_not_fit_fail_the_task_naming_continue_as_new(client: Client) -> None:
+    async with _worker(client, BadContinueWorkflow):
+        h = await client.start_workflow(BadContinueWorkflow, Chain(n=0, until=1))
+
+        async def failed() -> bool:
+            return (await h.describe()).workflow_task_failures >= 1
+
+        await wait_until(failed, 15)
+        d = await h.describe()
+    assert d.status == "running" and d.last_workflow_task_failure is not None
+    assert "continue_as_new() in workflow 'bad_continue_workflow'" in d.last_workflow_task_failure.message
+    assert "n: Input should be a valid integer" in d.last_workflow_task_failure.message
+    await h.terminate("done")

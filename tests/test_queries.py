@@ -94,6 +94,10 @@ async def test_query_handler_failures_reach_the_caller(client: Client) -> None:
             workflows.WorkflowQueryFailedError, match="does not match its return annotation int"
         ):
             await h.query("wrong_type")
+        # continue_as_new() in a query: its caller is told why; the poller goes on answering
+        for _ in range(2):
+            with pytest.raises(workflows.WorkflowQueryFailedError, match="only the entrypoint may"):
+                await h.query("restart", timeout=timedelta(seconds=5))
         # the run is unharmed, and answers again (from a replay: the meddled instance was dropped)
         assert await h.query("ratio", {"of": 2}) == 5
         await h.signal("finish")

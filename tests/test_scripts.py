@@ -172,6 +172,20 @@ async def test_a_retried_start_never_wedges_the_execution_id(client: Client) -> 
     # an argument the script cannot use: refused, nothing written
     bad = await p.start("wedge", str(uuid.uuid4()), "hello_workflow", "default", b"", 0)
     assert bad.reply is Reply.INVALID and await snapshot(client) == before
+    for timeout in (float("nan"), float("inf")):  # no comparison rejects NaN: it is named
+        bad = await p.start("wedge", str(uuid.uuid4()), "hello_workflow", "default", b"", timeout)  # type: ignore[arg-type]
+        assert bad.reply is Reply.INVALID and await snapshot(client) == before
+        bad2 = await p.signal_with_start(
+            "wedge",
+            str(uuid.uuid4()),
+            "hello_workflow",
+            "default",
+            b"",
+            timeout,
+            b"",
+            "r1",  # type: ignore[arg-type]
+        )
+        assert bad2.reply is Reply.INVALID and await snapshot(client) == before
     # and the id starts again
     h = await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, execution_id="wedge")
     assert h.run_id != run

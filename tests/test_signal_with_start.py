@@ -86,6 +86,25 @@ async def test_a_retry_with_the_same_request_id_delivers_once(client: Client) ->
             flows.InboxWorkflow, signal_payload=_tag("y"), **{**kw, "request_id": "req-8"}
         )
     assert (await _types(a)).count("WorkflowExecutionSignaled") == 2
+    # and after the run that got it closed: a retry starts nothing and delivers nothing
+    await a.terminate("closed before the caller's retry")
+    before = await snapshot(client)
+    c = await client.signal_with_start(
+        flows.InboxWorkflow, signal_payload=_tag("y"), **{**kw, "request_id": "req-8"}
+    )
+    assert c.started is False and c.run_id == a.run_id
+    assert await snapshot(client) == before
+
+
+async def test_it_refuses_a_running_run_of_another_workflow(client: Client) -> None:
+    other = await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, execution_id="sws-6")
+    before = await snapshot(client)
+    with pytest.raises(
+        workflows.InvalidInputError, match="is running workflow hello_workflow, not inbox_workflow"
+    ):
+        await client.signal_with_start(flows.InboxWorkflow, execution_id="sws-6", signal="finish")
+    assert await snapshot(client) == before
+    assert (await other.describe()).status == "running"
 
 
 async def test_bad_input_for_either_half_writes_nothing(client: Client) -> None:

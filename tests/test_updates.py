@@ -87,7 +87,7 @@ async def test_an_update_id_is_applied_once(client: Client) -> None:
     assert types(await h.history()).count("WorkflowExecutionUpdateAccepted") == 2
     # the run's update and signal records expire with it, after the retention period
     ks, shard = client.keyspace, client.keyspace.shard(h.id)
-    for key in (ks.updates(shard, h.run_id or ""), f"{ks.prefix(shard)}sig:{h.run_id}"):
+    for key in (ks.updates(shard, h.run_id or ""), ks.signals(shard, h.id)):
         assert 0 < await client.redis.pttl(key) <= client.settings.retention_ms
 
 

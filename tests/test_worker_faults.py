@@ -654,7 +654,7 @@ class Leaky:
 
 
 LEAK_SERVED = [Leaky, leak_async, leak_sync]
-PER_RUN_KINDS = {"wf", "run", "h", "hc", "act", "sig", "upd"}  # each expires with its run
+PER_RUN_KINDS = {"wf", "run", "h", "hc", "act", "wsig", "upd"}  # each expires with its run (or execution)
 
 
 def key_kind(key: str) -> str:
@@ -745,7 +745,7 @@ async def test_killed_and_stopped_workers_leave_nothing_behind(
     for k in keys:
         if key_kind(k) in PER_RUN_KINDS:
             assert await r.pttl(k) > 0, k  # expires with its closed run
-        if key_kind(k) == "sig":
+        if key_kind(k) == "wsig":
             assert await r.zcard(k) <= 2, k
     for kind in ("wft", "act", "qry"):
         stream = ks.queue(0, "default", kind)

@@ -96,9 +96,10 @@ class Keyspace:
         """Events that arrived while the run's workflow task was in flight."""
         return f"{self.prefix(shard)}buf:{run_id}"
 
-    def signals(self, shard: int, run_id: str) -> str:
-        """The request ids of the signals a run received lately (a retry is not delivered twice)."""
-        return f"{self.prefix(shard)}sig:{run_id}"
+    def signals(self, shard: int, workflow_id: str) -> str:
+        """The request ids of the signals an execution received lately, whichever run got
+        them (a retry is not delivered twice)."""
+        return f"{self.prefix(shard)}wsig:{workflow_id}"
 
     def updates(self, shard: int, run_id: str) -> str:
         """A run's updates: ``<id>`` -> accepted/done, ``<id>:o`` -> the outcome."""
@@ -130,7 +131,7 @@ class Keyspace:
             f"{p}hc:{run_id}",
             f"{p}act:{run_id}",
             f"{p}buf:{run_id}",
-            f"{p}sig:{run_id}",
+            f"{p}wsig:{workflow_id}",
             f"{p}upd:{run_id}",
             f"{p}wf:{workflow_id}",
         ]

@@ -334,6 +334,7 @@ class Protocol:
             ks.run(shard, run_id),
             ks.history(shard, workflow_id, run_id),
             ks.queue(shard, task_queue, "wft"),
+            ks.signals(shard, workflow_id),  # (kept from the execution's earlier runs)
         ]
         res = await self._call(
             "start", shard, [workflow_id, run_id, workflow_type, task_queue, body, timeout_ms], keys
@@ -598,10 +599,11 @@ class Protocol:
         keys: list[str] = dropped
         for run, (wid, tq, sticky, wft_q) in zip(runs, res, strict=False):
             keys += [ks.run(shard, run), ks.acts(shard, run), ks.buffer(shard, run)]
-            keys += [ks.signals(shard, run), ks.updates(shard, run)]
+            keys.append(ks.updates(shard, run))
             if wid:
                 w = text(wid)
                 keys += [ks.wf(shard, w), ks.history(shard, w, run), ks.history_packed(shard, run)]
+                keys.append(ks.signals(shard, w))
             if tq:
                 keys.append(ks.queue(shard, text(tq), "wft"))
                 if sticky:

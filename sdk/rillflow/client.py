@@ -226,6 +226,7 @@ class Client:
             raise RillflowError(f"workflow execution {wid!r} was not started: {res.why}")
         handle = WorkflowHandle(self, wid, res.run_id, req.defn)
         handle._closed = closed
+        handle.follows = True
         return handle
 
     async def signal_with_start(
@@ -270,9 +271,12 @@ class Client:
             request_id or uuid.uuid4().hex,
         )
         if res.reply is Reply.INVALID:
-            raise RillflowError(f"signal '{name}' to execution {req.workflow_id!r} was not sent: {res.why}")
+            raise InvalidInputError(
+                f"signal '{name}' to execution {req.workflow_id!r} was not sent: {res.why}"
+            )
         handle = WorkflowHandle(self, req.workflow_id, res.run_id, req.defn)
         handle.started = res.started
+        handle.follows = True
         return handle
 
     async def _start_request(
@@ -298,8 +302,12 @@ class Client:
             raise InvalidInputError(
                 f"execution_id {wid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.'"
             )
-        if execution_timeout is not None and execution_timeout.total_seconds() <= 0:
-            raise InvalidInputError("execution_timeout must be positive")
+        if execution_timeout is not None and (
+            not isinstance(execution_timeout, timedelta) or execution_timeout.total_seconds() <= 0
+        ):
+            raise InvalidInputError(
+                f"execution_timeout must be a positive timedelta, got {execution_timeout!r}"
+            )
         entry: RegisteredWorkflow | None = None
         if defn is None or task_queue is None:  # a class with a queue needs no lookup
             entry = await self._registration(name)

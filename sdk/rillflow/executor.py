@@ -650,6 +650,8 @@ class WorkflowInstance:
         try:
             with self._inside():
                 value = getattr(self.obj, h.method)(*args, **kwargs)
+        except ContinueAsNewError:
+            raise _handler_continued(h) from None
         finally:
             self.task_error = task_error  # a refusal of the guard fails the query, not the next task
         if inspect.isawaitable(value):
@@ -784,7 +786,13 @@ class WorkflowInstance:
         except ContinueAsNewError as e:
             try:
                 self._continue_as_new(e.params)
-            except Exception as bad:  # (input that does not fit the entrypoint: a bug)
+            except InvalidInputError as bad:  # (input that does not fit the entrypoint: a bug)
+                # the task fails and is retried, as for any bug, until a deploy fixes it
+                self.task_error = InvalidInputError(
+                    f"workflow.continue_as_new() in workflow '{self.defn.name}' was given params that "
+                    f"do not fit its entrypoint: {bad}"
+                )
+            except Exception as bad:
                 self.task_error = bad
         except Exception as e:
             self.task_error = e

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -98,8 +98,16 @@ def _dt(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, tz=UTC) if ms else None
 
 
+CHAIN_HOPS = 8  # how often a message follows a chain that keeps continuing under it
+
+
 class WorkflowHandle:
-    """One execution: its result, state, history; ``run_id=None`` means the current run."""
+    """One execution: its result, state, history; ``run_id=None`` means the current run.
+
+    A handle given ``run_id`` reads that run; ``result()`` follows it as it continues as
+    new. A handle from ``start_workflow`` or ``signal_with_start`` (``follows``) stands for
+    the chain it started: once its run continued as new, its messages, queries and
+    ``describe()`` reach the chain's current run, never a later chain of the same id."""
 
     def __init__(
         self, client: Client, execution_id: str, run_id: str | None, defn: WorkflowDefinition | None = None
@@ -114,6 +122,8 @@ class WorkflowHandle:
         self._closed: Waiter | None = None
         # set by signal_with_start: whether that call started the run it signalled
         self.started: bool | None = None
+        self.follows = False  # (set by start_workflow and signal_with_start: see above)
+        self._latest = run_id  # the chain's latest run this handle has seen
 
     def __del__(self) -> None:
         # a handle dropped without waiting on its result stops waiting for it, so that
@@ -136,6 +146,45 @@ class WorkflowHandle:
         if not run:
             raise self._not_found()
         return text(run)
+
+    async def _current_in_chain(self, run: str) -> str | None:
+        """The execution's current run if it continues the chain ``run`` belongs to (a
+        continued run's hash names its chain's first run, ``chain``; a first run has none),
+        else None: ``run`` is current itself, the id went on in another chain, or ``run``
+        is gone and was not its chain's first."""
+        ks, r = self.client.keyspace, self.client.redis
+        async with r.pipeline(transaction=False) as pipe:
+            pipe.hget(ks.wf(self.shard, self.id), "run")
+            pipe.hget(ks.run(self.shard, run), "chain")
+            cur, mine = await pipe.execute()
+        if not cur or text(cur) == run:
+            return None
+        origin = text(mine) if mine else run
+        chain = await r.hget(ks.run(self.shard, text(cur)), "chain")
+        if chain is None or text(chain) != origin:
+            return None
+        self._latest = text(cur)
+        return self._latest
+
+    async def _message_target(self) -> str | None:
+        """The run a message, query or describe reaches: see the class."""
+        if not (self.follows and self._latest):
+            return self.run_id
+        return await self._current_in_chain(self._latest) or self._latest
+
+    async def _send(self, call: Callable[[str | None], Awaitable[Any]]) -> Any:
+        """``call`` on the handle's run; for a handle that follows its chain, again on the
+        chain's current run while the one it reached had continued as new."""
+        run = self._latest if self.follows else self.run_id
+        for _ in range(CHAIN_HOPS):
+            res = await call(run)
+            if res.reply is not Reply.NOT_RUNNING or not (self.follows and run):
+                return res
+            nxt = await self._current_in_chain(run)
+            if nxt is None:
+                return res
+            run = nxt
+        return res
 
     async def _run_fields(self, run: str, *names: str) -> list[Any]:
         vals = await self.client.redis.hmget(self.client.keyspace.run(self.shard, run), list(names))
@@ -168,6 +217,10 @@ class WorkflowHandle:
                 if fields[0] is None or text(fields[0]) != RunStatus.RUNNING:
                     watcher.forget(fut)
                     if (after := _next_run(*fields)) is not None:
+                        run, fut = after, None
+                        continue
+                    # gone (past retention) while its chain goes on: follow the chain
+                    if fields[0] is None and (after := await self._current_in_chain(run)) is not None:
                         run, fut = after, None
                         continue
                     return self._outcome(run, *fields)
@@ -203,7 +256,7 @@ class WorkflowHandle:
         raise WorkflowFailureError(self.id, run, st, _failure_cause(st, body))
 
     async def describe(self) -> WorkflowDescription:
-        run = await self._resolve_run()
+        run = await self._message_target() or await self._resolve_run()
         ks, r = self.client.keyspace, self.client.redis
         fields: dict[str, Any] = {text(k): v for k, v in (await r.hgetall(ks.run(self.shard, run))).items()}
         if not fields or text(fields.get("wid") or "") != self.id:
@@ -332,7 +385,8 @@ class WorkflowHandle:
         name, data, _ = await self._handler_input("signal", signal, payload)
         body = pack({"name": name, "input": data})
         check_size(body, self.client.max_payload_bytes, f"signal '{name}'")
-        res = await self.client.protocol.signal(self.id, self.run_id, body, request_id or uuid.uuid4().hex)
+        rid = request_id or uuid.uuid4().hex
+        res = await self._send(lambda run: self.client.protocol.signal(self.id, run, body, rid))
         if res.reply is Reply.NOT_RUNNING:
             raise self._not_running(f"signal '{name}' was not delivered")
 
@@ -354,7 +408,12 @@ class WorkflowHandle:
         rid, fut = watcher.wait_reply()
         try:
             res = await self.client.protocol.query(
-                self.id, self.run_id, body, watcher.inbox, rid, int(timeout.total_seconds() * 1000)
+                self.id,
+                await self._message_target(),
+                body,
+                watcher.inbox,
+                rid,
+                int(timeout.total_seconds() * 1000),
             )
             if res.reply is not Reply.OK:
                 raise self._not_found()
@@ -394,7 +453,7 @@ class WorkflowHandle:
             )
         body = pack({"update_id": uid, "name": name, "input": data})
         check_size(body, self.client.max_payload_bytes, f"update '{name}'")
-        res = await self.client.protocol.update(self.id, self.run_id, uid, body)
+        res = await self._send(lambda run: self.client.protocol.update(self.id, run, uid, body))
         if res.reply is Reply.NOT_RUNNING:
             raise self._not_running(f"update '{name}' was not accepted")
         outcome = (
@@ -480,20 +539,19 @@ class WorkflowHandle:
         )
 
     async def _workflow_type(self) -> str:
-        run = await self._resolve_run()
+        run = await self._message_target() or await self._resolve_run()
         wtype = await self.client.redis.hget(self.client.keyspace.run(self.shard, run), "wtype")
         if wtype is None:
             raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
         return text(wtype)
 
     async def terminate(self, reason: str = "") -> None:
-        res = await self.client.protocol.terminate(
-            self.id,
-            self.run_id,
+        body, rid, keep = (
             pack({"reason": reason or "terminated"}),
-            self.client.settings.retention_ms,
             uuid.uuid4().hex,
+            self.client.settings.retention_ms,
         )
+        res = await self._send(lambda run: self.client.protocol.terminate(self.id, run, body, keep, rid))
         if res.reply is not Reply.OK and not res.run_id:
             raise self._not_found()
         if res.reply is not Reply.OK:

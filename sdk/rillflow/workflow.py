@@ -164,8 +164,10 @@ class workflow:
             raise WorkflowDefinitionError(
                 f"workflow name {name!r} is invalid: use 1-128 characters of letters, digits, '_' and '-'"
             )
-        if execution_timeout.total_seconds() <= 0:
-            raise WorkflowDefinitionError("execution_timeout must be positive")
+        if not isinstance(execution_timeout, timedelta) or execution_timeout.total_seconds() <= 0:
+            raise WorkflowDefinitionError(
+                f"execution_timeout must be a positive timedelta, got {execution_timeout!r}"
+            )
 
         def decorate(cls: type[T]) -> type[T]:
             if not isinstance(cls, type):

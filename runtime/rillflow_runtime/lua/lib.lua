@@ -76,7 +76,7 @@ local function hist_packed_key(run) return P .. 'hc:' .. run end
 local function act_key(run) return P .. 'act:' .. run end
 local function buf_key(run) return P .. 'buf:' .. run end
 local function wf_key(wid) return P .. 'wf:' .. wid end
-local function sig_key(run) return P .. 'sig:' .. run end
+local function sig_key(wid) return P .. 'wsig:' .. wid end
 local function upd_key(run) return P .. 'upd:' .. run end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
 
@@ -377,7 +377,10 @@ end
 
 -- Why a start's arguments cannot make a run (nil: they can). Reads nothing.
 local function start_invalid(wid, run, wtype, tq, timeout)
-  if not timeout or timeout <= 0 then return 'execution timeout must be a positive number of ms' end
+  -- NaN fails every comparison: `timeout ~= timeout` catches it before anything is written
+  if not timeout or timeout ~= timeout or timeout <= 0 or timeout >= math.huge then
+    return 'execution timeout must be a positive number of ms'
+  end
   if wid == '' or run == '' or wtype == '' or tq == '' then return 'empty id, type or queue' end
   return nil
 end
@@ -391,7 +394,12 @@ end
 -- speculative task: see wft_complete); not when the caller appends more events at once.
 local function create_run(wid, run, wtype, tq, body, timeout, had_run, inline)
   local wk = wf_key(wid)
-  if had_run then call('DEL', wk) end
+  if had_run then
+    call('DEL', wk)
+    -- the execution's recent signal ids outlive its runs (see signal_is_new); this run's
+    -- close expires them again
+    if call('PERSIST', sig_key(wid)) == 1 then call('HSET', run_key(run), 'msgs', 1) end
+  end
   call('HSET', wk, 'run', run, 'status', RS.RUNNING)
   knew(run, 0, 0)
   append(run, wid, EV.WORKFLOW_EXECUTION_STARTED, body)
@@ -407,13 +415,14 @@ local function create_run(wid, run, wtype, tq, body, timeout, had_run, inline)
   call('ZADD', TIMERS, NOW + timeout, tmember(TK.EXECUTION_TIMEOUT, run))
 end
 
--- Whether request id `rid` of a signal to `run` is new (and now recorded): an id the run
--- saw within the last hour (and among its last 10,000) is not delivered twice, so a
--- client may retry a signal it is unsure of; older ids are forgotten, so the record does
--- not grow with every signal. '' (no id) is always new.
-local function signal_is_new(run, rid)
+-- Whether request id `rid` of a signal to execution `wid` is new (and now recorded): an
+-- id the execution saw within the last hour (and among its last 10,000), whichever of its
+-- runs got it, is not delivered twice, so a client may retry a signal (or a
+-- signal_with_start) it is unsure of even after that run closed; older ids are
+-- forgotten, so the record does not grow with every signal. '' (no id) is always new.
+local function signal_is_new(wid, rid)
   if rid == '' then return true end
-  local sk = sig_key(run)
+  local sk = sig_key(wid)
   if call('ZADD', sk, 'NX', NOW, rid) == 0 then return false end
   call('ZREMRANGEBYSCORE', sk, '-inf', NOW - 3600000)
   call('ZREMRANGEBYRANK', sk, 0, -10001)
@@ -440,7 +449,7 @@ local function expire_run(run, wid, retention_ms, msgs, packed, folded)
   if not packed then keys[#keys + 1] = hist_key(wid, run) end
   if not folded then keys[#keys + 1] = act_key(run) end
   if msgs then
-    keys[#keys + 1] = sig_key(run)
+    keys[#keys + 1] = sig_key(wid)
     keys[#keys + 1] = upd_key(run)
   end
   for _, k in ipairs(keys) do
@@ -834,7 +843,7 @@ end
 local function continue_as_new(run, wid, c, next_run, start_body)
   local rk = run_key(run)
   local body = cmsgpack.pack({ next_run_id = next_run })
-  local st = call('HMGET', rk, 'deadline_ms', 'wtype', 'msgs')
+  local st = call('HMGET', rk, 'deadline_ms', 'wtype', 'chain')
   local carried = {}
   local items = call('LRANGE', buf_key(run), 0, -1)
   for i = 1, #items, 3 do
@@ -848,10 +857,8 @@ local function continue_as_new(run, wid, c, next_run, start_body)
     c.known)
   local left = (tonumber(st[1]) or NOW) - NOW
   create_run(wid, next_run, st[2], c.tq, start_body, left > 0 and left or 1, true, #carried == 0)
-  if st[3] then
-    call('ZUNIONSTORE', sig_key(next_run), 1, sig_key(run))
-    note_messages(next_run)
-  end
+  -- the chain's first run: a handle on it reaches the chain's current run (handle.py)
+  call('HSET', run_key(next_run), 'chain', st[3] or run)
   for i = 1, #carried, 2 do
     append(next_run, wid, EV.WORKFLOW_EXECUTION_SIGNALED, carried[i + 1], carried[i])
   end

@@ -2,7 +2,7 @@
 -- its task queue's shared workflow-task stream and the sticky one of the worker caching
 -- it (protocol.py reads them first). ARGV: prefix, workflow_id, run_id
 -- ('' = the current run), the WorkflowExecutionSignaled body, a request id ('' = none).
--- A request id the run saw lately is not delivered twice (see signal_is_new).
+-- A request id the execution saw lately is not delivered twice (see signal_is_new).
 -- Returns {R.OK, run_id}, {R.DUPLICATE, run_id}, {R.NOT_RUNNING, run_id or ''} or
 -- {R.REROUTE} (another run became current: nothing written, look again).
 local wid, run, body, rid = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -11,7 +11,7 @@ if not run then return { R.REROUTE } end
 if run == '' or call('HGET', run_key(run), 'status') ~= RS.RUNNING then
   return { R.NOT_RUNNING, run }
 end
-if not signal_is_new(run, rid) then return { R.DUPLICATE, run } end
+if not signal_is_new(wid, rid) then return { R.DUPLICATE, run } end
 note_messages(run)
 deliver(run, EV.WORKFLOW_EXECUTION_SIGNALED, body)
 return { R.OK, run }

@@ -23,14 +23,19 @@ local cur = call('HMGET', wf_key(wid), 'run', 'status')
 if cur[2] == RS.RUNNING then
   local target = cur[1]
   if not DECLARED[run_key(target)] then return { R.REROUTE } end
-  if not signal_is_new(target, rid) then return { R.DUPLICATE, target, '0' } end
+  local running = call('HGET', run_key(target), 'wtype')
+  if running ~= wtype then  -- its input and signal were checked against another workflow
+    return { R.INVALID, 'execution ' .. wid .. ' is running workflow ' .. tostring(running) .. ', not ' .. wtype }
+  end
+  if not signal_is_new(wid, rid) then return { R.DUPLICATE, target, '0' } end
   note_messages(target)
   deliver(target, EV.WORKFLOW_EXECUTION_SIGNALED, sbody)
   return { R.OK, target, '0' }
 end
+-- delivered already, to a run that has closed since: nothing is started for it again
+if not signal_is_new(wid, rid) then return { R.DUPLICATE, cur[1] or '', '0' } end
 -- checked: nothing below can fail
 create_run(wid, run, wtype, tq, body, timeout, cur[1] or cur[2], false)
-signal_is_new(run, rid)
 note_messages(run)
 deliver(run, EV.WORKFLOW_EXECUTION_SIGNALED, sbody)
 return { R.OK, run, '1' }

@@ -1,5 +1,5 @@
 -- Start a run (client). KEYS: timers, closed, the execution's wf hash, the run's hash and
--- history, the task queue's workflow-task stream. ARGV: prefix, workflow_id, run_id,
+-- history, the task queue's workflow-task stream, the execution's signal ids. ARGV: prefix, workflow_id, run_id,
 -- workflow_type, task_queue, WorkflowExecutionStarted body, execution timeout ms.
 -- The run id is the request's identity: a repeat of this call (a client retry) finds
 -- the run it created and answers the same, whatever became of it since.

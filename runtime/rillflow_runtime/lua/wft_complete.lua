@@ -110,7 +110,10 @@ for _, t in ipairs(tasks) do
       -- a history at its limit: the run fails in place of the task's commands
       local over = not t.closes and history_over(r[11], r[13])
       if over then t.cmds, t.closes = { { kind = CMD.FAIL_WORKFLOW, body = over, aux = {} } }, true end
-      local again = t.closes and r[8] and message_buffered(run, t.cmds[#t.cmds].kind == CMD.CONTINUE_AS_NEW)
+      -- a run failing at its limit fails even with signals waiting: another task for them
+      -- would only grow the history further, and they could keep it open for ever
+      local again = not over and t.closes and r[8]
+        and message_buffered(run, t.cmds[#t.cmds].kind == CMD.CONTINUE_AS_NEW)
       -- (closing the run removes its task's timeout with its other timers)
       if again or not t.closes then call('ZREM', TIMERS, tmember(TK.TASK_TIMEOUT, run, fence)) end
       if r[8] then call('HDEL', rk, 'msgbuf') end

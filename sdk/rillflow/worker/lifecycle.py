@@ -245,7 +245,9 @@ class Worker:
                 try:
                     await loop_fn()
                     return
-                except Exception:
+                except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException:  # (user code's BaseExceptions too: a loop never dies silently)
                     reraise_if_cancelling()
                     if time.monotonic() - began > 60:
                         failures = 0  # it ran fine for a while: a new streak

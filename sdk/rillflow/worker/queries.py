@@ -4,6 +4,7 @@ it is acknowledged as it is read, and its caller gives up after its timeout."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
@@ -64,6 +65,10 @@ class Queries:
                 answer = {"failure": failure_from_exception(e)}
             except (KeyboardInterrupt, SystemExit) as e:  # the handler asked the process to stop
                 self.ctx.request_exit(e, f"query '{body.get('name')}'")
+                answer = {"failure": failure_from_exception(e)}
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # a handler's own BaseException fails its query, not the poller
                 answer = {"failure": failure_from_exception(e)}
             async with self.ctx.redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(reply, {"rid": rid, "d": pack(answer)}, maxlen=1000, approximate=True)

@@ -90,13 +90,16 @@ class _Activated:
         return not self.started.fence
 
 
-def _warn_if_long(st: WftStarted, run: str) -> None:
+def _warn_if_long(st: WftStarted, run: str, events: list[HistoryEvent]) -> None:
     """Said at every 4,096th event past the suggested size, well before the limit at
-    which a task fails the run (lib.lua's HISTORY_MAX_*)."""
+    which a task fails the run (lib.lua's HISTORY_MAX_*): by the task whose events cross
+    it, not again by every task that replays the history (where the task's events start:
+    after ``since``, or, with the whole history, after the last completed task)."""
     n = st.last_event_id
-    if n >= SUGGEST_CONTINUE_EVENTS and (n // SUGGEST_CONTINUE_EVENTS) != (
-        st.since // SUGGEST_CONTINUE_EVENTS
-    ):
+    prev = st.since or max(
+        (e.event_id for e in events if e.type == EventType.WORKFLOW_TASK_COMPLETED), default=0
+    )
+    if n >= SUGGEST_CONTINUE_EVENTS and (n // SUGGEST_CONTINUE_EVENTS) != (prev // SUGGEST_CONTINUE_EVENTS):
         log.warning(
             "workflow history is long: continue as new (workflow.should_continue_as_new())",
             workflow_id=st.workflow_id,
@@ -352,7 +355,7 @@ class WorkflowTasks:
             and not any(e.type == EventType.WORKFLOW_TASK_COMPLETED for e in events)
         )
         history = (st.last_event_id, max(st.history_bytes, 0))
-        _warn_if_long(st, run)
+        _warn_if_long(st, run, events)
         if cached is not None and hit:
             self.ctx.stats.cache_hits += 1
             inst = cached.instance
