@@ -35,6 +35,7 @@ class EventType(StrEnum):
     WORKFLOW_EXECUTION_TIMED_OUT = "WorkflowExecutionTimedOut"
     WORKFLOW_EXECUTION_TERMINATED = "WorkflowExecutionTerminated"
     WORKFLOW_EXECUTION_CONTINUED_AS_NEW = "WorkflowExecutionContinuedAsNew"
+    MARKER_RECORDED = "MarkerRecorded"  # a patch the code took (workflow.patched())
 
 
 class RunStatus(StrEnum):
@@ -76,6 +77,7 @@ class CommandKind(StrEnum):
     COMPLETE_WORKFLOW = "complete_workflow"
     FAIL_WORKFLOW = "fail_workflow"
     CONTINUE_AS_NEW = "continue_as_new"
+    RECORD_MARKER = "record_marker"
 
 
 class TimerKind(StrEnum):
@@ -141,6 +143,7 @@ COMMAND_EVENTS = frozenset(
         EventType.WORKFLOW_EXECUTION_FAILED,
         EventType.WORKFLOW_EXECUTION_UPDATE_COMPLETED,
         EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
+        EventType.MARKER_RECORDED,
     }
 )
 # Events that close a run: the last of its history.

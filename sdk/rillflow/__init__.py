@@ -30,6 +30,7 @@ from rillflow.executor import WorkflowInfo
 from rillflow.handle import WorkflowDescription, WorkflowHandle
 from rillflow.history import HistoryEvent
 from rillflow.registry import RegisteredWorkflow, WorkerInfo
+from rillflow.replayer import Replayer, ReplayResult, load_history_json
 from rillflow.worker import Worker
 from rillflow.workflow import get_execution_id, get_workflow_definition, workflow
 
@@ -45,6 +46,8 @@ __all__ = [
     "NonDeterminismError",
     "PayloadTooLargeError",
     "RegisteredWorkflow",
+    "ReplayResult",
+    "Replayer",
     "RestrictedWorkflowAccessError",
     "RillflowError",
     "Worker",
@@ -68,5 +71,6 @@ __all__ = [
     "activity_heartbeat",
     "get_execution_id",
     "get_workflow_definition",
+    "load_history_json",
     "workflow",
 ]

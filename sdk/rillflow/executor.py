@@ -118,6 +118,8 @@ def _ident_of_event(ev: HistoryEvent) -> tuple[Any, ...]:
             return ("CompleteUpdate", a.get("update_id"))
         case "WorkflowExecutionContinuedAsNew":
             return ("ContinueAsNew",)
+        case "MarkerRecorded":
+            return ("RecordMarker", a.get("marker"), a.get("id"))
     return (ev.type,)
 
 
@@ -502,9 +504,17 @@ class WorkflowInstance:
         # the history as the current task's start told it (see WorkflowInfo)
         self.history_length = 0
         self.history_size = 0
+        self._patches: dict[str, bool] = {}  # each patch id's answer, fixed for the run
+        self._markers_ahead: frozenset[str] = frozenset()  # the replayed task's recorded patches
 
     # -- driving ---------------------------------------------------------------------------
-    def activate(self, events: list[HistoryEvent], now_ms: int, replaying: bool) -> list[Command]:
+    def activate(
+        self,
+        events: list[HistoryEvent],
+        now_ms: int,
+        replaying: bool,
+        markers: frozenset[str] = frozenset(),
+    ) -> list[Command]:
         """Apply one activation's events, step the workflow code until every coroutine
         waits, and return the commands it issued (none after the one that closes the run).
 
@@ -517,12 +527,16 @@ class WorkflowInstance:
         the run and not as a failure of its workflow task. They propagate from here as
         they would from anywhere else in the worker, which stops (or at least drops the
         instance, whose state is then undefined, and must :meth:`teardown` it); the
-        workflow task, never completed, times out and a worker runs it again."""
+        workflow task, never completed, times out and a worker runs it again.
+
+        ``markers``: on replay, the patch ids the task being replayed recorded (see
+        :meth:`patched`)."""
         if self.torn_down:
             raise RuntimeError(f"workflow instance of run {self.info.run_id} was torn down")
         self.now_ms = now_ms
         self.loop._now = now_ms / 1000
         self.replaying = replaying
+        self._markers_ahead = markers
         self.commands = []
         for ev in sorted(events, key=_activation_order):
             self._apply(ev)
@@ -913,6 +927,28 @@ class WorkflowInstance:
         self.closed = True
 
     # -- commands -------------------------------------------------------------------------
+    def patched(self, patch_id: str, deprecated: bool) -> bool:
+        """Whether the run takes the code path of patch ``patch_id`` (Temporal's model).
+        Run for the first time, it does, and a marker recording that goes in the history;
+        on replay, it does only if the task being replayed recorded that marker, so a run
+        started before the patch keeps its old path. The answer is fixed for the run at
+        its first call. A deprecated patch always takes the new path: its marker is
+        recorded when run for the first time and matched on replay when there is one."""
+        if not isinstance(patch_id, str) or not 0 < len(patch_id) <= 256:
+            raise InvalidInputError(f"a patch id is a string of 1-256 characters, got {patch_id!r}")
+        known = self._patches.get(patch_id)
+        if known is not None:
+            return known
+        recorded = patch_id in self._markers_ahead
+        taken = deprecated or not self.replaying or recorded
+        if not self.replaying or recorded:
+            body = pack({"marker": "patch", "id": patch_id, "deprecated": deprecated})
+            self._emit(
+                Command(CommandKind.RECORD_MARKER, body, [patch_id], ("RecordMarker", "patch", patch_id))
+            )
+        self._patches[patch_id] = taken
+        return taken
+
     def _emit(self, cmd: Command) -> None:
         """Issue a command. None once the run closed: wft_complete.lua records nothing
         after the closing command, so what a signal or update handler still issues in the
@@ -1081,8 +1117,6 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
             if ev.type == "WorkflowTaskCompleted":
                 # the task started when its WorkflowTaskCompleted was the next event to come
                 instance.history_length, instance.history_size = ev.event_id - 1, size
-                cmds = instance.activate(pending, int(ev.attributes.get("t0") or ev.time_ms), True)
-                pending = []
                 size += ev.size
                 j = i + 1
                 recorded: list[HistoryEvent] = []
@@ -1090,6 +1124,15 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
                     recorded.append(events[j])
                     size += events[j].size
                     j += 1
+                # the patches this task took: known before its code runs (see patched())
+                markers = frozenset(
+                    str(e.attributes.get("id"))
+                    for e in recorded
+                    if e.type == EventType.MARKER_RECORDED and e.attributes.get("marker") == "patch"
+                )
+                t0 = int(ev.attributes.get("t0") or ev.time_ms)
+                cmds = instance.activate(pending, t0, True, markers)
+                pending = []
                 _check_replay(instance, cmds, recorded)
                 i = j
                 continue
@@ -1101,6 +1144,11 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
 
 
 def _check_replay(inst: WorkflowInstance, cmds: list[Command], recorded: list[HistoryEvent]) -> None:
+    # a patch marker the code no longer asks about is passed over: the patch's call was
+    # removed once every run that needed its old path had closed (deprecate_patch, then
+    # nothing); the commands around it are compared as usual
+    issued = {c.ident for c in cmds}
+    recorded = [e for e in recorded if e.type != EventType.MARKER_RECORDED or _ident_of_event(e) in issued]
     for k in range(max(len(cmds), len(recorded))):
         want = _ident_of_event(recorded[k]) if k < len(recorded) else None
         got = cmds[k].ident if k < len(cmds) else None

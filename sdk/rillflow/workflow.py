@@ -289,6 +289,23 @@ class workflow:
         )
 
     @staticmethod
+    def patched(patch_id: str) -> bool:
+        """Whether to take the new code path of a change to this workflow, so that runs
+        started before the change replay as they ran: ``if workflow.patched("v2-fee"):
+        new code else: old code``. True for a run that reaches this point on code that
+        has the call (a marker goes in its history), False on replay for a run that passed
+        this point before (its history has no marker); the answer is fixed for the run.
+        Once no run that took the old path is open, replace the call by
+        :meth:`deprecate_patch` and keep only the new code; later, remove it."""
+        return require_instance("workflow.patched()").patched(patch_id, deprecated=False)
+
+    @staticmethod
+    def deprecate_patch(patch_id: str) -> None:
+        """The second step of retiring a patch (see :meth:`patched`): the new path is the
+        only one; runs recorded with the patch's marker, and runs without it, both replay."""
+        require_instance("workflow.deprecate_patch()").patched(patch_id, deprecated=True)
+
+    @staticmethod
     def continue_as_new(params: Any = None) -> NoReturn:
         """End this run and go on in a new run of the same execution (same id, same
         workflow and task queue, an empty history), started with ``params`` as the

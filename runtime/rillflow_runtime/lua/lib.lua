@@ -764,7 +764,8 @@ end
 --   start_timer: seq, duration ms; cancel_timer, cancel_activity: seq;
 --   complete_update: update id; complete_workflow, fail_workflow: nothing, and last;
 --   continue_as_new: the next run's id (the body is that run's WorkflowExecutionStarted
---     body: Lua's cmsgpack reads no msgpack bin), and last.
+--     body: Lua's cmsgpack reads no msgpack bin), and last; record_marker: the marker's
+--     id (a MarkerRecorded event: a patch the code took, see workflow.patched()).
 -- Reads only: returns the commands, whether they close the run, and why they cannot be
 -- applied (nil when they can), so a caller checks a whole batch before its first write.
 -- (built at the first call: a library's load has no `pairs`)
@@ -794,6 +795,8 @@ local function parse_commands(argv, at, n)
       if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad update id' end
     elseif kind == CMD.CONTINUE_AS_NEW then
       if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad next run' end
+    elseif kind == CMD.RECORD_MARKER then
+      if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad marker id' end
     end
     if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW or kind == CMD.CONTINUE_AS_NEW then
       closes = true
@@ -933,6 +936,8 @@ local function record_task(run, wid, c)
     elseif kind == CMD.CONTINUE_AS_NEW then
       last = continue_as_new(run, wid, c, aux[1], body)
       closed = true
+    elseif kind == CMD.RECORD_MARKER then
+      last = append(run, wid, EV.MARKER_RECORDED, body)
     end
   end
   if not closed then
