@@ -196,7 +196,9 @@ async def test_invalid_start_input_is_refused_before_anything_is_written(client:
         await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, execution_id="has spaces/and slashes")
     with pytest.raises(workflows.InvalidInputError, match="task queue"):
         await client.start_workflow(flows.HelloWorkflow, {"name": "x"}, task_queue="bad queue")
-    for timeout in (30, timedelta(0)):  # seconds as a bare number is a mistake, named
+    # seconds as a bare number is a mistake, named; so is a timeout past ten years (the
+    # run's deadline would be past the clock's range)
+    for timeout in (30, timedelta(0), timedelta(days=3651)):
         with pytest.raises(
             workflows.InvalidInputError, match="execution_timeout must be a positive timedelta"
         ):
@@ -307,6 +309,10 @@ def test_definition_errors_are_clear() -> None:
         workflows.WorkflowDefinitionError, match="execution_timeout must be a positive timedelta"
     ):
         workflows.workflow.define(name="x", execution_timeout=60)  # type: ignore[arg-type]
+    with pytest.raises(workflows.WorkflowDefinitionError, match="at most 3650 days"):
+        workflows.workflow.define(name="x", execution_timeout=timedelta(days=10_000))
+    with pytest.raises(workflows.WorkflowDefinitionError, match="heartbeat_timeout must be a positive"):
+        workflows.activity(heartbeat_timeout=timedelta(days=10_000))
     with pytest.raises(workflows.WorkflowDefinitionError, match="must be async function"):
 
         @workflows.workflow.define(name="x")

@@ -173,6 +173,32 @@ def test_a_worker_takes_the_path_of_a_file(redis_url: str, worker_procs: Any, tm
     assert_one_line(rf("worker", "./no_such_flows.py", "--url", redis_url), 2, "no file './no_such_flows.py'")
 
 
+def test_a_file_named_like_a_module_already_imported_is_loaded_from_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """queue.py (the standard library's queue is imported already) is the user's file,
+    which still imports its neighbours; the standard module stays what it was."""
+    import queue
+
+    from rillflow.cli import load_target
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "neighbour_names.py").write_text("NAME = 'from_queue_py'\n")
+    (tmp_path / "queue.py").write_text(
+        "import rillflow as workflows\n"
+        "from neighbour_names import NAME\n\n"
+        "@workflows.workflow.define(name=NAME)\n"
+        "class FromQueuePy:\n"
+        "    @workflows.workflow.entrypoint\n"
+        "    async def run(self) -> str:\n"
+        "        return 'ran'\n"
+    )
+    wfs, acts = load_target(str(tmp_path / "queue.py"))
+    assert [w.__name__ for w in wfs] == ["FromQueuePy"] and acts == []
+    assert sys.modules["queue"] is queue and hasattr(queue, "Queue")
+    assert load_target(str(tmp_path / "queue.py") + ":FromQueuePy")[0] == wfs  # loaded once
+
+
 def test_errors_have_exit_codes(redis_url: str) -> None:
     p = rf("start", "hello_workflow", "--input", "{not json", "--url", redis_url)
     assert p.returncode == 2 and "not valid JSON" in p.stderr

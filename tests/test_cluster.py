@@ -451,6 +451,12 @@ async def drive_run(c: Conn, shard: int) -> None:
     assert h[-1] == ("9-0", "WorkflowTaskFailed") and len(h) == 9
     assert await c.rc.xlen(wft_q) == 0
 
+    # cancel: the run is asked once (a retry, or another caller, is a duplicate)
+    assert await p.cancel(wid, None, pack({"reason": "stop"}), "c-1") == RunReply(Reply.OK, run)
+    assert await p.cancel(wid, None, pack({"reason": "stop"}), "c-2") == RunReply(Reply.DUPLICATE, run)
+    h = await history(c, shard, wid, run)
+    assert h[-1] == ("10-0", "WorkflowExecutionCancelRequested") and len(h) == 10
+
     # terminate: the run closes, its pending update is answered, its timers go
     assert await p.terminate(wid, None, pack({"reason": "test"}), RETENTION_MS, "t-1") == RunReply(
         Reply.OK, run
@@ -458,7 +464,7 @@ async def drive_run(c: Conn, shard: int) -> None:
     assert await p.terminate(wid, None, b"", RETENTION_MS, "t-1") == RunReply(Reply.OK, run)  # a retry
     assert await p.terminate(wid, None, b"", RETENTION_MS, "t-2") == RunReply(Reply.NOT_RUNNING, run)
     h = await history(c, shard, wid, run)
-    assert h[-1] == ("10-0", "WorkflowExecutionTerminated") and len(h) == 10
+    assert h[-1] == ("11-0", "WorkflowExecutionTerminated") and len(h) == 11
     assert not await c.rc.exists(ks.history(shard, wid, run))  # packed: one value, not a stream
     assert 0 < await c.rc.pttl(ks.history_packed(shard, run)) <= RETENTION_MS
     assert await c.rc.hget(ks.run(shard, run), "status") == b"terminated"

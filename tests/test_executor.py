@@ -288,6 +288,60 @@ def test_a_signal_beside_the_result_the_code_resumes_on_is_handled_first() -> No
     assert unpack(replayed[-1].body)["result"] == 1
 
 
+@workflows.workflow.define(name="exec_branches_on_pokes")
+class BranchesOnPokesWorkflow:
+    def __init__(self) -> None:
+        self.pokes = 0
+
+    @workflows.workflow.signal(name="poke")
+    def poke(self) -> None:
+        self.pokes += 1
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> int:
+        await record("a")
+        if self.pokes:
+            await record("poked")
+        return self.pokes
+
+
+def _branch_history(wtc2: dict[str, Any]) -> list[HistoryEvent]:
+    """An activity's result and a signal in one task, completed (with ``wtc2``) by a
+    worker that resumed the code first: it returned 0 without the second activity."""
+    start = HistoryEvent(
+        1, "WorkflowExecutionStarted", T0, {"workflow_type": "exec_branches_on_pokes", "input": {}}
+    )
+    return [
+        start,
+        HistoryEvent(2, "WorkflowTaskCompleted", T0, {}),
+        HistoryEvent(3, "ActivityTaskScheduled", T0, {"seq": 1, "name": "record", "input": ["a"]}),
+        HistoryEvent(4, "ActivityTaskCompleted", T0, {"seq": 1, "result": "a"}),
+        HistoryEvent(5, "WorkflowExecutionSignaled", T0, {"name": "poke", "input": None}),
+        HistoryEvent(6, "WorkflowTaskCompleted", T0, wtc2),
+        HistoryEvent(7, "WorkflowExecutionCompleted", T0, {"result": 0}),
+    ]
+
+
+def test_a_task_completed_before_the_message_order_replays_in_history_order() -> None:
+    """Histories written before activations ran messages first still replay: each task
+    is replayed in the order its completion says it ran."""
+    replayer = workflows.Replayer([BranchesOnPokesWorkflow])
+    assert replayer.replay(_branch_history({})).ok
+    # the same events from a task that says it ran messages first: the code now takes
+    # the other branch, which that history does not record
+    flagged = replayer.replay(_branch_history({"ord": 1}))
+    assert isinstance(flagged.failure, workflows.NonDeterminismError)
+    assert "ScheduleActivity" in str(flagged.failure)
+
+
+async def test_every_completed_task_records_its_message_order(client: Client) -> None:
+    async with Worker(client, workflows=[CountsPokesWorkflow], activities=[record], **FAST):
+        h = await client.start_workflow(CountsPokesWorkflow)
+        assert await h.result(timeout=10) == 0
+    wtcs = [e for e in await h.history() if e.type == "WorkflowTaskCompleted"]
+    assert wtcs and all(e.attributes.get("ord") == 1 for e in wtcs)
+
+
 # -- seeds -------------------------------------------------------------------------------------
 @workflows.workflow.define(name="exec_draws")
 class DrawsWorkflow:

@@ -19,7 +19,7 @@ from rillflow import Client, Worker
 from rillflow.history import HistoryEvent
 from rillflow_runtime.codec import pack
 from rillflow_runtime.keyspace import GROUP
-from rillflow_runtime.model import ENUMS, EVENT_CODES, CommandKind, Reply
+from rillflow_runtime.model import ENUMS, EVENT_CODES, MAX_DURATION_MS, CommandKind, Reply
 from rillflow_runtime.protocol import ActivityOutcome, ActStartItem, RunReply, TaskCompletion, WftStartItem
 from rillflow_runtime.scripts import NAMES, lua_source
 from tests import flows
@@ -172,7 +172,8 @@ async def test_a_retried_start_never_wedges_the_execution_id(client: Client) -> 
     # an argument the script cannot use: refused, nothing written
     bad = await p.start("wedge", str(uuid.uuid4()), "hello_workflow", "default", b"", 0)
     assert bad.reply is Reply.INVALID and await snapshot(client) == before
-    for timeout in (float("nan"), float("inf")):  # no comparison rejects NaN: it is named
+    # no comparison rejects NaN: it is named; past ten years the clock would overflow
+    for timeout in (float("nan"), float("inf"), MAX_DURATION_MS + 1):
         bad = await p.start("wedge", str(uuid.uuid4()), "hello_workflow", "default", b"", timeout)  # type: ignore[arg-type]
         assert bad.reply is Reply.INVALID and await snapshot(client) == before
         bad2 = await p.signal_with_start(

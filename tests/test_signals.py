@@ -111,6 +111,27 @@ async def test_a_signal_sent_twice_with_one_request_id_is_delivered_once(client:
     assert log.count("tag once=1") == 1 and log.count("tag twice=1") == 1
 
 
+async def test_a_request_id_an_earlier_release_recorded_on_the_run_is_not_delivered_again(
+    client: Client,
+) -> None:
+    """Releases before per-execution request ids kept them per run (``sig:<run>``): a
+    retry through this release is still a duplicate, and that record expires with the
+    run instead of staying for good."""
+    async with Worker(client, **INBOX):  # type: ignore[arg-type]
+        h = await client.start_workflow(flows.InboxWorkflow)
+        ks, shard, run = client.keyspace, client.keyspace.shard(h.id), h.run_id or ""
+        legacy = ks.run_signals(shard, run)
+        # what such a release wrote for request "old-1" (beside its event)
+        await client.redis.zadd(legacy, {"old-1": 1})
+        await client.redis.hset(ks.run(shard, run), "msgs", 1)
+        await h.signal("tag", {"key": "retried", "weight": 1}, request_id="old-1")
+        await h.signal("tag", {"key": "new", "weight": 1}, request_id="new-1")
+        await h.signal("finish")
+        log = await h.result(timeout=10)
+    assert "tag retried=1" not in log and log.count("tag new=1") == 1
+    assert 0 < await client.redis.pttl(legacy) <= client.settings.retention_ms
+
+
 async def test_bad_signals_are_refused_before_anything_is_sent(client: Client) -> None:
     async with Worker(client, **INBOX):  # type: ignore[arg-type]
         h = await client.start_workflow(flows.InboxWorkflow)

@@ -101,6 +101,12 @@ class Keyspace:
         them (a retry is not delivered twice)."""
         return f"{self.prefix(shard)}wsig:{workflow_id}"
 
+    def run_signals(self, shard: int, run_id: str) -> str:
+        """A run's own signal request ids, where releases before :meth:`signals` kept
+        them: still read (a retry through this release is not delivered twice) and
+        expired with the run."""
+        return f"{self.prefix(shard)}sig:{run_id}"
+
     def updates(self, shard: int, run_id: str) -> str:
         """A run's updates: ``<id>`` -> accepted/done, ``<id>:o`` -> the outcome."""
         return f"{self.prefix(shard)}upd:{run_id}"
@@ -132,6 +138,7 @@ class Keyspace:
             f"{p}act:{run_id}",
             f"{p}buf:{run_id}",
             f"{p}wsig:{workflow_id}",
+            f"{p}sig:{run_id}",
             f"{p}upd:{run_id}",
             f"{p}wf:{workflow_id}",
         ]

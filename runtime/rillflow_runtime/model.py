@@ -36,6 +36,8 @@ class EventType(StrEnum):
     WORKFLOW_EXECUTION_TERMINATED = "WorkflowExecutionTerminated"
     WORKFLOW_EXECUTION_CONTINUED_AS_NEW = "WorkflowExecutionContinuedAsNew"
     MARKER_RECORDED = "MarkerRecorded"  # a patch the code took (workflow.patched())
+    WORKFLOW_EXECUTION_CANCEL_REQUESTED = "WorkflowExecutionCancelRequested"
+    WORKFLOW_EXECUTION_CANCELED = "WorkflowExecutionCanceled"
 
 
 class RunStatus(StrEnum):
@@ -47,6 +49,7 @@ class RunStatus(StrEnum):
     TIMED_OUT = "timed_out"
     TERMINATED = "terminated"
     CONTINUED_AS_NEW = "continued_as_new"  # closed; the execution goes on in its next run
+    CANCELED = "canceled"  # closed: the workflow ended on a cancellation it was asked for
 
 
 class TaskState(StrEnum):
@@ -78,6 +81,7 @@ class CommandKind(StrEnum):
     FAIL_WORKFLOW = "fail_workflow"
     CONTINUE_AS_NEW = "continue_as_new"
     RECORD_MARKER = "record_marker"
+    CANCEL_WORKFLOW = "cancel_workflow"
 
 
 class TimerKind(StrEnum):
@@ -144,6 +148,7 @@ COMMAND_EVENTS = frozenset(
         EventType.WORKFLOW_EXECUTION_UPDATE_COMPLETED,
         EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
         EventType.MARKER_RECORDED,
+        EventType.WORKFLOW_EXECUTION_CANCELED,
     }
 )
 # Events that close a run: the last of its history.
@@ -154,6 +159,7 @@ CLOSING_EVENTS = frozenset(
         EventType.WORKFLOW_EXECUTION_TIMED_OUT,
         EventType.WORKFLOW_EXECUTION_TERMINATED,
         EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
+        EventType.WORKFLOW_EXECUTION_CANCELED,
     }
 )
 # Events that wake the workflow: the inputs of its next workflow task.
@@ -166,5 +172,11 @@ INPUT_EVENTS = frozenset(
         EventType.ACTIVITY_TASK_FAILED,
         EventType.ACTIVITY_TASK_TIMED_OUT,
         EventType.TIMER_FIRED,
+        EventType.WORKFLOW_EXECUTION_CANCEL_REQUESTED,
     }
 )
+
+# The longest timeout or interval anyone may give (ten years, in ms): longer is a
+# mistake, and past the clock's range once added to now. The scripts get it as
+# MAX_DURATION_MS (scripts.lua_constants), the SDK as rillflow.durations.MAX_DURATION.
+MAX_DURATION_MS = 10 * 365 * 86_400_000

@@ -354,6 +354,15 @@ class Protocol:
         )
         return RunReply(_reply(res[0]), text(res[1]))
 
+    async def cancel(self, workflow_id: str, run_id: str | None, body: bytes, request_id: str) -> RunReply:
+        """Ask the run to cancel (see cancel.lua): OK, DUPLICATE (asked before) or NOT_RUNNING."""
+        shard = self.ks.shard(workflow_id)
+        args = [workflow_id, run_id or "", body, request_id]
+        res = await self._client_call(
+            shard, workflow_id, run_id, lambda keys: self._call("cancel", shard, args, keys)
+        )
+        return RunReply(_reply(res[0]), text(res[1]))
+
     async def signal(self, workflow_id: str, run_id: str | None, body: bytes, request_id: str) -> RunReply:
         shard = self.ks.shard(workflow_id)
         args = [workflow_id, run_id or "", body, request_id]
@@ -599,7 +608,7 @@ class Protocol:
         keys: list[str] = dropped
         for run, (wid, tq, sticky, wft_q) in zip(runs, res, strict=False):
             keys += [ks.run(shard, run), ks.acts(shard, run), ks.buffer(shard, run)]
-            keys.append(ks.updates(shard, run))
+            keys += [ks.updates(shard, run), ks.run_signals(shard, run)]
             if wid:
                 w = text(wid)
                 keys += [ks.wf(shard, w), ks.history(shard, w, run), ks.history_packed(shard, run)]

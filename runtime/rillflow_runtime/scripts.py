@@ -20,7 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from rillflow_runtime.model import ENUMS, EVENT_CODES
+from rillflow_runtime.model import ENUMS, EVENT_CODES, MAX_DURATION_MS
 
 NAMES = (
     "start",
@@ -33,6 +33,7 @@ NAMES = (
     "pump_due",
     "pump",
     "terminate",
+    "cancel",
     "signal",
     "signal_start",
     "query",
@@ -61,6 +62,7 @@ def lua_constants() -> str:
         lines.append(f"local {table} = {{ {items} }}")
     codes = ", ".join(f"{e.value} = {i}" for i, e in enumerate(EVENT_CODES, 1))
     lines.append(f"local EVCODE = {{ {codes} }}")
+    lines.append(f"local MAX_DURATION_MS = {MAX_DURATION_MS}")
     return "\n".join(lines) + "\n"
 
 

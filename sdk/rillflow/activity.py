@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from rillflow.durations import duration_problem
 from rillflow.errors import WorkflowDefinitionError
 from rillflow.executor import current_instance
 from rillflow.payloads import Signature
@@ -37,18 +38,16 @@ class ActivityOptions:
     task_queue: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("start_to_close_timeout", "retry_policy_initial_interval", "retry_policy_max_interval"):
-            v = getattr(self, name)
-            if not isinstance(v, timedelta) or v.total_seconds() <= 0:
-                raise WorkflowDefinitionError(
-                    f"activity option {name} must be a positive timedelta, got {v!r}"
-                )
-        for name in ("schedule_to_close_timeout", "heartbeat_timeout"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, timedelta) or v.total_seconds() <= 0):
-                raise WorkflowDefinitionError(
-                    f"activity option {name} must be a positive timedelta or None, got {v!r}"
-                )
+        for name in (
+            "start_to_close_timeout",
+            "retry_policy_initial_interval",
+            "retry_policy_max_interval",
+            "schedule_to_close_timeout",
+            "heartbeat_timeout",
+        ):
+            optional = name in ("schedule_to_close_timeout", "heartbeat_timeout")
+            if why := duration_problem(getattr(self, name), f"activity option {name}", optional=optional):
+                raise WorkflowDefinitionError(why)
         if self.retry_policy_max_attempts < 0:
             raise WorkflowDefinitionError("retry_policy_max_attempts must be >= 0 (0 means unlimited)")
         if self.retry_policy_backoff_coefficient < 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -22,9 +23,11 @@ import signal as _signals
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
@@ -50,6 +53,7 @@ from rich.table import Table
 from rillflow.activity import ActivityDefinition
 from rillflow.client import Client
 from rillflow.devserver import URL_ENV, default_url, home
+from rillflow.durations import MAX_DURATION
 from rillflow.errors import (
     InvalidInputError,
     PayloadTooLargeError,
@@ -134,7 +138,7 @@ def _positive(value: float | None, option: str) -> None:
         raise Exit(2, f"{option} must be a positive number of seconds up to {MAX_SECONDS:g}, got {value:g}")
 
 
-MAX_SECONDS = 10 * 365 * 86400.0  # ten years: longer is a mistake, and overflows the clock
+MAX_SECONDS = MAX_DURATION.total_seconds()
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -300,12 +304,39 @@ def _parse_input(raw: str | None, option: str = "--input") -> Any:
 
 
 # -- worker -------------------------------------------------------------------------------
+def _import_file(path: Path) -> ModuleType:
+    """The module of file ``path``: by its name (its folder is on sys.path, so that it
+    can import its neighbours) when that name finds this file, else from the file under
+    a name of its own, so that a file named like another module (queue.py, select.py,
+    one imported already) is never mistaken for it nor replaces it."""
+    spec = None
+    with contextlib.suppress(ImportError, ValueError):
+        spec = importlib.util.find_spec(path.stem)
+    if spec is not None and spec.origin and Path(spec.origin).resolve() == path.resolve():
+        return importlib.import_module(path.stem)
+    name = f"rillflow_file_{zlib.crc32(str(path.resolve()).encode()):08x}_{path.stem}"
+    if (mod := sys.modules.get(name)) is not None:
+        return mod
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise Exit(2, f"{str(path)!r} cannot be imported as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # (before it runs: pydantic and dataclasses look it up)
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
+
 def load_target(target: str) -> tuple[list[type], list[ActivityDefinition]]:
     """``module`` (every workflow and activity it defines) or ``module:attr`` (a class,
     an activity, or a list of them); ``module`` may be the path of its file."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     mod_name, _, attr = target.partition(":")
+    path: Path | None = None
     if not mod_name:
         raise Exit(2, f"{target!r} names no module: use module or module:attr")
     if mod_name.endswith(".py"):  # a file (./shop.py): imported by name from its directory
@@ -317,7 +348,7 @@ def load_target(target: str) -> tuple[list[type], list[ActivityDefinition]]:
             sys.path.insert(0, folder)
         mod_name = path.stem
     try:
-        mod = importlib.import_module(mod_name)
+        mod = _import_file(path) if path else importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name and mod_name.startswith(e.name):  # the module itself, not one it imports
             raise Exit(
@@ -684,7 +715,9 @@ def event_details(e: HistoryEvent) -> str:
             return f"result={json.dumps(a.get('result'), default=str)}"
         case "WorkflowExecutionFailed" | "WorkflowTaskFailed":
             return f"{f.get('type')}: {f.get('message')}"
-        case "WorkflowExecutionTerminated" | "WorkflowExecutionTimedOut":
+        case "WorkflowExecutionTerminated" | "WorkflowExecutionTimedOut" | "WorkflowExecutionCanceled":
+            return str(a.get("reason", ""))
+        case "WorkflowExecutionCancelRequested":
             return str(a.get("reason", ""))
         case "MarkerRecorded":
             return f"{a.get('marker')} {a.get('id')}" + (" (deprecated)" if a.get("deprecated") else "")
@@ -823,6 +856,29 @@ def terminate(
             except RillflowError as e:
                 raise Exit(3, str(e)) from e
             out.print(f"terminated {execution_id}")
+
+    run(main)
+
+
+@app.command()
+def cancel(
+    execution_id: ExecIdArg,
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="recorded in the history", callback=_utf8)
+    ] = "",
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """Ask a running execution to cancel: its code gets asyncio.CancelledError where it
+    waits, may clean up, and ends as canceled (see `rillflow terminate` for a hard stop)."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            try:
+                await client.get_workflow_handle(execution_id).cancel(reason)
+            except RillflowError as e:
+                raise Exit(3, str(e)) from e
+            out.print(f"cancel requested for {execution_id}")
 
     run(main)
 

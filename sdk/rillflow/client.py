@@ -14,6 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from rillflow.devserver import default_url
+from rillflow.durations import duration_problem
 from rillflow.errors import (
     InvalidInputError,
     RillflowError,
@@ -226,7 +227,7 @@ class Client:
             raise RillflowError(f"workflow execution {wid!r} was not started: {res.why}")
         handle = WorkflowHandle(self, wid, res.run_id, req.defn)
         handle._closed = closed
-        handle.follows = True
+        handle._follow_chain(res.run_id)  # a new run: the first of its chain
         return handle
 
     async def signal_with_start(
@@ -276,7 +277,11 @@ class Client:
             )
         handle = WorkflowHandle(self, req.workflow_id, res.run_id, req.defn)
         handle.started = res.started
-        handle.follows = True
+        origin = res.run_id
+        if not res.started:  # a running run, maybe continued from an earlier one
+            chain = await self.redis.hget(self.keyspace.run(handle.shard, res.run_id), "chain")
+            origin = text(chain) if chain else res.run_id
+        handle._follow_chain(origin)
         return handle
 
     async def _start_request(
@@ -302,12 +307,8 @@ class Client:
             raise InvalidInputError(
                 f"execution_id {wid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.'"
             )
-        if execution_timeout is not None and (
-            not isinstance(execution_timeout, timedelta) or execution_timeout.total_seconds() <= 0
-        ):
-            raise InvalidInputError(
-                f"execution_timeout must be a positive timedelta, got {execution_timeout!r}"
-            )
+        if why := duration_problem(execution_timeout, "execution_timeout", optional=True):
+            raise InvalidInputError(why)
         entry: RegisteredWorkflow | None = None
         if defn is None or task_queue is None:  # a class with a queue needs no lookup
             entry = await self._registration(name)

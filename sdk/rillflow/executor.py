@@ -118,6 +118,8 @@ def _ident_of_event(ev: HistoryEvent) -> tuple[Any, ...]:
             return ("CompleteUpdate", a.get("update_id"))
         case "WorkflowExecutionContinuedAsNew":
             return ("ContinueAsNew",)
+        case "WorkflowExecutionCanceled":
+            return ("CancelWorkflow",)
         case "MarkerRecorded":
             return ("RecordMarker", a.get("marker"), a.get("id"))
     return (ev.type,)
@@ -504,6 +506,8 @@ class WorkflowInstance:
         # the history as the current task's start told it (see WorkflowInfo)
         self.history_length = 0
         self.history_size = 0
+        self._main_task: asyncio.Task[None] | None = None
+        self.cancel_requested: dict[str, Any] | None = None  # the cancel request's attributes
         self._patches: dict[str, bool] = {}  # each patch id's answer, fixed for the run
         self._markers_ahead: frozenset[str] = frozenset()  # the replayed task's recorded patches
 
@@ -514,6 +518,7 @@ class WorkflowInstance:
         now_ms: int,
         replaying: bool,
         markers: frozenset[str] = frozenset(),
+        messages_first: bool = True,
     ) -> list[Command]:
         """Apply one activation's events, step the workflow code until every coroutine
         waits, and return the commands it issued (none after the one that closes the run).
@@ -530,7 +535,9 @@ class WorkflowInstance:
         workflow task, never completed, times out and a worker runs it again.
 
         ``markers``: on replay, the patch ids the task being replayed recorded (see
-        :meth:`patched`)."""
+        :meth:`patched`). ``messages_first``: apply the events in :func:`_activation_order`
+        (every live activation, and a replayed one whose task recorded that it ran so);
+        else in history order, as tasks completed before that order existed ran."""
         if self.torn_down:
             raise RuntimeError(f"workflow instance of run {self.info.run_id} was torn down")
         self.now_ms = now_ms
@@ -538,7 +545,7 @@ class WorkflowInstance:
         self.replaying = replaying
         self._markers_ahead = markers
         self.commands = []
-        for ev in sorted(events, key=_activation_order):
+        for ev in sorted(events, key=_activation_order) if messages_first else events:
             self._apply(ev)
         self._run_until_blocked()
         if self.task_error is not None:
@@ -709,7 +716,17 @@ class WorkflowInstance:
         if ev.type == "WorkflowExecutionStarted":
             self._started = a
             self._seed(a.get("seed"))
-            self.loop.create_task(self._main(a.get("input")), name=f"workflow:{self.info.workflow_id}")
+            self._main_task = self.loop.create_task(
+                self._main(a.get("input")), name=f"workflow:{self.info.workflow_id}"
+            )
+            # held (for cancel), so never collected: its error is noted when it ends
+            self._main_task.add_done_callback(self._main_ended)
+        elif ev.type == "WorkflowExecutionCancelRequested":
+            if self.cancel_requested is None:
+                self.cancel_requested = dict(a)
+                # after what is ready now (the entrypoint's first step among it), so that
+                # the code is inside its entrypoint when CancelledError reaches it
+                self.loop.call_soon(self._deliver_cancel)
         elif ev.type == "WorkflowExecutionSignaled":
             self._signal(str(a.get("name")), a.get("input"))
         elif ev.type == "WorkflowExecutionUpdateAccepted":
@@ -767,6 +784,15 @@ class WorkflowInstance:
             self._random = random.Random(self._seed_value)
         return self._random
 
+    def _main_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.loop.call_exception_handler({"exception": exc, "task": task})
+
+    def _deliver_cancel(self) -> None:
+        main = self._main_task
+        if main is not None and not main.done() and not self._tearing_down:
+            main.cancel("the workflow was asked to cancel")
+
     async def _main(self, data: Any) -> None:
         """The entrypoint. A WorkflowError or TimeoutError fails the run; any other
         ``Exception`` is a bug and fails the workflow task. Other BaseExceptions are not
@@ -797,6 +823,14 @@ class WorkflowInstance:
             self._close(
                 CommandKind.FAIL_WORKFLOW, pack({"failure": failure_from_exception(e)}), ("FailWorkflow",)
             )
+        except asyncio.CancelledError:
+            # the cancellation a client asked for, let through by the code: the run ends
+            # canceled (any other, the instance's teardown, is not the run's outcome)
+            if self.cancel_requested is None or self._tearing_down:
+                raise
+            reason = str(self.cancel_requested.get("reason") or "canceled")
+            self._close(CommandKind.CANCEL_WORKFLOW, pack({"reason": reason}), ("CancelWorkflow",))
+            return
         except ContinueAsNewError as e:
             try:
                 self._continue_as_new(e.params)
@@ -1070,7 +1104,9 @@ def _activation_order(ev: HistoryEvent) -> int:
     code resumes, so the code sees every message its task delivered before it goes on;
     otherwise a run resuming on an activity's result could return (or continue as new)
     without the signal recorded beside that result, as Temporal's activations order
-    their jobs too. Live and replayed activations are sorted alike."""
+    their jobs too. Every WorkflowTaskCompleted written since records ``ord`` (see
+    record_task in lib.lua), and only those activations are sorted on replay: a history
+    written before keeps the order it ran in."""
     return 0 if ev.type == "WorkflowExecutionStarted" else 1 if ev.type in _MESSAGES else 2
 
 
@@ -1131,7 +1167,9 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
                     if e.type == EventType.MARKER_RECORDED and e.attributes.get("marker") == "patch"
                 )
                 t0 = int(ev.attributes.get("t0") or ev.time_ms)
-                cmds = instance.activate(pending, t0, True, markers)
+                # (a task completed without the order flag ran its events in history order)
+                first = bool(ev.attributes.get("ord"))
+                cmds = instance.activate(pending, t0, True, markers, first)
                 pending = []
                 _check_replay(instance, cmds, recorded)
                 i = j

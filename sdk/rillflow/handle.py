@@ -77,9 +77,11 @@ def _failure_cause(status: str, body: dict[str, Any]) -> WorkflowError:
     if "failure" in body:
         return exception_from_failure(body["failure"])
     reason = body.get("reason") or status
-    kind = {"timed_out": "WORKFLOW_EXECUTION_TIMED_OUT", "terminated": "WorkflowTerminated"}.get(
-        status, status
-    )
+    kind = {
+        "timed_out": "WORKFLOW_EXECUTION_TIMED_OUT",
+        "terminated": "WorkflowTerminated",
+        "canceled": "WorkflowCanceled",
+    }.get(status, status)
     return WorkflowError(str(reason), type=kind)
 
 
@@ -124,6 +126,13 @@ class WorkflowHandle:
         self.started: bool | None = None
         self.follows = False  # (set by start_workflow and signal_with_start: see above)
         self._latest = run_id  # the chain's latest run this handle has seen
+        # the first run of the chain the handle stands for, once known: the runs it
+        # reached may expire before the chain ends
+        self._origin: str | None = None
+
+    def _follow_chain(self, origin: str) -> None:
+        """Stand for the chain whose first run is ``origin`` (see the class)."""
+        self.follows, self._origin = True, origin
 
     def __del__(self) -> None:
         # a handle dropped without waiting on its result stops waiting for it, so that
@@ -150,16 +159,21 @@ class WorkflowHandle:
     async def _current_in_chain(self, run: str) -> str | None:
         """The execution's current run if it continues the chain ``run`` belongs to (a
         continued run's hash names its chain's first run, ``chain``; a first run has none),
-        else None: ``run`` is current itself, the id went on in another chain, or ``run``
-        is gone and was not its chain's first."""
+        else None: ``run`` is current itself, or the id went on in another chain. The
+        chain is the handle's own when known (``_origin``); else ``run``'s, and a ``run``
+        gone past its retention is taken for its chain's first."""
         ks, r = self.client.keyspace, self.client.redis
         async with r.pipeline(transaction=False) as pipe:
             pipe.hget(ks.wf(self.shard, self.id), "run")
-            pipe.hget(ks.run(self.shard, run), "chain")
-            cur, mine = await pipe.execute()
+            pipe.hmget(ks.run(self.shard, run), ["chain", "status"])
+            cur, (mine, status) = await pipe.execute()
         if not cur or text(cur) == run:
             return None
-        origin = text(mine) if mine else run
+        origin = self._origin
+        if origin is None:
+            origin = text(mine) if mine else run
+            if status is not None:  # read off the run itself: known from now on
+                self._origin = origin
         chain = await r.hget(ks.run(self.shard, text(cur)), "chain")
         if chain is None or text(chain) != origin:
             return None
@@ -544,6 +558,20 @@ class WorkflowHandle:
         if wtype is None:
             raise WorkflowNotFoundError(f"run {run} of execution {self.id!r} not found")
         return text(wtype)
+
+    async def cancel(self, reason: str = "") -> None:
+        """Ask the run to cancel, gracefully: its next workflow task raises
+        ``asyncio.CancelledError`` at the code's current await point (its pending
+        activities are cancelled with it, its timers too). The code may catch it, clean
+        up (activities run as usual) and let it through, ending the run as ``canceled``,
+        or complete. Returns once the request is recorded; asking again changes nothing.
+        Use :meth:`terminate` for a hard stop."""
+        body, rid = pack({"reason": reason or "canceled"}), uuid.uuid4().hex
+        res = await self._send(lambda run: self.client.protocol.cancel(self.id, run, body, rid))
+        if res.reply is Reply.NOT_RUNNING and not res.run_id:
+            raise self._not_found()
+        if res.reply is Reply.NOT_RUNNING:
+            raise RillflowError(f"workflow execution {self.id!r} is not running; nothing to cancel")
 
     async def terminate(self, reason: str = "") -> None:
         body, rid, keep = (

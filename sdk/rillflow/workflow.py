@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
+from rillflow.durations import duration_problem
 from rillflow.errors import ContinueAsNewError, InvalidInputError, WorkflowDefinitionError
 from rillflow.executor import (
     SUGGEST_CONTINUE_BYTES,
@@ -164,10 +165,8 @@ class workflow:
             raise WorkflowDefinitionError(
                 f"workflow name {name!r} is invalid: use 1-128 characters of letters, digits, '_' and '-'"
             )
-        if not isinstance(execution_timeout, timedelta) or execution_timeout.total_seconds() <= 0:
-            raise WorkflowDefinitionError(
-                f"execution_timeout must be a positive timedelta, got {execution_timeout!r}"
-            )
+        if why := duration_problem(execution_timeout, "execution_timeout"):
+            raise WorkflowDefinitionError(why)
 
         def decorate(cls: type[T]) -> type[T]:
             if not isinstance(cls, type):

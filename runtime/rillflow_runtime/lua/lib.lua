@@ -77,6 +77,9 @@ local function act_key(run) return P .. 'act:' .. run end
 local function buf_key(run) return P .. 'buf:' .. run end
 local function wf_key(wid) return P .. 'wf:' .. wid end
 local function sig_key(wid) return P .. 'wsig:' .. wid end
+-- a run's own signal ids, as releases before wsig kept them: read and expired while such
+-- runs remain (see signal_is_new)
+local function run_sig_key(run) return P .. 'sig:' .. run end
 local function upd_key(run) return P .. 'upd:' .. run end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
 
@@ -287,13 +290,14 @@ local function flush_buffer(run, wid)
   return #items / 3
 end
 
--- Whether a signal or an update is waiting in the buffer: a run must not close
--- without seeing it. `updates_only`: for a run that continues as new, which carries its
--- signals over to the next run (an update is answered by the run that accepted it).
+-- Whether a signal, an update or a cancel request is waiting in the buffer: a run must
+-- not close without seeing it. `updates_only`: for a run that continues as new, which
+-- carries its signals over to the next run (an update is answered by the run that
+-- accepted it, a cancel request by the run it was made to).
 local function message_buffered(run, updates_only)
   local items = call('LRANGE', buf_key(run), 0, -1)
   for i = 1, #items, 3 do
-    if items[i] == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+    if items[i] == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED or items[i] == EV.WORKFLOW_EXECUTION_CANCEL_REQUESTED
         or (items[i] == EV.WORKFLOW_EXECUTION_SIGNALED and not updates_only) then
       return true
     end
@@ -362,7 +366,8 @@ local function deliver(run, etype, body, eager, r)
   if r[2] == WT.STARTED then
     call('RPUSH', buf_key(run), etype, NOW, body)
     -- the task that closes the run looks for buffered messages only when this is set
-    if etype == EV.WORKFLOW_EXECUTION_SIGNALED or etype == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED then
+    if etype == EV.WORKFLOW_EXECUTION_SIGNALED or etype == EV.WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+        or etype == EV.WORKFLOW_EXECUTION_CANCEL_REQUESTED then
       hset_run(run, 'msgbuf', 1)
     end
   else
@@ -378,8 +383,8 @@ end
 -- Why a start's arguments cannot make a run (nil: they can). Reads nothing.
 local function start_invalid(wid, run, wtype, tq, timeout)
   -- NaN fails every comparison: `timeout ~= timeout` catches it before anything is written
-  if not timeout or timeout ~= timeout or timeout <= 0 or timeout >= math.huge then
-    return 'execution timeout must be a positive number of ms'
+  if not timeout or timeout ~= timeout or timeout <= 0 or timeout > MAX_DURATION_MS then
+    return 'execution timeout must be a positive number of ms, at most ten years'
   end
   if wid == '' or run == '' or wtype == '' or tq == '' then return 'empty id, type or queue' end
   return nil
@@ -420,8 +425,11 @@ end
 -- runs got it, is not delivered twice, so a client may retry a signal (or a
 -- signal_with_start) it is unsure of even after that run closed; older ids are
 -- forgotten, so the record does not grow with every signal. '' (no id) is always new.
-local function signal_is_new(wid, rid)
+-- `run`: the run it goes to, whose own record (run_sig_key) a client of an earlier
+-- release may have written the id to before retrying through this one.
+local function signal_is_new(wid, rid, run)
   if rid == '' then return true end
+  if run and run ~= '' and call('ZSCORE', run_sig_key(run), rid) then return false end
   local sk = sig_key(wid)
   if call('ZADD', sk, 'NX', NOW, rid) == 0 then return false end
   call('ZREMRANGEBYSCORE', sk, '-inf', NOW - 3600000)
@@ -450,6 +458,7 @@ local function expire_run(run, wid, retention_ms, msgs, packed, folded)
   if not folded then keys[#keys + 1] = act_key(run) end
   if msgs then
     keys[#keys + 1] = sig_key(wid)
+    keys[#keys + 1] = run_sig_key(run)
     keys[#keys + 1] = upd_key(run)
   end
   for _, k in ipairs(keys) do
@@ -762,7 +771,8 @@ end
 --     (ms; 0 = none), max attempts (0 = unlimited), initial interval ms, coefficient,
 --     max interval ms
 --   start_timer: seq, duration ms; cancel_timer, cancel_activity: seq;
---   complete_update: update id; complete_workflow, fail_workflow: nothing, and last;
+--   complete_update: update id; complete_workflow, fail_workflow, cancel_workflow:
+--     nothing, and last;
 --   continue_as_new: the next run's id (the body is that run's WorkflowExecutionStarted
 --     body: Lua's cmsgpack reads no msgpack bin), and last; record_marker: the marker's
 --     id (a MarkerRecorded event: a patch the code took, see workflow.patched()).
@@ -798,7 +808,8 @@ local function parse_commands(argv, at, n)
     elseif kind == CMD.RECORD_MARKER then
       if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad marker id' end
     end
-    if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW or kind == CMD.CONTINUE_AS_NEW then
+    if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW or kind == CMD.CONTINUE_AS_NEW
+        or kind == CMD.CANCEL_WORKFLOW then
       closes = true
     end
     if why and not invalid then invalid = why end
@@ -870,7 +881,9 @@ local function continue_as_new(run, wid, c, next_run, start_body)
 end
 
 -- Record a workflow task's completion (its commands checked by parse_commands):
--- WorkflowTaskCompleted (with the task's start time t0 and fence), one event per
+-- WorkflowTaskCompleted (with the task's start time t0, fence, worker and `ord`: the
+-- worker applied the task's messages before what resumes the code, which its replay
+-- must do too; histories written before the flag replay in history order), one event per
 -- command and what each starts, then, unless it closed the run, the events buffered
 -- while the task ran (another task is scheduled for them) and the drop of its message.
 -- c: {fence, t0, worker, tq, retention, sticky_ms, cmds, closes, stream and msg (the
@@ -882,7 +895,7 @@ end
 local function record_task(run, wid, c)
   local fence = c.fence
   local last = append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
-    cmsgpack.pack({ t0 = c.t0, fence = fence, worker = c.worker }))
+    cmsgpack.pack({ t0 = c.t0, fence = fence, worker = c.worker, ord = 1 }))
   local closed = false
   local ak = act_key(run)
   local handed, seqs = {}, {}
@@ -923,12 +936,14 @@ local function record_task(run, wid, c)
     elseif kind == CMD.COMPLETE_UPDATE then
       last = append(run, wid, EV.WORKFLOW_EXECUTION_UPDATE_COMPLETED, body)
       finish_update(run, aux[1], body)
-    elseif kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW then
+    elseif kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW or kind == CMD.CANCEL_WORKFLOW then
       -- the closing event comes next; the run hash records this completion with it
       -- (closing the run drops the task message)
       local rec = { 'wft_done', done_string(fence, R.OK, LAST[run] + 1, '', c.call_id) }
       if kind == CMD.COMPLETE_WORKFLOW then
         last = close_run(run, RS.COMPLETED, EV.WORKFLOW_EXECUTION_COMPLETED, body, c.retention, rec, c.known)
+      elseif kind == CMD.CANCEL_WORKFLOW then
+        last = close_run(run, RS.CANCELED, EV.WORKFLOW_EXECUTION_CANCELED, body, c.retention, rec, c.known)
       else
         last = close_run(run, RS.FAILED, EV.WORKFLOW_EXECUTION_FAILED, body, c.retention, rec, c.known)
       end

@@ -11,7 +11,7 @@ if not run then return { R.REROUTE } end
 if run == '' or call('HGET', run_key(run), 'status') ~= RS.RUNNING then
   return { R.NOT_RUNNING, run }
 end
-if not signal_is_new(wid, rid) then return { R.DUPLICATE, run } end
+if not signal_is_new(wid, rid, run) then return { R.DUPLICATE, run } end
 note_messages(run)
 deliver(run, EV.WORKFLOW_EXECUTION_SIGNALED, body)
 return { R.OK, run }

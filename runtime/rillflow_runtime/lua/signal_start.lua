@@ -27,7 +27,7 @@ if cur[2] == RS.RUNNING then
   if running ~= wtype then  -- its input and signal were checked against another workflow
     return { R.INVALID, 'execution ' .. wid .. ' is running workflow ' .. tostring(running) .. ', not ' .. wtype }
   end
-  if not signal_is_new(wid, rid) then return { R.DUPLICATE, target, '0' } end
+  if not signal_is_new(wid, rid, target) then return { R.DUPLICATE, target, '0' } end
   note_messages(target)
   deliver(target, EV.WORKFLOW_EXECUTION_SIGNALED, sbody)
   return { R.OK, target, '0' }
