@@ -71,7 +71,7 @@ class RunReply:
 
 @dataclass(frozen=True)
 class UpdateReply:
-    reply: Reply  # ACCEPTED, DONE (outcome set) or NOT_RUNNING
+    reply: Reply  # ACCEPTED, DONE (outcome set), NOT_RUNNING or STALE (see update())
     run_id: str
     outcome: bytes | None = None
 
@@ -396,9 +396,14 @@ class Protocol:
             return SignalStartReply(reply, "", why=text(res[1]))
         return SignalStartReply(reply, text(res[1]), started=text(res[2]) == "1")
 
-    async def update(self, workflow_id: str, run_id: str | None, update_id: str, body: bytes) -> UpdateReply:
+    async def update(
+        self, workflow_id: str, run_id: str | None, update_id: str, body: bytes, expect: str = ""
+    ) -> UpdateReply:
+        """Accept an update (see update.lua); ``expect`` is for one with a validator:
+        ``"=" + fence`` (accept it only in the state the validator saw), ``"!"`` (only
+        answer for an id known already); either is answered STALE otherwise."""
         shard = self.ks.shard(workflow_id)
-        args = [workflow_id, run_id or "", update_id, body]
+        args = [workflow_id, run_id or "", update_id, body, expect]
         res = await self._client_call(
             shard, workflow_id, run_id, lambda keys: self._call("update", shard, args, keys)
         )

@@ -24,6 +24,7 @@ from rillflow.errors import (
     WorkflowQueryTimeoutError,
     WorkflowRegistrationConflictError,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRejectedError,
     WorkflowUpdateTimeoutError,
 )
 from rillflow.executor import WorkflowInfo
@@ -65,6 +66,7 @@ __all__ = [
     "WorkflowQueryTimeoutError",
     "WorkflowRegistrationConflictError",
     "WorkflowUpdateFailedError",
+    "WorkflowUpdateRejectedError",
     "WorkflowUpdateTimeoutError",
     "__version__",
     "activity",

@@ -147,6 +147,11 @@ class WorkflowUpdateFailedError(RillflowError):
         self.cause = cause
 
 
+class WorkflowUpdateRejectedError(WorkflowUpdateFailedError):
+    """The update's validator refused it: it was never accepted and left no trace in the
+    history; ``cause`` is what the validator raised."""
+
+
 class WorkflowUpdateTimeoutError(RillflowError, TimeoutError):
     """An accepted update had not finished in time; it still runs, and a call with the
     same update id waits for it again."""

@@ -664,29 +664,37 @@ class WorkflowInstance:
         """Run a query handler on the current state; its result as wire data. A handler
         that tried to change the run (schedule anything) raises QueryChangedStateError:
         the instance is no longer the history's and must be dropped."""
+        return h.sig.dump_result(self._read_only(h, h.method, f"query '{h.name}'", data))
+
+    def validate_update(self, h: HandlerDefinition, data: Any) -> None:
+        """Run update ``h``'s validator on the current state: whatever it raises rejects
+        the update. Read-only, as a query is (QueryChangedStateError otherwise)."""
+        if h.validator is not None:
+            self._read_only(h, h.validator, f"the validator of update '{h.name}'", data)
+
+    def _read_only(self, h: HandlerDefinition, method: str, what: str, data: Any) -> Any:
         if self.torn_down:
             raise RuntimeError(f"workflow instance of run {self.info.run_id} was torn down")
         args, kwargs = h.sig.decode_call(data)
         issued, ready, task_error = self._issued, len(self.loop.ready), self.task_error
         try:
             with self._inside():
-                value = getattr(self.obj, h.method)(*args, **kwargs)
+                value = getattr(self.obj, method)(*args, **kwargs)
         except ContinueAsNewError:
             raise _handler_continued(h) from None
         finally:
-            self.task_error = task_error  # a refusal of the guard fails the query, not the next task
+            self.task_error = task_error  # a refusal of the guard fails the call, not the next task
         if inspect.isawaitable(value):
             with contextlib.suppress(Exception):
                 value.close()  # type: ignore[attr-defined]
-            raise QueryChangedStateError(
-                f"query '{h.name}' returned an awaitable: a query handler is a plain def"
-            )
+            raise QueryChangedStateError(f"{what} returned an awaitable: it must be a plain def")
         if self._issued != issued or len(self.loop.ready) != ready:
             raise QueryChangedStateError(
-                f"query '{h.name}' tried to change the workflow (it scheduled work): "
-                "a query only reads state; use a signal to change it"
+                f"{what} tried to change the workflow (it scheduled work): "
+                f"{'a query' if method == h.method else 'a validator'} only reads state; use a "
+                "signal to change it"
             )
-        return h.sig.dump_result(value)
+        return value
 
     def _check_conditions(self) -> bool:
         fired = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from rillflow.errors import (
     WorkflowQueryFailedError,
     WorkflowQueryTimeoutError,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRejectedError,
     WorkflowUpdateTimeoutError,
     exception_from_failure,
 )
@@ -417,6 +420,12 @@ class WorkflowHandle:
         name, data, h = await self._handler_input("query", query, payload)
         body = pack({"name": name, "input": data})
         check_size(body, self.client.max_payload_bytes, f"query '{name}'")
+        answer = await self._ask_worker(body, timeout, f"query '{name}'")
+        return self._handler_result("query", name, h, answer)
+
+    async def _ask_worker(self, body: bytes, timeout: timedelta, what: str) -> dict[str, Any]:
+        """Have a worker of the run's task queue answer ``body`` (a query, or an update's
+        validation) against the run's state; its answer."""
         watcher = self.client.watcher
         await watcher.ensure_started()
         rid, fut = watcher.wait_reply()
@@ -437,14 +446,14 @@ class WorkflowHandle:
                 # nobody took it: no one should later
                 await self.client.redis.xdel(res.stream, res.message_id)
                 raise WorkflowQueryTimeoutError(
-                    f"no worker answered query '{name}' of execution {self.id!r} within "
+                    f"no worker answered {what} of execution {self.id!r} within "
                     f"{timeout.total_seconds():g} s: are workers serving task queue '{res.task_queue}' "
                     "running? (see `rillflow workers`)"
                 ) from None
         finally:
             watcher.forget(fut)
-        answer = unpack(got)
-        return self._handler_result("query", name, h, answer)
+        answer: dict[str, Any] = unpack(got)
+        return answer
 
     async def execute_update(
         self,
@@ -467,7 +476,10 @@ class WorkflowHandle:
             )
         body = pack({"update_id": uid, "name": name, "input": data})
         check_size(body, self.client.max_payload_bytes, f"update '{name}'")
-        res = await self._send(lambda run: self.client.protocol.update(self.id, run, uid, body))
+        if await self._validated(name, h):
+            res = await self._accept_validated(name, data, uid, body, timeout)
+        else:
+            res = await self._send(lambda run: self.client.protocol.update(self.id, run, uid, body))
         if res.reply is Reply.NOT_RUNNING:
             raise self._not_running(f"update '{name}' was not accepted")
         outcome = (
@@ -476,6 +488,63 @@ class WorkflowHandle:
             else await self._await_update(res.run_id, uid, name, timeout)
         )
         return self._handler_result("update", name, h, outcome)
+
+    async def _validated(self, name: str, h: HandlerDefinition | None) -> bool:
+        """Whether update ``name`` has a validator: said by its definition, else by what
+        the run's workers registered."""
+        if h is not None:
+            return h.validator is not None
+        if self.defn is not None:
+            return self.defn.handler("update", name).validator is not None
+        entry = await self.client._registration(await self._workflow_type())
+        spec = next(
+            (u for u in (entry.handlers.get("updates", []) if entry else []) if u["name"] == name), None
+        )
+        return bool(spec and spec.get("validated"))
+
+    async def _accept_validated(
+        self, name: str, data: Any, uid: str, body: bytes, timeout: timedelta | None
+    ) -> Any:
+        """Accept an update with a validator: a worker runs the validator on the run's
+        state (as of its last completed workflow task), and the update is accepted only
+        while that is still the run's state and that task saw every message the run got;
+        else it is validated again, once a task has caught up. A rejection writes
+        nothing, unless the id was accepted before (a retry): then it stands."""
+        ask = pack({"name": name, "input": data, "validate": True})
+        wait = min(timeout, timedelta(seconds=10)) if timeout else timedelta(seconds=10)
+        protocol = self.client.protocol
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait.total_seconds()
+        for attempt in itertools.count():
+            if attempt:  # the run moved on: let its workflow task see what came meanwhile
+                if loop.time() >= deadline:
+                    break
+                await asyncio.sleep(min(0.1, 0.002 * 2**attempt))
+            left = timedelta(seconds=max(0.05, deadline - loop.time()))
+            answer = await self._ask_worker(ask, left, f"the validation of update '{name}'")
+            if "failure" in answer:
+                known = await self._send(lambda run: protocol.update(self.id, run, uid, body, "!"))
+                if known.reply is not Reply.STALE:
+                    return known
+                cause = exception_from_failure(answer["failure"])
+                raise WorkflowUpdateRejectedError(
+                    f"update '{name}' of execution {self.id!r} was rejected by its validator: "
+                    f"{cause.type}: {cause.message}",
+                    cause,
+                )
+            res = await self._send(
+                functools.partial(self._update_expecting, uid, body, "=" + str(answer.get("result") or ""))
+            )
+            if res.reply is not Reply.STALE:
+                return res
+        raise RillflowError(
+            f"update '{name}' of execution {self.id!r} was not accepted: the run's state kept "
+            f"changing under its validator for {wait.total_seconds():g} s (or its workflow task "
+            "keeps failing: see `rillflow describe`); nothing was written, try again"
+        )
+
+    def _update_expecting(self, uid: str, body: bytes, expect: str, run: str | None) -> Awaitable[Any]:
+        return self.client.protocol.update(self.id, run, uid, body, expect)
 
     def _handler_result(
         self, kind: str, name: str, h: HandlerDefinition | None, outcome: dict[str, Any]

@@ -29,6 +29,7 @@ from rillflow_runtime.keyspace import NAME_RE
 T = TypeVar("T")
 _ENTRY_MARK = "__rillflow_entrypoint__"
 _HANDLER_MARK = "__rillflow_handler__"
+_VALIDATES_MARK = "__rillflow_validates__"
 DEFAULT_EXECUTION_TIMEOUT = timedelta(hours=1)
 
 
@@ -47,10 +48,11 @@ class HandlerDefinition:
     sig: Signature
     is_async: bool
     description: str | None = None
+    validator: str | None = None  # an update's: the method that may reject it (see update())
 
     def spec(self) -> dict[str, Any]:
         """What the registry publishes about it, as a console renders a form."""
-        spec = {
+        spec: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
             "input_schema": self.sig.input_schema(),
@@ -58,6 +60,8 @@ class HandlerDefinition:
         }
         if self.kind != "signal":
             spec["output_schema"] = self.sig.output_schema()
+        if self.validator:
+            spec["validated"] = True  # a caller asks a worker to validate it first
         return spec
 
 
@@ -136,6 +140,59 @@ def _mark(
     return fn
 
 
+def _validator_of(method: str, update: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``@my_update.validator``: a plain ``def`` taking the update's parameters, run by a
+    worker on the run's state before the update is accepted. It rejects the update by
+    raising (anything); a rejected update leaves no trace in the history and its caller
+    gets WorkflowUpdateRejectedError. Like a query, it reads and never changes state."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(fn) or not hasattr(fn, "__name__"):
+            raise WorkflowDefinitionError(f"@{method}.validator decorates a method of the workflow class")
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise WorkflowDefinitionError(
+                f"the validator of update '{update}' ({fn.__name__}) must be a plain def: it runs "
+                "before the update is accepted and may not wait"
+            )
+        if fn.__name__ == method:
+            raise WorkflowDefinitionError(
+                f"the validator of update '{update}' is named {method!r} like the update's method, "
+                f"which it would replace: give it a name of its own (validate_{method})"
+            )
+        setattr(fn, _VALIDATES_MARK, (update, method))
+        return fn
+
+    return decorate
+
+
+def _attach_validators(workflow: str, cls: type, updates: dict[str, HandlerDefinition]) -> None:
+    """Each ``@my_update.validator`` of ``cls`` onto its update's definition; its
+    parameters must be the update's, so that the caller's input fits both."""
+    for attr, m in inspect.getmembers(cls):
+        mark = getattr(m, _VALIDATES_MARK, None)
+        if not isinstance(mark, tuple):
+            continue
+        update, method = mark
+        h = next((u for u in updates.values() if u.method == method), None)
+        if h is None:
+            raise WorkflowDefinitionError(
+                f"workflow '{workflow}': {attr} validates update '{update}', which the class does not "
+                "define (the validator must be defined after it, under another name)"
+            )
+        if h.validator is not None and h.validator != attr:
+            raise WorkflowDefinitionError(
+                f"workflow '{workflow}': update '{update}' has two validators ({h.validator} and {attr})"
+            )
+        want = list(inspect.signature(getattr(cls, method)).parameters)
+        got = list(inspect.signature(m).parameters)
+        if want != got:
+            raise WorkflowDefinitionError(
+                f"workflow '{workflow}': validator {attr} takes ({', '.join(got)}) but update "
+                f"'{update}' takes ({', '.join(want)}): give it the update's parameters"
+            )
+        updates[h.name] = dataclasses.replace(h, validator=attr)
+
+
 def get_workflow_definition(cls: Any) -> WorkflowDefinition:
     defn = getattr(cls, "__rillflow_workflow__", None)
     if not isinstance(defn, WorkflowDefinition):
@@ -195,6 +252,7 @@ class workflow:
                         f"({same[h.name].method} and {h.method}); give each its own name"
                     )
                 same[h.name] = h
+            _attach_validators(name, cls, handlers["update"])
             cls.__rillflow_workflow__ = WorkflowDefinition(  # type: ignore[attr-defined]
                 name=name,
                 cls=cls,
@@ -259,7 +317,9 @@ class workflow:
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             fn = _method(fn, "update", name)
-            return _mark(fn, "update", name, description, _answering(fn, "update"))
+            fn = _mark(fn, "update", name, description, _answering(fn, "update"))
+            fn.validator = _validator_of(fn.__name__, name or fn.__name__)  # type: ignore[attr-defined]
+            return fn
 
         return decorate
 

@@ -446,9 +446,11 @@ local function finish_update(run, id, body)
 end
 
 -- Set on the run hash when a signal or an update reaches it: only then does closing
--- the run touch their keys, so runs without messages pay nothing for them.
+-- the run touch their keys, so runs without messages pay nothing for them. `unseen`
+-- stays until a completed workflow task has seen every message (record_task): an
+-- update's validator must not run on a state that lacks one (update.lua).
 local function note_messages(run)
-  call('HSET', run_key(run), 'msgs', 1)
+  call('HSET', run_key(run), 'msgs', 1, 'unseen', 1)
 end
 
 -- (the packed history is written with its expiry; an act hash folded away is gone)
@@ -570,7 +572,7 @@ local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'l
 
 -- What a started task's completion reads of its run, in this order.
 local COMPLETE_FIELDS = { 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q', 'msgbuf',
-  'wft_done', 'wft_failures', 'last_eid', 'msgs', 'hbytes' }
+  'wft_done', 'wft_failures', 'last_eid', 'msgs', 'hbytes', 'unseen' }
 
 -- Where each of the fields `want` sits in an HMGET of the fields `have`, worked out when
 -- the library loads (a field `have` lacks fails the load, not a call), so that a caller
@@ -661,7 +663,7 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
   -- wft_done). Removed before the closing fields are written: the hash is then never
   -- larger than its final form, and its allocation fits that form.
   call('HDEL', rk, 'wft', 'wft_msg', 'wft_q', 'wft_start_ms', 'wft_by', 'wft_fence', 'wft_seq', 'sticky',
-    'sticky_ms', 'msgbuf', 'deadline_ms', 'hbytes')
+    'sticky_ms', 'msgbuf', 'deadline_ms', 'hbytes', 'wtc', 'unseen')
   BYTES[run] = false
   for _, v in ipairs(extra or {}) do fields[#fields + 1] = v end
   hset_run(run, unpack(fields))
@@ -890,8 +892,9 @@ end
 -- task's message, if it has one), spec (a speculative first task: it never started, so
 -- nothing of it was buffered or timed, its attempt is the run's first, and its
 -- `call_id` goes in the record), known (the run's CLOSE_FIELDS as the caller read them,
--- for close_run, when the task closes the run)}. Returns the last event id of the
--- commands and the activities handed to the worker as {seq, deadline, ...}.
+-- for close_run, when the task closes the run), seen (the task saw every message the run
+-- has: none came while it ran, so its completion clears `unseen`)}. Returns the last
+-- event id of the commands and the activities handed to the worker as {seq, deadline, ...}.
 local function record_task(run, wid, c)
   local fence = c.fence
   local last = append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
@@ -960,14 +963,17 @@ local function record_task(run, wid, c)
     -- the next task of this run goes to this worker, which now holds it in cache
     local sticky = c.sticky_ms > 0 and c.worker or ''
     local done = done_string(fence, R.OK, last, seq_ranges(seqs), c.call_id)
+    -- wtc: the fence of the last task that changed the run's state (update.lua)
+    if c.seen then call('HDEL', run_key(run), 'unseen') end
     if c.spec then  -- (never started: nothing was buffered; this was the run's first attempt)
-      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '',
-        'wft_seq', 1)
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wtc', fence, 'wft', WT.NONE,
+        'wft_msg', '', 'wft_seq', 1)
     elseif flush_buffer(run, wid) > 0 then
-      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done)
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wtc', fence)
       schedule_wft(run, c.tq)
     else
-      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wft', WT.NONE, 'wft_msg', '')
+      hset_run(run, 'sticky', sticky, 'sticky_ms', c.sticky_ms, 'wft_done', done, 'wtc', fence, 'wft', WT.NONE,
+        'wft_msg', '')
     end
   end
   return last, handed

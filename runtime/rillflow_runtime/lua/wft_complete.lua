@@ -127,7 +127,7 @@ for _, t in ipairs(tasks) do
         if r[10] then call('HDEL', rk, 'wft_failures', 'wft_failure') end
         local last, handed = record_task(run, wid, { fence = fence, t0 = tonumber(r[6]), worker = worker,
           tq = tq, retention = retention, sticky_ms = sticky_ms, cmds = t.cmds, closes = t.closes,
-          stream = r[7], msg = r[5], known = t.closes and pick(r, CLOSE_FROM_COMPLETE) })
+          stream = r[7], msg = r[5], known = t.closes and pick(r, CLOSE_FROM_COMPLETE), seen = r[14] and not r[8] })
         out[#out + 1] = { R.OK, last, NOW, handed, fence }
       end
     end

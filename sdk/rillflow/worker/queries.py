@@ -17,7 +17,7 @@ from rillflow.worker.workflow_tasks import WorkflowTasks
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.connections import TRANSIENT
 from rillflow_runtime.keyspace import GROUP
-from rillflow_runtime.model import Reply
+from rillflow_runtime.model import EventType, Reply
 
 log = structlog.get_logger("rillflow.worker")
 
@@ -76,7 +76,10 @@ class Queries:
                 await pipe.execute()
 
     async def _answer(self, shard: int, run: str, wid: str, wtype: str, body: dict[str, Any]) -> Any:
-        name, data = str(body.get("name")), body.get("input")
+        """A query's result; for a validation (``validate``, see handle.execute_update),
+        the fence of the completed workflow task whose state the validator accepted the
+        update in ('' before any), which the update's acceptance must still find."""
+        name, data, validate = str(body.get("name")), body.get("input"), bool(body.get("validate"))
         cached = self.cache.peek(run)
         if cached is not None:
             done = await self.ctx.redis.hget(self.ctx.ks.run(shard, run), "wft_done")
@@ -91,6 +94,9 @@ class Queries:
         if cached is not None:
             inst = cached.instance
             try:
+                if validate:
+                    inst.validate_update(inst.defn.handler("update", name), data)
+                    return cached.fence
                 return inst.answer_query(inst.defn.handler("query", name), data)
             except QueryChangedStateError:
                 self.cache.evict(run)
@@ -101,6 +107,10 @@ class Queries:
         inst = self.tasks.new_instance(wid, run, wtype, start_ms, 1)
         try:
             replay(inst, events)
+            if validate:
+                inst.validate_update(inst.defn.handler("update", name), data)
+                tasks = [e for e in events if e.type == EventType.WORKFLOW_TASK_COMPLETED]
+                return str(tasks[-1].attributes.get("fence") or "") if tasks else ""
             return inst.answer_query(inst.defn.handler("query", name), data)
         finally:
             discard(inst)
