@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -225,6 +225,33 @@ async def test_oversized_result_fails_the_workflow_task_visibly(redis_url: str) 
     assert "PayloadTooLargeError" in d.last_workflow_task_failure.message
     assert "result of workflow 'hello_workflow'" in d.last_workflow_task_failure.message
     assert d.status == "running"  # a bug to fix in the code, not a failed run
+    await c.close()
+
+
+async def test_a_timer_past_ten_years_fails_the_task_naming_it(client: Client) -> None:
+    async with Worker(client, workflows=[flows.TimerWorkflow], activities=[], **FAST):  # type: ignore[arg-type]
+        h = await client.start_workflow(flows.TimerWorkflow, {"seconds": 86400 * 365 * 20})
+        await wait_until(lambda: _wft_failed(h), 10)
+    d = await h.describe()
+    assert d.last_workflow_task_failure is not None
+    assert "is longer than the 3650 days a timer may wait" in d.last_workflow_task_failure.message
+    assert d.status == "running" and d.pending_timers == []  # nothing was recorded of it
+    # a time stored before the cap existed, past what datetime holds, still describes
+    await client.redis.hset(client.keyspace.run(h.shard, h.run_id or ""), "deadline_ms", 10**17)
+    assert (await h.describe()).execution_deadline == datetime.max.replace(tzinfo=UTC)
+    await h.terminate("done")
+
+
+async def test_an_oversized_cancel_or_termination_reason_is_refused(redis_url: str) -> None:
+    c = await Client.connect(redis_url, max_payload_bytes=1000)
+    h = await c.start_workflow(flows.TimerWorkflow, {"seconds": 60})
+    before = len(await h.history())
+    with pytest.raises(workflows.PayloadTooLargeError, match="cancel reason"):
+        await h.cancel("x" * 2000)
+    with pytest.raises(workflows.PayloadTooLargeError, match="termination reason"):
+        await h.terminate("x" * 2000)
+    assert len(await h.history()) == before and (await h.describe()).status == "running"
+    await h.terminate("done")
     await c.close()
 
 

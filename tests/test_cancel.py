@@ -6,6 +6,7 @@ not started never starts), its timers too."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,38 @@ async def test_rillflow_cancel(client: Client, redis_url: str) -> None:
     hist = rf("history", "cli-cancel", "--url", redis_url)
     assert "WorkflowExecutionCancelRequested" in hist.stdout and "from the shell" in hist.stdout
     assert_one_line(rf("cancel", "cli-cancel", "--url", redis_url), 3, "nothing to cancel")
+
+
+@workflow.define(name="slow_continue", enforce_determinism=False)
+class SlowContinueWorkflow:
+    """Continues as new after a step; its first closing task runs long (a marker file
+    says when it started), so that a cancel arrives while it is in flight."""
+
+    @workflow.entrypoint
+    async def run(self, marker: str) -> None:
+        await flows.step(1)
+        if marker:
+            Path(marker).write_text("closing")
+            time.sleep(1.0)
+        workflow.continue_as_new({"marker": ""})
+
+
+SLOW_CONTINUE = [SlowContinueWorkflow, flows.step]  # (a worker process: the task blocks its loop)
+
+
+async def test_a_cancel_that_arrives_while_the_run_continues_as_new_is_not_lost(
+    client: Client, redis_url: str, worker_procs: Any, tmp_path: Path
+) -> None:
+    """The task that would continue as new is run again for the cancel that came while it
+    ran, and the code gets CancelledError at its await: the run ends canceled, and no
+    next run starts without the cancel."""
+    marker = tmp_path / "closing"
+    worker_procs(redis_url, target="tests.test_cancel:SLOW_CONTINUE")
+    h = await client.start_workflow(SlowContinueWorkflow, {"marker": str(marker)}, execution_id="slow-can")
+    await wait_until(marker.exists, 15)
+    await h.cancel("stop")  # buffered: the closing task is in flight
+    with pytest.raises(workflows.WorkflowFailureError) as ei:
+        await h.result(timeout=30)
+    assert (ei.value.status, ei.value.run_id) == ("canceled", h.run_id)
+    d = await client.get_workflow_handle("slow-can").describe()
+    assert (d.status, d.run_id) == ("canceled", h.run_id)  # no run after it

@@ -197,6 +197,9 @@ def test_a_file_named_like_a_module_already_imported_is_loaded_from_its_path(
     assert [w.__name__ for w in wfs] == ["FromQueuePy"] and acts == []
     assert sys.modules["queue"] is queue and hasattr(queue, "Queue")
     assert load_target(str(tmp_path / "queue.py") + ":FromQueuePy")[0] == wfs  # loaded once
+    # a dotted file name is no module path: the file itself is loaded
+    (tmp_path / "flows.v2.py").write_text((tmp_path / "queue.py").read_text().replace("FromQueuePy", "V2"))
+    assert [w.__name__ for w in load_target(str(tmp_path / "flows.v2.py"))[0]] == ["V2"]
 
 
 def test_errors_have_exit_codes(redis_url: str) -> None:

@@ -28,6 +28,7 @@ from rillflow.executor import WorkflowInfo, WorkflowInstance, run_task
 from rillflow.history import HistoryEvent
 from rillflow.workflow import get_workflow_definition
 from rillflow_runtime.codec import unpack
+from rillflow_runtime.model import ACTIVATION_ORDER
 from tests.conftest import FAST, ROOT, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -305,11 +306,22 @@ class BranchesOnPokesWorkflow:
         return self.pokes
 
 
-def _branch_history(wtc2: dict[str, Any]) -> list[HistoryEvent]:
+def _branch_history(wtc2: dict[str, Any], *, messages_first: bool = False) -> list[HistoryEvent]:
     """An activity's result and a signal in one task, completed (with ``wtc2``) by a
-    worker that resumed the code first: it returned 0 without the second activity."""
+    worker that resumed the code first (it returned 0 without the second activity) or,
+    ``messages_first``, that ran the signal's handler first (it called the second)."""
     start = HistoryEvent(
         1, "WorkflowExecutionStarted", T0, {"workflow_type": "exec_branches_on_pokes", "input": {}}
+    )
+    then = (
+        [
+            HistoryEvent(7, "ActivityTaskScheduled", T0, {"seq": 2, "name": "record", "input": ["poked"]}),
+            HistoryEvent(8, "ActivityTaskCompleted", T0, {"seq": 2, "result": "poked"}),
+            HistoryEvent(9, "WorkflowTaskCompleted", T0, wtc2),
+            HistoryEvent(10, "WorkflowExecutionCompleted", T0, {"result": 1}),
+        ]
+        if messages_first
+        else [HistoryEvent(7, "WorkflowExecutionCompleted", T0, {"result": 0})]
     )
     return [
         start,
@@ -318,20 +330,52 @@ def _branch_history(wtc2: dict[str, Any]) -> list[HistoryEvent]:
         HistoryEvent(4, "ActivityTaskCompleted", T0, {"seq": 1, "result": "a"}),
         HistoryEvent(5, "WorkflowExecutionSignaled", T0, {"name": "poke", "input": None}),
         HistoryEvent(6, "WorkflowTaskCompleted", T0, wtc2),
-        HistoryEvent(7, "WorkflowExecutionCompleted", T0, {"result": 0}),
+        *then,
     ]
 
 
-def test_a_task_completed_before_the_message_order_replays_in_history_order() -> None:
-    """Histories written before activations ran messages first still replay: each task
-    is replayed in the order its completion says it ran."""
+def test_tasks_completed_before_orders_were_recorded_replay_in_the_order_they_ran() -> None:
+    """A task's completion records how it ordered its events (``ord``); one recorded
+    without it ran in history order or, in the releases just before ``ord``, messages
+    first. Histories of both kinds still replay, and a recorded order is followed."""
     replayer = workflows.Replayer([BranchesOnPokesWorkflow])
     assert replayer.replay(_branch_history({})).ok
-    # the same events from a task that says it ran messages first: the code now takes
-    # the other branch, which that history does not record
+    assert replayer.replay(_branch_history({}, messages_first=True)).ok
+    assert replayer.replay(_branch_history({"ord": 1}, messages_first=True)).ok
+    # a task that says it ran messages first, recorded as history order ran it: the code
+    # takes the other branch, which that history does not record
     flagged = replayer.replay(_branch_history({"ord": 1}))
     assert isinstance(flagged.failure, workflows.NonDeterminismError)
     assert "ScheduleActivity" in str(flagged.failure)
+
+
+@workflows.workflow.define(name="exec_continues_after_a_step")
+class ContinuesAfterAStepWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, n: int) -> None:
+        await record(str(n))
+        workflow.continue_as_new({"n": n + 1})
+
+
+@pytest.mark.parametrize("cancel_first", [False, True], ids=["result-first", "cancel-first"])
+def test_a_cancel_beside_the_result_the_code_resumes_on_reaches_the_code(cancel_first: bool) -> None:
+    """A cancel request in the same task as the result the code waits on: the code gets
+    CancelledError at that await (it would otherwise continue as new, and the next run
+    would never hear of the cancel), whatever their order in the history."""
+    inst = _instance(ContinuesAfterAStepWorkflow)
+    start = HistoryEvent(1, "WorkflowExecutionStarted", T0, {"input": {"n": 1}})
+    assert _first_idents(run_task(inst, [start], T0, fresh=True)) == ["ScheduleActivity"]
+    done = {"seq": 1, "result": "1"}
+    cancel = {"reason": "stop"}
+    kinds = [("WorkflowExecutionCancelRequested", cancel), ("ActivityTaskCompleted", done)]
+    events = [
+        HistoryEvent(4 + i, t, T0, a) for i, (t, a) in enumerate(kinds if cancel_first else kinds[::-1])
+    ]
+    assert _first_idents(run_task(inst, events, T0, fresh=False)) == ["CancelWorkflow"]
+
+
+def _first_idents(cmds: list[Any]) -> list[str]:
+    return [c.ident[0] for c in cmds]
 
 
 async def test_every_completed_task_records_its_message_order(client: Client) -> None:
@@ -339,7 +383,7 @@ async def test_every_completed_task_records_its_message_order(client: Client) ->
         h = await client.start_workflow(CountsPokesWorkflow)
         assert await h.result(timeout=10) == 0
     wtcs = [e for e in await h.history() if e.type == "WorkflowTaskCompleted"]
-    assert wtcs and all(e.attributes.get("ord") == 1 for e in wtcs)
+    assert wtcs and all(e.attributes.get("ord") == ACTIVATION_ORDER for e in wtcs)
 
 
 # -- seeds -------------------------------------------------------------------------------------

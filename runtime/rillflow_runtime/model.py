@@ -180,3 +180,9 @@ INPUT_EVENTS = frozenset(
 # mistake, and past the clock's range once added to now. The scripts get it as
 # MAX_DURATION_MS (scripts.lua_constants), the SDK as rillflow.durations.MAX_DURATION.
 MAX_DURATION_MS = 10 * 365 * 86_400_000
+
+# How the workflow tasks completed now applied their events (sdk executor's
+# _activation_order), recorded in each WorkflowTaskCompleted as `ord` so that a replay
+# applies each task's events as that task did: 1, messages first; 2, messages and
+# cancel requests first. Raised, never reused, when the order changes.
+ACTIVATION_ORDER = 2

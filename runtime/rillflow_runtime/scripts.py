@@ -20,7 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from rillflow_runtime.model import ENUMS, EVENT_CODES, MAX_DURATION_MS
+from rillflow_runtime.model import ACTIVATION_ORDER, ENUMS, EVENT_CODES, MAX_DURATION_MS
 
 NAMES = (
     "start",
@@ -63,6 +63,7 @@ def lua_constants() -> str:
     codes = ", ".join(f"{e.value} = {i}" for i, e in enumerate(EVENT_CODES, 1))
     lines.append(f"local EVCODE = {{ {codes} }}")
     lines.append(f"local MAX_DURATION_MS = {MAX_DURATION_MS}")
+    lines.append(f"local ACTIVATION_ORDER = {ACTIVATION_ORDER}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """The ``rillflow`` command.
 
-Exit codes: 0 success; 1 the workflow failed, timed out or was terminated (or a query
-or update handler failed); 2 bad usage or input; 3 no such execution or workflow, or it
+Exit codes: 0 success; 1 the workflow failed, timed out, was canceled or terminated (or
+a query or update handler failed, or an update was rejected); 2 bad usage or input; 3 no such execution or workflow, or it
 is already running; 4 Redis unreachable, or refusing us (credentials, ACL permissions,
 a database number it does not have, a read-only replica); 5 no answer in time (a query
 or an update). A user's mistake is one line on stderr, never a traceback.
@@ -310,11 +310,13 @@ def _import_file(path: Path) -> ModuleType:
     a name of its own, so that a file named like another module (queue.py, select.py,
     one imported already) is never mistaken for it nor replaces it."""
     spec = None
-    with contextlib.suppress(ImportError, ValueError):
-        spec = importlib.util.find_spec(path.stem)
+    if "." not in path.stem:  # (a dotted stem names a package's module: never this file)
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(path.stem)
     if spec is not None and spec.origin and Path(spec.origin).resolve() == path.resolve():
         return importlib.import_module(path.stem)
-    name = f"rillflow_file_{zlib.crc32(str(path.resolve()).encode()):08x}_{path.stem}"
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"rillflow_file_{zlib.crc32(str(path.resolve()).encode()):08x}_{stem}"
     if (mod := sys.modules.get(name)) is not None:
         return mod
     spec = importlib.util.spec_from_file_location(name, path)

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import ctypes
 import datetime as _datetime
+import functools
 import inspect
 import os
 import random
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from rillflow.durations import MAX_DURATION
 from rillflow.errors import (
     ActivityError,
     ContinueAsNewError,
@@ -48,7 +50,7 @@ from rillflow.errors import (
 from rillflow.history import COMMAND_EVENTS, INPUT_EVENTS, HistoryEvent
 from rillflow.payloads import check_size
 from rillflow_runtime.codec import pack
-from rillflow_runtime.model import CommandKind, EventType
+from rillflow_runtime.model import ACTIVATION_ORDER, CommandKind, EventType
 
 log = structlog.get_logger("rillflow.workflow")
 
@@ -511,6 +513,14 @@ class WorkflowInstance:
         self._patches: dict[str, bool] = {}  # each patch id's answer, fixed for the run
         self._markers_ahead: frozenset[str] = frozenset()  # the replayed task's recorded patches
 
+    def restart(self) -> None:
+        """Drop everything the instance ran and start over, as newly made for the same
+        run (a replay that must be tried again: see replay)."""
+        limit = self.max_payload_bytes
+        self.teardown()
+        self.__init__(self.defn, self.info)  # type: ignore[misc]
+        self.max_payload_bytes = limit
+
     # -- driving ---------------------------------------------------------------------------
     def activate(
         self,
@@ -518,7 +528,7 @@ class WorkflowInstance:
         now_ms: int,
         replaying: bool,
         markers: frozenset[str] = frozenset(),
-        messages_first: bool = True,
+        order: int = ACTIVATION_ORDER,
     ) -> list[Command]:
         """Apply one activation's events, step the workflow code until every coroutine
         waits, and return the commands it issued (none after the one that closes the run).
@@ -535,9 +545,9 @@ class WorkflowInstance:
         workflow task, never completed, times out and a worker runs it again.
 
         ``markers``: on replay, the patch ids the task being replayed recorded (see
-        :meth:`patched`). ``messages_first``: apply the events in :func:`_activation_order`
-        (every live activation, and a replayed one whose task recorded that it ran so);
-        else in history order, as tasks completed before that order existed ran."""
+        :meth:`patched`). ``order``: how the events are applied (see
+        :func:`_activation_order`): every live activation's is ACTIVATION_ORDER, a
+        replayed one's the order its task recorded it ran in."""
         if self.torn_down:
             raise RuntimeError(f"workflow instance of run {self.info.run_id} was torn down")
         self.now_ms = now_ms
@@ -545,7 +555,7 @@ class WorkflowInstance:
         self.replaying = replaying
         self._markers_ahead = markers
         self.commands = []
-        for ev in sorted(events, key=_activation_order) if messages_first else events:
+        for ev in sorted(events, key=functools.partial(_activation_order, order)) if order else events:
             self._apply(ev)
         self._run_until_blocked()
         if self.task_error is not None:
@@ -1069,6 +1079,11 @@ class WorkflowInstance:
         if self.closed:  # never issued, so never fired: the run is over
             self._issued += 1
             return h
+        if delay > MAX_DURATION.total_seconds():  # (raised at the code's await: a bug to fix)
+            raise InvalidInputError(
+                f"a timer of {delay:g} s in workflow '{self.defn.name}' is longer than the "
+                f"{MAX_DURATION.days} days a timer may wait"
+            )
         self.timer_seq += 1
         seq = self.timer_seq
         ms = max(1, round(delay * 1000))
@@ -1104,18 +1119,23 @@ class WorkflowInstance:
 
 
 _MESSAGES = frozenset({"WorkflowExecutionSignaled", "WorkflowExecutionUpdateAccepted"})
+_CANCEL = "WorkflowExecutionCancelRequested"
 
 
-def _activation_order(ev: HistoryEvent) -> int:
+def _activation_order(order: int, ev: HistoryEvent) -> int:
     """Within one activation: the start, then signals and updates (each kind in history
     order), then what resolves the code's awaits. A handler's task is created before the
     code resumes, so the code sees every message its task delivered before it goes on;
     otherwise a run resuming on an activity's result could return (or continue as new)
     without the signal recorded beside that result, as Temporal's activations order
-    their jobs too. Every WorkflowTaskCompleted written since records ``ord`` (see
-    record_task in lib.lua), and only those activations are sorted on replay: a history
-    written before keeps the order it ran in."""
-    return 0 if ev.type == "WorkflowExecutionStarted" else 1 if ev.type in _MESSAGES else 2
+    their jobs too. From order 2 on, a cancel request comes with the messages: the code
+    gets CancelledError at the await it is at, instead of resuming on a result beside the
+    request and closing (or continuing as new) without seeing it. Order 0 is history
+    order, as tasks ran before orders existed. Each WorkflowTaskCompleted records its
+    task's order as ``ord`` (see record_task in lib.lua), and a replay applies that one."""
+    if ev.type == "WorkflowExecutionStarted":
+        return 0
+    return 1 if ev.type in _MESSAGES or (order >= 2 and ev.type == _CANCEL) else 2
 
 
 def run_task(
@@ -1151,7 +1171,27 @@ def run_task(
 def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[HistoryEvent]:
     """Replay every activation the history records (each ends at a WorkflowTaskCompleted
     and the command events after it must match what the code issues); returns the input
-    events no workflow task has seen yet."""
+    events no workflow task has seen yet.
+
+    A task recorded without ``ord`` ran in one of two orders: messages first (order 1,
+    the releases just before ``ord``), or history order (0, the ones before those). Such
+    a history is replayed in order 1 and, should that not reproduce it, once more from
+    the start in order 0 (the instance restarted); the first attempt's error is raised
+    if neither does."""
+    if not any(e.type == EventType.WORKFLOW_TASK_COMPLETED and not e.attributes.get("ord") for e in events):
+        return _replay(instance, events, 1)
+    try:
+        return _replay(instance, events, 1)
+    except (NonDeterminismError, WorkflowTaskError) as first:
+        instance.restart()
+        try:
+            return _replay(instance, events, 0)
+        except (NonDeterminismError, WorkflowTaskError):
+            raise first from None
+
+
+def _replay(instance: WorkflowInstance, events: list[HistoryEvent], unordered: int) -> list[HistoryEvent]:
+    """``unordered``: the order of the tasks that recorded none (see replay)."""
     pending: list[HistoryEvent] = []
     i, n = 0, len(events)
     size = 0  # the bytes of the events' bodies before events[i]
@@ -1175,9 +1215,9 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
                     if e.type == EventType.MARKER_RECORDED and e.attributes.get("marker") == "patch"
                 )
                 t0 = int(ev.attributes.get("t0") or ev.time_ms)
-                # (a task completed without the order flag ran its events in history order)
-                first = bool(ev.attributes.get("ord"))
-                cmds = instance.activate(pending, t0, True, markers, first)
+                cmds = instance.activate(
+                    pending, t0, True, markers, int(ev.attributes.get("ord") or unordered)
+                )
                 pending = []
                 _check_replay(instance, cmds, recorded)
                 i = j

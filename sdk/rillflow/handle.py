@@ -100,7 +100,14 @@ def _next_run(status: Any, outcome: Any) -> str | None:
 
 
 def _dt(ms: Any) -> datetime | None:
-    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC) if ms else None
+    """A time the scripts wrote (ms). Past what datetime holds (a run started before the
+    ten-year cap on timeouts) reads as the largest it holds, not as an error."""
+    if not ms:
+        return None
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return datetime.max.replace(tzinfo=UTC)
 
 
 CHAIN_HOPS = 8  # how often a message follows a chain that keeps continuing under it
@@ -636,6 +643,7 @@ class WorkflowHandle:
         or complete. Returns once the request is recorded; asking again changes nothing.
         Use :meth:`terminate` for a hard stop."""
         body, rid = pack({"reason": reason or "canceled"}), uuid.uuid4().hex
+        check_size(body, self.client.max_payload_bytes, "cancel reason")
         res = await self._send(lambda run: self.client.protocol.cancel(self.id, run, body, rid))
         if res.reply is Reply.NOT_RUNNING and not res.run_id:
             raise self._not_found()
@@ -648,6 +656,7 @@ class WorkflowHandle:
             uuid.uuid4().hex,
             self.client.settings.retention_ms,
         )
+        check_size(body, self.client.max_payload_bytes, "termination reason")
         res = await self._send(lambda run: self.client.protocol.terminate(self.id, run, body, keep, rid))
         if res.reply is not Reply.OK and not res.run_id:
             raise self._not_found()

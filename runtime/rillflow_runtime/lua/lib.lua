@@ -800,7 +800,9 @@ local function parse_commands(argv, at, n)
       if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'string' or aux[2] == '' then why = 'bad activity' end
       for k = 3, 9 do if type(aux[k]) ~= 'number' then why = 'bad activity options' end end
     elseif kind == CMD.START_TIMER then
-      if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'number' or aux[2] < 1 then why = 'bad timer' end
+      if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'number' or not (aux[2] >= 1 and aux[2] <= MAX_DURATION_MS) then
+        why = 'bad timer'
+      end
     elseif kind == CMD.CANCEL_TIMER or kind == CMD.CANCEL_ACTIVITY then
       if type(aux[1]) ~= 'number' then why = 'bad sequence number' end
     elseif kind == CMD.COMPLETE_UPDATE then
@@ -883,9 +885,9 @@ local function continue_as_new(run, wid, c, next_run, start_body)
 end
 
 -- Record a workflow task's completion (its commands checked by parse_commands):
--- WorkflowTaskCompleted (with the task's start time t0, fence, worker and `ord`: the
--- worker applied the task's messages before what resumes the code, which its replay
--- must do too; histories written before the flag replay in history order), one event per
+-- WorkflowTaskCompleted (with the task's start time t0, fence, worker and `ord`: how the
+-- worker ordered the task's events, ACTIVATION_ORDER, which its replay must follow),
+-- one event per
 -- command and what each starts, then, unless it closed the run, the events buffered
 -- while the task ran (another task is scheduled for them) and the drop of its message.
 -- c: {fence, t0, worker, tq, retention, sticky_ms, cmds, closes, stream and msg (the
@@ -898,7 +900,7 @@ end
 local function record_task(run, wid, c)
   local fence = c.fence
   local last = append(run, wid, EV.WORKFLOW_TASK_COMPLETED,
-    cmsgpack.pack({ t0 = c.t0, fence = fence, worker = c.worker, ord = 1 }))
+    cmsgpack.pack({ t0 = c.t0, fence = fence, worker = c.worker, ord = ACTIVATION_ORDER }))
   local closed = false
   local ak = act_key(run)
   local handed, seqs = {}, {}

@@ -28,7 +28,7 @@ local tq, retention, worker = ARGV[2], num(ARGV[3], 'retention', 1), ARGV[4]
 local sticky_ms, timeout = num(ARGV[5], 'sticky ms', 0), num(ARGV[6], 'timeout', 1)
 local max_events = num(ARGV[7], 'max events', 1)
 
-local AGAIN_WHY = 'signals or updates arrived before the run could close'
+local AGAIN_WHY = 'signals, updates or a cancel request arrived before the run could close'
 
 -- First pass: split the batch into tasks and check every command.
 local tasks = {}
