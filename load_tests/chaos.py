@@ -12,8 +12,8 @@ tail of the AOF: what an ``appendfsync everysec`` power loss does, limited to wh
 workers wrote while starts and signals were paused, so that nothing a client was told
 is lost. Every script checks that it touches only the keys its caller declared. Then
 it stops the chaos, waits (bounded) for every execution to close (following chains of
-continue-as-new), and prints one line per figure. It exits 1 unless lost runs, stuck runs, duplicated completions
-and duplicated signal applications are all 0.
+continue-as-new), and prints one line per figure. It exits 1 unless lost runs, stuck runs, duplicated completions,
+duplicated signal applications and wrong results are all 0.
 
 The seed fixes the workflows, the signals and the chaos schedule; which process a kill
 hits still depends on timing.
@@ -50,6 +50,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from load_tests.chaos_flows import (
+    CLEANUP_N,
+    HOP_STRIDE,
     SIGNAL_NAME,
     TALLY_ENV,
     TALLY_PREFIX,
@@ -61,6 +63,7 @@ from load_tests.chaos_flows import (
 from rillflow import (
     Client,
     HistoryEvent,
+    RillflowError,
     WorkflowAlreadyStartedError,
     WorkflowFailureError,
     WorkflowNotFoundError,
@@ -76,12 +79,14 @@ CLOSING = frozenset(
         "WorkflowExecutionTimedOut",
         "WorkflowExecutionTerminated",
         "WorkflowExecutionContinuedAsNew",
+        "WorkflowExecutionCanceled",
     }
 )
 # what a dropped connection or a restarting server raises through redis-py's retries
 TRANSIENT = (RedisError, ConnectionError, OSError, TimeoutError)
 T = TypeVar("T")
 Log = Callable[[str], None]
+CANCEL_SHARE = 0.1  # the share of executions the harness asks to cancel
 
 
 def say(line: str) -> None:
@@ -153,6 +158,10 @@ class RunRecord:
     acked: int = 0
     acked_sum: int = 0
     refused: str | None = None  # why a signal was refused, if one was
+    cancel_delay: float | None = None  # when the harness asks it to cancel, if it does
+    # what the cancel got: "acked" (recorded), "refused" (the run had closed, said to its
+    # first attempt), "unsure" (refused to a retry, or never acknowledged)
+    cancel: str | None = None
 
 
 def make_plans(cfg: ChaosConfig) -> list[RunRecord]:
@@ -170,6 +179,11 @@ def make_plans(cfg: ChaosConfig) -> list[RunRecord]:
         )
         delays = [rng.uniform(0.0, 1.5) for _ in range(plan.signals)]
         out.append(RunRecord(i, f"chaos-{cfg.seed}-{i}", plan, delays))
+    # one run in ten is asked to cancel (drawn apart, so the plans stay what a seed made)
+    cancels = random.Random(cfg.seed + 3)
+    for rec in out:
+        if cancels.random() < CANCEL_SHARE:
+            rec.cancel_delay = cancels.uniform(0.1, 3.0)
     return out
 
 
@@ -260,6 +274,28 @@ async def start_run(client: Client, rec: RunRecord) -> None:
         return str(handle.run_id)
 
     rec.run_id = await retrying(op)
+
+
+async def send_cancel(client: Client, rec: RunRecord, gate: Gate) -> None:
+    """Ask ``rec``'s execution to cancel after its delay, retried until answered."""
+    assert rec.cancel_delay is not None
+    await asyncio.sleep(rec.cancel_delay)
+    handle = client.get_workflow_handle(rec.execution_id)  # its current run: chains go on
+    attempts = 0
+
+    async def op() -> None:
+        nonlocal attempts
+        attempts += 1
+        await handle.cancel("chaos")
+
+    async with gate.write():
+        try:
+            await retrying(op)
+            rec.cancel = "acked"
+        except RillflowError as e:  # not running: it closed first (or an earlier attempt landed)
+            rec.cancel = "refused" if attempts == 1 and "not running" in str(e) else "unsure"
+        except TRANSIENT:
+            rec.cancel = "unsure"
 
 
 async def send_signals(client: Client, rec: RunRecord, gate: Gate) -> None:
@@ -471,6 +507,9 @@ class ChaosReport:
     signals_sent: int = 0
     signals_acked: int = 0
     signals_refused: list[str] = field(default_factory=list)
+    cancels_sent: int = 0
+    cancels_acked: int = 0
+    canceled: int = 0  # runs that ended canceled
     lost: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)  # the check itself failed: not a pass
     stuck: list[str] = field(default_factory=list)
@@ -497,7 +536,14 @@ class ChaosReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.stuck or self.dup_completions or self.dup_signals or self.unchecked)
+        return not (
+            self.lost
+            or self.stuck
+            or self.dup_completions
+            or self.dup_signals
+            or self.wrong
+            or self.unchecked
+        )
 
     def lines(self) -> list[str]:
         def fig(name: str, value: object, note: str = "") -> str:
@@ -510,6 +556,11 @@ class ChaosReport:
                 self.signals_acked,
                 f"of {self.signals_sent} sent"
                 + (f"; {len(self.signals_refused)} runs had one refused" if self.signals_refused else ""),
+            ),
+            fig(
+                "cancel requests acknowledged",
+                self.cancels_acked,
+                f"of {self.cancels_sent} sent; {self.canceled} runs ended canceled",
             ),
             fig("lost runs", len(self.lost)),
             fig(
@@ -678,6 +729,8 @@ class ChaosRun:
                     continue
             if rec.plan.signals:
                 self.senders.append(asyncio.create_task(send_signals(client, rec, self.gate)))
+            if rec.cancel_delay is not None:
+                self.senders.append(asyncio.create_task(send_cancel(client, rec, self.gate)))
 
     async def progress(self, client: Client, pool: WorkerPool) -> None:
         while True:
@@ -843,6 +896,8 @@ class ChaosRun:
         async def one(rec: RunRecord) -> None:
             rep.signals_sent += len(rec.sent)
             rep.signals_acked += rec.acked
+            rep.cancels_sent += rec.cancel is not None
+            rep.cancels_acked += rec.cancel == "acked"
             if rec.refused:
                 rep.signals_refused.append(f"{rec.execution_id}: {rec.refused}")
             if rec.run_id is None:
@@ -909,10 +964,18 @@ class ChaosRun:
             # each signal of an execution carries its own payload (1, 2, ...): a repeat is a
             # double delivery, within one run or carried into the next
             pokes += [signal_payload(e) for e in events if e.type == "WorkflowExecutionSignaled"]
+            # an activity cancelled with its run (asked to cancel) may never have started
+            dropped = {e.attributes.get("seq") for e in events if e.type == "ActivityTaskCancelRequested"}
             scheduled += [
                 (str(e.attributes.get("name")), int(e.attributes.get("input", {}).get("n", -1)))
                 for e in events
+                if e.type == "ActivityTaskScheduled" and e.attributes.get("seq") not in dropped
+            ]
+            cleanups = [
+                e
+                for e in events
                 if e.type == "ActivityTaskScheduled"
+                and int(e.attributes.get("input", {}).get("n", -1)) % HOP_STRIDE == CLEANUP_N
             ]
             if desc.status != "continued_as_new":
                 break
@@ -943,7 +1006,18 @@ class ChaosRun:
                 f"wft failures {desc.workflow_task_failures}; last events: {last_events(events)}"
             )
         result: dict[str, int] = {}
-        if desc.status != "running":
+        canceled = desc.status == "canceled"
+        if canceled:
+            rep.canceled += 1
+            if rec.cancel not in ("acked", "unsure"):
+                rep.wrong.append(
+                    f"{wid} run {run}: canceled, but its cancel was {rec.cancel or 'never sent'}"
+                )
+            elif len(cleanups) != 1:
+                rep.wrong.append(f"{wid} run {run}: canceled with {len(cleanups)} clean-up activities, not 1")
+        elif desc.status == "completed" and rec.cancel == "acked":
+            rep.wrong.append(f"{wid} run {run}: completed, though a cancel request was acknowledged")
+        if desc.status != "running" and not canceled:
             try:
                 result = await retrying(lambda: h.result(timeout=10))
             except WorkflowFailureError as e:
@@ -956,6 +1030,8 @@ class ChaosRun:
                 + (f"the workflow applied {applied} summing to {applied_sum}" if result else "still running")
                 + f"; signaled at {[e.event_id for e in events if e.type == 'WorkflowExecutionSignaled']}"
             )
+        if canceled:
+            rep.uncounted += [f"{wid} {key[0]} n={key[1]}" for key in scheduled if key not in executed]
         if not result:
             return
         want = expected_value(rec.plan)

@@ -3,8 +3,9 @@
 One workflow type mixes every kind of step the chaos must not break: async activities
 (some in parallel), a plain ``def`` activity (run in a thread), a durable timer, an
 activity that heartbeats and resumes from its details, signals it counts and waits
-for, and continue-as-new (a plan with ``hops`` runs its steps again in the next run of
-the same execution, carrying its value and the signals it has counted). What each step
+for, continue-as-new (a plan with ``hops`` runs its steps again in the next run of
+the same execution, carrying its value and the signals it has counted), and
+cancellation (a run asked to cancel runs one clean-up activity and ends canceled). What each step
 returns is plain arithmetic, so :func:`expected_value` can say what a run must return
 without running it.
 
@@ -34,6 +35,7 @@ TALLY_PREFIX = "chaos:exec:"
 WORKFLOW_NAME = "chaos_mix"
 SIGNAL_NAME = "poke"
 HOP_STRIDE = 100  # activity numbers of run k of a chain start at k * HOP_STRIDE
+CLEANUP_N = 99  # the clean-up activity of a cancelled run: number hop * HOP_STRIDE + 99
 
 # unlimited attempts: under chaos an attempt may time out any number of times, and a run
 # that fails because its worker kept dying would hide what the harness is looking for
@@ -124,6 +126,13 @@ class ChaosMix:
 
     @workflows.workflow.entrypoint
     async def run(self, plan: Plan) -> dict[str, int]:
+        try:
+            return await self._steps(plan)
+        except asyncio.CancelledError:  # asked to cancel: one clean-up activity, then canceled
+            await add(plan.hop * HOP_STRIDE + CLEANUP_N, 0, 0)
+            raise
+
+    async def _steps(self, plan: Plan) -> dict[str, int]:
         if not self.carried:  # a signal may run before the entrypoint: add to it, never reset it
             self.carried = True
             self.signals += plan.carried

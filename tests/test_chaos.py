@@ -37,6 +37,8 @@ async def test_short_chaos_run_loses_sticks_and_duplicates_nothing() -> None:
     assert report.stuck == [], summary
     assert report.dup_completions == [], summary
     assert report.dup_signals == [], summary
+    assert report.wrong == [], summary
+    assert report.cancels_sent > 0 and report.canceled > 0, summary  # cancellation was exercised
 
 
 async def test_the_checks_count_what_they_see(redis_url: str, monkeypatch: Any) -> None:
@@ -58,13 +60,18 @@ async def test_the_checks_count_what_they_see(redis_url: str, monkeypatch: Any) 
                 "lost": 0,
                 "closed-twice": 0,
                 "chained": 2,
+                "canceled": 1,
+                "canceled-unasked": 1,
             }
             recs = [RunRecord(i, wid, Plan(i=i, signals=n), []) for i, (wid, n) in enumerate(signals.items())]
-            fine, doubled, wrong, stuck, lost, closed_twice, chained = recs
+            fine, doubled, wrong, stuck, lost, closed_twice, chained, canceled, unasked = recs
             chained.plan.hops = 2  # checked across its three runs: counts nothing
-            for rec in (fine, doubled, stuck, closed_twice, chained):
+            for rec in (fine, doubled, stuck, closed_twice, chained, canceled, unasked):
                 h = await client.start_workflow(ChaosMix, rec.plan, execution_id=rec.execution_id)
                 rec.run_id = h.run_id
+            for rec in (canceled, unasked):  # waiting for a signal: cancelled there
+                await client.get_workflow_handle(rec.execution_id).cancel("checked")
+            canceled.cancel = "acked"  # the other, as if the harness had never asked
             h = await client.start_workflow(ChaosMix, Plan(i=30), execution_id=wrong.execution_id)
             wrong.run_id = h.run_id  # the harness expects what Plan(i=2) returns
             lost.run_id = "no-such-run"
@@ -82,7 +89,7 @@ async def test_the_checks_count_what_they_see(redis_url: str, monkeypatch: Any) 
                 rec.acked_sum += k
 
             async def closed() -> bool:
-                runs = (fine, doubled, wrong, closed_twice, chained)
+                runs = (fine, doubled, wrong, closed_twice, chained, canceled, unasked)
                 states = [(await client.get_workflow_handle(r.execution_id).describe()).status for r in runs]
                 return not {"running", "continued_as_new"} & set(states)
 
@@ -109,7 +116,9 @@ async def test_the_checks_count_what_they_see(redis_url: str, monkeypatch: Any) 
     assert ids(rep.lost) == ["lost"]
     assert ids(rep.dup_signals) == ["doubled"] and "payload 1 x2" in rep.dup_signals[0]
     assert ids(rep.dup_completions) == ["closed-twice"]
-    assert ids(rep.wrong) == ["wrong"]
+    assert sorted(ids(rep.wrong)) == ["canceled-unasked", "wrong"]
+    assert "canceled, but its cancel was never sent" in " ".join(rep.wrong)
+    assert rep.canceled == 2 and rep.cancels_acked == 1
     assert rep.unchecked == [] and rep.uncounted == []
     # every activity the finished runs scheduled ran once, in this quiet run
     assert rep.activities == rep.executions > 0
