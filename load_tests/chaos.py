@@ -507,6 +507,7 @@ class ChaosReport:
     signals_sent: int = 0
     signals_acked: int = 0
     signals_refused: list[str] = field(default_factory=list)
+    signals_refused_cancelled: int = 0  # refused by runs asked to cancel: expected
     cancels_sent: int = 0
     cancels_acked: int = 0
     canceled: int = 0  # runs that ended canceled
@@ -555,7 +556,12 @@ class ChaosReport:
                 "signals acknowledged",
                 self.signals_acked,
                 f"of {self.signals_sent} sent"
-                + (f"; {len(self.signals_refused)} runs had one refused" if self.signals_refused else ""),
+                + (f"; {len(self.signals_refused)} runs had one refused" if self.signals_refused else "")
+                + (
+                    f"; {self.signals_refused_cancelled} runs asked to cancel refused one"
+                    if self.signals_refused_cancelled
+                    else ""
+                ),
             ),
             fig(
                 "cancel requests acknowledged",
@@ -898,8 +904,10 @@ class ChaosRun:
             rep.signals_acked += rec.acked
             rep.cancels_sent += rec.cancel is not None
             rep.cancels_acked += rec.cancel == "acked"
-            if rec.refused:
+            if rec.refused and rec.cancel is None:  # (one asked to cancel may close before)
                 rep.signals_refused.append(f"{rec.execution_id}: {rec.refused}")
+            elif rec.refused:
+                rep.signals_refused_cancelled += 1
             if rec.run_id is None:
                 rep.not_started += 1
                 return

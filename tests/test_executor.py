@@ -349,6 +349,49 @@ def test_tasks_completed_before_orders_were_recorded_replay_in_the_order_they_ra
     assert "ScheduleActivity" in str(flagged.failure)
 
 
+@workflows.workflow.define(name="exec_branches_then_steps")
+class BranchesThenStepsWorkflow:
+    """As BranchesOnPokesWorkflow, then two steps: "d" is new in this version."""
+
+    def __init__(self) -> None:
+        self.pokes = 0
+
+    @workflows.workflow.signal(name="poke")
+    def poke(self) -> None:
+        self.pokes += 1
+
+    @workflows.workflow.entrypoint
+    async def run(self) -> int:
+        await record("a")
+        if self.pokes:
+            await record("poked")
+        await record("c")
+        await record("d")
+        return self.pokes
+
+
+def test_a_history_without_orders_that_changed_is_reported_where_it_changed() -> None:
+    """Recorded in history order by the code before "d" was added: the history order
+    replay gets past the signal and stops at "d", the change, which is what it names
+    (the messages-first attempt stops earlier, at a branch that did not change)."""
+    start = {"workflow_type": "exec_branches_then_steps", "input": {}}
+    history = [
+        HistoryEvent(1, "WorkflowExecutionStarted", T0, start),
+        HistoryEvent(2, "WorkflowTaskCompleted", T0, {}),
+        HistoryEvent(3, "ActivityTaskScheduled", T0, {"seq": 1, "name": "record", "input": ["a"]}),
+        HistoryEvent(4, "ActivityTaskCompleted", T0, {"seq": 1, "result": "a"}),
+        HistoryEvent(5, "WorkflowExecutionSignaled", T0, {"name": "poke", "input": None}),
+        HistoryEvent(6, "WorkflowTaskCompleted", T0, {}),
+        HistoryEvent(7, "ActivityTaskScheduled", T0, {"seq": 2, "name": "record", "input": ["c"]}),
+        HistoryEvent(8, "ActivityTaskCompleted", T0, {"seq": 2, "result": "c"}),
+        HistoryEvent(9, "WorkflowTaskCompleted", T0, {}),
+        HistoryEvent(10, "WorkflowExecutionCompleted", T0, {"result": 0}),
+    ]
+    failure = workflows.Replayer([BranchesThenStepsWorkflow]).replay(history).failure
+    assert isinstance(failure, workflows.NonDeterminismError)
+    assert "at event 10" in str(failure) and "ScheduleActivity(3, 'record')" in str(failure)
+
+
 @workflows.workflow.define(name="exec_continues_after_a_step")
 class ContinuesAfterAStepWorkflow:
     @workflows.workflow.entrypoint

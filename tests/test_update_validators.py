@@ -12,13 +12,15 @@ import pytest
 
 import rillflow as workflows
 from rillflow import Client, Worker
+from rillflow.executor import Command
 from rillflow.workflow import get_workflow_definition
 from rillflow_runtime.codec import pack
-from rillflow_runtime.model import Reply
+from rillflow_runtime.model import CommandKind, Reply
+from rillflow_runtime.protocol import TaskCompletion, WftStartItem
 from tests import flows
-from tests.conftest import FAST
+from tests.conftest import FAST, wait_until
 from tests.test_cli import assert_one_line, rf
-from tests.test_scripts import snapshot
+from tests.test_scripts import read_one, snapshot
 
 pytestmark = pytest.mark.anyio
 workflow = workflows.workflow
@@ -192,3 +194,72 @@ def test_validator_mistakes_are_refused_when_the_class_is_defined() -> None:
     }
     ledger = get_workflow_definition(flows.LedgerWorkflow).handler_specs()["updates"]
     assert not any("validated" in u for u in ledger)
+
+
+async def test_an_update_is_accepted_only_on_the_state_its_validator_saw(client: Client) -> None:
+    """Driven by hand, without a worker: a validation is good only for the state of the
+    run's last completed task, and only while no task runs (a running one changes the
+    state before the update would apply) and some task has completed (before that, the
+    entrypoint's first step has not run)."""
+    p, ks = client.protocol, client.keyspace
+    h = await client.start_workflow(CappedAccountWorkflow)
+    run, stream = h.run_id or "", ks.queue(0, "default", "wft")
+    body = pack({"update_id": "u1", "name": "deposit", "input": pack([1])})
+
+    async def accept(expect: str) -> Reply:
+        return (await p.update(h.id, None, "u1", body, expect)).reply
+
+    async def start_task() -> tuple[str, str]:
+        msg, _ = await read_one(client, stream, "w1")
+        (st,) = await p.wft_start(0, stream, 10_000, 100, "w1", [WftStartItem(run, msg, 0)])
+        assert st.reply is Reply.OK
+        return msg, st.fence
+
+    msg, first = await start_task()
+    assert await accept("=") is Reply.STALE  # no task has completed
+    timer = Command(CommandKind.START_TIMER, pack({"seq": 1, "duration_ms": 20}), [1, 20], ("StartTimer", 1))
+    (done,) = await p.wft_complete(
+        0, stream, "default", 60_000, "w1", 0, [TaskCompletion(run, h.id, first, msg, [timer])]
+    )
+    assert done.reply is Reply.OK
+
+    async def fired() -> bool:
+        return bool((await p.pump(0, 100, 60_000, "w1")).handled)
+
+    await wait_until(fired, 10)  # the timer schedules the next task
+    msg, second = await start_task()
+    assert await accept("=" + first) is Reply.STALE  # a task runs on that state
+    (done,) = await p.wft_complete(
+        0, stream, "default", 60_000, "w1", 0, [TaskCompletion(run, h.id, second, msg, [])]
+    )
+    assert done.reply is Reply.OK
+    assert await accept("=" + first) is Reply.STALE  # another task completed since
+    assert "WorkflowExecutionUpdateAccepted" not in _types(await h.history())
+    assert await accept("=" + second) is Reply.ACCEPTED
+    assert _types(await h.history())[-1] == "WorkflowExecutionUpdateAccepted"
+    await h.terminate("done")
+
+
+async def test_a_caller_with_only_names_and_no_registration_asks_a_worker_all_the_same(
+    client: Client,
+) -> None:
+    h = await client.start_workflow(CappedAccountWorkflow)  # no worker has registered it
+    by_name = client.get_workflow_handle(h.id)
+    with pytest.raises(workflows.WorkflowQueryTimeoutError, match="the validation of update 'deposit'"):
+        await by_name.execute_update("deposit", {"amount": -50}, timeout=timedelta(seconds=0.5))
+    assert "WorkflowExecutionUpdateAccepted" not in _types(await h.history())
+    async with _worker(client):
+        with pytest.raises(workflows.WorkflowUpdateRejectedError, match="must be positive, got -50"):
+            await by_name.execute_update("deposit", {"amount": -50})
+        await h.terminate("done")
+
+
+async def test_a_worker_that_cannot_validate_is_not_a_rejection(client: Client) -> None:
+    h = await client.start_workflow(CappedAccountWorkflow)
+    async with Worker(client, workflows=[flows.TimerWorkflow], activities=[], **FAST):  # type: ignore[arg-type]
+        with pytest.raises(workflows.WorkflowUpdateFailedError) as ei:
+            await h.execute_update(CappedAccountWorkflow.deposit, 1)
+    assert not isinstance(ei.value, workflows.WorkflowUpdateRejectedError)
+    assert "could not be validated, so it was not sent: WorkflowNotRegistered" in str(ei.value)
+    assert "WorkflowExecutionUpdateAccepted" not in _types(await h.history())
+    await h.terminate("done")

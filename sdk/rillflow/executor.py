@@ -1079,7 +1079,7 @@ class WorkflowInstance:
         if self.closed:  # never issued, so never fired: the run is over
             self._issued += 1
             return h
-        if delay > MAX_DURATION.total_seconds():  # (raised at the code's await: a bug to fix)
+        if not delay <= MAX_DURATION.total_seconds():  # NaN too (raised at the code's await: a bug)
             raise InvalidInputError(
                 f"a timer of {delay:g} s in workflow '{self.defn.name}' is longer than the "
                 f"{MAX_DURATION.days} days a timer may wait"
@@ -1176,8 +1176,8 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
     A task recorded without ``ord`` ran in one of two orders: messages first (order 1,
     the releases just before ``ord``), or history order (0, the ones before those). Such
     a history is replayed in order 1 and, should that not reproduce it, once more from
-    the start in order 0 (the instance restarted); the first attempt's error is raised
-    if neither does."""
+    the start in order 0 (the instance restarted); if neither does, the error of the
+    attempt that got further is raised."""
     if not any(e.type == EventType.WORKFLOW_TASK_COMPLETED and not e.attributes.get("ord") for e in events):
         return _replay(instance, events, 1)
     try:
@@ -1186,8 +1186,10 @@ def replay(instance: WorkflowInstance, events: list[HistoryEvent]) -> list[Histo
         instance.restart()
         try:
             return _replay(instance, events, 0)
-        except (NonDeterminismError, WorkflowTaskError):
-            raise first from None
+        except (NonDeterminismError, WorkflowTaskError) as second:
+            # the attempt that replayed further is the one whose error names the change
+            reached = [getattr(e, "replayed_to", 0) for e in (first, second)]
+            raise (second if reached[1] > reached[0] else first) from None
 
 
 def _replay(instance: WorkflowInstance, events: list[HistoryEvent], unordered: int) -> list[HistoryEvent]:
@@ -1215,11 +1217,14 @@ def _replay(instance: WorkflowInstance, events: list[HistoryEvent], unordered: i
                     if e.type == EventType.MARKER_RECORDED and e.attributes.get("marker") == "patch"
                 )
                 t0 = int(ev.attributes.get("t0") or ev.time_ms)
-                cmds = instance.activate(
-                    pending, t0, True, markers, int(ev.attributes.get("ord") or unordered)
-                )
-                pending = []
-                _check_replay(instance, cmds, recorded)
+                order = int(ev.attributes.get("ord") or unordered)
+                try:
+                    cmds = instance.activate(pending, t0, True, markers, order)
+                    pending = []
+                    _check_replay(instance, cmds, recorded)
+                except (NonDeterminismError, WorkflowTaskError) as e:
+                    setattr(e, "replayed_to", ev.event_id)  # noqa: B010  # (see replay)
+                    raise
                 i = j
                 continue
             if ev.type in INPUT_EVENTS:

@@ -497,16 +497,17 @@ class WorkflowHandle:
         return self._handler_result("update", name, h, outcome)
 
     async def _validated(self, name: str, h: HandlerDefinition | None) -> bool:
-        """Whether update ``name`` has a validator: said by its definition, else by what
-        the run's workers registered."""
+        """Whether update ``name`` must be validated first: it has a validator, as its
+        definition or the run's workers' registration says; with neither known, a worker
+        is asked all the same (one without a validator accepts it)."""
         if h is not None:
             return h.validator is not None
         if self.defn is not None:
             return self.defn.handler("update", name).validator is not None
         entry = await self.client._registration(await self._workflow_type())
-        spec = next(
-            (u for u in (entry.handlers.get("updates", []) if entry else []) if u["name"] == name), None
-        )
+        if entry is None:
+            return True
+        spec = next((u for u in entry.handlers.get("updates", []) if u["name"] == name), None)
         return bool(spec and spec.get("validated"))
 
     async def _accept_validated(
@@ -530,10 +531,17 @@ class WorkflowHandle:
             left = timedelta(seconds=max(0.05, deadline - loop.time()))
             answer = await self._ask_worker(ask, left, f"the validation of update '{name}'")
             if "failure" in answer:
+                # a retry of an update accepted before stands, whatever the validator says now
                 known = await self._send(lambda run: protocol.update(self.id, run, uid, body, "!"))
-                if known.reply is not Reply.STALE:
+                if known.reply not in (Reply.STALE, Reply.NOT_RUNNING):
                     return known
                 cause = exception_from_failure(answer["failure"])
+                if not answer.get("rejected"):  # the worker could not run the validator
+                    raise WorkflowUpdateFailedError(
+                        f"update '{name}' of execution {self.id!r} could not be validated, so it was not "
+                        f"sent: {cause.type}: {cause.message}",
+                        cause,
+                    )
                 raise WorkflowUpdateRejectedError(
                     f"update '{name}' of execution {self.id!r} was rejected by its validator: "
                     f"{cause.type}: {cause.message}",

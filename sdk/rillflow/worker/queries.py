@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 from rillflow.errors import failure_from_exception
-from rillflow.executor import QueryChangedStateError, replay
+from rillflow.executor import QueryChangedStateError, WorkflowInstance, replay
 from rillflow.worker.context import BadMessage, Context, field
 from rillflow.worker.run_cache import RunCache, discard
 from rillflow.worker.workflow_tasks import WorkflowTasks
@@ -61,6 +61,8 @@ class Queries:
                 answer: dict[str, Any] = {"result": await self._answer(shard, run, wid, wtype, body)}
             except TRANSIENT:
                 raise
+            except Rejected as r:  # the validator refused the update (not a failure to validate)
+                answer = {"failure": failure_from_exception(r.cause), "rejected": True}
             except Exception as e:
                 answer = {"failure": failure_from_exception(e)}
             except (KeyboardInterrupt, SystemExit) as e:  # the handler asked the process to stop
@@ -95,11 +97,13 @@ class Queries:
             inst = cached.instance
             try:
                 if validate:
-                    inst.validate_update(inst.defn.handler("update", name), data)
+                    _validate(inst, name, data)
                     return cached.fence
                 return inst.answer_query(inst.defn.handler("query", name), data)
-            except QueryChangedStateError:
-                self.cache.evict(run)
+            except (QueryChangedStateError, Rejected) as e:
+                # (a handler that tried to change the instance leaves it unlike the history)
+                if isinstance(e, QueryChangedStateError) or isinstance(e.cause, QueryChangedStateError):
+                    self.cache.evict(run)
                 raise
         # not cached here (or its task is in flight): the state the history records
         events = await self.tasks.history_after(shard, wid, run, 0)
@@ -108,9 +112,25 @@ class Queries:
         try:
             replay(inst, events)
             if validate:
-                inst.validate_update(inst.defn.handler("update", name), data)
+                _validate(inst, name, data)
                 tasks = [e for e in events if e.type == EventType.WORKFLOW_TASK_COMPLETED]
                 return str(tasks[-1].attributes.get("fence") or "") if tasks else ""
             return inst.answer_query(inst.defn.handler("query", name), data)
         finally:
             discard(inst)
+
+
+class Rejected(Exception):
+    """An update's validator raised ``cause``: the update is rejected."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _validate(inst: WorkflowInstance, name: str, data: Any) -> None:
+    h = inst.defn.handler("update", name)  # (an unknown update fails the validation: no rejection)
+    try:
+        inst.validate_update(h, data)
+    except Exception as e:  # (QueryChangedStateError too: a validator may only read)
+        raise Rejected(e) from e
