@@ -184,7 +184,10 @@ async def test_a_cancel_before_the_first_task_and_repeated_cancels(client: Clien
     assert ei.value.status == "canceled" and "early" in ei.value.cause.message
     # the entrypoint ran up to its first await, where the cancellation reached it
     assert (await _types(h))[-3:] == ["TimerStarted", "TimerCanceled", "WorkflowExecutionCanceled"]
-    with pytest.raises(workflows.RillflowError, match="not running; nothing to cancel"):
+    with pytest.raises(
+        workflows.WorkflowNotFoundError,
+        match=r"is not running \(closed, or never started\): nothing to cancel",
+    ):
         await h.cancel()
     with pytest.raises(workflows.WorkflowNotFoundError):
         await client.get_workflow_handle("no-such-execution").cancel()

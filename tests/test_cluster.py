@@ -48,6 +48,7 @@ from rillflow_runtime.protocol import (
     ActStartItem,
     HeartbeatReply,
     Protocol,
+    ResetPlan,
     RunReply,
     TaskCompletion,
     WftFailure,
@@ -511,6 +512,37 @@ async def drive_run(c: Conn, shard: int) -> None:
     assert (then.reply, then.run_id, then.started) == (Reply.OK, first.run_id, False)
     dup = await p.signal_with_start(wid2, uuid.uuid4().hex, "Checkout", TQ, pack({}), 60_000, sig, "s-2")
     assert (dup.reply, dup.run_id) == (Reply.DUPLICATE, first.run_id)
+
+    # reset: the terminated run again from its first task, as a new run of its execution,
+    # with what was pending then pending again and its signal and update re-applied
+    new_run = uuid.uuid4().hex
+    marker = pack({"failure": {"type": "ResetWorkflow", "message": "again"}})
+    plan = ResetPlan(
+        wid,
+        run,
+        new_run,
+        11,
+        "Checkout",
+        TQ,
+        60_000,
+        pack({"input": pack(["cart-1"])}),
+        pack({"reason": "reset"}),
+        [("WorkflowTaskFailed", 0, marker), ("WorkflowExecutionSignaled", 0, sig)],
+        [([1, TQ, 30_000, 0, 30_000, 0, 1000, 2.0, 100_000], act.body)],
+        [(1, 1)],
+        [("u1", b"")],
+    )
+    assert await p.reset(plan, RETENTION_MS) == RunReply(Reply.OK, new_run)
+    assert await p.reset(plan, RETENTION_MS) == RunReply(Reply.OK, new_run)  # a repeat
+    assert [t for _, t in await history(c, shard, wid, new_run)] == [
+        "WorkflowExecutionStarted",
+        "WorkflowTaskFailed",
+        "WorkflowExecutionSignaled",
+    ]
+    assert await c.rc.hget(ks.wf(shard, wid), "run") == new_run.encode()
+    assert await c.rc.xlen(act_q) == 1 and await c.rc.hget(ks.updates(shard, new_run), "u1") == b"accepted"
+    stale = await p.reset(ResetPlan(**{**plan.__dict__, "new_run": uuid.uuid4().hex}), RETENTION_MS)
+    assert stale.reply is Reply.STALE and "is not the current run" in stale.why
 
 
 async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: Cluster, conn: Conn) -> None:

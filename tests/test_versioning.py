@@ -168,6 +168,8 @@ async def test_rillflow_replay_checks_stored_and_exported_histories(
         "replay", "tests.test_versioning:BROKEN", "--file", str(path), "--url", "redis://127.0.0.1:1"
     )
     assert offline.returncode == 1 and "FAIL" in offline.stdout, offline.stderr
+    # the export names its execution and run, which the replay of the file reports
+    assert f"ver-cli run {old.run_id}" in offline.stdout and f"(run {old.run_id})" in offline.stdout
     await old.terminate("done")
 
 

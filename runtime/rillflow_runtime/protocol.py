@@ -70,6 +70,27 @@ class RunReply:
 
 
 @dataclass(frozen=True)
+class ResetPlan:
+    """What reset.lua writes: the new run of ``workflow_id`` replacing ``old_run``, its
+    events after its start, and what they leave pending (see client.reset_workflow)."""
+
+    workflow_id: str
+    old_run: str
+    new_run: str
+    last_event_id: int  # the old run's, as its history was read
+    workflow_type: str
+    task_queue: str
+    timeout_ms: int
+    start_body: bytes
+    terminate_body: bytes
+    events: Sequence[tuple[str, int, bytes]]  # (type, time ms, body) after the start
+    activities: Sequence[tuple[Sequence[Any], bytes]]  # (schedule_activity aux, its scheduled body)
+    timers: Sequence[tuple[int, int]]  # (seq, due ms)
+    # the new run's updates, (id, outcome): done with that outcome, or open (b"")
+    updates: Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
 class UpdateReply:
     reply: Reply  # ACCEPTED, DONE (outcome set), NOT_RUNNING or STALE (see update())
     run_id: str
@@ -362,6 +383,50 @@ class Protocol:
             shard, workflow_id, run_id, lambda keys: self._call("cancel", shard, args, keys)
         )
         return RunReply(_reply(res[0]), text(res[1]))
+
+    async def reset(self, plan: ResetPlan, retention_ms: int) -> RunReply:
+        """Replace run ``plan.old_run`` with a new run built from its history (see
+        reset.lua): OK (with the new run), STALE (the old run changed since its history
+        was read: nothing written, read again) or INVALID."""
+        ks, wid = self.ks, plan.workflow_id
+        shard = ks.shard(wid)
+        tq, sticky, wft_q = await self.redis.hmget(ks.run(shard, plan.old_run), ["tq", "sticky", "wft_q"])
+        keys = [ks.wf(shard, wid), *ks.run_keys(shard, wid, plan.old_run)]
+        if tq and sticky:
+            keys.append(ks.sticky(shard, text(tq), text(sticky)))
+        if wft_q:
+            keys.append(text(wft_q))
+        keys += [*ks.run_keys(shard, wid, plan.new_run), ks.queue(shard, plan.task_queue, "wft")]
+        args: list[Any] = [
+            wid,
+            plan.old_run,
+            plan.new_run,
+            plan.last_event_id,
+            retention_ms,
+            plan.terminate_body,
+            plan.workflow_type,
+            plan.task_queue,
+            plan.timeout_ms,
+            plan.start_body,
+            len(plan.events),
+        ]
+        for etype, at_ms, body in plan.events:
+            args += [etype, at_ms, body]
+        args.append(len(plan.activities))
+        for aux, body in plan.activities:
+            args += [pack(list(aux)), body]
+            keys.append(ks.queue(shard, str(aux[1]), "act"))
+        args.append(len(plan.timers))
+        for seq, due_ms in plan.timers:
+            args += [seq, due_ms]
+        args.append(len(plan.updates))
+        for update_id, outcome in plan.updates:
+            args += [update_id, outcome]
+        res = await self._call("reset", shard, args, keys)
+        reply = _reply(res[0])
+        return RunReply(
+            reply, text(res[1]) if reply is Reply.OK else "", "" if reply is Reply.OK else text(res[1])
+        )
 
     async def signal(self, workflow_id: str, run_id: str | None, body: bytes, request_id: str) -> RunReply:
         shard = self.ks.shard(workflow_id)

@@ -34,6 +34,7 @@ NAMES = (
     "pump",
     "terminate",
     "cancel",
+    "reset",
     "signal",
     "signal_start",
     "query",

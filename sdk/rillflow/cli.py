@@ -70,6 +70,7 @@ from rillflow.errors import (
 )
 from rillflow.history import HistoryEvent
 from rillflow.payloads import to_wire
+from rillflow.reset import last_good
 from rillflow_runtime.connections import TRANSIENT, wait_until_reachable
 
 app = typer.Typer(
@@ -773,7 +774,12 @@ def replay(
             except OSError as e:
                 raise Exit(2, f"cannot read {path}: {e.strerror or e}") from e
             events = load_history_json(raw, str(path))
-            res = replayer.replay(events, execution_id=path.stem, run_id=path.stem)
+            first = events[0].attributes if events else {}
+            res = replayer.replay(
+                events,
+                execution_id=str(first.get("execution_id") or path.stem),
+                run_id=str(first.get("run_id") or "-"),
+            )
             report(res)
             results.append(res)
         if ids:
@@ -806,12 +812,13 @@ def history(
 ) -> None:
     """Print an execution's event history."""
 
-    def as_record(e: HistoryEvent) -> str:
+    def as_record(e: HistoryEvent, *names: str) -> str:
         rec = {
             "event_id": e.event_id,
             "time": e.time.isoformat(),
             "type": e.type,
             "size": e.size,
+            **dict(zip(("execution_id", "run_id"), names, strict=False)),
             **e.attributes,
         }
         return json.dumps(rec, default=_json_default)
@@ -829,8 +836,10 @@ def history(
                 return
             events = await handle.history()
             if as_json:
+                # the first record names the run, so that a replay of the file can say whose
+                run = run_id or (await handle.describe()).run_id
                 for e in events:
-                    print(as_record(e))
+                    print(as_record(e, execution_id, run) if e.event_id == 1 else as_record(e))
                 return
             t = Table("id", "time", "type", "details")
             for e in events:
@@ -881,6 +890,50 @@ def cancel(
             except RillflowError as e:
                 raise Exit(3, str(e)) from e
             out.print(f"cancel requested for {execution_id}")
+
+    run(main)
+
+
+@app.command()
+def reset(
+    execution_id: ExecIdArg,
+    event_id: Annotated[
+        int | None, typer.Option("--event-id", "-e", help="a WorkflowTaskCompleted event of the run")
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="last-good: the last WorkflowTaskCompleted before the run's first failure"),
+    ] = None,
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="recorded in both runs' histories", callback=_utf8)
+    ] = "",
+    exclude_signals: Annotated[
+        bool, typer.Option("--exclude-signals", help="drop the signals recorded after that point")
+    ] = False,
+    exclude_updates: Annotated[
+        bool, typer.Option("--exclude-updates", help="drop the updates recorded after that point")
+    ] = False,
+    run_id: RunIdOpt = None,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """Run an execution again from one of its workflow tasks, with the code deployed now:
+    a new run with the events before it; the old run, if running, is terminated."""
+    if (event_id is None) == (to is None):
+        raise _fail(2, "give --event-id N or --to last-good (one of them)")
+    if to is not None and to != "last-good":
+        raise _fail(2, f"--to takes last-good, got {to!r}")
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            target = event_id
+            if target is None:
+                events = await client.get_workflow_handle(execution_id, run_id=run_id).history()
+                target = last_good(events)
+            h = await client.reset_workflow(
+                execution_id, target, reason or None, exclude_signals, exclude_updates, run_id=run_id
+            )
+            out.print(f"reset {execution_id} to event {target}: new run {h.run_id}")
 
     run(main)
 

@@ -24,6 +24,7 @@ from rillflow.errors import (
 from rillflow.handle import WorkflowHandle
 from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size, to_wire
 from rillflow.registry import RegisteredWorkflow, Registry
+from rillflow.reset import plan_reset
 from rillflow.watcher import Watcher
 from rillflow.workflow import (
     DEFAULT_EXECUTION_TIMEOUT,
@@ -38,6 +39,7 @@ from rillflow_runtime.protocol import Protocol
 
 DEFAULT_RETENTION = timedelta(days=7)
 WATCH_BLOCK_S = 5.0
+RESET_TRIES = 20  # reads of the run to reset while it keeps moving (a task in flight, new events)
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -411,6 +413,53 @@ class Client:
         timeout = kwargs.pop("result_timeout", None)
         handle = await self.start_workflow(workflow, params, **kwargs)
         return await handle.result(timeout=timeout)
+
+    async def reset_workflow(
+        self,
+        execution_id: str,
+        event_id: int,
+        reason: str | None = None,
+        exclude_signals: bool = False,
+        exclude_updates: bool = False,
+        *,
+        run_id: str | None = None,
+    ) -> WorkflowHandle:
+        """Start the execution again from workflow task ``event_id`` (a
+        WorkflowTaskCompleted of its current run, or of ``run_id``, which must be
+        current): a new run with the events before it, which runs that task again with
+        the code deployed now, then the signals and updates recorded after it (unless
+        excluded). The old run, if still running, ends terminated with the reason, which
+        the new run's history records too. Returns a handle on the new run. What was
+        pending at that point is pending again: its activities run again."""
+        if not isinstance(event_id, int) or isinstance(event_id, bool) or event_id < 1:
+            raise InvalidInputError(f"event_id must be a positive event id, got {event_id!r}")
+        why = reason or "reset"
+        check_size(pack({"reason": why}), self.max_payload_bytes, "reset reason")
+        for attempt in range(RESET_TRIES):
+            if attempt:
+                await asyncio.sleep(min(0.5, 0.01 * 2**attempt))
+            current = self.get_workflow_handle(execution_id)
+            old = run_id or (await current.describe()).run_id
+            events = await self.get_workflow_handle(execution_id, run_id=old).history()
+            plan = plan_reset(
+                events,
+                workflow_id=execution_id,
+                old_run=old,
+                new_run=str(uuid.uuid4()),
+                event_id=event_id,
+                reason=why,
+                exclude_signals=exclude_signals,
+                exclude_updates=exclude_updates,
+            )
+            res = await self.protocol.reset(plan, self.settings.retention_ms)
+            if res.reply is Reply.OK:
+                return self.get_workflow_handle(execution_id, run_id=res.run_id)
+            if res.reply is Reply.INVALID or (run_id and "not the current run" in res.why):
+                raise InvalidInputError(f"execution {execution_id!r} was not reset: {res.why}")
+        raise RillflowError(
+            f"execution {execution_id!r} was not reset: its run kept changing while it was read "
+            f"({RESET_TRIES} times); try again"
+        )
 
     def get_workflow_handle(
         self, execution_id: str, *, run_id: str | None = None, workflow: type | None = None

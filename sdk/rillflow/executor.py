@@ -1249,7 +1249,8 @@ def _check_replay(inst: WorkflowInstance, cmds: list[Command], recorded: list[Hi
                 f"workflow '{inst.defn.name}' execution '{inst.info.workflow_id}' "
                 f"(run {inst.info.run_id}) is not deterministic: at event {at} the history "
                 f"has {_show(want)} but the code now issues {_show(got)}. Deploy the code "
-                "the run started with, or terminate or reset the execution."
+                "the run started with, guard the change with workflow.patched(), or reset the "
+                "execution to a workflow task before that event (rillflow reset)."
             )
 
 

@@ -656,7 +656,7 @@ class WorkflowHandle:
         if res.reply is Reply.NOT_RUNNING and not res.run_id:
             raise self._not_found()
         if res.reply is Reply.NOT_RUNNING:
-            raise RillflowError(f"workflow execution {self.id!r} is not running; nothing to cancel")
+            raise self._not_running("nothing to cancel")
 
     async def terminate(self, reason: str = "") -> None:
         body, rid, keep = (
@@ -669,4 +669,4 @@ class WorkflowHandle:
         if res.reply is not Reply.OK and not res.run_id:
             raise self._not_found()
         if res.reply is not Reply.OK:
-            raise RillflowError(f"workflow execution {self.id!r} is not running; nothing to terminate")
+            raise self._not_running("nothing to terminate")

@@ -119,6 +119,7 @@ def load_history_json(text: str, source: str = "history") -> list[HistoryEvent]:
                 f"{source}, record {n}: not an event of `rillflow history --json` "
                 "(each has event_id, time, type and the event's attributes)"
             )
+        # (the first record names its execution and run: kept for the caller, see cli.replay)
         attrs = {k: v for k, v in rec.items() if k not in ("event_id", "time", "type", "size")}
         if rec["type"] == EventType.WORKFLOW_EXECUTION_STARTED and isinstance(attrs.get("seed"), str):
             attrs["seed"] = bytes.fromhex(attrs["seed"])  # (exported as hex: JSON has no bytes)
