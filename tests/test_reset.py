@@ -132,6 +132,37 @@ class FixedWorkflow:
         return f"fixed after {a}"
 
 
+FLAKY: list[str] = []  # set once the flaky step has failed
+
+
+@workflow.define(name="reset_flaky", enforce_determinism=False)
+class FlakyThenBuggyWorkflow:
+    """Its second task fails once (then gets past it); after the signal it fails for good."""
+
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflow.signal()
+    def proceed(self) -> None:
+        self.go = True
+
+    @workflow.update()
+    async def wait_go(self) -> str:
+        await workflow.wait_condition(lambda: self.go)
+        return "went"
+
+    @workflow.entrypoint
+    async def run(self) -> str:
+        await record("step")
+        if not FLAKY:
+            FLAKY.append("failed")
+            raise RuntimeError("transient: once")
+        await workflow.wait_condition(lambda: self.go)
+        if len(FLAKY) < 2:
+            raise RuntimeError("a bug after the signal")
+        return "fixed"
+
+
 @workflow.define(name="reset_pending")
 class PendingWorkflow:
     @workflow.entrypoint
@@ -311,3 +342,82 @@ async def test_a_reset_to_anything_but_a_completed_task_is_refused(client: Clien
     assert_one_line(bad, 2, "--to takes last-good")
     no_failure = rf("reset", "refused-1", "--to", "last-good", "--url", redis_url)
     assert_one_line(no_failure, 2, "the run has no failure to reset past")
+
+
+async def test_last_good_goes_back_past_the_failure_the_run_is_stuck_on_only(
+    client: Client, redis_url: str
+) -> None:
+    FLAKY.clear()
+    async with _worker(client, FlakyThenBuggyWorkflow):
+        h = await client.start_workflow(FlakyThenBuggyWorkflow, execution_id="flaky-1")
+        await wait_until(lambda: _tasks_done(h, 2), 15)  # past the transient failure
+        await h.signal(FlakyThenBuggyWorkflow.proceed)
+        await wait_until(lambda: _failures_after_the_signal(h), 15)
+    events = await h.history()
+    signal_at = next(e.event_id for e in events if e.type == "WorkflowExecutionSignaled")
+    want = max(t for t in _tasks(events) if t < signal_at)
+    p = await asyncio.to_thread(rf, "reset", "flaky-1", "--to", "last-good", "--url", redis_url)
+    assert p.returncode == 0 and f"to event {want}:" in p.stdout, (p.stdout, p.stderr)
+    FLAKY.append("fixed")
+    RAN.clear()
+    async with _worker(client, FlakyThenBuggyWorkflow):
+        assert await h.result(timeout=15) == "fixed"  # (a start handle follows the reset)
+    assert RAN == []  # the step before that point is not run again
+
+
+async def _failures_after_the_signal(h: Any) -> bool:
+    types = _types(await h.history())
+    return "WorkflowExecutionSignaled" in types and types[-1] == "WorkflowTaskFailed"
+
+
+async def test_handles_and_waiting_update_callers_follow_the_reset(client: Client) -> None:
+    FLAKY[:] = ["failed", "fixed"]  # (no failure in this one)
+    async with _worker(client, FlakyThenBuggyWorkflow):
+        h = await client.start_workflow(FlakyThenBuggyWorkflow, execution_id="follow-1")
+        await wait_until(lambda: _tasks_done(h, 2), 15)
+        waiting = asyncio.ensure_future(h.execute_update(FlakyThenBuggyWorkflow.wait_go, update_id="u1"))
+        await wait_until(lambda: _has(h, "WorkflowExecutionUpdateAccepted"), 10)
+        new = await client.reset_workflow("follow-1", _tasks(await h.history())[0])
+        await h.signal(FlakyThenBuggyWorkflow.proceed)  # the handle reaches the new run
+        assert await waiting == "went"  # the update went on in the new run, and its caller with it
+        assert await h.result(timeout=10) == "fixed"
+    assert "WorkflowExecutionUpdateCompleted" in _types(await new.history())
+    assert "WorkflowExecutionUpdateCompleted" not in _types(
+        await client.get_workflow_handle("follow-1", run_id=h.run_id).history()
+    )
+
+
+async def test_a_plan_the_script_cannot_use_writes_nothing(client: Client) -> None:
+    from rillflow_runtime.codec import pack
+    from rillflow_runtime.model import Reply
+    from rillflow_runtime.protocol import ResetPlan
+    from tests.test_scripts import snapshot
+
+    h = await client.start_workflow(WordsWorkflow, "a", execution_id="bad-plan")
+    before = await snapshot(client)
+    events = await h.history()
+    good = dict(
+        workflow_id="bad-plan",
+        old_run=h.run_id or "",
+        new_run="new-run",
+        last_event_id=events[-1].event_id,
+        workflow_type="reset_words",
+        task_queue="default",
+        timeout_ms=60_000,
+        start_body=pack(events[0].attributes),
+        terminate_body=pack({"reason": "x"}),
+        events=[],
+        activities=[],
+        timers=[],
+        updates=[],
+    )
+    for bad in (
+        {"events": [("NoSuchEvent", 0, b"x")]},
+        {"events": [("WorkflowExecutionSignaled", 0, b"")]},
+        {"updates": [("", b"")]},
+        {"last_event_id": 99},
+    ):
+        res = await client.protocol.reset(ResetPlan(**{**good, **bad}), 60_000)  # type: ignore[arg-type]
+        assert res.reply in (Reply.INVALID, Reply.STALE), (bad, res)
+        assert await snapshot(client) == before, bad
+    await h.terminate("done")

@@ -119,6 +119,7 @@ class Reply(StrEnum):
     GONE = "gone"  # the attempt is no longer current (timed out, cancelled, run closed)
     STARTED = "started"  # a speculative task could not be recorded as run: it was started instead
     REROUTE = "reroute"  # the keys declared are not the ones the state needs now; nothing was written
+    MOVED = "moved"  # an update record: the update went on in another run (a reset), named in its outcome
 
 
 ENUMS: dict[str, type[StrEnum]] = {

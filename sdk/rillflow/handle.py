@@ -92,10 +92,22 @@ FOLLOW_BLOCK_S = 10.0  # one blocking read of follow_history: how long before it
 
 
 def _next_run(status: Any, outcome: Any) -> str | None:
-    """The run a closed run continued as, if it did."""
-    if status is None or text(status) != RunStatus.CONTINUED_AS_NEW or not outcome:
+    """The run a closed run went on as, if it did: the one it continued as, or the one a
+    reset replaced it with (its termination names it)."""
+    if status is None or not outcome:
         return None
-    nxt = unpack(outcome).get("next_run_id")
+    st = text(status)
+    key = (
+        "next_run_id"
+        if st == RunStatus.CONTINUED_AS_NEW
+        else "reset_run_id"
+        if st == RunStatus.TERMINATED
+        else ""
+    )
+    if not key:
+        return None
+    body = unpack(outcome)
+    nxt = body.get(key) if isinstance(body, dict) else None
     return str(nxt) if nxt else None
 
 
@@ -580,11 +592,26 @@ class WorkflowHandle:
         outcome is read from the run's update hash (any caller may read it there)."""
         watcher = self.client.watcher
         await watcher.ensure_started()
+        for _ in range(CHAIN_HOPS):
+            st, body = await self._await_update_in(run, uid, name, timeout)
+            if text(st) != Reply.MOVED or not body:
+                break
+            run = text(body)  # a reset carried the update into the run that replaced this one
+        if text(st) != Reply.DONE or not body:
+            raise WorkflowNotFoundError(
+                f"update '{name}' ({uid}) of execution {self.id!r}: its record is gone (past retention)"
+            )
+        outcome: dict[str, Any] = unpack(body)  # (bytes: replies are not decoded)
+        return outcome
+
+    async def _await_update_in(self, run: str, uid: str, name: str, timeout: timedelta | None) -> list[Any]:
+        """The update's record in ``run`` once it is done (or moved on), as [state, body]."""
+        watcher = self.client.watcher
         fut = watcher.wait_update(self.shard, run, uid)
         key = self.client.keyspace.updates(self.shard, run)
         try:
             st, body = await self.client.redis.hmget(key, [uid, f"{uid}:o"])
-            if text(st) != Reply.DONE:
+            if text(st) not in (Reply.DONE, Reply.MOVED):
                 try:
                     await asyncio.wait_for(asyncio.shield(fut), timeout.total_seconds() if timeout else None)
                 except TimeoutError:
@@ -596,12 +623,7 @@ class WorkflowHandle:
                 st, body = await self.client.redis.hmget(key, [uid, f"{uid}:o"])
         finally:
             watcher.forget(fut)
-        if text(st) != Reply.DONE or not body:
-            raise WorkflowNotFoundError(
-                f"update '{name}' ({uid}) of execution {self.id!r}: its record is gone (past retention)"
-            )
-        outcome: dict[str, Any] = unpack(body)  # type: ignore[arg-type]  # bytes: replies are not decoded
-        return outcome
+        return [st, body]
 
     async def _handler_input(
         self, kind: str, handler: str | Callable[..., Any], payload: Any, workflow_type: str | None = None

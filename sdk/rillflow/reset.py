@@ -39,15 +39,17 @@ def task_ids(events: Sequence[HistoryEvent]) -> list[int]:
 
 
 def last_good(events: Sequence[HistoryEvent]) -> int:
-    """``--to last-good``: the last WorkflowTaskCompleted before the run's first failure
-    (a failed workflow task, or the run failing or timing out)."""
+    """``--to last-good``: the last WorkflowTaskCompleted before the failure the run is
+    at now, its latest (a failed or timed-out workflow task, or the run failing or timing
+    out): earlier failures that a later task got past are no reason to go back."""
     failures = (
         EventType.WORKFLOW_TASK_FAILED,
         EventType.WORKFLOW_TASK_TIMED_OUT,
         EventType.WORKFLOW_EXECUTION_FAILED,
         EventType.WORKFLOW_EXECUTION_TIMED_OUT,
     )
-    first = next((e.event_id for e in events if e.type in failures and not _reset_marker(e)), None)
+    latest = [e.event_id for e in events if e.type in failures and not _reset_marker(e)]
+    first = latest[-1] if latest else None
     if first is None:
         raise InvalidInputError("the run has no failure to reset past: give --event-id")
     good = [i for i in task_ids(events) if i < first]
@@ -130,7 +132,10 @@ def plan_reset(
         task_queue=str(start.attributes.get("task_queue")),
         timeout_ms=timeout_ms,
         start_body=pack({**start.attributes, "reset_from_run": old_run, "reset_to_event": event_id}),
-        terminate_body=pack({"reason": f"reset to event {event_id} as run {new_run}: {reason}"}),
+        # (reset_run_id: where the old run's waiters go on, see handle._next_run)
+        terminate_body=pack(
+            {"reason": f"reset to event {event_id} as run {new_run}: {reason}", "reset_run_id": new_run}
+        ),
         events=copied,
         activities=_pending_activities(before),
         timers=_pending_timers(before),

@@ -43,9 +43,12 @@ end
 -- the lists, checked whole before anything is written
 local at, events, acts, timers, updates = 12, {}, {}, {}, {}
 local n = num(ARGV[at], 'event count', 0)
+local function str(v) return type(v) == 'string' and v ~= '' end
 for i = 1, n do
   local b = at + (i - 1) * 3
-  num(ARGV[b + 2], 'event time', 0)
+  if not (str(ARGV[b + 1]) and EVCODE[ARGV[b + 1]] and tonumber(ARGV[b + 2]) and str(ARGV[b + 3])) then
+    return { R.INVALID, 'bad event ' .. i }
+  end
   -- (kept as the caller's string: Lua would print a large number as 1.7e+12)
   events[i] = { ARGV[b + 1], ARGV[b + 2] ~= '0' and ARGV[b + 2] or nil, ARGV[b + 3] }
 end
@@ -61,6 +64,7 @@ for i = 1, n do
   for k = 3, 9 do
     if type(aux[k]) ~= 'number' then return { R.INVALID, 'bad pending activity' } end
   end
+  if not str(ARGV[b + 2]) then return { R.INVALID, 'bad pending activity' } end
   acts[i] = { aux, ARGV[b + 2] }
 end
 at = at + n * 2 + 1
@@ -71,13 +75,34 @@ for i = 1, n do
 end
 at = at + n * 2 + 1
 n = num(ARGV[at], 'update count', 0)
-for i = 1, n do updates[i] = { ARGV[at + i * 2 - 1], ARGV[at + i * 2] } end
+for i = 1, n do
+  local id, outcome = ARGV[at + i * 2 - 1], ARGV[at + i * 2]
+  if not str(id) or type(outcome) ~= 'string' then return { R.INVALID, 'bad update ' .. i } end
+  updates[i] = { id, outcome }
+end
+if #ARGV ~= at + n * 2 then return { R.INVALID, 'arguments past the lists' } end
+-- the old run's open updates that go on in the new one: its close does not fail them,
+-- their callers follow the record to the new run (handle._await_update)
+local moved = {}
+for _, u in ipairs(updates) do
+  if u[2] == '' and call('HGET', upd_key(old), u[1]) == R.ACCEPTED then moved[#moved + 1] = u[1] end
+end
 -- checked: nothing below can fail
+for _, id in ipairs(moved) do
+  call('HSET', upd_key(old), id, R.MOVED, id .. ':o', new)
+  call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'update', old .. ':' .. id)  -- (wakes its callers)
+end
+local chain = call('HGET', run_key(old), 'chain')
 if st[1] == RS.RUNNING then
   close_run(old, RS.TERMINATED, EV.WORKFLOW_EXECUTION_TERMINATED, term_body, retention)
 end
 create_run(wid, new, wtype, tq, start_body, timeout, true, false)
-for _, e in ipairs(events) do append(new, wid, e[1], e[3], e[2]) end
+-- the chain the old run belonged to goes on in the new one: a handle on it follows
+call('HSET', run_key(new), 'chain', chain or old)
+for _, e in ipairs(events) do
+  append(new, wid, e[1], e[3], e[2])
+  if e[1] == EV.WORKFLOW_EXECUTION_CANCEL_REQUESTED then call('HSET', run_key(new), 'cancel_req', 'reset') end
+end
 local ak = act_key(new)
 for _, a in ipairs(acts) do
   local aux = a[1]
