@@ -350,15 +350,9 @@ def test_tasks_completed_before_orders_were_recorded_replay_in_the_order_they_ra
 
 
 @workflows.workflow.define(name="exec_branches_then_steps")
-class BranchesThenStepsWorkflow:
-    """As BranchesOnPokesWorkflow, then two steps: "d" is new in this version."""
-
-    def __init__(self) -> None:
-        self.pokes = 0
-
-    @workflows.workflow.signal(name="poke")
-    def poke(self) -> None:
-        self.pokes += 1
+class BranchesThenStepsWorkflow(BranchesOnPokesWorkflow):
+    """As BranchesOnPokesWorkflow (its `poke` signal), then two steps: "d" is new in this
+    version."""
 
     @workflows.workflow.entrypoint
     async def run(self) -> int:

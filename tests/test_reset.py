@@ -65,8 +65,9 @@ class WordsWorkflow:
         return [first, *self.words]
 
 
-@workflow.define(name="reset_deploy")
-class BeforeTheDeploy:
+class Proceeds:
+    """A workflow that waits for its `proceed` signal (self.go)."""
+
     def __init__(self) -> None:
         self.go = False
 
@@ -74,6 +75,9 @@ class BeforeTheDeploy:
     def proceed(self) -> None:
         self.go = True
 
+
+@workflow.define(name="reset_deploy")
+class BeforeTheDeploy(Proceeds):
     @workflow.entrypoint
     async def run(self) -> str:
         a = await record("old-first")
@@ -82,16 +86,9 @@ class BeforeTheDeploy:
 
 
 @workflow.define(name="reset_deploy")
-class AfterTheDeploy:
+class AfterTheDeploy(Proceeds):
     """The same workflow changed: its first step is another activity (a non-determinism
     for the runs the old code started)."""
-
-    def __init__(self) -> None:
-        self.go = False
-
-    @workflow.signal()
-    def proceed(self) -> None:
-        self.go = True
 
     @workflow.entrypoint
     async def run(self) -> str:
@@ -101,14 +98,7 @@ class AfterTheDeploy:
 
 
 @workflow.define(name="reset_buggy")
-class BuggyWorkflow:
-    def __init__(self) -> None:
-        self.go = False
-
-    @workflow.signal()
-    def proceed(self) -> None:
-        self.go = True
-
+class BuggyWorkflow(Proceeds):
     @workflow.entrypoint
     async def run(self) -> str:
         await record("step")
@@ -117,14 +107,7 @@ class BuggyWorkflow:
 
 
 @workflow.define(name="reset_buggy")
-class FixedWorkflow:
-    def __init__(self) -> None:
-        self.go = False
-
-    @workflow.signal()
-    def proceed(self) -> None:
-        self.go = True
-
+class FixedWorkflow(Proceeds):
     @workflow.entrypoint
     async def run(self) -> str:
         a = await record("step")
@@ -136,15 +119,8 @@ FLAKY: list[str] = []  # set once the flaky step has failed
 
 
 @workflow.define(name="reset_flaky", enforce_determinism=False)
-class FlakyThenBuggyWorkflow:
+class FlakyThenBuggyWorkflow(Proceeds):
     """Its second task fails once (then gets past it); after the signal it fails for good."""
-
-    def __init__(self) -> None:
-        self.go = False
-
-    @workflow.signal()
-    def proceed(self) -> None:
-        self.go = True
 
     @workflow.update()
     async def wait_go(self) -> str:

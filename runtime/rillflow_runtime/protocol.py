@@ -328,14 +328,7 @@ class Protocol:
             run = run_id or text(await self.redis.hget(ks.wf(shard, workflow_id), "run") or b"")
             keys = [ks.wf(shard, workflow_id)]
             if run:
-                tq, sticky, wft_q = await self.redis.hmget(ks.run(shard, run), ["tq", "sticky", "wft_q"])
-                keys += ks.run_keys(shard, workflow_id, run)
-                if tq:
-                    keys += [ks.queue(shard, text(tq), "wft"), ks.queue(shard, text(tq), "qry")]
-                    if sticky:
-                        keys.append(ks.sticky(shard, text(tq), text(sticky)))
-                if wft_q:  # where its task message is, to drop it if the call closes the run
-                    keys.append(text(wft_q))
+                keys += await self._run_route_keys(shard, workflow_id, run)
             res = await call(keys)
             if not (isinstance(res, list) and res and _reply(res[0]) is Reply.REROUTE):
                 return res
@@ -343,6 +336,21 @@ class Protocol:
             f"execution '{workflow_id}' changed its current run {REROUTE_TRIES} times while a call was "
             "routed to it; try again"
         )
+
+    async def _run_route_keys(self, shard: int, workflow_id: str, run: str) -> list[str]:
+        """The run's keys and the streams its workflow tasks go to (its task queue's,
+        the sticky one of the worker caching it, and where its task message is, to drop
+        it if the call closes the run), read from its hash."""
+        ks = self.ks
+        tq, sticky, wft_q = await self.redis.hmget(ks.run(shard, run), ["tq", "sticky", "wft_q"])
+        keys = ks.run_keys(shard, workflow_id, run)
+        if tq:
+            keys += [ks.queue(shard, text(tq), "wft"), ks.queue(shard, text(tq), "qry")]
+            if sticky:
+                keys.append(ks.sticky(shard, text(tq), text(sticky)))
+        if wft_q:
+            keys.append(text(wft_q))
+        return keys
 
     # -- clients ----------------------------------------------------------------------
     async def start(
@@ -390,12 +398,7 @@ class Protocol:
         was read: nothing written, read again) or INVALID."""
         ks, wid = self.ks, plan.workflow_id
         shard = ks.shard(wid)
-        tq, sticky, wft_q = await self.redis.hmget(ks.run(shard, plan.old_run), ["tq", "sticky", "wft_q"])
-        keys = [ks.wf(shard, wid), *ks.run_keys(shard, wid, plan.old_run)]
-        if tq and sticky:
-            keys.append(ks.sticky(shard, text(tq), text(sticky)))
-        if wft_q:
-            keys.append(text(wft_q))
+        keys = [ks.wf(shard, wid), *await self._run_route_keys(shard, wid, plan.old_run)]
         keys += [*ks.run_keys(shard, wid, plan.new_run), ks.queue(shard, plan.task_queue, "wft")]
         args: list[Any] = [
             wid,

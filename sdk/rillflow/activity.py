@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -52,6 +52,25 @@ class ActivityOptions:
             raise WorkflowDefinitionError("retry_policy_max_attempts must be >= 0 (0 means unlimited)")
         if self.retry_policy_backoff_coefficient < 1:
             raise WorkflowDefinitionError("retry_policy_backoff_coefficient must be >= 1")
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> ActivityOptions:
+        """The options an ActivityTaskScheduled event recorded (see wire()); what it
+        leaves out keeps its default."""
+        retry = wire.get("retry") or {}
+        given: dict[str, Any] = {}
+        for field_name, value, as_ms in (
+            ("start_to_close_timeout", wire.get("start_to_close_ms"), True),
+            ("schedule_to_close_timeout", wire.get("schedule_to_close_ms"), True),
+            ("heartbeat_timeout", wire.get("heartbeat_ms"), True),
+            ("retry_policy_initial_interval", retry.get("initial_interval_ms"), True),
+            ("retry_policy_max_interval", retry.get("max_interval_ms"), True),
+            ("retry_policy_max_attempts", retry.get("max_attempts"), False),
+            ("retry_policy_backoff_coefficient", retry.get("backoff_coefficient"), False),
+        ):
+            if value is not None:
+                given[field_name] = timedelta(milliseconds=value) if as_ms else value
+        return cls(**given)
 
     @functools.cached_property
     def _aux(self) -> tuple[Any, ...]:

@@ -837,7 +837,7 @@ def history(
             events = await handle.history()
             if as_json:
                 # the first record names the run, so that a replay of the file can say whose
-                run = run_id or (await handle.describe()).run_id
+                run = await handle._resolve_run()
                 for e in events:
                     print(as_record(e, execution_id, run) if e.event_id == 1 else as_record(e))
                 return
@@ -859,14 +859,21 @@ def terminate(
     namespace: NsOpt = "default",
 ) -> None:
     """Terminate a running execution at once (no cleanup code runs)."""
+    _stop(execution_id, url, namespace, lambda h: h.terminate(reason), f"terminated {execution_id}")
+
+
+def _stop(
+    execution_id: str, url: str | None, namespace: str, how: Callable[[Any], Awaitable[None]], said: str
+) -> None:
+    """terminate and cancel: ``how`` on the execution's handle; one not running is exit 3."""
 
     async def main() -> None:
         async with connect(url, namespace) as client:
             try:
-                await client.get_workflow_handle(execution_id).terminate(reason)
+                await how(client.get_workflow_handle(execution_id))
             except RillflowError as e:
                 raise Exit(3, str(e)) from e
-            out.print(f"terminated {execution_id}")
+            out.print(said)
 
     run(main)
 
@@ -882,16 +889,7 @@ def cancel(
 ) -> None:
     """Ask a running execution to cancel: its code gets asyncio.CancelledError where it
     waits, may clean up, and ends as canceled (see `rillflow terminate` for a hard stop)."""
-
-    async def main() -> None:
-        async with connect(url, namespace) as client:
-            try:
-                await client.get_workflow_handle(execution_id).cancel(reason)
-            except RillflowError as e:
-                raise Exit(3, str(e)) from e
-            out.print(f"cancel requested for {execution_id}")
-
-    run(main)
+    _stop(execution_id, url, namespace, lambda h: h.cancel(reason), f"cancel requested for {execution_id}")
 
 
 @app.command()

@@ -438,8 +438,7 @@ class Client:
         for attempt in range(RESET_TRIES):
             if attempt:
                 await asyncio.sleep(min(0.5, 0.01 * 2**attempt))
-            current = self.get_workflow_handle(execution_id)
-            old = run_id or (await current.describe()).run_id
+            old = run_id or await self.get_workflow_handle(execution_id)._resolve_run()
             events = await self.get_workflow_handle(execution_id, run_id=old).history()
             plan = plan_reset(
                 events,

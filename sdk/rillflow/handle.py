@@ -532,7 +532,6 @@ class WorkflowHandle:
         nothing, unless the id was accepted before (a retry): then it stands."""
         ask = pack({"name": name, "input": data, "validate": True})
         wait = min(timeout, timedelta(seconds=10)) if timeout else timedelta(seconds=10)
-        protocol = self.client.protocol
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait.total_seconds()
         for attempt in itertools.count():
@@ -544,7 +543,7 @@ class WorkflowHandle:
             answer = await self._ask_worker(ask, left, f"the validation of update '{name}'")
             if "failure" in answer:
                 # a retry of an update accepted before stands, whatever the validator says now
-                known = await self._send(lambda run: protocol.update(self.id, run, uid, body, "!"))
+                known = await self._send(functools.partial(self._update_expecting, uid, body, "!"))
                 if known.reply not in (Reply.STALE, Reply.NOT_RUNNING):
                     return known
                 cause = exception_from_failure(answer["failure"])

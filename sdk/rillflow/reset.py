@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from rillflow.activity import ActivityOptions
 from rillflow.errors import InvalidInputError
 from rillflow.history import HistoryEvent
 from rillflow_runtime.codec import pack
@@ -150,18 +151,8 @@ def _pending_activities(events: Sequence[HistoryEvent]) -> list[tuple[list[Any],
         a = e.attributes
         if e.type != EventType.ACTIVITY_TASK_SCHEDULED or a.get("seq") in ended:
             continue
-        retry = a.get("retry") or {}
-        aux = [
-            int(a["seq"]),
-            str(a.get("task_queue")),
-            int(a.get("start_to_close_ms") or 0),
-            int(a.get("schedule_to_close_ms") or 0),
-            int(a.get("heartbeat_ms") or 0),
-            int(retry.get("max_attempts") or 0),
-            int(retry.get("initial_interval_ms") or 1000),
-            float(retry.get("backoff_coefficient") or 2.0),
-            int(retry.get("max_interval_ms") or 100_000),
-        ]
+        # as the workflow task that scheduled it sent them (WorkflowInstance.schedule_activity)
+        aux = [int(a["seq"]), str(a.get("task_queue")), *ActivityOptions.from_wire(a).aux()]
         out.append((aux, pack(a)))
     return out
 
