@@ -16,7 +16,7 @@ import redis
 
 from rillflow.devserver import default_url
 
-KIND = re.compile(r"^rf:\{[^}]+\}:(wf|run|hc|h|act|buf|sig|upd|q|timers|closed|pump|meta)(?::|$)")
+KIND = re.compile(r"^rf:\{[^}]+\}:(wf|run|hc|h|act|buf|wsig|sig|upd|q|timers|closed|outbox|pump|meta)(?::|$)")
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     for key in r.scan_iter(f"rf:{{{a.namespace}:*"):
         m = KIND.match(key)
         counts[m.group(1) if m else "other"] += 1
-        if ":q:" in key:
+        if ":q:" in key or key.endswith(":outbox") or key.endswith(":outbox:dlq"):
             queues.append(key)
     print("keys:", dict(counts))
     for q in sorted(queues):

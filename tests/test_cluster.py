@@ -37,10 +37,11 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, ResponseError
 
+from rillflow_runtime import outbox
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.embedded import EmbeddedRedis, EmbeddedServerError, free_port
 from rillflow_runtime.keyspace import GROUP, Keyspace, shard_of
-from rillflow_runtime.model import CommandKind, Reply
+from rillflow_runtime.model import CommandKind, OutboxKind, Reply
 from rillflow_runtime.protocol import (
     ActDone,
     ActivityOutcome,
@@ -545,6 +546,45 @@ async def drive_run(c: Conn, shard: int) -> None:
     assert stale.reply is Reply.STALE and "is not the current run" in stale.why
 
 
+async def drive_child(c: Conn, shard: int) -> None:
+    """A parent and its child on one shard, through the outbox's scripts."""
+    p, ks = c.protocol, c.ks
+    wid, kid = workflow_id_on(ks, shard, f"parent-s{shard}"), workflow_id_on(ks, shard, f"kid-s{shard}")
+    run, kid_run = uuid.uuid4().hex, uuid.uuid4().hex
+    tq = "shop"  # (its own queue: the other run's last task is still on TQ's)
+    wft_q, box = ks.queue(shard, tq, "wft"), ks.outbox(shard)
+    for stream in (wft_q, box):
+        await c.rc.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    assert (await p.start(wid, run, "Shop", tq, pack({}), 60_000)).reply is Reply.OK
+    msg, _ = await read_one(c, wft_q, "w1")
+    (wft,) = await p.wft_start(shard, wft_q, 30_000, 100, "w1", [WftStartItem(run, msg, 0, workflow_id=wid)])
+    start = {"seq": 1, "workflow_id": kid, "run_id": kid_run, "workflow_type": "Pay", "task_queue": tq}
+    start |= {"input": None, "execution_timeout_ms": 60_000, "parent_close_policy": "terminate"}
+    child = Cmd(CommandKind.START_CHILD, pack(start), [1, kid, kid_run, "terminate"])
+    (done,) = await p.wft_complete(
+        shard, wft_q, tq, RETENTION_MS, "w1", 0, [TaskCompletion(run, wid, wft.fence, msg, [child])]
+    )
+    assert done.reply is Reply.OK
+    # the entry starts the child (on its own shard: here the same) and answers the parent
+    entry_id, fields = await read_one(c, box, "w1")
+    assert fields[b"kind"] == b"start_child"
+    await outbox.apply(p, shard, entry_id, fields, RETENTION_MS)
+    assert await c.rc.xlen(box) == 0
+    assert [t for _, t in await history(c, shard, kid, kid_run)] == ["WorkflowExecutionStarted"]
+    assert (await history(c, shard, wid, run))[-1][1] == "ChildWorkflowExecutionStarted"
+    # the child's close is reported to the parent through the outbox
+    assert (await p.terminate(kid, None, pack({"reason": "x"}), RETENTION_MS, "t")).reply is Reply.OK
+    entry_id, fields = await read_one(c, box, "w1")
+    assert fields[b"kind"] == b"child_closed"
+    await outbox.apply(p, shard, entry_id, fields, RETENTION_MS)
+    assert (await history(c, shard, wid, run))[-1][1] == "ChildWorkflowExecutionTerminated"
+    # a close policy for a child that closed already changes nothing
+    policy = await p.apply_close_policy(
+        OutboxKind.TERMINATE, kid, run, pack({"reason": "y"}), "r", RETENTION_MS
+    )
+    assert policy is Reply.NOT_RUNNING
+
+
 async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: Cluster, conn: Conn) -> None:
     shards = one_shard_per_node(conn.ks)
     for i, s in enumerate(shards):  # the server agrees on the slot, the client on its owner
@@ -556,6 +596,7 @@ async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: C
     conn.driven = set(shards)
     t0 = time.monotonic()
     await asyncio.gather(*(drive_run(conn, s) for s in shards))
+    await asyncio.gather(*(drive_child(conn, s) for s in shards))
     elapsed = time.monotonic() - t0
 
     # every script ran on every node, each node has the keys of its own shard only

@@ -706,10 +706,8 @@ async def test_killed_and_stopped_workers_leave_nothing_behind(
 
     async def left_by_the_dead() -> set[str]:
         consumers = set()
-        for kind in ("wft", "act", "qry"):
-            consumers |= {
-                c["name"].decode() for c in await r.xinfo_consumers(ks.queue(0, "default", kind), "rf")
-            }
+        for stream in [ks.queue(0, "default", kind) for kind in ("wft", "act", "qry")] + [ks.outbox(0)]:
+            consumers |= {c["name"].decode() for c in await r.xinfo_consumers(stream, "rf")}
         sticky = {k.decode().rsplit("@", 1)[1] async for k in r.scan_iter(match=ks.sticky(0, "default", "*"))}
         return (consumers | sticky) & dead
 
@@ -734,6 +732,7 @@ async def test_killed_and_stopped_workers_leave_nothing_behind(
         "q:qry",
         "janitor",
         "pump",
+        "outbox",
     }
     assert set(fixed) <= allowed, kinds
     assert sum(fixed.values()) <= 12, kinds

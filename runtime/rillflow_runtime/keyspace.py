@@ -71,6 +71,11 @@ class Keyspace:
     def closed(self, shard: int) -> str:
         return self.prefix(shard) + "closed"
 
+    def outbox(self, shard: int) -> str:
+        """Effects of the shard's runs on other executions (child starts and outcomes,
+        parent close policies, signals), applied where those live by any worker."""
+        return self.prefix(shard) + "outbox"
+
     def wf(self, shard: int, workflow_id: str) -> str:
         return f"{self.prefix(shard)}wf:{workflow_id}"
 

@@ -38,6 +38,18 @@ class EventType(StrEnum):
     MARKER_RECORDED = "MarkerRecorded"  # a patch the code took (workflow.patched())
     WORKFLOW_EXECUTION_CANCEL_REQUESTED = "WorkflowExecutionCancelRequested"
     WORKFLOW_EXECUTION_CANCELED = "WorkflowExecutionCanceled"
+    # child workflows (a parent's history) and signals to other executions
+    START_CHILD_WORKFLOW_EXECUTION_INITIATED = "StartChildWorkflowExecutionInitiated"
+    START_CHILD_WORKFLOW_EXECUTION_FAILED = "StartChildWorkflowExecutionFailed"  # its id was running
+    CHILD_WORKFLOW_EXECUTION_STARTED = "ChildWorkflowExecutionStarted"
+    CHILD_WORKFLOW_EXECUTION_COMPLETED = "ChildWorkflowExecutionCompleted"
+    CHILD_WORKFLOW_EXECUTION_FAILED = "ChildWorkflowExecutionFailed"
+    CHILD_WORKFLOW_EXECUTION_CANCELED = "ChildWorkflowExecutionCanceled"
+    CHILD_WORKFLOW_EXECUTION_TIMED_OUT = "ChildWorkflowExecutionTimedOut"
+    CHILD_WORKFLOW_EXECUTION_TERMINATED = "ChildWorkflowExecutionTerminated"
+    SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED = "SignalExternalWorkflowExecutionInitiated"
+    EXTERNAL_WORKFLOW_EXECUTION_SIGNALED = "ExternalWorkflowExecutionSignaled"
+    SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED = "SignalExternalWorkflowExecutionFailed"
 
 
 class RunStatus(StrEnum):
@@ -82,6 +94,27 @@ class CommandKind(StrEnum):
     CONTINUE_AS_NEW = "continue_as_new"
     RECORD_MARKER = "record_marker"
     CANCEL_WORKFLOW = "cancel_workflow"
+    START_CHILD = "start_child"
+    SIGNAL_EXTERNAL = "signal_external"
+
+
+class ParentClosePolicy(StrEnum):
+    """What a parent's close does to a child still running (``pol`` of its record)."""
+
+    TERMINATE = "terminate"
+    ABANDON = "abandon"
+    REQUEST_CANCEL = "request_cancel"
+
+
+class OutboxKind(StrEnum):
+    """The ``kind`` of an entry of a shard's outbox: an effect on another execution,
+    which may live on another shard (see outbox_apply.lua)."""
+
+    START_CHILD = "start_child"  # start a parent's child; the answer goes back to the parent
+    CHILD_CLOSED = "child_closed"  # a child's outcome, for its parent
+    TERMINATE = "terminate"  # a parent closed: its child (policy TERMINATE)
+    CANCEL = "cancel"  # a parent closed: its child (policy REQUEST_CANCEL)
+    SIGNAL = "signal"  # a workflow signals another execution; the answer goes back to it
 
 
 class TimerKind(StrEnum):
@@ -130,6 +163,8 @@ ENUMS: dict[str, type[StrEnum]] = {
     "CMD": CommandKind,
     "TK": TimerKind,
     "R": Reply,
+    "PCP": ParentClosePolicy,
+    "OB": OutboxKind,
 }
 """The Lua table name each enum is generated under."""
 
@@ -150,6 +185,8 @@ COMMAND_EVENTS = frozenset(
         EventType.WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
         EventType.MARKER_RECORDED,
         EventType.WORKFLOW_EXECUTION_CANCELED,
+        EventType.START_CHILD_WORKFLOW_EXECUTION_INITIATED,
+        EventType.SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED,
     }
 )
 # Events that close a run: the last of its history.
@@ -174,8 +211,26 @@ INPUT_EVENTS = frozenset(
         EventType.ACTIVITY_TASK_TIMED_OUT,
         EventType.TIMER_FIRED,
         EventType.WORKFLOW_EXECUTION_CANCEL_REQUESTED,
+        EventType.START_CHILD_WORKFLOW_EXECUTION_FAILED,
+        EventType.CHILD_WORKFLOW_EXECUTION_STARTED,
+        EventType.CHILD_WORKFLOW_EXECUTION_COMPLETED,
+        EventType.CHILD_WORKFLOW_EXECUTION_FAILED,
+        EventType.CHILD_WORKFLOW_EXECUTION_CANCELED,
+        EventType.CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+        EventType.CHILD_WORKFLOW_EXECUTION_TERMINATED,
+        EventType.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
+        EventType.SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
     }
 )
+
+# The event a parent's history gets when its child's execution closes with a status.
+CHILD_CLOSED_EVENTS = {
+    RunStatus.COMPLETED: EventType.CHILD_WORKFLOW_EXECUTION_COMPLETED,
+    RunStatus.FAILED: EventType.CHILD_WORKFLOW_EXECUTION_FAILED,
+    RunStatus.CANCELED: EventType.CHILD_WORKFLOW_EXECUTION_CANCELED,
+    RunStatus.TIMED_OUT: EventType.CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+    RunStatus.TERMINATED: EventType.CHILD_WORKFLOW_EXECUTION_TERMINATED,
+}
 
 # The longest timeout or interval anyone may give (ten years, in ms): longer is a
 # mistake, and past the clock's range once added to now. The scripts get it as

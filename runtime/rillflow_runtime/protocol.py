@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import Keyspace
-from rillflow_runtime.model import EVENT_CODES, CommandKind, Reply, TimerKind
+from rillflow_runtime.model import EVENT_CODES, CommandKind, EventType, OutboxKind, Reply, TimerKind
 from rillflow_runtime.scripts import Scripts
 
 T = TypeVar("T")
@@ -247,6 +247,45 @@ class HeartbeatReply:
 
 
 @dataclass(frozen=True)
+class ChildStart:
+    """A child's start, as its parent's outbox entry asks for it."""
+
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    start_body: bytes  # the child's WorkflowExecutionStarted body
+    timeout_ms: int
+    parent_workflow_id: str
+    parent_run_id: str
+    parent_seq: int
+
+
+@dataclass(frozen=True)
+class ChildClosed:
+    """A child's outcome, for its parent."""
+
+    parent_workflow_id: str
+    parent_run_id: str
+    seq: int
+    child_workflow_id: str
+    started_body: bytes  # ChildWorkflowExecutionStarted, if the parent has not had it yet
+    event_type: EventType
+    body: bytes
+
+
+@dataclass(frozen=True)
+class OutboxAnswer:
+    """What a run waits for from one of its outbox entries (see outbox_done.lua)."""
+
+    workflow_id: str
+    run_id: str
+    seq: int
+    reply: Reply  # OK, or why not
+    body: bytes  # the event the run gets
+
+
+@dataclass(frozen=True)
 class PumpReply:
     handled: int
     next_due_ms: int  # -1: nothing is due
@@ -315,7 +354,12 @@ class Protocol:
         self.scripts = Scripts(redis)
 
     async def _call(self, name: str, shard: int, args: list[Any], keys: Iterable[str] = ()) -> Any:
-        declared = [self.ks.timers(shard), self.ks.closed(shard), *dict.fromkeys(keys)]
+        # (the shard's outbox too, last: any call that closes a run may write to it)
+        declared = [
+            self.ks.timers(shard),
+            self.ks.closed(shard),
+            *dict.fromkeys([*keys, self.ks.outbox(shard)]),
+        ]
         return await self.scripts.call(name, declared, [self.ks.prefix(shard), *args])
 
     async def _client_call(
@@ -697,6 +741,86 @@ class Protocol:
             if isinstance(state, dict) and isinstance(state.get("tq"), str):
                 keys.append(ks.queue(shard, state["tq"], "act"))
         return keys
+
+    # -- the outbox: effects on other executions (see outbox_apply.lua, outbox.py) ----------
+    async def start_child(self, child: ChildStart) -> RunReply:
+        """Start a parent's child on the child's shard: OK (now or by an earlier
+        delivery), RUNNING (its id is taken by a running run: named) or INVALID."""
+        ks, wid, run = self.ks, child.workflow_id, child.run_id
+        shard = ks.shard(wid)
+        keys = [
+            ks.wf(shard, wid),
+            ks.run(shard, run),
+            ks.history(shard, wid, run),
+            ks.queue(shard, child.task_queue, "wft"),
+            ks.signals(shard, wid),
+        ]
+        args = [
+            OutboxKind.START_CHILD.value,
+            wid,
+            run,
+            child.workflow_type,
+            child.task_queue,
+            child.start_body,
+            child.timeout_ms,
+            f"{child.parent_seq}|{child.parent_run_id}|{child.parent_workflow_id}",
+        ]
+        res = await self._call("outbox_apply", shard, [1, *args], keys)
+        reply = _reply(res[0])
+        return RunReply(
+            reply,
+            text(res[1]) if reply is not Reply.INVALID else "",
+            text(res[1]) if reply is Reply.INVALID else "",
+        )
+
+    async def report_child_closed(self, report: ChildClosed) -> Reply:
+        """Deliver a child's outcome to its parent run: OK, or DUPLICATE (delivered
+        before, or the parent no longer waits for it)."""
+        ks, wid, run = self.ks, report.parent_workflow_id, report.parent_run_id
+        shard = ks.shard(wid)
+        keys = await self._run_route_keys(shard, wid, run)
+        args = [
+            OutboxKind.CHILD_CLOSED.value,
+            run,
+            report.seq,
+            report.child_workflow_id,
+            report.started_body,
+            str(report.event_type),
+            report.body,
+        ]
+        res = await self._call("outbox_apply", shard, [1, *args], keys)
+        return _reply(res[0])
+
+    async def apply_close_policy(
+        self,
+        kind: OutboxKind,
+        child_workflow_id: str,
+        parent_run_id: str,
+        body: bytes,
+        request_id: str,
+        retention_ms: int,
+    ) -> Reply:
+        """Terminate (``kind`` TERMINATE) or ask to cancel (CANCEL) the running run of
+        a child's execution, if it is still that parent's child: OK, NOT_RUNNING or
+        DUPLICATE (a cancel asked before)."""
+        shard = self.ks.shard(child_workflow_id)
+        args = [retention_ms, kind.value, child_workflow_id, parent_run_id, body, request_id]
+        res = await self._client_call(
+            shard, child_workflow_id, None, lambda keys: self._call("outbox_apply", shard, args, keys)
+        )
+        return _reply(res[0])
+
+    async def outbox_done(
+        self, shard: int, entry_id: str, kind: OutboxKind, answer: OutboxAnswer | None = None
+    ) -> None:
+        """Remove an applied outbox entry, recording ``answer`` in the run that waits for
+        it (a child's start, a signal's delivery) in the same call."""
+        keys = [self.ks.outbox(shard)]
+        args: list[Any] = [entry_id, kind.value]
+        if answer is not None:
+            keys += await self._run_route_keys(shard, answer.workflow_id, answer.run_id)
+            args += [answer.run_id, answer.seq, answer.reply.value, answer.body]
+        await self._call("outbox_done", shard, args, keys)
 
     # -- reads --------------------------------------------------------------------------
     async def history(self, shard: int, workflow_id: str, run_id: str, after: int = 0) -> list[Any]:

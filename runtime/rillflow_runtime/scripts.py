@@ -40,6 +40,8 @@ NAMES = (
     "query",
     "update",
     "dead_letter",
+    "outbox_apply",
+    "outbox_done",
 )
 
 

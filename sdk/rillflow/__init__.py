@@ -5,9 +5,11 @@
 """
 
 from rillflow.activity import ActivityInfo, activity, activity_heartbeat
+from rillflow.children import ChildWorkflowHandle, ParentClosePolicy
 from rillflow.client import Client
 from rillflow.errors import (
     ActivityError,
+    ChildWorkflowError,
     InvalidInputError,
     InvalidResultError,
     NonDeterminismError,
@@ -35,16 +37,22 @@ from rillflow.replayer import Replayer, ReplayResult, load_history_json
 from rillflow.worker import Worker
 from rillflow.workflow import get_execution_id, get_workflow_definition, workflow
 
+# the page's top-level form: a child workflow from workflow code
+execute_workflow = workflow.execute_workflow
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivityError",
     "ActivityInfo",
+    "ChildWorkflowError",
+    "ChildWorkflowHandle",
     "Client",
     "HistoryEvent",
     "InvalidInputError",
     "InvalidResultError",
     "NonDeterminismError",
+    "ParentClosePolicy",
     "PayloadTooLargeError",
     "RegisteredWorkflow",
     "ReplayResult",
@@ -71,6 +79,7 @@ __all__ = [
     "__version__",
     "activity",
     "activity_heartbeat",
+    "execute_workflow",
     "get_execution_id",
     "get_workflow_definition",
     "load_history_json",

@@ -63,6 +63,43 @@ class ActivityError(WorkflowError):
         self.__cause__ = cause
 
 
+class ChildWorkflowError(WorkflowError):
+    """What a parent sees when its child workflow did not complete (it failed, timed
+    out, was terminated or canceled) or could not start (its id was running). ``cause``
+    holds why: the child's own failure, with its cause chain."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        workflow_type: str,
+        execution_id: str,
+        run_id: str,
+        status: str,
+        cause: WorkflowError,
+    ) -> None:
+        super().__init__(message, type="ChildWorkflowError", non_retryable=True)
+        self.workflow_type = workflow_type
+        self.execution_id = execution_id
+        self.run_id = run_id
+        self.status = status
+        self.cause = cause
+        self.__cause__ = cause
+
+
+def closed_run_failure(status: str, body: dict[str, Any]) -> WorkflowError:
+    """Why a run closed without completing: its failure, or the reason it was ended."""
+    if "failure" in body:
+        return exception_from_failure(body["failure"])
+    reason = body.get("reason") or status
+    kind = {
+        "timed_out": "WORKFLOW_EXECUTION_TIMED_OUT",
+        "terminated": "WorkflowTerminated",
+        "canceled": "WorkflowCanceled",
+    }.get(status, status)
+    return WorkflowError(str(reason), type=kind)
+
+
 class WorkflowFailureError(RillflowError):
     """The run ended without a result: failed, timed out or terminated."""
 
@@ -189,6 +226,14 @@ def failure_from_exception(exc: BaseException) -> dict[str, Any]:
             rec["activity_name"] = exc.activity_name
             rec["attempt"] = exc.attempt
             rec["cause"] = failure_from_exception(exc.cause)
+        elif isinstance(exc, ChildWorkflowError):
+            rec["child"] = {
+                "workflow_type": exc.workflow_type,
+                "execution_id": exc.execution_id,
+                "run_id": exc.run_id,
+                "status": exc.status,
+            }
+            rec["cause"] = failure_from_exception(exc.cause)
         return rec
     return {
         "type": type(exc).__name__,
@@ -207,6 +252,16 @@ def exception_from_failure(rec: dict[str, Any]) -> WorkflowError:
             activity_name=rec.get("activity_name", ""),
             attempt=int(rec.get("attempt", 0)),
             cause=cause,
+        )
+    elif rec.get("type") == "ChildWorkflowError" and "cause" in rec and isinstance(rec.get("child"), dict):
+        child = rec["child"]
+        err = ChildWorkflowError(
+            rec.get("message", ""),
+            workflow_type=str(child.get("workflow_type", "")),
+            execution_id=str(child.get("execution_id", "")),
+            run_id=str(child.get("run_id", "")),
+            status=str(child.get("status", "")),
+            cause=exception_from_failure(rec["cause"]),
         )
     else:
         err = WorkflowError(

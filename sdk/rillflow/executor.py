@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from rillflow.children import ChildWorkflowHandle, child_run_id, default_child_id
 from rillflow.durations import MAX_DURATION
 from rillflow.errors import (
     ActivityError,
+    ChildWorkflowError,
     ContinueAsNewError,
     InvalidInputError,
     InvalidResultError,
@@ -44,13 +46,16 @@ from rillflow.errors import (
     PayloadTooLargeError,
     RestrictedWorkflowAccessError,
     WorkflowError,
+    closed_run_failure,
     exception_from_failure,
     failure_from_exception,
 )
 from rillflow.history import COMMAND_EVENTS, INPUT_EVENTS, HistoryEvent
-from rillflow.payloads import check_size
+from rillflow.payloads import check_size, to_wire
 from rillflow_runtime.codec import pack
+from rillflow_runtime.keyspace import ID_RE
 from rillflow_runtime.model import ACTIVATION_ORDER, CommandKind, EventType
+from rillflow_runtime.model import ParentClosePolicy as WirePolicy
 
 log = structlog.get_logger("rillflow.workflow")
 
@@ -124,6 +129,10 @@ def _ident_of_event(ev: HistoryEvent) -> tuple[Any, ...]:
             return ("CancelWorkflow",)
         case "MarkerRecorded":
             return ("RecordMarker", a.get("marker"), a.get("id"))
+        case "StartChildWorkflowExecutionInitiated":
+            return ("StartChild", a.get("seq"), a.get("workflow_type"))
+        case "SignalExternalWorkflowExecutionInitiated":
+            return ("SignalExternal", a.get("seq"), a.get("name"))
     return (ev.type,)
 
 
@@ -512,6 +521,10 @@ class WorkflowInstance:
         self.cancel_requested: dict[str, Any] | None = None  # the cancel request's attributes
         self._patches: dict[str, bool] = {}  # each patch id's answer, fixed for the run
         self._markers_ahead: frozenset[str] = frozenset()  # the replayed task's recorded patches
+        self.child_seq = 0
+        self.children: dict[int, ChildWorkflowHandle[Any]] = {}  # started, not closed yet
+        self.signal_seq = 0
+        self.external_signals: dict[int, asyncio.Future[None]] = {}  # sent, not answered yet
 
     def restart(self) -> None:
         """Drop everything the instance ran and start over, as newly made for the same
@@ -754,6 +767,8 @@ class WorkflowInstance:
             if h is not None and not h.cancelled():
                 h._scheduled = False  # type: ignore[attr-defined]
                 self.loop.ready.append(h)
+        elif ev.type in _CHILD_EVENTS:
+            self._child_event(ev)
         elif ev.type in ("ActivityTaskCompleted", "ActivityTaskFailed", "ActivityTaskTimedOut"):
             pending = self.activities.pop(int(a["seq"]), None)
             if pending is None:
@@ -780,6 +795,71 @@ class WorkflowInstance:
                         timeout_type=(a.get("failure") or {}).get("timeout_type"),
                     )
                 )
+
+    def _child_event(self, ev: HistoryEvent) -> None:
+        """A child's start or close, or the answer to a signal sent to another execution."""
+        a = ev.attributes
+        seq = int(a.get("seq", 0))
+        if ev.type in ("ExternalWorkflowExecutionSignaled", "SignalExternalWorkflowExecutionFailed"):
+            fut = self.external_signals.pop(seq, None)
+            if fut is None or fut.done():
+                return
+            if ev.type == "ExternalWorkflowExecutionSignaled":
+                fut.set_result(None)
+            else:
+                fut.set_exception(
+                    WorkflowError(
+                        f"signal not delivered: {a.get('why') or 'the execution is not running'}",
+                        type="ExternalWorkflowNotRunning",
+                    )
+                )
+            return
+        h = self.children.get(seq)
+        if h is None:
+            return
+        h.workflow_id = str(a.get("workflow_id") or h.workflow_id)
+        if ev.type == "ChildWorkflowExecutionStarted":
+            if not h.started.done():
+                h.started.set_result(h)
+            return
+        del self.children[seq]
+        if ev.type == "StartChildWorkflowExecutionFailed":
+            why = str(a.get("why") or "it could not start")
+            err = ChildWorkflowError(
+                f"child workflow '{h.workflow_type}' did not start: {why}",
+                workflow_type=h.workflow_type,
+                execution_id=h.workflow_id,
+                run_id=str(a.get("run_id") or ""),
+                status="not_started",
+                cause=WorkflowError(why, type="WorkflowAlreadyStarted", non_retryable=True),
+            )
+            h.started.set_exception(err)
+            h.outcome.set_exception(err)
+            return
+        h.run_id = str(a.get("run_id") or h.run_id)
+        if not h.started.done():
+            h.started.set_result(h)
+        if ev.type == "ChildWorkflowExecutionCompleted":
+            try:
+                value = h.defn.sig.load_result(a.get("result")) if h.defn else a.get("result")
+            except Exception as e:  # the result no longer fits the declared type
+                h.outcome.set_exception(e)
+            else:
+                h.outcome.set_result(value)
+            return
+        status = str(a.get("status") or "failed")
+        cause = closed_run_failure(status, a)
+        h.outcome.set_exception(
+            ChildWorkflowError(
+                f"child workflow '{h.workflow_type}' execution '{h.workflow_id}' {status.replace('_', ' ')}: "
+                f"{cause.type}: {cause.message}",
+                workflow_type=h.workflow_type,
+                execution_id=h.workflow_id,
+                run_id=h.run_id,
+                status=status,
+                cause=cause,
+            )
+        )
 
     def _seed(self, seed: Any) -> None:
         """``workflow.random()`` and ``workflow.uuid4()`` draw from the run's own seed: the
@@ -1064,6 +1144,91 @@ class WorkflowInstance:
         fut.add_done_callback(on_done)
         return fut
 
+    def start_child(
+        self,
+        defn: WorkflowDefinition | None,
+        workflow_type: str,
+        params: Any,
+        timeout_ms: int,
+        execution_id: str | None,
+        policy: WirePolicy,
+    ) -> ChildWorkflowHandle[Any]:
+        """Issue a child's start (see rillflow.children); its handle resolves as the
+        parent's history records the child's start and close."""
+        seq = self.child_seq + 1
+        wid = execution_id or default_child_id(self.info.workflow_id, self.info.run_id, seq)
+        if not isinstance(wid, str) or not ID_RE.fullmatch(wid):
+            raise InvalidInputError(
+                f"child execution id {wid!r} is invalid: use 1-256 letters, digits, '_', '-', '.'"
+            )
+        handle: ChildWorkflowHandle[Any] = ChildWorkflowHandle(
+            self, seq, workflow_type, wid, child_run_id(self.info.run_id, seq), defn
+        )
+        if self._tearing_down:
+            if self._park():
+                return handle
+            raise self._torn_down(f"child workflow '{workflow_type}'")
+        if self.closed:  # never issued, so never resolved: the run is over
+            self._issued += 1
+            return handle
+        with _Unguarded():
+            data = (
+                defn.sig.encode_input(params)
+                if defn
+                else to_wire(params, f"input of workflow '{workflow_type}'")
+            )
+            body = pack(
+                {
+                    "seq": seq,
+                    "workflow_id": wid,
+                    "run_id": handle.run_id,
+                    "workflow_type": workflow_type,
+                    "task_queue": self.info.task_queue,
+                    "input": data,
+                    "execution_timeout_ms": timeout_ms,
+                    "parent_close_policy": policy.value,
+                    "seed": os.urandom(16),
+                }
+            )
+        check_size(body, self.max_payload_bytes, f"input of child workflow '{workflow_type}'")
+        self.child_seq = seq
+        self.children[seq] = handle
+        self._emit(
+            Command(
+                CommandKind.START_CHILD,
+                body,
+                [seq, wid, handle.run_id, policy.value],
+                ("StartChild", seq, workflow_type),
+            )
+        )
+        return handle
+
+    def signal_external(
+        self, workflow_id: str, defn: WorkflowDefinition | None, name: str, payload: Any
+    ) -> asyncio.Future[None]:
+        """Signal another execution (a child) through the outbox; resolved when the
+        parent's history records that it was delivered, or why not."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if self._tearing_down:
+            if self._park():
+                return fut
+            raise self._torn_down(f"signal '{name}'")
+        if self.closed:
+            self._issued += 1
+            return fut
+        with _Unguarded():
+            h = defn.handler("signal", name) if defn else None
+            data = h.sig.encode_input(payload) if h else to_wire(payload, f"signal '{name}'")
+            body = pack({"name": name, "input": data})
+        check_size(body, self.max_payload_bytes, f"signal '{name}'")
+        self.signal_seq += 1
+        seq = self.signal_seq
+        self.external_signals[seq] = fut
+        self._emit(
+            Command(CommandKind.SIGNAL_EXTERNAL, body, [seq, workflow_id, ""], ("SignalExternal", seq, name))
+        )
+        return fut
+
     def start_timer(
         self, delay: float, callback: Callable[..., Any], args: tuple[Any, ...], context: Any
     ) -> asyncio.TimerHandle:
@@ -1119,6 +1284,19 @@ class WorkflowInstance:
 
 
 _MESSAGES = frozenset({"WorkflowExecutionSignaled", "WorkflowExecutionUpdateAccepted"})
+_CHILD_EVENTS = frozenset(
+    {
+        "ChildWorkflowExecutionStarted",
+        "StartChildWorkflowExecutionFailed",
+        "ChildWorkflowExecutionCompleted",
+        "ChildWorkflowExecutionFailed",
+        "ChildWorkflowExecutionCanceled",
+        "ChildWorkflowExecutionTimedOut",
+        "ChildWorkflowExecutionTerminated",
+        "ExternalWorkflowExecutionSignaled",
+        "SignalExternalWorkflowExecutionFailed",
+    }
+)
 _CANCEL = "WorkflowExecutionCancelRequested"
 
 

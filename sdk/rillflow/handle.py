@@ -23,6 +23,7 @@ from rillflow.errors import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRejectedError,
     WorkflowUpdateTimeoutError,
+    closed_run_failure,
     exception_from_failure,
 )
 from rillflow.history import HistoryEvent
@@ -73,19 +74,6 @@ class WorkflowDescription:
     failure: WorkflowError | None = None  # why a closed run did not complete: what result() raises from
     result: Any = None  # a completed run's result, as stored (the typed one: result())
     next_run_id: str | None = None  # the run this one continued as
-
-
-def _failure_cause(status: str, body: dict[str, Any]) -> WorkflowError:
-    """Why a run closed without completing: its failure, or the reason it was ended."""
-    if "failure" in body:
-        return exception_from_failure(body["failure"])
-    reason = body.get("reason") or status
-    kind = {
-        "timed_out": "WORKFLOW_EXECUTION_TIMED_OUT",
-        "terminated": "WorkflowTerminated",
-        "canceled": "WorkflowCanceled",
-    }.get(status, status)
-    return WorkflowError(str(reason), type=kind)
 
 
 FOLLOW_BLOCK_S = 10.0  # one blocking read of follow_history: how long before it is re-armed
@@ -289,7 +277,7 @@ class WorkflowHandle:
         if st == RunStatus.COMPLETED:
             value = body.get("result")
             return self.defn.sig.load_result_leniently(value) if self.defn else value
-        raise WorkflowFailureError(self.id, run, st, _failure_cause(st, body))
+        raise WorkflowFailureError(self.id, run, st, closed_run_failure(st, body))
 
     async def describe(self) -> WorkflowDescription:
         run = await self._message_target() or await self._resolve_run()
@@ -357,7 +345,7 @@ class WorkflowHandle:
             last_workflow_task_failure=exception_from_failure(unpack(wft_fail).get("failure", {}))
             if wft_fail
             else None,
-            failure=_failure_cause(status, body) if closed_without_result else None,
+            failure=closed_run_failure(status, body) if closed_without_result else None,
             result=body.get("result") if status == RunStatus.COMPLETED else None,
             next_run_id=_next_run(status, outcome),
         )

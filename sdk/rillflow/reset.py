@@ -91,6 +91,8 @@ def plan_reset(
         )
     start = events[0]
     before = [e for e in events[1:] if e.event_id < event_id]
+    if why := _open_at(before):
+        raise InvalidInputError(f"event {event_id} of run {old_run} cannot be reset to: {why}")
     after = [e for e in events if e.event_id > event_id]
     timeout_ms = int(start.attributes.get("execution_timeout_ms") or 0)
     copied: list[tuple[str, int, bytes]] = [(e.type, e.time_ms, pack(e.attributes)) for e in before]
@@ -142,6 +144,55 @@ def plan_reset(
         timers=_pending_timers(before),
         updates=updates,
     )
+
+
+_CHILD_ENDS = frozenset(
+    {
+        EventType.START_CHILD_WORKFLOW_EXECUTION_FAILED,
+        EventType.CHILD_WORKFLOW_EXECUTION_COMPLETED,
+        EventType.CHILD_WORKFLOW_EXECUTION_FAILED,
+        EventType.CHILD_WORKFLOW_EXECUTION_CANCELED,
+        EventType.CHILD_WORKFLOW_EXECUTION_TIMED_OUT,
+        EventType.CHILD_WORKFLOW_EXECUTION_TERMINATED,
+    }
+)
+
+
+def _open_at(before: Sequence[HistoryEvent]) -> str | None:
+    """Why the point after ``before`` cannot be a reset's: a child workflow or a signal
+    to another execution still open there (the new run could not be told how it ends:
+    the answer goes to the run that started it)."""
+    children = {
+        e.attributes.get("seq"): e
+        for e in before
+        if e.type == EventType.START_CHILD_WORKFLOW_EXECUTION_INITIATED
+    }
+    signals = {
+        e.attributes.get("seq"): e
+        for e in before
+        if e.type == EventType.SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED
+    }
+    for e in before:
+        if e.type in _CHILD_ENDS:
+            children.pop(e.attributes.get("seq"), None)
+        elif e.type in (
+            EventType.EXTERNAL_WORKFLOW_EXECUTION_SIGNALED,
+            EventType.SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_FAILED,
+        ):
+            signals.pop(e.attributes.get("seq"), None)
+    if children:
+        e = next(iter(children.values()))
+        return (
+            f"child workflow '{e.attributes.get('workflow_id')}' (started at event {e.event_id}) is still open "
+            "there; reset to a WorkflowTaskCompleted before it started or after it closed"
+        )
+    if signals:
+        e = next(iter(signals.values()))
+        return (
+            f"the signal sent at event {e.event_id} is not answered yet there; reset to a "
+            "WorkflowTaskCompleted before it or after its answer"
+        )
+    return None
 
 
 def _pending_activities(events: Sequence[HistoryEvent]) -> list[tuple[list[Any], bytes]]:

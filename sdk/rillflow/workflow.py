@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
+from rillflow.children import ParentClosePolicy
 from rillflow.durations import duration_problem
-from rillflow.errors import ContinueAsNewError, InvalidInputError, WorkflowDefinitionError
+from rillflow.errors import ContinueAsNewError, InvalidInputError, RillflowError, WorkflowDefinitionError
 from rillflow.executor import (
     SUGGEST_CONTINUE_BYTES,
     SUGGEST_CONTINUE_EVENTS,
@@ -363,6 +364,60 @@ class workflow:
         """The second step of retiring a patch (see :meth:`patched`): the new path is the
         only one; runs recorded with the patch's marker, and runs without it, both replay."""
         require_instance("workflow.deprecate_patch()").patched(patch_id, deprecated=True)
+
+    @staticmethod
+    async def execute_workflow(
+        workflow: type | str,
+        params: Any = None,
+        execution_timeout: timedelta | None = None,
+        execution_id: str | None = None,
+        wait: bool = True,
+        parent_close_policy: ParentClosePolicy | None = None,
+    ) -> Any:
+        """Run ``workflow`` (its class, or its name: then the result is plain data) as a
+        child of this one, on this task queue: with ``wait=True`` return its result (typed
+        by its entrypoint's return annotation), with ``wait=False`` a
+        :class:`ChildWorkflowHandle` once it started, to ``await`` later, signal, or leave.
+        ``execution_timeout`` defaults to the child's declared one; ``execution_id`` to an
+        id made from this execution's (the same on every replay); ``parent_close_policy``
+        to TERMINATE with ``wait=True`` and ABANDON with ``wait=False``. A child that
+        fails, times out, is terminated or canceled, or whose id is already running,
+        raises :class:`ChildWorkflowError` (uncaught, it fails this run). Outside workflow
+        code, use ``await client.execute_workflow(...)``."""
+        inst = current_instance()
+        if inst is None:
+            raise RillflowError(
+                "workflow.execute_workflow() starts a child workflow: call it in workflow code. "
+                "To run a workflow from anywhere else, use `await client.execute_workflow(...)` "
+                "(rillflow.Client), which runs it durably on the workers"
+            )
+        if isinstance(workflow, str):
+            if not NAME_RE.fullmatch(workflow):
+                raise InvalidInputError(f"workflow name {workflow!r} is invalid")
+            defn, wtype, declared = None, workflow, DEFAULT_EXECUTION_TIMEOUT
+        else:
+            defn = get_workflow_definition(workflow)
+            wtype, declared = defn.name, defn.execution_timeout
+        timeout = declared if execution_timeout is None else execution_timeout
+        if why := duration_problem(timeout, "execution_timeout"):
+            raise InvalidInputError(f"child workflow '{wtype}': {why}")
+        try:
+            policy = ParentClosePolicy(parent_close_policy or 0)
+        except ValueError:
+            raise InvalidInputError(
+                f"parent_close_policy must be a ParentClosePolicy, got {parent_close_policy!r}"
+            ) from None
+        handle = inst.start_child(
+            defn,
+            wtype,
+            params,
+            int(timeout.total_seconds() * 1000),
+            execution_id,
+            policy.wire(bool(wait)),
+        )
+        if wait:
+            return await handle.result()
+        return await asyncio.shield(handle.started)
 
     @staticmethod
     def continue_as_new(params: Any = None) -> NoReturn:

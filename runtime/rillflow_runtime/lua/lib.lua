@@ -82,6 +82,8 @@ local function sig_key(wid) return P .. 'wsig:' .. wid end
 local function run_sig_key(run) return P .. 'sig:' .. run end
 local function upd_key(run) return P .. 'upd:' .. run end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
+-- effects on other executions, maybe of other shards (see outbox_apply and outbox_done)
+local function outbox_key() return P .. 'outbox' end
 
 -- An argument that must be a number of at least `min`: checked before a script's first
 -- write, so a bad call fails whole (a script error after a write would leave half).
@@ -315,6 +317,7 @@ local SPEC_FIELDS = {}
 for i = 1, #TASK_FIELDS do SPEC_FIELDS[i] = TASK_FIELDS[i] end
 SPEC_FIELDS[#SPEC_FIELDS + 1] = 'wft_q'
 SPEC_FIELDS[#SPEC_FIELDS + 1] = 'msgs'
+SPEC_FIELDS[#SPEC_FIELDS + 1] = 'parent'
 
 -- Start the run's workflow task for `w.worker` (r: its TASK_FIELDS), or, `again`, answer
 -- the start that worker already has the same way. The fence is "<attempt number>-<start
@@ -567,12 +570,22 @@ local function folded_answer(run, seq, att)
   return {}
 end
 
+-- A parent run `run` of execution `wid` closes (`status`) while its child `seq` (the
+-- record `s`, see record_task) runs: the parent close policy is applied through the
+-- outbox. A child whose start is not answered yet is seen to by outbox_done instead.
+local function apply_close_policy(wid, run, seq, s, status)
+  if s.st ~= AS.STARTED or s.pol == PCP.ABANDON then return end
+  local why = 'the parent ' .. wid .. ' closed (' .. status .. ') and its parent close policy is ' .. s.pol
+  call('XADD', outbox_key(), '*', 'kind', s.pol == PCP.TERMINATE and OB.TERMINATE or OB.CANCEL, 'wid', wid,
+    'run', run, 'seq', seq, 'cwid', s.wid, 'crun', s.run, 'd', cmsgpack.pack({ reason = why }))
+end
+
 -- The run hash fields close_run reads, in this order.
-local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid', 'hbytes' }
+local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid', 'hbytes', 'parent' }
 
 -- What a started task's completion reads of its run, in this order.
 local COMPLETE_FIELDS = { 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q', 'msgbuf',
-  'wft_done', 'wft_failures', 'last_eid', 'msgs', 'hbytes', 'unseen' }
+  'wft_done', 'wft_failures', 'last_eid', 'msgs', 'hbytes', 'unseen', 'parent' }
 
 -- Where each of the fields `want` sits in an HMGET of the fields `have`, worked out when
 -- the library loads (a field `have` lacks fails the load, not a call), so that a caller
@@ -630,9 +643,18 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
       gone[#gone + 1] = b
       gone[#gone + 1] = c
       drop_msg(queue_key(s.tq, 'act'), s.msg, run)
+    elseif string.sub(f, 1, 6) == 'child:' then
+      apply_close_policy(wid, run, string.sub(f, 7), cmsgpack.unpack(acts[i + 1]), status)
     end
   end
   zrem_all(gone)
+  -- a child's execution tells its parent how it ended (the chain's last run does: a run
+  -- that continues as new hands the link on to the next)
+  if r[9] and status ~= RS.CONTINUED_AS_NEW then
+    local p = split(r[9], '|')
+    call('XADD', outbox_key(), '*', 'kind', OB.CHILD_CLOSED, 'wid', p[3], 'run', p[2], 'seq', p[1], 'cwid', wid,
+      'crun', run, 'status', status, 'd', body)
+  end
   -- updates still running will never finish: their callers are told now
   local upd = r[5] and call('HGETALL', upd_key(run)) or {}
   for i = 1, #upd, 2 do
@@ -777,7 +799,10 @@ end
 --     nothing, and last;
 --   continue_as_new: the next run's id (the body is that run's WorkflowExecutionStarted
 --     body: Lua's cmsgpack reads no msgpack bin), and last; record_marker: the marker's
---     id (a MarkerRecorded event: a patch the code took, see workflow.patched()).
+--     id (a MarkerRecorded event: a patch the code took, see workflow.patched());
+--   start_child: seq, the child's execution id, its run id (made by the parent, so that
+--     a repeated start is known as one), parent close policy (PCP);
+--   signal_external: seq, the execution id, its run id ('' = its current run).
 -- Reads only: returns the commands, whether they close the run, and why they cannot be
 -- applied (nil when they can), so a caller checks a whole batch before its first write.
 -- (built at the first call: a library's load has no `pairs`)
@@ -811,6 +836,15 @@ local function parse_commands(argv, at, n)
       if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad next run' end
     elseif kind == CMD.RECORD_MARKER then
       if type(aux[1]) ~= 'string' or aux[1] == '' then why = 'bad marker id' end
+    elseif kind == CMD.START_CHILD then
+      if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'string' or aux[2] == '' or type(aux[3]) ~= 'string'
+          or aux[3] == '' or not (aux[4] == PCP.TERMINATE or aux[4] == PCP.ABANDON or aux[4] == PCP.REQUEST_CANCEL) then
+        why = 'bad child workflow'
+      end
+    elseif kind == CMD.SIGNAL_EXTERNAL then
+      if type(aux[1]) ~= 'number' or type(aux[2]) ~= 'string' or aux[2] == '' or type(aux[3]) ~= 'string' then
+        why = 'bad external signal'
+      end
     end
     if kind == CMD.COMPLETE_WORKFLOW or kind == CMD.FAIL_WORKFLOW or kind == CMD.CONTINUE_AS_NEW
         or kind == CMD.CANCEL_WORKFLOW then
@@ -861,7 +895,7 @@ end
 local function continue_as_new(run, wid, c, next_run, start_body)
   local rk = run_key(run)
   local body = cmsgpack.pack({ next_run_id = next_run })
-  local st = call('HMGET', rk, 'deadline_ms', 'wtype', 'chain')
+  local st = call('HMGET', rk, 'deadline_ms', 'wtype', 'chain', 'parent')
   local carried = {}
   local items = call('LRANGE', buf_key(run), 0, -1)
   for i = 1, #items, 3 do
@@ -876,7 +910,12 @@ local function continue_as_new(run, wid, c, next_run, start_body)
   local left = (tonumber(st[1]) or NOW) - NOW
   create_run(wid, next_run, st[2], c.tq, start_body, left > 0 and left or 1, true, #carried == 0)
   -- the chain's first run: a handle on it reaches the chain's current run (handle.py)
-  call('HSET', run_key(next_run), 'chain', st[3] or run)
+  -- (and a child's chain stays its parent's child: its last run reports to the parent)
+  if st[4] then
+    call('HSET', run_key(next_run), 'chain', st[3] or run, 'parent', st[4])
+  else
+    call('HSET', run_key(next_run), 'chain', st[3] or run)
+  end
   for i = 1, #carried, 2 do
     append(next_run, wid, EV.WORKFLOW_EXECUTION_SIGNALED, carried[i + 1], carried[i])
   end
@@ -958,6 +997,18 @@ local function record_task(run, wid, c)
       closed = true
     elseif kind == CMD.RECORD_MARKER then
       last = append(run, wid, EV.MARKER_RECORDED, body)
+    elseif kind == CMD.START_CHILD then
+      -- the child's record (st: scheduled until its start is answered, then started) and
+      -- the outbox entry that starts it on its own shard (see outbox_apply)
+      last = append(run, wid, EV.START_CHILD_WORKFLOW_EXECUTION_INITIATED, body)
+      call('HSET', ak, 'child:' .. aux[1], cmsgpack.pack({ st = AS.SCHEDULED, wid = aux[2], run = aux[3], pol = aux[4] }))
+      call('XADD', outbox_key(), '*', 'kind', OB.START_CHILD, 'wid', wid, 'run', run, 'seq', aux[1], 'cwid', aux[2],
+        'crun', aux[3], 'pol', aux[4], 'd', body)
+    elseif kind == CMD.SIGNAL_EXTERNAL then
+      last = append(run, wid, EV.SIGNAL_EXTERNAL_WORKFLOW_EXECUTION_INITIATED, body)
+      call('HSET', ak, 'sigx:' .. aux[1], 1)
+      call('XADD', outbox_key(), '*', 'kind', OB.SIGNAL, 'wid', wid, 'run', run, 'seq', aux[1], 'cwid', aux[2],
+        'crun', aux[3], 'd', body)
     end
   end
   if not closed then

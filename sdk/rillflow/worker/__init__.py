@@ -8,6 +8,7 @@ groups.
   cache of instances and its commit rules.
 - ``activities``: attempts, their deadlines and heartbeats, batched results.
 - ``queries``: answers from the cache or a replay.
+- ``outbox``: applies every shard's outbox (children, close policies, signals).
 - ``maintenance``: the timers pump, reclaims, and the janitor.
 - ``context``: what they share, and the one way each reads its stream.
 """

@@ -1,7 +1,7 @@
 """The worker: what it serves, how it starts, stays known as alive, and stops.
 
-It runs the workflow-task pollers, the activity poller, the query poller, the results
-flusher, the timers pump and its liveness refresh as loops on one event loop. A loop
+It runs the workflow-task pollers, the activity poller, the query poller, the outbox
+poller, the results flusher, the timers pump and its liveness refresh as loops on one event loop. A loop
 that fails unexpectedly is restarted with a growing backoff, logged with its stack on
 the first failure of a streak only.
 """
@@ -27,6 +27,7 @@ from rillflow.registry import workflow_spec
 from rillflow.worker.activities import Activities
 from rillflow.worker.context import Context, Streak, WorkerStats
 from rillflow.worker.maintenance import Maintenance
+from rillflow.worker.outbox import Outbox
 from rillflow.worker.queries import Queries
 from rillflow.worker.run_cache import RunCache
 from rillflow.worker.workflow_tasks import WorkflowTasks
@@ -111,7 +112,7 @@ class Worker:
             self.identity,
             batch_size=batch_size,
             max_deliveries=max_deliveries,
-            readers=workflow_pollers + 3,
+            readers=workflow_pollers + 4,
         )
         self.cache = RunCache(max_cached_workflows)
         # a run's next workflow task goes to this worker's own stream while it caches the
@@ -130,10 +131,12 @@ class Worker:
         if self.tasks is not None and self.acts is not None:
             self.tasks.activities = self.acts
             self.acts.workflow_tasks = self.tasks
+        self.outbox = Outbox(self.ctx, int(reclaim_idle.total_seconds() * 1000))
         self.maintenance = Maintenance(
             self.ctx,
             self.tasks,
             self.acts,
+            self.outbox,
             pump_interval=pump_interval,
             reclaim_idle_ms=int(reclaim_idle.total_seconds() * 1000),
         )
@@ -210,6 +213,7 @@ class Worker:
             self._pollers += [self._supervise(self.tasks.poll) for _ in range(self.workflow_pollers)]
         if self.queries is not None:
             self._pollers.append(self._supervise(self.queries.poll))
+        self._pollers.append(self._supervise(self.outbox.poll))
         if self.acts is not None:
             self._pollers.append(self._supervise(self.acts.poll))
             self._background.append(self._supervise(self.acts.flush_loop))
@@ -229,7 +233,7 @@ class Worker:
         """Every stream of this queue (its groups are made whichever kinds this worker
         serves, so a message is never read before its group exists)."""
         out = [stream for kind in ("wft", "act", "qry") for stream in self.ctx.streams(kind)]
-        return out + list(self.tasks.sticky_streams() if self.tasks else ())
+        return out + list(self.outbox.streams()) + list(self.tasks.sticky_streams() if self.tasks else ())
 
     def _supervise(self, loop_fn: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         """Run one of the worker's loops; an unexpected error is logged (with its stack

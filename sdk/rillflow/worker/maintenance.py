@@ -1,6 +1,6 @@
 """What keeps a namespace moving and tidy, whichever workers are alive: the timers pump
-(due timers, retries, deadlines, timeouts), the reclaim of task messages a dead worker
-had read, and the janitor that removes what dead workers leave behind (their consumers
+(due timers, retries, deadlines, timeouts), the reclaim of task messages (and outbox
+entries) a dead worker had read, and the janitor that removes what dead workers leave behind (their consumers
 in the groups, their sticky streams, their entries in the workers index)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import structlog
 
 from rillflow.worker.activities import Activities
 from rillflow.worker.context import Context, Streak
+from rillflow.worker.outbox import Outbox
 from rillflow.worker.workflow_tasks import WorkflowTasks
 from rillflow_runtime.codec import text
 from rillflow_runtime.connections import TRANSIENT
@@ -32,6 +33,7 @@ class Maintenance:
         ctx: Context,
         tasks: WorkflowTasks | None,
         activities: Activities | None,
+        outbox: Outbox,
         *,
         pump_interval: float,
         reclaim_idle_ms: int,
@@ -39,6 +41,7 @@ class Maintenance:
         self.ctx = ctx
         self.tasks = tasks
         self.activities = activities
+        self.outbox = outbox
         self.pump_interval = pump_interval
         self.reclaim_idle_ms = reclaim_idle_ms
         self.closing = False
@@ -101,6 +104,7 @@ class Maintenance:
                     await self.tasks.process(s, stream, entries)
                 elif self.activities is not None:
                     await self.activities.start(s, stream, entries)
+        await self.outbox.reclaim()
 
     async def janitor(self) -> None:
         """Remove what dead workers of this task queue left: consumers with nothing
@@ -117,6 +121,8 @@ class Maintenance:
         for kind in ("wft", "act", "qry"):
             for stream in ctx.streams(kind):
                 removed += await self._drop_dead_consumers(stream, live)
+        for stream in self.outbox.streams():
+            removed += await self._drop_dead_consumers(stream, live)
         swept = 0
         for s in ctx.ks.all_shards():
             pattern = ctx.ks.sticky(s, ctx.task_queue, "*")
