@@ -184,6 +184,10 @@ def make_plans(cfg: ChaosConfig) -> list[RunRecord]:
     for rec in out:
         if cancels.random() < CANCEL_SHARE:
             rec.cancel_delay = cancels.uniform(0.1, 3.0)
+    # and children too (drawn apart likewise)
+    kids = random.Random(cfg.seed + 5)
+    for rec in out:
+        rec.plan.children = kids.choice([0, 0, 0, 1, 2])
     return out
 
 
@@ -511,6 +515,7 @@ class ChaosReport:
     cancels_sent: int = 0
     cancels_acked: int = 0
     canceled: int = 0  # runs that ended canceled
+    children: int = 0  # child workflows the runs started (each checked: once, and told once)
     lost: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)  # the check itself failed: not a pass
     stuck: list[str] = field(default_factory=list)
@@ -568,6 +573,7 @@ class ChaosReport:
                 self.cancels_acked,
                 f"of {self.cancels_sent} sent; {self.canceled} runs ended canceled",
             ),
+            fig("child workflows started", self.children, "each started once, its parent told once"),
             fig("lost runs", len(self.lost)),
             fig(
                 "stuck runs",
@@ -985,6 +991,7 @@ class ChaosRun:
                 if e.type == "ActivityTaskScheduled"
                 and int(e.attributes.get("input", {}).get("n", -1)) % HOP_STRIDE == CLEANUP_N
             ]
+            await self.check_children(client, wid, run, desc.status, events)
             if desc.status != "continued_as_new":
                 break
             run = str(ending[-1].attributes["next_run_id"])
@@ -1057,6 +1064,49 @@ class ChaosRun:
         for key in scheduled:
             if key not in executed:
                 rep.uncounted.append(f"{wid} {key[0]} n={key[1]}")
+
+    async def check_children(
+        self, client: Client, wid: str, run: str, status: str, events: list[HistoryEvent]
+    ) -> None:
+        """Each child a run started was started once (its execution has the one run the
+        parent named), and the parent heard of its start and its close at most once
+        each, exactly once when the parent completed; a closed parent leaves no child
+        running (the default policy terminates it)."""
+        rep = self.report
+        started = {
+            int(e.attributes["seq"]): e for e in events if e.type == "StartChildWorkflowExecutionInitiated"
+        }
+        rep.children += len(started)
+        heard = Counter(int(e.attributes["seq"]) for e in events if e.type == "ChildWorkflowExecutionStarted")
+        ended = Counter(
+            int(e.attributes["seq"])
+            for e in events
+            if e.type.startswith("ChildWorkflowExecution") and e.type != "ChildWorkflowExecutionStarted"
+        )
+        for seq, init in started.items():
+            kid, kid_run = str(init.attributes["workflow_id"]), str(init.attributes["run_id"])
+            if heard[seq] > 1 or ended[seq] > 1:
+                rep.dup_completions.append(
+                    f"{wid} run {run}: child {kid} reported started x{heard[seq]}, closed x{ended[seq]}"
+                )
+            if status == "completed" and (heard[seq], ended[seq]) != (1, 1):
+                rep.wrong.append(
+                    f"{wid} run {run}: completed, having heard child {kid} start x{heard[seq]}, close x{ended[seq]}"
+                )
+            try:
+                desc = await retrying(client.get_workflow_handle(kid).describe)
+            except WorkflowNotFoundError:
+                if heard[seq]:
+                    rep.lost.append(
+                        f"{wid} run {run}: its child {kid} started, but Redis has no such execution"
+                    )
+                continue
+            if desc.run_id != kid_run:
+                rep.dup_completions.append(
+                    f"{wid} run {run}: child {kid} has run {desc.run_id}, not {kid_run}"
+                )
+            if status != "running" and desc.status == "running":
+                rep.stuck.append(f"{wid} run {run} ({status}): its child {kid} still runs")
 
 
 def signal_payload(e: HistoryEvent) -> int:
@@ -1143,7 +1193,9 @@ async def scan_leftovers(
                 run_key[rid] = key
         elif kind in ("wf", "wsig"):  # an execution's: they expire with its last run
             wf_keys.append(key)
-        elif kind == "q" and what.endswith(":dlq"):
+        elif what == "outbox":  # applied entries are deleted: one left names its origin run
+            streams.append(key)
+        elif (kind == "q" and what.endswith(":dlq")) or what == "outbox:dlq":
             if dead := int(await db.xlen(key)):
                 out["dead letters"].add(key, dead)
         elif kind == "q":

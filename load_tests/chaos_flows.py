@@ -4,8 +4,11 @@ One workflow type mixes every kind of step the chaos must not break: async activ
 (some in parallel), a plain ``def`` activity (run in a thread), a durable timer, an
 activity that heartbeats and resumes from its details, signals it counts and waits
 for, continue-as-new (a plan with ``hops`` runs its steps again in the next run of
-the same execution, carrying its value and the signals it has counted), and
-cancellation (a run asked to cancel runs one clean-up activity and ends canceled). What each step
+the same execution, carrying its value and the signals it has counted), child
+workflows (a plan with ``children`` runs that many in parallel and adds their results;
+its execution and theirs usually live on different shards), and cancellation (a run
+asked to cancel runs one clean-up activity and ends canceled; its children are
+terminated by the default parent close policy). What each step
 returns is plain arithmetic, so :func:`expected_value` can say what a run must return
 without running it.
 
@@ -33,6 +36,7 @@ from rillflow import activity, workflow
 TALLY_ENV = "RILLFLOW_CHAOS_TALLY_URL"
 TALLY_PREFIX = "chaos:exec:"
 WORKFLOW_NAME = "chaos_mix"
+CHILD_NAME = "chaos_child"
 SIGNAL_NAME = "poke"
 HOP_STRIDE = 100  # activity numbers of run k of a chain start at k * HOP_STRIDE
 CLEANUP_N = 99  # the clean-up activity of a cancelled run: number hop * HOP_STRIDE + 99
@@ -97,6 +101,15 @@ async def beat(n: int, value: int, steps: int) -> int:
     return value + steps
 
 
+@workflows.workflow.define(name=CHILD_NAME)
+class ChaosChild:
+    """One activity, numbered 0 in the child's own execution."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, value: int, k: int) -> int:
+        return await add(0, value, k)
+
+
 class Plan(BaseModel):
     """What one run does: chosen by the harness from its seed."""
 
@@ -106,6 +119,7 @@ class Plan(BaseModel):
     beats: int = 0  # steps of the heartbeating activity (0: not called)
     signals: int = 0  # signals the execution waits for (its last run does, counting those carried)
     hops: int = 0  # runs still to come by continue-as-new
+    children: int = 0  # child workflows each run of the chain starts, in parallel
     hop: int = 0  # this run's place in the chain
     value: int | None = None  # where this run starts: the previous run's value
     carried: int = 0  # signals the earlier runs of the chain applied
@@ -140,6 +154,14 @@ class ChaosMix:
         n = plan.hop * HOP_STRIDE
         value = await add(n, plan.i if plan.value is None else plan.value, 1)
         n += 1
+        if plan.children:
+            kids = await asyncio.gather(
+                *(
+                    workflow.execute_workflow(ChaosChild, {"value": value, "k": k})
+                    for k in range(plan.children)
+                )
+            )
+            value += sum(kids)
         if plan.fan:
             parts = await asyncio.gather(
                 *(add(n + k, value, k) for k in range(plan.fan)), double_sync(n + plan.fan, value)
@@ -177,6 +199,7 @@ def expected_value(plan: Plan) -> int:
     value = plan.i if plan.value is None else plan.value
     for _ in range(plan.hops + 1):
         value += 1
+        value += sum(value + k for k in range(plan.children))
         value = sum(value + k for k in range(plan.fan)) + 2 * value if plan.fan else 2 * value
         value += plan.beats + 1
     return value
