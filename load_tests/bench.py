@@ -154,6 +154,21 @@ async def bench(url: str, n: int, shards: int, workers: int) -> None:
         print(f"W2 redis commands/wf    {(c1 - c0) / n2:10.1f}")
         print(Cpu.line("W2", t0, t1, n2))
 
+        n3 = max(n // 20, 20)
+        c0, _ = await info(client)
+        t0 = await cpu.read()
+        el, lat = await run_batch(client, "bench_children", n3, concurrency=64)
+        t1 = await cpu.read()
+        c1, _ = await info(client)
+        print(
+            f"children/s              {10 * n3 / el:10.0f}   ({n3} parents of 10 parallel W1 children in {el:.2f} s)"
+        )
+        print(
+            f"parent start->result p50/p99 {pct(lat, 0.5):5.1f} / {pct(lat, 0.99):.1f} ms (at 64 in flight)"
+        )
+        print(f"children redis commands/child {(c1 - c0) / (10 * n3):6.1f}   (the parent's share included)")
+        print(Cpu.line("children", t0, t1, 10 * n3).replace("cpu ms/wf", "cpu ms/child"))
+
         probe: list[float] = []
         for i in range(100):
             t = time.perf_counter()

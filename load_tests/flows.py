@@ -1,6 +1,9 @@
-"""The benchmark's workflows: W1 = one no-op activity, W2 = ten sequential ones."""
+"""The benchmark's workflows: W1 = one no-op activity, W2 = ten sequential ones, and a
+parent that fans out ten W1 children."""
 
 from __future__ import annotations
+
+import asyncio
 
 import rillflow as workflows
 
@@ -26,4 +29,14 @@ class W2:
         return i
 
 
-SERVED = [W1, W2, noop]
+@workflows.workflow.define(name="bench_children")
+class Children:
+    @workflows.workflow.entrypoint
+    async def run(self, i: int) -> int:
+        results = await asyncio.gather(
+            *(workflows.workflow.execute_workflow(W1, {"i": i + k}) for k in range(10))
+        )
+        return sum(results)
+
+
+SERVED = [W1, W2, Children, noop]

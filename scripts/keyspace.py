@@ -16,7 +16,9 @@ import redis
 
 from rillflow.devserver import default_url
 
-KIND = re.compile(r"^rf:\{[^}]+\}:(wf|run|hc|h|act|buf|wsig|sig|upd|q|timers|closed|outbox|pump|meta)(?::|$)")
+KIND = re.compile(
+    r"^rf:\{[^}]+\}:(wf|run|hc|h|act|buf|wsig|sig|upd|q|timers|closed|outbox|idx|pump|meta)(?::|$)"
+)
 
 
 def main() -> None:

@@ -254,3 +254,17 @@ async def test_a_child_reset_stays_its_parents_child(client: Client) -> None:
 
 async def _has_task(h: Any) -> bool:
     return "WorkflowTaskCompleted" in types(await h.history())
+
+
+async def test_describe_names_a_childs_parent_and_a_parents_open_children(client: Client) -> None:
+    async with worker(client):
+        h = await client.start_workflow(cf.AwaitingParent, {"child_id": "kid-d"}, execution_id="parent-d")
+        kid = client.get_workflow_handle("kid-d")
+        await wait_until(lambda: _is_running(kid), timeout=10)
+        d = await kid.describe()
+        assert (d.parent_execution_id, d.parent_run_id) == ("parent-d", h.run_id)
+        (child,) = (await h.describe()).pending_children
+        assert (child.seq, child.execution_id, child.parent_close_policy) == (1, "kid-d", "terminate")
+        await kid.signal("release", "x")
+        assert await h.result(timeout=10) == "released with x"
+        assert (await h.describe()).pending_children == []

@@ -583,6 +583,9 @@ async def drive_child(c: Conn, shard: int) -> None:
         OutboxKind.TERMINATE, kid, run, pack({"reason": "y"}), "r", RETENTION_MS
     )
     assert policy is Reply.NOT_RUNNING
+    # the listing's indexes: both runs listed, neither past its retention yet
+    assert await p.trim_index(shard) == 0
+    assert await c.rc.zcard(ks.index(shard, "exp")) == 2
 
 
 async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: Cluster, conn: Conn) -> None:
@@ -627,6 +630,7 @@ def start_call(
     if declare:
         s = prefix_shard
         keys += [ks.wf(s, "wf-x"), ks.run(s, run), ks.history(s, "wf-x", run), ks.queue(s, TQ, "wft")]
+        keys += [ks.index(s, "start"), ks.index(s, "open")]
     return keys, args
 
 

@@ -733,6 +733,7 @@ async def test_killed_and_stopped_workers_leave_nothing_behind(
         "janitor",
         "pump",
         "outbox",
+        "idx",
     }
     assert set(fixed) <= allowed, kinds
     assert sum(fixed.values()) <= 12, kinds

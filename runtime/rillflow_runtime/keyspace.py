@@ -71,6 +71,12 @@ class Keyspace:
     def closed(self, shard: int) -> str:
         return self.prefix(shard) + "closed"
 
+    def index(self, shard: int, what: str) -> str:
+        """What lists runs: ``start`` (every retained run; score: its start ms), ``open``
+        (the running ones, likewise), ``exp`` (closed ones; score: when their keys
+        expire, when they leave ``start``). Members are run ids."""
+        return f"{self.prefix(shard)}idx:{what}"
+
     def outbox(self, shard: int) -> str:
         """Effects of the shard's runs on other executions (child starts and outcomes,
         parent close policies, signals), applied where those live by any worker."""

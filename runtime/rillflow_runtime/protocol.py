@@ -352,15 +352,29 @@ class Protocol:
         self.redis = redis
         self.ks = keyspace
         self.scripts = Scripts(redis)
+        self._shared_keys: dict[int, tuple[str, ...]] = {}
 
     async def _call(self, name: str, shard: int, args: list[Any], keys: Iterable[str] = ()) -> Any:
-        # (the shard's outbox too, last: any call that closes a run may write to it)
+        # (last, the shard's outbox and listing indexes: any call that starts or closes a
+        # run may write to them)
         declared = [
             self.ks.timers(shard),
             self.ks.closed(shard),
-            *dict.fromkeys([*keys, self.ks.outbox(shard)]),
+            *dict.fromkeys([*keys, *self._shared(shard)]),
         ]
         return await self.scripts.call(name, declared, [self.ks.prefix(shard), *args])
+
+    def _shared(self, shard: int) -> tuple[str, ...]:
+        keys = self._shared_keys.get(shard)
+        if keys is None:
+            ks = self.ks
+            keys = self._shared_keys[shard] = (
+                ks.outbox(shard),
+                ks.index(shard, "start"),
+                ks.index(shard, "open"),
+                ks.index(shard, "exp"),
+            )
+        return keys
 
     async def _client_call(
         self, shard: int, workflow_id: str, run_id: str | None, call: Callable[[list[str]], Awaitable[T]]
@@ -821,6 +835,10 @@ class Protocol:
             keys += await self._run_route_keys(shard, answer.workflow_id, answer.run_id)
             args += [answer.run_id, answer.seq, answer.reply.value, answer.body]
         await self._call("outbox_done", shard, args, keys)
+
+    async def trim_index(self, shard: int, limit: int = 1000) -> int:
+        """Forget up to ``limit`` expired closed runs in the shard's listing indexes."""
+        return int(await self._call("idx_trim", shard, [limit]))
 
     # -- reads --------------------------------------------------------------------------
     async def history(self, shard: int, workflow_id: str, run_id: str, after: int = 0) -> list[Any]:

@@ -42,6 +42,7 @@ NAMES = (
     "dead_letter",
     "outbox_apply",
     "outbox_done",
+    "idx_trim",
 )
 
 

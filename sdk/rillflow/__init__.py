@@ -32,6 +32,7 @@ from rillflow.errors import (
 from rillflow.executor import WorkflowInfo
 from rillflow.handle import WorkflowDescription, WorkflowHandle
 from rillflow.history import HistoryEvent
+from rillflow.listing import WorkflowExecution, WorkflowPage
 from rillflow.registry import RegisteredWorkflow, WorkerInfo
 from rillflow.replayer import Replayer, ReplayResult, load_history_json
 from rillflow.worker import Worker
@@ -65,11 +66,13 @@ __all__ = [
     "WorkflowDefinitionError",
     "WorkflowDescription",
     "WorkflowError",
+    "WorkflowExecution",
     "WorkflowFailureError",
     "WorkflowHandle",
     "WorkflowInfo",
     "WorkflowNotFoundError",
     "WorkflowNotRegisteredError",
+    "WorkflowPage",
     "WorkflowQueryFailedError",
     "WorkflowQueryTimeoutError",
     "WorkflowRegistrationConflictError",

@@ -25,7 +25,7 @@ import time
 import traceback
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, TypeVar
@@ -638,6 +638,112 @@ def result(
     run(main)
 
 
+def _when(raw: str | None, option: str) -> datetime | None:
+    """An ISO time for a filter (naive: UTC)."""
+    if raw is None:
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError as e:
+        raise Exit(2, f"{option} must be an ISO time like 2026-12-07T09:30:00Z, got {raw!r}") from e
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+StatusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--status", help="running, completed, failed, timed_out, terminated, canceled, continued_as_new"
+    ),
+]
+TypeOpt = Annotated[str | None, typer.Option("--type", help="only runs of this workflow")]
+QueueOpt = Annotated[str | None, typer.Option("--task-queue", help="only runs on this task queue")]
+IdOpt = Annotated[str | None, typer.Option("--id", help="only the runs of this execution id")]
+AfterOpt = Annotated[str | None, typer.Option("--after", help="started at or after this ISO time")]
+BeforeOpt = Annotated[str | None, typer.Option("--before", help="started before this ISO time")]
+
+
+@app.command(name="list")
+def list_(
+    status: StatusOpt = None,
+    workflow_type: TypeOpt = None,
+    task_queue: QueueOpt = None,
+    execution_id: IdOpt = None,
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="runs per page (1-1000)")] = 20,
+    page_token: Annotated[
+        str | None, typer.Option("--page-token", help="the next page, as the last one said")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object: the runs and the next page token")
+    ] = False,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """List runs, newest first, across shards: running ones and closed ones still retained."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            page = await client.list_workflows(
+                status=status,
+                workflow_type=workflow_type,
+                task_queue=task_queue,
+                execution_id=execution_id,
+                started_after=_when(after, "--after"),
+                started_before=_when(before, "--before"),
+                page_size=limit,
+                next_page_token=page_token,
+            )
+            if as_json:
+                rows = [e.to_json() for e in page.executions]
+                print(json.dumps({"executions": rows, "next_page_token": page.next_page_token}, indent=2))
+                return
+            t = Table("execution id", "run id", "workflow", "status", "started", "closed")
+            for e in page.executions:
+                closed = e.close_time.isoformat(timespec="milliseconds") if e.close_time else ""
+                t.add_row(
+                    escape(e.execution_id),
+                    e.run_id,
+                    escape(e.workflow_type),
+                    e.status,
+                    e.start_time.isoformat(timespec="milliseconds"),
+                    closed,
+                )
+            out.print(t)
+            if page.next_page_token:
+                out.print(f"more: --page-token {page.next_page_token}")
+
+    run(main)
+
+
+@app.command()
+def count(
+    status: StatusOpt = None,
+    workflow_type: TypeOpt = None,
+    task_queue: QueueOpt = None,
+    execution_id: IdOpt = None,
+    after: AfterOpt = None,
+    before: BeforeOpt = None,
+    url: UrlOpt = None,
+    namespace: NsOpt = "default",
+) -> None:
+    """Count the runs `list` would list with the same filters."""
+
+    async def main() -> None:
+        async with connect(url, namespace) as client:
+            n = await client.count_workflows(
+                status=status,
+                workflow_type=workflow_type,
+                task_queue=task_queue,
+                execution_id=execution_id,
+                started_after=_when(after, "--after"),
+                started_before=_when(before, "--before"),
+            )
+            print(n)
+
+    run(main)
+
+
 @app.command()
 def describe(
     execution_id: ExecIdArg, run_id: RunIdOpt = None, url: UrlOpt = None, namespace: NsOpt = "default"
@@ -662,6 +768,11 @@ def describe(
                 *([("result", _json(d.result))] if d.status == "completed" else []),
                 *([("failure", f"{d.failure.type}: {d.failure.message}")] if d.failure else []),
                 *([("continued as", d.next_run_id)] if d.next_run_id else []),
+                *(
+                    [("parent", f"{d.parent_execution_id} (run {d.parent_run_id})")]
+                    if d.parent_execution_id
+                    else []
+                ),
             ]:
                 t.add_row(f"[bold]{k}[/bold]", escape(v))
             out.print(t)
@@ -685,6 +796,13 @@ def describe(
                 for timer in d.pending_timers:
                     tt.add_row(str(timer.seq), timer.fire_time.isoformat())
                 out.print(tt)
+            if d.pending_children:
+                ct = Table(
+                    "seq", "child execution", "first run", "state", "parent close policy", title="children"
+                )
+                for c in d.pending_children:
+                    ct.add_row(str(c.seq), escape(c.execution_id), c.run_id, c.state, c.parent_close_policy)
+                out.print(ct)
             if d.last_workflow_task_failure:
                 f = d.last_workflow_task_failure
                 out.print(
@@ -724,6 +842,24 @@ def event_details(e: HistoryEvent) -> str:
             return str(a.get("reason", ""))
         case "MarkerRecorded":
             return f"{a.get('marker')} {a.get('id')}" + (" (deprecated)" if a.get("deprecated") else "")
+        case "StartChildWorkflowExecutionInitiated":
+            return f"#{a.get('seq')} {a.get('workflow_type')} id={a.get('workflow_id')} policy={a.get('parent_close_policy')}"
+        case "ChildWorkflowExecutionStarted":
+            return f"#{a.get('seq')} id={a.get('workflow_id')} run={a.get('run_id')}"
+        case "ChildWorkflowExecutionCompleted":
+            return f"#{a.get('seq')} result={json.dumps(a.get('result'), default=str)}"
+        case (
+            "ChildWorkflowExecutionFailed"
+            | "ChildWorkflowExecutionTimedOut"
+            | "ChildWorkflowExecutionTerminated"
+            | "ChildWorkflowExecutionCanceled"
+        ):
+            why = f"{f.get('type')}: {f.get('message')}" if f else str(a.get("reason", ""))
+            return f"#{a.get('seq')} {why}"
+        case "StartChildWorkflowExecutionFailed" | "SignalExternalWorkflowExecutionFailed":
+            return f"#{a.get('seq')} {a.get('why')}"
+        case "SignalExternalWorkflowExecutionInitiated":
+            return f"#{a.get('seq')} {a.get('name')}"
     return ""
 
 

@@ -8,11 +8,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from redis.asyncio import Redis
 
+from rillflow import listing
 from rillflow.devserver import default_url
 from rillflow.durations import duration_problem
 from rillflow.errors import (
@@ -22,6 +23,7 @@ from rillflow.errors import (
     WorkflowNotRegisteredError,
 )
 from rillflow.handle import WorkflowHandle
+from rillflow.listing import Filter, WorkflowPage
 from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size, to_wire
 from rillflow.registry import RegisteredWorkflow, Registry
 from rillflow.reset import plan_reset
@@ -413,6 +415,53 @@ class Client:
         timeout = kwargs.pop("result_timeout", None)
         handle = await self.start_workflow(workflow, params, **kwargs)
         return await handle.result(timeout=timeout)
+
+    async def list_workflows(
+        self,
+        status: str | None = None,
+        workflow_type: str | None = None,
+        task_queue: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        page_size: int = 100,
+        next_page_token: str | None = None,
+        *,
+        execution_id: str | None = None,
+    ) -> WorkflowPage:
+        """One page of the namespace's runs (running and retained closed ones), newest
+        first by start time, across shards; filters combine (``started_after``
+        inclusive, ``started_before`` exclusive; ``execution_id``: the runs of one
+        execution). Pass the page's ``next_page_token`` for the next one (None: last)."""
+        flt = Filter.of(
+            status=status,
+            workflow_type=workflow_type,
+            task_queue=task_queue,
+            execution_id=execution_id,
+            started_after=started_after,
+            started_before=started_before,
+        )
+        return await listing.list_workflows(self, flt, page_size, next_page_token)
+
+    async def count_workflows(
+        self,
+        status: str | None = None,
+        workflow_type: str | None = None,
+        task_queue: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        *,
+        execution_id: str | None = None,
+    ) -> int:
+        """How many runs :meth:`list_workflows` would list with these filters."""
+        flt = Filter.of(
+            status=status,
+            workflow_type=workflow_type,
+            task_queue=task_queue,
+            execution_id=execution_id,
+            started_after=started_after,
+            started_before=started_before,
+        )
+        return await listing.count_workflows(self, flt)
 
     async def reset_workflow(
         self,

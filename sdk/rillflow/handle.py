@@ -57,6 +57,15 @@ class PendingTimer:
 
 
 @dataclass
+class PendingChild:
+    seq: int
+    execution_id: str
+    run_id: str  # its first run
+    state: str  # scheduled (its start not answered yet) or started
+    parent_close_policy: str
+
+
+@dataclass
 class WorkflowDescription:
     execution_id: str
     run_id: str
@@ -74,6 +83,9 @@ class WorkflowDescription:
     failure: WorkflowError | None = None  # why a closed run did not complete: what result() raises from
     result: Any = None  # a completed run's result, as stored (the typed one: result())
     next_run_id: str | None = None  # the run this one continued as
+    pending_children: list[PendingChild] = field(default_factory=list)
+    parent_execution_id: str | None = None  # a child's parent, and the parent's run
+    parent_run_id: str | None = None
 
 
 FOLLOW_BLOCK_S = 10.0  # one blocking read of follow_history: how long before it is re-armed
@@ -291,11 +303,22 @@ class WorkflowHandle:
             if text(fields.get("status")) == RunStatus.RUNNING
             else {}
         )
-        pending, timers = [], []
+        pending, timers, children = [], [], []
         for key, val in acts_raw.items():
             if key.startswith("timer:"):  # a workflow timer still pending: its due time
                 timers.append(
                     PendingTimer(seq=int(key[6:]), fire_time=_dt(val) or datetime.fromtimestamp(0, UTC))
+                )
+            elif key.startswith("child:"):  # a child not closed yet
+                c = unpack(val)
+                children.append(
+                    PendingChild(
+                        int(key[6:]),
+                        text(c.get("wid")),
+                        text(c.get("run")),
+                        text(c.get("st")),
+                        text(c.get("pol")),
+                    )
                 )
             if ":" in key:
                 continue
@@ -318,6 +341,8 @@ class WorkflowHandle:
             )
         pending.sort(key=lambda p: p.seq)
         timers.sort(key=lambda t: t.seq)
+        children.sort(key=lambda c: c.seq)
+        parent = text(fields.get("parent") or "").split("|", 2)  # <seq>|<run>|<execution id>
         wft_fail = fields.get("wft_failure")
         status = text(fields.get("status"))
         closed_without_result = status not in (
@@ -348,6 +373,9 @@ class WorkflowHandle:
             failure=closed_run_failure(status, body) if closed_without_result else None,
             result=body.get("result") if status == RunStatus.COMPLETED else None,
             next_run_id=_next_run(status, outcome),
+            pending_children=children,
+            parent_execution_id=parent[2] if len(parent) == 3 else None,
+            parent_run_id=parent[1] if len(parent) == 3 else None,
         )
 
     async def history(self) -> list[HistoryEvent]:

@@ -84,6 +84,9 @@ local function upd_key(run) return P .. 'upd:' .. run end
 local function queue_key(tq, kind) return P .. 'q:' .. tq .. ':' .. kind end
 -- effects on other executions, maybe of other shards (see outbox_apply and outbox_done)
 local function outbox_key() return P .. 'outbox' end
+-- what lists runs (client.list_workflows): every retained run by its start time, the
+-- running ones by theirs, the closed ones by when their keys expire (see idx_trim)
+local function idx_key(what) return P .. 'idx:' .. what end
 
 -- An argument that must be a number of at least `min`: checked before a script's first
 -- write, so a bad call fails whole (a script error after a write would leave half).
@@ -409,6 +412,8 @@ local function create_run(wid, run, wtype, tq, body, timeout, had_run, inline)
     if call('PERSIST', sig_key(wid)) == 1 then call('HSET', run_key(run), 'msgs', 1) end
   end
   call('HSET', wk, 'run', run, 'status', RS.RUNNING)
+  call('ZADD', idx_key('start'), NOW, run)
+  call('ZADD', idx_key('open'), NOW, run)
   knew(run, 0, 0)
   append(run, wid, EV.WORKFLOW_EXECUTION_STARTED, body)
   local q = queue_key(tq, 'wft')
@@ -627,11 +632,28 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
   local eid = append(run, wid, etype, body)
   if r[3] == WT.SCHEDULED or r[3] == WT.STARTED then drop_msg(r[2], r[4], run) end
   call('HSET', wf_key(wid), 'status', status)
+  call('ZREM', idx_key('open'), run)
+  call('ZADD', idx_key('exp'), NOW + retention_ms, run)
   local gone = { tmember(TK.EXECUTION_TIMEOUT, run), tmember(TK.TASK_RETRY, run) }
   if r[6] then gone[#gone + 1] = tmember(TK.TASK_TIMEOUT, run, r[6]) end
   if r[4] and r[4] ~= '' then gone[#gone + 1] = tmember(TK.STICKY_FALLBACK, run, r[4]) end
   local acts = call('HGETALL', act_key(run))
-  local folded = #acts > 0 and fold_answers(acts)
+  -- what a closed run's act hash no longer needs (its activities and timers in flight)
+  -- goes; what stays is act_done's answers and the records outbox_done still reads
+  local stale, kept = {}, {}
+  for i = 1, #acts, 2 do
+    local f = acts[i]
+    if string.find(f, '^timer:') or string.find(f, '^%d+$') or string.find(f, '^%d+:h?[bf]$') then
+      stale[#stale + 1] = f
+    else
+      kept[#kept + 1] = f
+      kept[#kept + 1] = acts[i + 1]
+    end
+  end
+  local folded = #acts > 0 and (#kept == 0 and '' or fold_answers(kept))
+  if #stale > 0 and not folded then
+    for i = 1, #stale, 500 do call('HDEL', act_key(run), unpack(stale, i, math.min(i + 499, #stale))) end
+  end
   for i = 1, #acts, 2 do
     local f = acts[i]
     if string.sub(f, 1, 6) == 'timer:' then
@@ -675,8 +697,10 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
   local gone_keys = { buf_key(run) }
   if packed then gone_keys[#gone_keys + 1] = hist_key(wid, run) end
   if folded then
-    fields[#fields + 1] = 'acts_d'
-    fields[#fields + 1] = folded
+    if folded ~= '' then
+      fields[#fields + 1] = 'acts_d'
+      fields[#fields + 1] = folded
+    end
     gone_keys[#gone_keys + 1] = act_key(run)
   end
   call('DEL', unpack(gone_keys))

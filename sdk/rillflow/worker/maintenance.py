@@ -68,6 +68,8 @@ class Maintenance:
                     if time.monotonic() - last_reclaim > min(self.reclaim_idle_ms / 2000, 5.0):
                         last_reclaim = time.monotonic()
                         await self.reclaim()
+                        for s in ctx.ks.all_shards():  # closed runs past retention leave the listing
+                            await ctx.protocol.trim_index(s)
                     if time.monotonic() - last_janitor > JANITOR_INTERVAL_S:
                         last_janitor = time.monotonic()
                         await self.janitor()
