@@ -28,7 +28,8 @@ class ChildResult(BaseModel):
     doubled: int
 
 
-@workflows.activity()
+# (a short start-to-close: an attempt held by a worker the kill tests SIGKILL is retried soon)
+@workflows.activity(start_to_close_timeout=timedelta(seconds=2), **FAST_RETRY)
 async def double(x: int) -> int:
     return 2 * x
 
@@ -237,15 +238,21 @@ __all__ = ["child_run_id"]
 # A worker process started with RF_DIE_BEFORE_OUTBOX_DONE=<kind>,... kills itself (SIGKILL)
 # between the two steps of applying an outbox entry of those kinds: its effect is applied
 # where it takes effect, the entry is neither answered nor removed (tests/test_children.py).
+# With RF_STOP_BEFORE_OUTBOX_DONE=<kind>,... it stops itself (SIGSTOP) there instead, the
+# first time: a worker that stalls, to be continued (SIGCONT) by the test.
 _die_kinds = {k for k in os.environ.get("RF_DIE_BEFORE_OUTBOX_DONE", "").split(",") if k}
-if _die_kinds:
+_stop_kinds = {k for k in os.environ.get("RF_STOP_BEFORE_OUTBOX_DONE", "").split(",") if k}
+if _die_kinds or _stop_kinds:
     _outbox_done = Protocol.outbox_done
 
     async def _dying_outbox_done(
-        self: Protocol, shard: int, entry_id: str, kind: OutboxKind, *a: Any
-    ) -> None:
+        self: Protocol, shard: int, entry_id: str, consumer: str, kind: OutboxKind, *a: Any
+    ) -> Any:
         if kind.value in _die_kinds:
             os.kill(os.getpid(), signal.SIGKILL)
-        await _outbox_done(self, shard, entry_id, kind, *a)
+        if kind.value in _stop_kinds:
+            _stop_kinds.discard(kind.value)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return await _outbox_done(self, shard, entry_id, consumer, kind, *a)
 
     Protocol.outbox_done = _dying_outbox_done  # type: ignore[method-assign]

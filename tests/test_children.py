@@ -4,6 +4,8 @@ in effect when a worker dies between the two steps of an entry."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -268,3 +270,94 @@ async def test_describe_names_a_childs_parent_and_a_parents_open_children(client
         await kid.signal("release", "x")
         assert await h.result(timeout=10) == "released with x"
         assert (await h.describe()).pending_children == []
+
+
+async def test_a_parent_that_signals_its_child_replays_from_its_history(client: Client) -> None:
+    async with worker(client, max_cached_workflows=0):  # every task a replay
+        res = await client.execute_workflow(cf.TwinParent, {"child_id": "twin-replay"}, result_timeout=15)
+    assert res["first"] == "released with twin"
+
+
+async def test_a_signal_applied_again_after_its_target_closed_still_counts_as_delivered(
+    client: Client, redis_url: str, worker_procs: Any
+) -> None:
+    """The worker dies after the signal reached the child, before the parent heard; the
+    child closes (the signal released it); the entry, applied again, is a repeat."""
+    dying = worker_procs(redis_url, "tests.child_flows:SERVED", env={"RF_DIE_BEFORE_OUTBOX_DONE": "signal"})
+    h = await client.start_workflow(cf.TwinParent, {"child_id": "twin-kill"})
+    dying.proc.wait(timeout=20)
+    async with worker(client):
+        res = await h.result(timeout=20)
+    assert res["first"] == "released with twin"
+    assert Counter(types(await h.history()))["ExternalWorkflowExecutionSignaled"] == 1
+    kid = client.get_workflow_handle("twin-kill")
+    assert Counter(types(await kid.history()))["WorkflowExecutionSignaled"] == 1
+
+
+async def test_a_stalled_worker_cannot_overrule_the_answer_of_the_one_that_took_over(
+    client: Client, redis_url: str, worker_procs: Any
+) -> None:
+    """A worker applies a child's start (its id is taken: refused) and stalls (SIGSTOP)
+    before it answers the parent; the id frees up; another worker takes the entry over
+    and starts the child. The parent hears that answer, and the stalled worker's, once it
+    goes on, is refused."""
+    stalled = worker_procs(
+        redis_url, "tests.child_flows:SERVED", env={"RF_STOP_BEFORE_OUTBOX_DONE": "start_child"}
+    )
+    busy = await client.start_workflow(cf.WaitingChild, execution_id="busy")
+    await wait_until(lambda: _has_task(busy), timeout=10)
+    h = await client.start_workflow(
+        cf.LeavingParent, {"child_id": "busy", "policy": ParentClosePolicy.ABANDON}
+    )
+    await wait_until(lambda: _stopped(stalled.proc.pid), timeout=10)
+    await busy.terminate("free the id")
+    async with worker(client):
+        assert await h.result(timeout=20) == "busy"
+        stalled.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(1)  # (its answer, refused, would have landed by now)
+    events = types(await h.history())
+    assert (
+        "StartChildWorkflowExecutionFailed" not in events
+        and events.count("ChildWorkflowExecutionStarted") == 1
+    )
+    d = await client.get_workflow_handle("busy").describe()
+    assert (d.status, d.parent_run_id) == ("running", h.run_id)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def _outbox_pending(client: Client) -> bool:
+    for s in client.keyspace.all_shards():
+        try:
+            if (await client.redis.xpending(client.keyspace.outbox(s), "rf"))["pending"]:
+                return True
+        except Exception:
+            continue
+    return False
+
+
+async def test_an_unreadable_outbox_entry_is_set_aside_and_stops_nothing(client: Client) -> None:
+    from rillflow_runtime.codec import pack
+
+    box = client.keyspace.outbox(0)
+    async with worker(client, max_deliveries=2):
+        await client.redis.xadd(
+            box,
+            {
+                "kind": "start_child", "wid": "p", "run": "r", "seq": "1", "cwid": "c", "crun": "cr",
+                "pol": "abandon",
+                "d": pack({"workflow_type": "child_workflow", "task_queue": "default", "execution_timeout_ms": "soon"}),
+            },
+        )  # fmt: skip
+        # the timers pump and the outbox go on: a child workflow with a durable timer completes
+        assert await client.execute_workflow(cf.CatchingParent, {"how": "sleep"}, result_timeout=20)
+        await wait_until(lambda: _dead_lettered(client, box), timeout=20)
+    (entry,) = [f for _, f in await client.redis.xrange(box + ":dlq")]
+    assert b"unreadable child start" in entry[b"dlq_reason"]
+
+
+async def _dead_lettered(client: Client, box: str) -> bool:
+    return bool(await client.redis.xlen(box + ":dlq"))

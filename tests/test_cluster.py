@@ -568,7 +568,10 @@ async def drive_child(c: Conn, shard: int) -> None:
     # the entry starts the child (on its own shard: here the same) and answers the parent
     entry_id, fields = await read_one(c, box, "w1")
     assert fields[b"kind"] == b"start_child"
-    await outbox.apply(p, shard, entry_id, fields, RETENTION_MS)
+    # only the consumer the entry is pending for may finish it
+    stale = await p.outbox_done(shard, entry_id, "w2", OutboxKind.START_CHILD)
+    assert stale is Reply.STALE and (await c.rc.xpending(box, GROUP))["pending"] == 1
+    assert await outbox.apply(p, shard, entry_id, fields, RETENTION_MS, "w1") is Reply.OK
     assert await c.rc.xlen(box) == 0
     assert [t for _, t in await history(c, shard, kid, kid_run)] == ["WorkflowExecutionStarted"]
     assert (await history(c, shard, wid, run))[-1][1] == "ChildWorkflowExecutionStarted"
@@ -576,7 +579,7 @@ async def drive_child(c: Conn, shard: int) -> None:
     assert (await p.terminate(kid, None, pack({"reason": "x"}), RETENTION_MS, "t")).reply is Reply.OK
     entry_id, fields = await read_one(c, box, "w1")
     assert fields[b"kind"] == b"child_closed"
-    await outbox.apply(p, shard, entry_id, fields, RETENTION_MS)
+    assert await outbox.apply(p, shard, entry_id, fields, RETENTION_MS, "w1") is Reply.OK
     assert (await history(c, shard, wid, run))[-1][1] == "ChildWorkflowExecutionTerminated"
     # a close policy for a child that closed already changes nothing
     policy = await p.apply_close_policy(

@@ -45,9 +45,12 @@ def _kind(fields: Any) -> OutboxKind:
         raise BadEntry(f"outbox entry of an unknown kind {fields.get(b'kind')!r}") from e
 
 
-async def apply(protocol: Protocol, shard: int, entry_id: str, fields: Any, retention_ms: int) -> None:
-    """Apply one entry of shard ``shard``'s outbox and remove it. Raises BadEntry for an
-    entry it cannot read (left pending: the caller sets it aside)."""
+async def apply(
+    protocol: Protocol, shard: int, entry_id: str, fields: Any, retention_ms: int, consumer: str
+) -> Reply:
+    """Apply one entry of shard ``shard``'s outbox, pending for ``consumer``, and remove
+    it: OK, or STALE (another consumer took it over meanwhile: its answer holds). Raises
+    BadEntry for an entry it cannot read (left pending: the caller sets it aside)."""
     kind = _kind(fields)
     wid, run = _field(fields, "wid"), _field(fields, "run")
     answer: OutboxAnswer | None = None
@@ -60,48 +63,38 @@ async def apply(protocol: Protocol, shard: int, entry_id: str, fields: Any, rete
             kind, _field(fields, "cwid"), run, fields.get(b"d") or b"", f"{run}:{_seq(fields)}", retention_ms
         )
     elif kind is OutboxKind.SIGNAL:
-        seq, target = _seq(fields), _field(fields, "cwid")
-        res = await protocol.signal(
-            target, _field(fields, "crun") or None, fields.get(b"d") or b"", f"{run}:s{seq}"
-        )
-        ok = res.reply in (Reply.OK, Reply.DUPLICATE)
-        why = "" if ok else f"execution '{target}' is not running"
-        answer = OutboxAnswer(
-            wid,
-            run,
-            seq,
-            Reply.OK if ok else res.reply,
-            pack({"seq": seq, "workflow_id": target, "why": why}),
-        )
-    await protocol.outbox_done(shard, entry_id, kind, answer)
+        answer = await _signal(protocol, fields, wid, run)
+    return await protocol.outbox_done(shard, entry_id, consumer, kind, answer)
+
+
+def _body(fields: Any, what: str) -> dict[str, Any]:
+    try:
+        body = unpack(fields[b"d"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadEntry(f"outbox entry with an unreadable {what} ({e})") from e
+    if not isinstance(body, dict):
+        raise BadEntry(f"outbox entry whose {what} is not a map")
+    return body
 
 
 async def _start_child(protocol: Protocol, fields: Any, wid: str, run: str) -> OutboxAnswer:
     seq, cwid, crun = _seq(fields), _field(fields, "cwid"), _field(fields, "crun")
+    ev = _body(fields, "child start")
     try:
-        ev = unpack(fields[b"d"])
-        start = {
-            "workflow_type": ev["workflow_type"],
-            "task_queue": ev["task_queue"],
-            "input": ev.get("input"),
-            "execution_timeout_ms": ev["execution_timeout_ms"],
-            "seed": ev.get("seed"),
-            "parent": {"workflow_id": wid, "run_id": run, "seq": seq},
-        }
+        wtype, tq = str(ev["workflow_type"]), str(ev["task_queue"])
+        timeout_ms = int(ev["execution_timeout_ms"])
     except (KeyError, TypeError, ValueError) as e:
-        raise BadEntry(f"outbox entry with an unreadable child start ({e})") from e
+        raise BadEntry(f"outbox entry with an unreadable child start ({type(e).__name__}: {e})") from e
+    start = {
+        "workflow_type": wtype,
+        "task_queue": tq,
+        "input": ev.get("input"),
+        "execution_timeout_ms": timeout_ms,
+        "seed": ev.get("seed"),
+        "parent": {"workflow_id": wid, "run_id": run, "seq": seq},
+    }
     res = await protocol.start_child(
-        ChildStart(
-            cwid,
-            crun,
-            str(start["workflow_type"]),
-            str(start["task_queue"]),
-            pack(start),
-            int(start["execution_timeout_ms"]),
-            wid,
-            run,
-            seq,
-        )
+        ChildStart(cwid, crun, wtype, tq, pack(start), timeout_ms, wid, run, seq)
     )
     if res.reply is Reply.OK:
         return OutboxAnswer(wid, run, seq, Reply.OK, pack({"seq": seq, "workflow_id": cwid, "run_id": crun}))
@@ -113,16 +106,28 @@ async def _start_child(protocol: Protocol, fields: Any, wid: str, run: str) -> O
     return OutboxAnswer(wid, run, seq, res.reply, body)
 
 
+async def _signal(protocol: Protocol, fields: Any, wid: str, run: str) -> OutboxAnswer:
+    seq, target = _seq(fields), _field(fields, "cwid")
+    sent = _body(fields, "signal")
+    # what the target's history records: the signal, and who sent it
+    body = pack(
+        {"name": sent.get("name"), "input": sent.get("input"), "sender": {"workflow_id": wid, "run_id": run}}
+    )
+    res = await protocol.signal(target, _field(fields, "crun") or None, body, f"{run}:s{seq}")
+    ok = res.reply in (Reply.OK, Reply.DUPLICATE)
+    why = "" if ok else f"execution '{target}' is not running"
+    reply = Reply.OK if ok else res.reply
+    return OutboxAnswer(wid, run, seq, reply, pack({"seq": seq, "workflow_id": target, "why": why}))
+
+
 async def _child_closed(protocol: Protocol, fields: Any, parent_wid: str, parent_run: str) -> None:
     seq, cwid, crun = _seq(fields), _field(fields, "cwid"), _field(fields, "crun")
     try:
         status = RunStatus(_field(fields, "status"))
         etype = CHILD_CLOSED_EVENTS[status]
-        outcome = unpack(fields[b"d"]) or {}
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, ValueError) as e:
         raise BadEntry(f"outbox entry with an unreadable child outcome ({e})") from e
-    if not isinstance(outcome, dict):
-        outcome = {}
+    outcome = _body(fields, "child outcome")
     body = pack({**outcome, "seq": seq, "workflow_id": cwid, "run_id": crun, "status": status.value})
     started = pack({"seq": seq, "workflow_id": cwid, "run_id": crun})
     await protocol.report_child_closed(ChildClosed(parent_wid, parent_run, seq, cwid, started, etype, body))

@@ -825,16 +825,17 @@ class Protocol:
         return _reply(res[0])
 
     async def outbox_done(
-        self, shard: int, entry_id: str, kind: OutboxKind, answer: OutboxAnswer | None = None
-    ) -> None:
+        self, shard: int, entry_id: str, consumer: str, kind: OutboxKind, answer: OutboxAnswer | None = None
+    ) -> Reply:
         """Remove an applied outbox entry, recording ``answer`` in the run that waits for
-        it (a child's start, a signal's delivery) in the same call."""
+        it (a child's start, a signal's delivery) in the same call: OK, or STALE when
+        the entry is no longer pending for ``consumer`` (another took it over)."""
         keys = [self.ks.outbox(shard)]
-        args: list[Any] = [entry_id, kind.value]
+        args: list[Any] = [entry_id, consumer, kind.value]
         if answer is not None:
             keys += await self._run_route_keys(shard, answer.workflow_id, answer.run_id)
             args += [answer.run_id, answer.seq, answer.reply.value, answer.body]
-        await self._call("outbox_done", shard, args, keys)
+        return _reply((await self._call("outbox_done", shard, args, keys))[0])
 
     async def trim_index(self, shard: int, limit: int = 1000) -> int:
         """Forget up to ``limit`` expired closed runs in the shard's listing indexes."""

@@ -15,6 +15,8 @@ import uuid
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from rillflow.errors import InvalidInputError
+from rillflow_runtime.keyspace import NAME_RE
 from rillflow_runtime.model import ParentClosePolicy as WirePolicy
 
 if TYPE_CHECKING:
@@ -104,6 +106,12 @@ class ChildWorkflowHandle(Generic[T]):
         from rillflow.workflow import handler_definition
 
         h = handler_definition(signal)
+        if h is not None and h.kind != "signal":
+            raise InvalidInputError(f"'{h.method}' is a {h.kind} handler, not a signal")
+        if h is None and not (isinstance(signal, str) and NAME_RE.fullmatch(signal)):
+            raise InvalidInputError(
+                f"{signal!r} is not a signal: pass its name, or the method decorated with @workflow.signal"
+            )
         name = h.name if h is not None else str(signal)
         await asyncio.shield(self._inst.signal_external(self.workflow_id, self.defn, name, payload))
 

@@ -819,6 +819,7 @@ class WorkflowInstance:
             return
         h.workflow_id = str(a.get("workflow_id") or h.workflow_id)
         if ev.type == "ChildWorkflowExecutionStarted":
+            h.run_id = h.first_execution_run_id = str(a.get("run_id") or h.run_id)
             if not h.started.done():
                 h.started.set_result(h)
             return
@@ -1156,7 +1157,11 @@ class WorkflowInstance:
         """Issue a child's start (see rillflow.children); its handle resolves as the
         parent's history records the child's start and close."""
         seq = self.child_seq + 1
-        wid = execution_id or default_child_id(self.info.workflow_id, self.info.run_id, seq)
+        wid = (
+            default_child_id(self.info.workflow_id, self.info.run_id, seq)
+            if execution_id is None
+            else execution_id
+        )
         if not isinstance(wid, str) or not ID_RE.fullmatch(wid):
             raise InvalidInputError(
                 f"child execution id {wid!r} is invalid: use 1-256 letters, digits, '_', '-', '.'"
@@ -1219,10 +1224,11 @@ class WorkflowInstance:
         with _Unguarded():
             h = defn.handler("signal", name) if defn else None
             data = h.sig.encode_input(payload) if h else to_wire(payload, f"signal '{name}'")
-            body = pack({"name": name, "input": data})
+            # (seq and target in the initiating event too: a replay matches the command by them)
+            seq = self.signal_seq + 1
+            body = pack({"name": name, "input": data, "seq": seq, "workflow_id": workflow_id})
         check_size(body, self.max_payload_bytes, f"signal '{name}'")
-        self.signal_seq += 1
-        seq = self.signal_seq
+        self.signal_seq = seq
         self.external_signals[seq] = fut
         self._emit(
             Command(CommandKind.SIGNAL_EXTERNAL, body, [seq, workflow_id, ""], ("SignalExternal", seq, name))

@@ -435,6 +435,13 @@ end
 -- forgotten, so the record does not grow with every signal. '' (no id) is always new.
 -- `run`: the run it goes to, whose own record (run_sig_key) a client of an earlier
 -- release may have written the id to before retrying through this one.
+-- Whether request id `rid` was delivered to execution `wid` lately (reads only).
+local function signal_seen(wid, rid, run)
+  if rid == '' then return false end
+  if run and run ~= '' and call('ZSCORE', run_sig_key(run), rid) then return true end
+  return call('ZSCORE', sig_key(wid), rid) ~= false
+end
+
 local function signal_is_new(wid, rid, run)
   if rid == '' then return true end
   if run and run ~= '' and call('ZSCORE', run_sig_key(run), rid) then return false end

@@ -2,8 +2,12 @@
 -- signal script) had its effect: record the answer its origin run waits for, if the
 -- kind has one, and remove the entry (XACK + XDEL). A repeat (the entry read again)
 -- records nothing twice: the origin's record of what it waits for is gone or changed.
--- KEYS: timers, closed, the shard's outbox, the origin run's keys and workflow-task
--- streams. ARGV: prefix, entry id, kind (OB), then:
+-- Only the consumer the entry is pending for may finish it: one that stalled while
+-- another took the entry over (and applied it again, maybe to another answer: the
+-- child's id, taken then, was free by the second start) is refused, so that the answer
+-- recorded is the one that holds. KEYS: timers, closed, the shard's outbox, the origin
+-- run's keys and workflow-task streams. ARGV: prefix, entry id, the consumer (the
+-- worker's identity), kind (OB), then:
 --   start_child: parent run, seq, the answer (R.OK: started; else refused), the
 --     answer's event body (ChildWorkflowExecutionStarted or
 --     StartChildWorkflowExecutionFailed);
@@ -12,10 +16,12 @@
 --   other kinds: nothing.
 -- A parent that closed before its child's start was answered has its parent close
 -- policy applied to the child now (close_run could not: the child had no run yet).
--- Returns {R.OK}.
-local id, kind = ARGV[2], ARGV[3]
+-- Returns {R.OK}, or {R.STALE} (the entry is not this consumer's: nothing written).
+local id, consumer, kind = ARGV[2], ARGV[3], ARGV[4]
+local held = call('XPENDING', KEYS[3], GROUP, id, id, 1)
+if not held[1] or held[1][2] ~= consumer then return { R.STALE } end
 if kind == OB.START_CHILD or kind == OB.SIGNAL then
-  local run, seq, answer, body = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+  local run, seq, answer, body = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
   local r = call('HMGET', run_key(run), 'status', 'wid')
   if kind == OB.SIGNAL then
     if r[1] == RS.RUNNING and call('HDEL', act_key(run), 'sigx:' .. seq) == 1 then

@@ -8,10 +8,13 @@
 local wid, run, body, rid = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 run = client_run(wid, run)
 if not run then return { R.REROUTE } end
+-- a repeat is answered as delivered even once the run has closed since (a retry, or an
+-- outbox entry applied again, must not hear "not running" for a signal that was delivered)
+if signal_seen(wid, rid, run) then return { R.DUPLICATE, run } end
 if run == '' or call('HGET', run_key(run), 'status') ~= RS.RUNNING then
   return { R.NOT_RUNNING, run }
 end
-if not signal_is_new(wid, rid, run) then return { R.DUPLICATE, run } end
+if not signal_is_new(wid, rid) then return { R.DUPLICATE, run } end  -- (its run's own record was read above)
 note_messages(run)
 deliver(run, EV.WORKFLOW_EXECUTION_SIGNALED, body)
 return { R.OK, run }

@@ -106,7 +106,7 @@ class Maintenance:
                     await self.tasks.process(s, stream, entries)
                 elif self.activities is not None:
                     await self.activities.start(s, stream, entries)
-        await self.outbox.reclaim()
+        await self.outbox.reclaim()  # (an entry it cannot apply is set aside there: never raised here)
 
     async def janitor(self) -> None:
         """Remove what dead workers of this task queue left: consumers with nothing

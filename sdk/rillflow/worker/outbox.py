@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from rillflow.worker.context import Context
 from rillflow_runtime import outbox
+from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
 from rillflow_runtime.keyspace import GROUP
 
 log = structlog.get_logger("rillflow.worker")
@@ -27,6 +28,9 @@ class Outbox:
     def __init__(self, ctx: Context, reclaim_idle_ms: int) -> None:
         self.ctx = ctx
         self.reclaim_idle_ms = min(reclaim_idle_ms, RECLAIM_IDLE_MS)
+        # entries this worker is applying now: its own reclaim must not apply one again
+        # (outbox_done tells a stalled consumer from another that took over, not from itself)
+        self._applying: set[str] = set()
 
     def streams(self) -> dict[str, int]:
         return {self.ctx.ks.outbox(s): s for s in self.ctx.ks.all_shards()}
@@ -37,11 +41,21 @@ class Outbox:
         )
 
     async def process(self, shard: int, stream: str, entries: list[Any]) -> None:
-        """The entries of one batch are independent (an entry that depends on another is
-        written only once that one was applied), so they are applied concurrently."""
-        live = [(msgid, fields) for msgid, fields in entries if fields]
+        """The entries of one run apply in the order that run wrote them (its signals
+        to one execution arrive in the order it sent them); those of different runs
+        are independent (an entry that depends on another is written only once that one
+        was applied), so they apply concurrently."""
+        by_run: dict[bytes, list[tuple[Any, Any]]] = {}
+        for msgid, fields in entries:
+            if fields:
+                by_run.setdefault(fields.get(b"run") or b"", []).append((msgid, fields))
+
+        async def in_order(items: list[tuple[Any, Any]]) -> None:
+            for msgid, fields in items:
+                await self._apply(shard, stream, msgid, fields)
+
         results = await asyncio.gather(
-            *(self._apply(shard, stream, msgid, fields) for msgid, fields in live), return_exceptions=True
+            *(in_order(items) for items in by_run.values()), return_exceptions=True
         )
         for r in results:
             if isinstance(r, BaseException):
@@ -49,10 +63,22 @@ class Outbox:
 
     async def _apply(self, shard: int, stream: str, msgid: Any, fields: Any) -> None:
         entry_id = msgid.decode() if isinstance(msgid, bytes) else str(msgid)
+        if entry_id in self._applying:
+            return
+        ctx = self.ctx
+        self._applying.add(entry_id)
         try:
-            await outbox.apply(self.ctx.protocol, shard, entry_id, fields, self.ctx.settings.retention_ms)
+            await outbox.apply(ctx.protocol, shard, entry_id, fields, ctx.settings.retention_ms, ctx.identity)
         except outbox.BadEntry as e:
-            await self.ctx.bad_message(shard, stream, entry_id, str(e))
+            await ctx.bad_message(shard, stream, entry_id, str(e))
+        except TRANSIENT:
+            raise
+        except Exception as e:  # (a reply this version cannot read, say): set aside like a bad entry
+            reraise_if_cancelling()
+            log.exception("outbox entry could not be applied", stream=stream, entry_id=entry_id)
+            await ctx.bad_message(shard, stream, entry_id, f"{type(e).__name__}: {e}")
+        finally:
+            self._applying.discard(entry_id)
 
     async def reclaim(self) -> None:
         for stream, shard in self.streams().items():
