@@ -38,6 +38,22 @@ _ACTIVITY_TIMERS = frozenset(
     {TimerKind.ACTIVITY_DEADLINE.value, TimerKind.ACTIVITY_RETRY.value, TimerKind.SCHEDULE_TO_CLOSE.value}
 )
 
+# The scripts that may start or close a run, or act on the outbox: they write the
+# shard's outbox and listing indexes (see _call). Others never touch them.
+_STARTS_OR_CLOSES = frozenset(
+    {
+        "start",
+        "signal_start",
+        "wft_complete",
+        "terminate",
+        "pump",
+        "reset",
+        "outbox_apply",
+        "outbox_done",
+        "idx_trim",
+    }
+)
+
 # How many events one read of a history stream returns; more than the longest history
 # lib.lua packs at close (PACK_HISTORY_EVENTS, 512), so a packed run fits one page.
 HISTORY_PAGE = 1000
@@ -355,13 +371,9 @@ class Protocol:
         self._shared_keys: dict[int, tuple[str, ...]] = {}
 
     async def _call(self, name: str, shard: int, args: list[Any], keys: Iterable[str] = ()) -> Any:
-        # (last, the shard's outbox and listing indexes: any call that starts or closes a
-        # run may write to them)
-        declared = [
-            self.ks.timers(shard),
-            self.ks.closed(shard),
-            *dict.fromkeys([*keys, *self._shared(shard)]),
-        ]
+        declared = [self.ks.timers(shard), self.ks.closed(shard), *dict.fromkeys(keys)]
+        if name in _STARTS_OR_CLOSES:  # (then the shard's outbox and listing indexes)
+            declared += [k for k in self._shared(shard) if k not in declared]
         return await self.scripts.call(name, declared, [self.ks.prefix(shard), *args])
 
     def _shared(self, shard: int) -> tuple[str, ...]:

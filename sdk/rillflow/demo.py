@@ -1,6 +1,7 @@
 """The workflows ``rillflow dev`` serves and runs: an order that fans out, retries a
 flaky payment and sleeps durably; a shipment whose activity fails for good; a refund
-that waits for a person, answers queries and takes updates.
+that waits for a person, answers queries and takes updates; a batch of orders run as
+child workflows.
 
 Every name starts with ``demo_`` and ``rillflow dev`` serves them on their own task
 queue, ``rillflow-demo``: a user's first workflow (the README's ``ship_order`` on
@@ -137,5 +138,18 @@ class RefundOrder:
         return f"{paid} approved by {self.approver}"
 
 
-WORKFLOWS = [ProcessOrder, ShipOrder, ReportWorkflow, RefundOrder]
+@workflows.workflow.define(name="demo_fulfil_orders", execution_timeout=timedelta(minutes=10))
+class FulfilOrders:
+    """Processes a batch of orders, each as a child workflow (demo_process_order), in
+    parallel: each child is a run of its own, on whichever shard its id falls."""
+
+    @workflows.workflow.entrypoint
+    async def run(self, orders: list[Order]) -> list[str]:
+        results = await asyncio.gather(
+            *(workflows.workflow.execute_workflow(ProcessOrder, order) for order in orders)
+        )
+        return [str(r["receipt"]) for r in results]
+
+
+WORKFLOWS = [ProcessOrder, ShipOrder, ReportWorkflow, RefundOrder, FulfilOrders]
 ACTIVITIES = [reserve_stock, charge_card, send_receipt, validate_address, build_report, pay_refund]

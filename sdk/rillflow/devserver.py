@@ -126,6 +126,28 @@ async def _refund_demo(client: Client, out: Console) -> None:
     out.print("signal approve sent")
     out.print(f"[green]demo_refund_order completed[/green]: {await h.result(timeout=30)}")
     out.print(f"demo_refund_order history: {_summary(await h.history())}")
+    await _children_demo(client, out)
+
+
+async def _children_demo(client: Client, out: Console) -> None:
+    from rich.table import Table
+
+    from rillflow.demo import FulfilOrders, Order
+
+    out.rule("[bold]child workflows, and finding executions")
+    orders = [Order(order_id=f"B-{n}", items=["cup"], amount=5.0 * n) for n in (1, 2, 3)]
+    h = await client.start_workflow(
+        FulfilOrders, {"orders": orders}, execution_id=f"batch-B-{int(time.time())}"
+    )
+    out.print(f"[green]demo_fulfil_orders completed[/green]: {await h.result(timeout=30)}")
+    out.print(f"demo_fulfil_orders history: {_summary(await h.history())}")
+    page = await client.list_workflows(page_size=5)
+    table = Table("execution id", "workflow", "status", title="the newest runs (rillflow list)")
+    for e in page.executions:
+        table.add_row(e.execution_id, e.workflow_type, e.status)
+    out.print(table)
+    counts = {s: await client.count_workflows(status=s) for s in ("completed", "failed", "running")}
+    out.print(f"rillflow count: {counts}")
 
 
 def _live_url(path: Path) -> str | None:
