@@ -1153,6 +1153,8 @@ LEFTOVER_KINDS = (
     "closed-run keys without a TTL",
     "keys of runs that do not exist",
     "dead letters",
+    "listing entries of runs that do not exist",
+    "running-index entries of closed runs",
     "unknown keys",
 )
 SHARD_KEY = re.compile(r"^rf:\{" + NAMESPACE + r":(\d+)\}:(.*)$", re.S)
@@ -1174,6 +1176,7 @@ async def scan_leftovers(
     run_key: dict[str, str] = {}
     wf_keys: list[str] = []
     streams: list[str] = []
+    indexes: list[tuple[str, str]] = []
     for key in found:
         m = SHARD_KEY.match(key)
         if not m:
@@ -1202,6 +1205,8 @@ async def scan_leftovers(
             streams.append(key)
             if "@" in what and what.rsplit("@", 1)[1] not in live:
                 out["sticky streams of dead workers"].add(key)
+        elif what in ("idx:start", "idx:open", "idx:exp"):
+            indexes.append((key, what))
         elif what not in ("timers", "closed", "pump"):
             out["unknown keys"].add(key)
     for rid, rkeys in per_run.items():
@@ -1225,6 +1230,12 @@ async def scan_leftovers(
                 out["activity fields of closed runs"].add(f"{k} {' '.join(in_flight[:4])}", len(in_flight))
         if ttl == -1:
             out["closed-run keys without a TTL"].add(k)
+    for key, what in indexes:  # every listed run exists; the running index holds only running ones
+        for member in map(text, await db.zrange(key, 0, -1)):
+            if member not in run_key:
+                out["listing entries of runs that do not exist"].add(f"{key} {member}")
+            elif what == "idx:open" and member in closed:
+                out["running-index entries of closed runs"].add(f"{key} {member}")
     for s in range(keys.shards):
         for member in await db.zrange(keys.timers(s), 0, -1):
             parts = text(member).split("|")
