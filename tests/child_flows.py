@@ -216,6 +216,19 @@ class UntypedParent:
         return await workflow.execute_workflow("child_workflow", {"x": x})
 
 
+@workflow.define(name="missing_parent")
+class MissingParent:
+    """Names a child type no worker serves."""
+
+    @workflow.entrypoint
+    async def run(self) -> list[str]:
+        try:
+            await workflow.execute_workflow("no_such_child", {})
+        except ChildWorkflowError as e:
+            return [e.status, str(e.cause.type), e.cause.message]
+        return []
+
+
 WORKFLOWS = [
     ChildWorkflow,
     WaitingChild,
@@ -230,6 +243,7 @@ WORKFLOWS = [
     AwaitingParent,
     ChainParent,
     UntypedParent,
+    MissingParent,
 ]
 ACTIVITIES = [double, clean_up, explodes]
 SERVED = [*WORKFLOWS, *ACTIVITIES]

@@ -361,3 +361,10 @@ async def test_an_unreadable_outbox_entry_is_set_aside_and_stops_nothing(client:
 
 async def _dead_lettered(client: Client, box: str) -> bool:
     return bool(await client.redis.xlen(box + ":dlq"))
+
+
+async def test_a_child_of_a_type_no_worker_registered_does_not_start(client: Client) -> None:
+    async with worker(client):
+        status, cause, why = await client.execute_workflow(cf.MissingParent, result_timeout=10)
+    assert (status, cause) == ("not_started", "WorkflowNotRegistered")
+    assert "no worker has registered a workflow named 'no_such_child'" in why

@@ -179,3 +179,106 @@ async def _three_runs(url: str) -> None:
             await asyncio.sleep(0.005)  # distinct start times: the order is theirs
     finally:
         await client.close()
+
+
+async def _one_shard(redis_url: str, namespace: str) -> Client:
+    return await Client.connect(redis_url, namespace=namespace, shards=1)
+
+
+@pytest.mark.parametrize("which", [0, -1])
+async def test_a_run_closing_while_a_page_is_read_never_hides_another(redis_url: str, which: int) -> None:
+    """700 running runs that started in one millisecond: the page is read in two pieces,
+    and between them one run already given (the first, or the last of the piece) closes."""
+    client = await _one_shard(redis_url, f"ties{which + 1}")
+    try:
+        handles = await start_many(client, 700)
+        key = client.keyspace.index(0, "open")
+        await client.redis.zadd(key, {h.run_id: 1_700_000_000_000 for h in handles}, xx=True)
+        await client.redis.zadd(
+            client.keyspace.index(0, "start"), {h.run_id: 1_700_000_000_000 for h in handles}, xx=True
+        )
+        by_run = {h.run_id: h for h in handles}
+        real, closed = client.redis.zrange, []
+
+        async def zrange(*a: Any, **kw: Any) -> Any:
+            res = await real(*a, **kw)
+            if not closed and a and a[0] == key:
+                run = res[which][0].decode()
+                await by_run[run].terminate("meanwhile")
+                closed.append(run)
+            return res
+
+        client.redis.zrange = zrange  # type: ignore[method-assign]
+        page = await client.list_workflows(status="running", page_size=1000)
+        client.redis.zrange = real  # type: ignore[method-assign]
+        assert set(by_run) - set(closed) <= {e.run_id for e in page.executions}
+    finally:
+        await client.close()
+
+
+async def test_what_an_earlier_release_left_in_the_indexes_is_swept(redis_url: str) -> None:
+    """A worker of an earlier release closes runs without touching the indexes: the
+    sweep finds the closed run in the running index, and a run whose keys are gone."""
+    client = await _one_shard(redis_url, "sweep")
+    try:
+        closed, gone, running = await start_many(client, 3)
+        await closed.terminate("old worker")
+        ks = client.keyspace
+        # as the earlier release's close left them
+        await client.redis.zadd(ks.index(0, "open"), {closed.run_id: 1})
+        await client.redis.zrem(ks.index(0, "exp"), closed.run_id)
+        await client.redis.delete(ks.run(0, gone.run_id))
+        assert await client.count_workflows(status="running") == 3
+        await client.protocol.trim_index(0, client.settings.retention_ms)
+        assert await client.count_workflows(status="running") == 1
+        assert [e.run_id for e in (await client.list_workflows()).executions] == [
+            running.run_id,
+            closed.run_id,
+        ]
+        assert (
+            await client.redis.zscore(ks.index(0, "exp"), closed.run_id) is not None
+        )  # it expires as runs do
+    finally:
+        await client.close()
+
+
+async def test_a_token_is_good_only_for_the_listing_that_gave_it(client: Client) -> None:
+    await start_many(client, 5)
+    page = await client.list_workflows(status="running", page_size=2)
+    assert page.next_page_token is not None
+    with pytest.raises(InvalidInputError, match="with the same filters"):
+        await client.list_workflows(workflow_type="type_a", next_page_token=page.next_page_token)
+
+
+async def test_a_time_window_counts_to_the_microsecond(client: Client) -> None:
+    (h,) = await start_many(client, 1)
+    start = (await h.describe()).start_time  # (whole ms, as Redis's clock gave it)
+    half = timedelta(microseconds=500)
+    assert await client.count_workflows(started_before=start + half) == 1
+    assert await client.count_workflows(started_after=start + half) == 0
+    assert await client.count_workflows(started_after=start, started_before=start + half) == 1
+
+
+async def test_a_filter_that_matches_few_runs_answers_in_pages_of_bounded_work(
+    client: Client, monkeypatch: Any
+) -> None:
+    from rillflow import listing
+
+    monkeypatch.setattr(listing, "READ_BUDGET", 50)
+    await start_many(client, 300)
+    page = await client.list_workflows(workflow_type="nothing_like_it", page_size=10)
+    assert page.executions == [] and page.next_page_token is not None  # gave up early, said where
+    assert await all_pages(client, 10, workflow_type="nothing_like_it") == []
+    assert len(await all_pages(client, 100, workflow_type="type_a")) == 150
+
+
+async def test_the_last_page_of_a_filtered_listing_says_it_is_the_last(client: Client) -> None:
+    await start_many(client, 8)  # four of type_a
+    page = await client.list_workflows(workflow_type="type_a", page_size=4)
+    assert len(page.executions) == 4 and page.next_page_token is None
+    first = await client.list_workflows(workflow_type="type_a", page_size=3)
+    assert first.next_page_token is not None
+    rest = await client.list_workflows(
+        workflow_type="type_a", page_size=3, next_page_token=first.next_page_token
+    )
+    assert len(rest.executions) == 1 and rest.next_page_token is None

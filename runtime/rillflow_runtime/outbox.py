@@ -93,6 +93,13 @@ async def _start_child(protocol: Protocol, fields: Any, wid: str, run: str) -> O
         "seed": ev.get("seed"),
         "parent": {"workflow_id": wid, "run_id": run, "seq": seq},
     }
+    if not await protocol.redis.sismember(protocol.ks.registry, wtype):  # (as a client's start refuses it)
+        why = (
+            f"no worker has registered a workflow named '{wtype}' in this namespace: deploy a worker "
+            "that serves it (children run on their parent's task queue)"
+        )
+        body = pack({"seq": seq, "workflow_id": cwid, "run_id": "", "cause": "not_registered", "why": why})
+        return OutboxAnswer(wid, run, seq, Reply.INVALID, body)
     res = await protocol.start_child(
         ChildStart(cwid, crun, wtype, tq, pack(start), timeout_ms, wid, run, seq)
     )
@@ -102,7 +109,8 @@ async def _start_child(protocol: Protocol, fields: Any, wid: str, run: str) -> O
         why = f"execution id '{cwid}' is already running (run {res.run_id})"
     else:
         why = f"the child could not start: {res.why}"
-    body = pack({"seq": seq, "workflow_id": cwid, "run_id": res.run_id, "cause": str(res.reply), "why": why})
+    cause = "already_running" if res.reply is Reply.RUNNING else "invalid"
+    body = pack({"seq": seq, "workflow_id": cwid, "run_id": res.run_id, "cause": cause, "why": why})
     return OutboxAnswer(wid, run, seq, res.reply, body)
 
 

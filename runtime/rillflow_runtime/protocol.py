@@ -849,9 +849,21 @@ class Protocol:
             args += [answer.run_id, answer.seq, answer.reply.value, answer.body]
         return _reply((await self._call("outbox_done", shard, args, keys))[0])
 
-    async def trim_index(self, shard: int, limit: int = 1000) -> int:
-        """Forget up to ``limit`` expired closed runs in the shard's listing indexes."""
-        return int(await self._call("idx_trim", shard, [limit]))
+    async def trim_index(self, shard: int, retention_ms: int, limit: int = 1000, sweep: int = 100) -> int:
+        """Forget up to ``limit`` expired closed runs in the shard's listing indexes, and
+        check the next ``sweep`` entries of idx:open and of idx:start against their runs
+        (read here first, so that the script is told every key: see idx_trim.lua)."""
+        ks = self.ks
+        cursors = ks.index(shard, "sweep")
+        at_open, at_start = await self.redis.hmget(cursors, ["open", "start"])
+        args: list[Any] = [limit, retention_ms]
+        keys = [cursors]
+        for index, at in (("open", int(at_open or 0)), ("start", int(at_start or 0))):
+            found: Any = await self.redis.zrange(ks.index(shard, index), at, at + sweep - 1) if sweep else []
+            runs = [text(m) for m in found]
+            args += [at, sweep, len(runs), *runs]
+            keys += [ks.run(shard, run) for run in runs]
+        return int(await self._call("idx_trim", shard, args, keys))
 
     # -- reads --------------------------------------------------------------------------
     async def history(self, shard: int, workflow_id: str, run_id: str, after: int = 0) -> list[Any]:

@@ -683,6 +683,8 @@ def list_(
     """List runs, newest first, across shards: running ones and closed ones still retained."""
 
     async def main() -> None:
+        if not 1 <= limit <= 1000:
+            raise Exit(2, f"--limit must be from 1 to 1000, got {limit}")
         async with connect(url, namespace) as client:
             page = await client.list_workflows(
                 status=status,
@@ -709,7 +711,10 @@ def list_(
                     e.start_time.isoformat(timespec="milliseconds"),
                     closed,
                 )
-            out.print(t)
+            if page.executions:
+                out.print(t)
+            else:
+                out.print("no runs match" + (" on this page" if page.next_page_token else ""))
             if page.next_page_token:
                 out.print(f"more: --page-token {page.next_page_token}")
 

@@ -832,7 +832,9 @@ class WorkflowInstance:
                 execution_id=h.workflow_id,
                 run_id=str(a.get("run_id") or ""),
                 status="not_started",
-                cause=WorkflowError(why, type="WorkflowAlreadyStarted", non_retryable=True),
+                cause=WorkflowError(
+                    why, type=_START_FAILURES.get(str(a.get("cause")), "ChildStartFailed"), non_retryable=True
+                ),
             )
             h.started.set_exception(err)
             h.outcome.set_exception(err)
@@ -1177,11 +1179,14 @@ class WorkflowInstance:
             self._issued += 1
             return handle
         with _Unguarded():
-            data = (
-                defn.sig.encode_input(params)
-                if defn
-                else to_wire(params, f"input of workflow '{workflow_type}'")
-            )
+            try:
+                data = (
+                    defn.sig.encode_input(params)
+                    if defn
+                    else to_wire(params, f"input of workflow '{workflow_type}'")
+                )
+            except InvalidInputError as e:  # (a bug in the parent's code: its task fails until fixed)
+                raise InvalidInputError(f"child workflow '{workflow_type}': {e}") from None
             body = pack(
                 {
                     "seq": seq,
@@ -1289,6 +1294,9 @@ class WorkflowInstance:
         return uuid.UUID(int=self.random.getrandbits(128), version=4)
 
 
+# why a child did not start (StartChildWorkflowExecutionFailed's cause), as the type of
+# the ChildWorkflowError's cause
+_START_FAILURES = {"already_running": "WorkflowAlreadyStarted", "not_registered": "WorkflowNotRegistered"}
 _MESSAGES = frozenset({"WorkflowExecutionSignaled", "WorkflowExecutionUpdateAccepted"})
 _CHILD_EVENTS = frozenset(
     {

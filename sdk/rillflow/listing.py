@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import heapq
 import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import ResponseError
 
 from rillflow.errors import InvalidInputError
 from rillflow_runtime.codec import text
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 # how many index members one read returns, and how many run hashes one pipeline reads
 CHUNK = 500
 MAX_PAGE = 1000
+# the most run hashes one page reads: past it, the page ends (fewer runs than asked for,
+# with a token to go on), so that a filter that matches few of many runs answers in bounded time
+READ_BUDGET = 10_000
 _FIELDS = ("wid", "wtype", "tq", "status", "start_ms", "closed_ms")
 
 
@@ -98,10 +104,16 @@ class Filter:
         return "open" if self.status == RunStatus.RUNNING else "start"
 
     def window(self) -> tuple[float, float]:
-        """The start times (ms) to walk: [after, before)."""
-        lo = _ms(self.started_after) if self.started_after else float("-inf")
-        hi = _ms(self.started_before) - 1 if self.started_before else float("inf")
+        """The start times (whole ms, as the index has them) to walk: those at or after
+        ``started_after`` and before ``started_before``."""
+        lo = _ms_up(self.started_after) if self.started_after else float("-inf")
+        hi = _ms_up(self.started_before) - 1 if self.started_before else float("inf")
         return hi, lo
+
+    def digest(self) -> str:
+        """What a page token is bound to: a token from another listing is refused."""
+        parts = [self.status, self.workflow_type, self.task_queue, self.execution_id, *self.window()]
+        return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:8]
 
     @property
     def needs_runs(self) -> bool:
@@ -118,68 +130,84 @@ class Filter:
         )
 
 
-def _ms(t: datetime) -> int:
-    return int(t.timestamp() * 1000)
+def _ms_up(t: datetime) -> int:
+    """``t`` in ms since the epoch, rounded up (a start at ms T is before T + 0.5 ms)."""
+    us = (t - _EPOCH) // timedelta(microseconds=1)
+    return -(-us // 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _dt(ms: Any) -> datetime | None:
     return datetime.fromtimestamp(int(ms) / 1000, UTC) if ms not in (None, b"", "") else None
 
 
-def encode_token(score: int, run: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([score, run]).encode()).decode().rstrip("=")
+def encode_token(flt: Filter, score: int, run: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([score, run, flt.digest()]).encode()).decode().rstrip("=")
 
 
-def decode_token(token: str) -> tuple[int, str]:
+def decode_token(flt: Filter, token: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        score, run = json.loads(raw)
-        if not isinstance(score, int) or not isinstance(run, str):
-            raise ValueError(token)
-        return score, run
+        score, run, digest = json.loads(raw)
+        ok = isinstance(score, int) and abs(score) < 2**53 and isinstance(run, str) and digest == flt.digest()
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
+        ok = False
+    if not ok:
         raise InvalidInputError(
-            f"page token {token!r} is not one this listing gave: pass the next_page_token of the "
-            "previous page, unchanged"
-        ) from None
+            f"page token {token[:40]!r} is not one this listing gave: pass the next_page_token of the "
+            "previous page, unchanged, with the same filters"
+        )
+    return score, run
 
 
 async def _walk(
     client: Client, shard: int, flt: Filter, after: tuple[int, str] | None
 ) -> AsyncGenerator[tuple[int, str], None]:
     """The shard's runs in the filter's index, newest first ((start ms, run id) descending),
-    from just past ``after``."""
+    from just past ``after``. Each read goes on from the last run given, found by its
+    rank (exact, whatever left the index before it), or, if that run has left the index
+    meanwhile, by its start time."""
     key = client.keyspace.index(shard, flt.index)
     hi, lo = flt.window()
-    if after is not None:
-        hi = min(hi, after[0])
-    seen: set[str] = set()  # the runs already given at the score the next read starts from
-    last: float | None = None
+    last = after
     while True:
-        res: Any = await client.redis.zrange(
-            key,
-            "+inf" if hi == float("inf") else int(hi),
-            "-inf" if lo == float("-inf") else int(lo),
-            desc=True,
-            byscore=True,
-            offset=len(seen) if last == hi else 0,
-            num=CHUNK,
-            withscores=True,
-        )
-        if not res:
-            return
+        found: Any = await client.redis.zrevrank(key, last[1]) if last is not None else None
+        rank = int(found) if isinstance(found, int) else None
+        res: Any
+        if rank is not None:
+            res = await client.redis.zrange(key, rank + 1, rank + CHUNK, desc=True, withscores=True)
+            full = len(res) == CHUNK
+        else:
+            top = min(hi, last[0]) if last is not None else hi
+            count = CHUNK
+            while True:  # (runs that share the last one's ms and were given already are skipped)
+                res = await client.redis.zrange(
+                    key,
+                    "+inf" if top == float("inf") else int(top),
+                    "-inf" if lo == float("-inf") else int(lo),
+                    desc=True,
+                    byscore=True,
+                    offset=0,
+                    num=count,
+                    withscores=True,
+                )
+                full = len(res) == count
+                res = [(m, sc) for m, sc in res if last is None or (int(sc), text(m)) < last]
+                if res or not full:
+                    break
+                count *= 2
         for member, raw in res:
             score, run = int(raw), text(member)
-            if after is not None and (score, run) >= after:
-                continue  # at or before the token's position (ties: by run id, descending)
+            if score > hi:
+                continue
+            if score < lo:
+                return
             yield score, run
-        tail = int(res[-1][1])
-        if len(res) < CHUNK:
+            last = (score, run)
+        if not full or not res:
             return
-        if tail != hi:
-            hi, seen = tail, set()
-        seen.update(text(m) for m, s in res if int(s) == tail)
-        last = hi
 
 
 async def _rows(client: Client, shard: int, runs: list[str]) -> list[WorkflowExecution | None]:
@@ -209,7 +237,7 @@ async def _rows(client: Client, shard: int, runs: list[str]) -> list[WorkflowExe
 async def list_workflows(client: Client, flt: Filter, page_size: int, token: str | None) -> WorkflowPage:
     if not isinstance(page_size, int) or isinstance(page_size, bool) or not 1 <= page_size <= MAX_PAGE:
         raise InvalidInputError(f"page_size must be a whole number from 1 to {MAX_PAGE}, got {page_size!r}")
-    after = decode_token(token) if token else None
+    after = decode_token(flt, token) if token else None
     walks = [_walk(client, s, flt, after) for s in client.keyspace.all_shards()]
     # a heap of each shard's next run: heapq pops the smallest, and newest first is the
     # largest start time, then (ties) the largest run id, as each shard's index orders them
@@ -226,23 +254,58 @@ async def list_workflows(client: Client, flt: Filter, page_size: int, token: str
         page: list[WorkflowExecution] = []
         last: tuple[int, str] | None = None
         pending: list[tuple[int, int, str]] = []  # candidates taken, not yet looked at
-        while (heads or pending) and len(page) < page_size:
+        read = 0  # run hashes read: a filter that matches few runs stops at READ_BUDGET
+        while (heads or pending) and len(page) < page_size and (read < READ_BUDGET or pending):
             if not pending:  # the next candidates, newest first, as many as the page needs
                 while heads and len(pending) < max(page_size - len(page), 16):
                     *_, shard, score, run = heapq.heappop(heads)
                     pending.append((shard, score, run))
                     await advance(shard)
                 rows = await _rows_of(client, pending)
+                read += len(pending)
             shard, score, run = pending.pop(0)
             last = (score, run)
             row = rows.pop((shard, run))
             if row is not None and flt.matches(row):
                 page.append(row)
         more = bool(heads or pending)
-        return WorkflowPage(page, encode_token(*last) if more and last is not None else None)
+        if more and len(page) == page_size and flt.needs_runs:
+            # (a full page of a filtered listing: is there a next match at all? Looked for
+            # within what is left of the budget, so that the last page says it is the last)
+            more = await _any_match(client, flt, heads, pending, rows, advance, READ_BUDGET - read)
+        return WorkflowPage(page, encode_token(flt, *last) if more and last is not None else None)
     finally:
         for w in walks:
             await w.aclose()
+
+
+async def _any_match(
+    client: Client,
+    flt: Filter,
+    heads: list[tuple[int, str, int, int, str]],
+    pending: list[tuple[int, int, str]],
+    rows: dict[tuple[int, str], WorkflowExecution | None],
+    advance: Any,
+    budget: int,
+) -> bool:
+    """Whether a run after the page matches, looking at most ``budget`` runs ahead
+    (True when the budget ends first: the next page says)."""
+    for shard, _, run in pending:
+        row = rows.get((shard, run))
+        if row is not None and flt.matches(row):
+            return True
+    while heads:
+        if budget <= 0:
+            return True
+        ahead: list[tuple[int, int, str]] = []
+        while heads and len(ahead) < min(budget, 100):
+            *_, shard, score, run = heapq.heappop(heads)
+            ahead.append((shard, score, run))
+            await advance(shard)
+        budget -= len(ahead)
+        if any(r is not None and flt.matches(r) for r in (await _rows_of(client, ahead)).values()):
+            return True
+    return False
 
 
 async def _rows_of(
@@ -265,9 +328,12 @@ def _desc(run: str) -> str:
 
 async def count_workflows(client: Client, flt: Filter) -> int:
     ks = client.keyspace
-    for s in ks.all_shards():  # what expired is not counted
-        while await client.protocol.trim_index(s) >= 1000:
-            pass
+    for s in ks.all_shards():  # what expired is not counted (a read-only user counts it)
+        try:
+            while await client.protocol.trim_index(s, client.settings.retention_ms, sweep=0) >= 1000:
+                pass
+        except ResponseError:
+            break
     if not flt.needs_runs:
         hi, lo = flt.window()
         total = 0

@@ -69,7 +69,7 @@ class Maintenance:
                         last_reclaim = time.monotonic()
                         await self.reclaim()
                         for s in ctx.ks.all_shards():  # closed runs past retention leave the listing
-                            await ctx.protocol.trim_index(s)
+                            await ctx.protocol.trim_index(s, ctx.settings.retention_ms)
                     if time.monotonic() - last_janitor > JANITOR_INTERVAL_S:
                         last_janitor = time.monotonic()
                         await self.janitor()
