@@ -1207,7 +1207,7 @@ async def scan_leftovers(
                 out["sticky streams of dead workers"].add(key)
         elif what in ("idx:start", "idx:open", "idx:exp"):
             indexes.append((key, what))
-        elif what not in ("timers", "closed", "pump"):
+        elif what not in ("timers", "closed", "pump", "idx:sweep"):
             out["unknown keys"].add(key)
     for rid, rkeys in per_run.items():
         if rid not in run_key:
