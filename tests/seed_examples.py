@@ -279,6 +279,25 @@ class ActivitiesPageWorkflow:
         }
 
 
+# -- workflows page: schedules ----------------------------------------------------------------
+from rillflow.models import ScheduleDefinition  # noqa: E402
+
+schedule = ScheduleDefinition(
+    input={"report_type": "daily", "include_details": False},  # Input parameters for scheduled runs
+    cron_expressions=["0 0 * * *"],  # Run daily at midnight
+)
+
+
+@workflows.workflow.define(
+    name="scheduled_report_workflow", schedules=[schedule]
+)  # the page reuses "report_workflow"
+class ScheduledReportWorkflow:
+    @workflows.workflow.entrypoint
+    async def run(self, report_type: str = "daily", include_details: bool = False) -> None:
+        # Generate report
+        pass
+
+
 WORKFLOWS = [
     ReportWorkflow,
     ReportParamsWorkflow,

@@ -24,6 +24,7 @@ from rillflow.executor import (
     require_instance,
     skip_determinism_enforcement,
 )
+from rillflow.models import ScheduleDefinition
 from rillflow.payloads import Signature
 from rillflow_runtime.keyspace import NAME_RE
 
@@ -254,6 +255,19 @@ class workflow:
                     )
                 same[h.name] = h
             _attach_validators(name, cls, handlers["update"])
+            entry_sig: Signature = getattr(fn, _ENTRY_MARK)
+            for i, sched in enumerate(schedules or ()):
+                if not isinstance(sched, ScheduleDefinition):
+                    raise WorkflowDefinitionError(
+                        f"workflow '{name}': schedules[{i}] is a {type(sched).__name__}, not a "
+                        "ScheduleDefinition (from rillflow.models import ScheduleDefinition)"
+                    )
+                try:
+                    entry_sig.encode_input(sched.input)
+                except InvalidInputError as e:
+                    raise WorkflowDefinitionError(
+                        f"workflow '{name}': schedules[{i}].input does not fit its entrypoint: {e}"
+                    ) from None
             cls.__rillflow_workflow__ = WorkflowDefinition(  # type: ignore[attr-defined]
                 name=name,
                 cls=cls,

@@ -1,0 +1,229 @@
+"""The schedule model of the workflows page (``from rillflow.models import
+ScheduleDefinition``): when a workflow's scheduled runs are due. Every field is checked
+when the definition is made, and a mistake names the field; when the due times fall is
+computed by :mod:`rillflow.schedule_times`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from enum import IntEnum
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cronsim import CronSim, CronSimError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rillflow.durations import MAX_DURATION
+from rillflow_runtime.keyspace import ID_RE
+
+__all__ = [
+    "Schedule",
+    "ScheduleCalendar",
+    "ScheduleDefinition",
+    "ScheduleInterval",
+    "ScheduleOverlapPolicy",
+    "SchedulePolicy",
+    "ScheduleRange",
+]
+
+
+class ScheduleOverlapPolicy(IntEnum):
+    """What a due time does while the schedule's previous run is still open (Temporal's)."""
+
+    SKIP = 1  # nothing: the due time is recorded as skipped
+    BUFFER_ONE = 2  # one run waits for the open one to close; later ones are skipped
+    BUFFER_ALL = 3  # every one waits, in order
+    CANCEL_OTHER = 4  # the open run is asked to cancel, then this one starts
+    TERMINATE_OTHER = 5  # the open run is terminated, then this one starts
+    ALLOW_ALL = 6  # this one starts beside it
+
+
+class ScheduleRange(BaseModel):
+    """``start`` to ``end`` (inclusive) every ``step``: an ``end`` below ``start`` means
+    ``start`` alone, a ``step`` of 0 means 1."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: int
+    end: int = 0
+    step: int = 0
+
+    def values(self) -> range:
+        return range(self.start, max(self.end, self.start) + 1, self.step or 1)
+
+    @field_validator("step")
+    @classmethod
+    def _step(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("step must be 0 (meaning 1) or more")
+        return v
+
+
+def _ranges(*bounds: int) -> list[ScheduleRange]:
+    return [ScheduleRange(start=bounds[0], end=bounds[-1])]
+
+
+# each calendar field: what it may hold (day_of_week: 0 = Sunday)
+_CALENDAR_BOUNDS = {
+    "second": (0, 59),
+    "minute": (0, 59),
+    "hour": (0, 23),
+    "day_of_month": (1, 31),
+    "month": (1, 12),
+    "year": (1970, 9999),
+    "day_of_week": (0, 6),
+}
+
+
+class ScheduleCalendar(BaseModel):
+    """Wall-clock times in the schedule's time zone: every combination of the fields'
+    values (an empty ``year`` is every year). Defaults: at 00:00:00, every day."""
+
+    second: list[ScheduleRange] = Field(default_factory=lambda: _ranges(0))
+    minute: list[ScheduleRange] = Field(default_factory=lambda: _ranges(0))
+    hour: list[ScheduleRange] = Field(default_factory=lambda: _ranges(0))
+    day_of_month: list[ScheduleRange] = Field(default_factory=lambda: _ranges(1, 31))
+    month: list[ScheduleRange] = Field(default_factory=lambda: _ranges(1, 12))
+    year: list[ScheduleRange] = Field(default_factory=list)
+    day_of_week: list[ScheduleRange] = Field(default_factory=lambda: _ranges(0, 6))
+    comment: str | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScheduleCalendar:
+        for name, (lo, hi) in _CALENDAR_BOUNDS.items():
+            for r in getattr(self, name):
+                if not (lo <= r.start <= hi and r.end <= hi):
+                    raise ValueError(f"{name} holds {r.start}-{r.end}: a {name} is {lo} to {hi}")
+        return self
+
+    def values(self, name: str) -> list[int]:
+        """The sorted values of a field (``year``: empty for every year)."""
+        return sorted({v for r in getattr(self, name) for v in r.values()})
+
+
+class ScheduleInterval(BaseModel):
+    """Every ``every`` since the Unix epoch, shifted by ``offset`` (under ``every``):
+    ``every=timedelta(hours=1), offset=timedelta(minutes=5)`` is 00:05, 01:05, ... UTC."""
+
+    every: timedelta
+    offset: timedelta | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleInterval:
+        if not timedelta(seconds=1) <= self.every <= MAX_DURATION:
+            raise ValueError(f"every must be from 1 second to {MAX_DURATION.days} days, got {self.every}")
+        if self.offset is not None and not timedelta(0) <= self.offset < self.every:
+            raise ValueError(
+                f"offset must be at least 0 and less than every ({self.every}), got {self.offset}"
+            )
+        return self
+
+
+class SchedulePolicy(BaseModel):
+    """How due times are run: ``overlap`` while an earlier run is open; due times missed
+    (workers down) within ``catchup_window_seconds`` still run, older ones are skipped;
+    ``pause_on_failure`` pauses the schedule when a run of it fails."""
+
+    catchup_window_seconds: int = 31_536_000  # a year
+    overlap: ScheduleOverlapPolicy = ScheduleOverlapPolicy.SKIP
+    pause_on_failure: bool = False
+
+    @property
+    def catchup_window(self) -> timedelta:
+        return timedelta(seconds=self.catchup_window_seconds)
+
+    @field_validator("catchup_window_seconds")
+    @classmethod
+    def _window(cls, v: int) -> int:
+        if not 1 <= v <= MAX_DURATION.total_seconds():
+            raise ValueError(f"catchup_window_seconds must be from 1 to {int(MAX_DURATION.total_seconds())}")
+        return v
+
+
+class ScheduleDefinition(BaseModel):
+    """When a workflow runs by itself, with ``input``: the union of the due times of
+    ``cron_expressions``, ``intervals`` and ``calendars``, less those ``skip`` matches,
+    from ``start_at`` to ``end_at``, in ``time_zone_name`` (IANA; UTC by default), each
+    started up to ``jitter`` late, at most ``max_executions`` times."""
+
+    input: Any
+    calendars: list[ScheduleCalendar] = Field(default_factory=list)
+    intervals: list[ScheduleInterval] = Field(default_factory=list)
+    cron_expressions: list[str] = Field(default_factory=list)
+    skip: list[ScheduleCalendar] = Field(default_factory=list)
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    jitter: timedelta | None = None
+    time_zone_name: str | None = None
+    policy: SchedulePolicy = Field(default_factory=SchedulePolicy)
+    max_executions: int | None = None
+    schedule_id: str | None = None
+
+    @field_validator("cron_expressions")
+    @classmethod
+    def _crons(cls, v: list[str]) -> list[str]:
+        for i, expr in enumerate(v):
+            try:
+                CronSim(expr, datetime(2000, 1, 1))
+            except (CronSimError, TypeError) as e:
+                raise ValueError(
+                    f"cron_expressions[{i}] {expr!r} is not a cron expression ({e}): five fields, "
+                    "minute hour day-of-month month day-of-week, like '0 0 * * *'"
+                ) from None
+        return v
+
+    @field_validator("time_zone_name")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(
+                    f"time_zone_name {v!r} is not an IANA time zone, like 'Europe/Paris'"
+                ) from None
+        return v
+
+    @field_validator("start_at", "end_at")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            raise ValueError("must be timezone-aware (datetime(..., tzinfo=UTC))")
+        return v
+
+    @field_validator("jitter")
+    @classmethod
+    def _jitter(cls, v: timedelta | None) -> timedelta | None:
+        if v is not None and not timedelta(0) <= v <= MAX_DURATION:
+            raise ValueError(f"jitter must be from 0 to {MAX_DURATION.days} days")
+        return v
+
+    @field_validator("max_executions")
+    @classmethod
+    def _max(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("max_executions must be 1 or more (None: unlimited)")
+        return v
+
+    @field_validator("schedule_id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        if v is not None and not ID_RE.fullmatch(v):
+            raise ValueError(f"schedule_id {v!r} is invalid: use 1-256 letters, digits, '_', '-', '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> ScheduleDefinition:
+        if self.start_at and self.end_at and self.end_at <= self.start_at:
+            raise ValueError(
+                f"end_at ({self.end_at.isoformat()}) is not after start_at ({self.start_at.isoformat()})"
+            )
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.time_zone_name or "UTC")
+
+
+Schedule = ScheduleDefinition
