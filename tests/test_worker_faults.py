@@ -574,9 +574,11 @@ class Wide:
 async def test_a_dropped_connection_while_reading_a_long_history_is_not_a_task_failure(
     redis_url: str,
 ) -> None:
-    # the default workflow-task timeout (10 s) outlasts the client's retries, so the
-    # worker gives up on the history while its task is still its own
-    client = await Client.connect(redis_url, namespace="longhistory")
+    # a workflow-task timeout (20 s) that outlasts the client's retries by far, even on a
+    # loaded machine, so the worker gives up on the history while its task is still its own
+    client = await Client.connect(
+        redis_url, namespace="longhistory", workflow_task_timeout=timedelta(seconds=20)
+    )
     n = 600  # 1,200 events and more: more than the first page the start script returns
     try:
         async with Worker(
@@ -602,7 +604,7 @@ async def test_a_dropped_connection_while_reading_a_long_history_is_not_a_task_f
                     await asyncio.sleep(0.2)
                     # the worker gave up on Redis before the task timed out
                     assert "WorkflowTaskTimedOut" not in types(await h.history())
-                    assert await h.result(timeout=30) == sum(range(1, n + 1))
+                    assert await h.result(timeout=60) == sum(range(1, n + 1))
             finally:
                 await wc.close()
         events = types(await h.history())

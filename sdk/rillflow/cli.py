@@ -701,6 +701,8 @@ def list_(
                 print(json.dumps({"executions": rows, "next_page_token": page.next_page_token}, indent=2))
                 return
             t = Table("execution id", "run id", "workflow", "status", "started", "closed")
+            for col in t.columns:  # (folded, never cut: an id on screen can be copied)
+                col.overflow = "fold"
             for e in page.executions:
                 closed = e.close_time.isoformat(timespec="milliseconds") if e.close_time else ""
                 t.add_row(
