@@ -855,13 +855,19 @@ class Protocol:
         (read here first, so that the script is told every key: see idx_trim.lua)."""
         ks = self.ks
         cursors = ks.index(shard, "sweep")
-        at_open, at_start = await self.redis.hmget(cursors, ["open", "start"])
+        at = [0, 0]
+        found: Any = [[], []]
+        if sweep:  # (the cursors, then both pieces in one round trip)
+            at = [int(v or 0) for v in await self.redis.hmget(cursors, ["open", "start"])]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for index, i in (("open", at[0]), ("start", at[1])):
+                    pipe.zrange(ks.index(shard, index), i, i + sweep - 1)
+                found = await pipe.execute()
         args: list[Any] = [limit, retention_ms]
         keys = [cursors]
-        for index, at in (("open", int(at_open or 0)), ("start", int(at_start or 0))):
-            found: Any = await self.redis.zrange(ks.index(shard, index), at, at + sweep - 1) if sweep else []
-            runs = [text(m) for m in found]
-            args += [at, sweep, len(runs), *runs]
+        for i, members in zip(at, found, strict=True):
+            runs = [text(m) for m in members]
+            args += [i, sweep, len(runs), *runs]
             keys += [ks.run(shard, run) for run in runs]
         return int(await self._call("idx_trim", shard, args, keys))
 

@@ -649,6 +649,25 @@ def _when(raw: str | None, option: str) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def _filters(
+    status: str | None,
+    workflow_type: str | None,
+    task_queue: str | None,
+    execution_id: str | None,
+    after: str | None,
+    before: str | None,
+) -> dict[str, Any]:
+    """`list` and `count`'s filter options as list_workflows / count_workflows take them."""
+    return {
+        "status": status,
+        "workflow_type": workflow_type,
+        "task_queue": task_queue,
+        "execution_id": execution_id,
+        "started_after": _when(after, "--after"),
+        "started_before": _when(before, "--before"),
+    }
+
+
 StatusOpt = Annotated[
     str | None,
     typer.Option(
@@ -686,16 +705,8 @@ def list_(
         if not 1 <= limit <= 1000:
             raise Exit(2, f"--limit must be from 1 to 1000, got {limit}")
         async with connect(url, namespace) as client:
-            page = await client.list_workflows(
-                status=status,
-                workflow_type=workflow_type,
-                task_queue=task_queue,
-                execution_id=execution_id,
-                started_after=_when(after, "--after"),
-                started_before=_when(before, "--before"),
-                page_size=limit,
-                next_page_token=page_token,
-            )
+            flt = _filters(status, workflow_type, task_queue, execution_id, after, before)
+            page = await client.list_workflows(**flt, page_size=limit, next_page_token=page_token)
             if as_json:
                 rows = [e.to_json() for e in page.executions]
                 print(json.dumps({"executions": rows, "next_page_token": page.next_page_token}, indent=2))
@@ -738,15 +749,11 @@ def count(
 
     async def main() -> None:
         async with connect(url, namespace) as client:
-            n = await client.count_workflows(
-                status=status,
-                workflow_type=workflow_type,
-                task_queue=task_queue,
-                execution_id=execution_id,
-                started_after=_when(after, "--after"),
-                started_before=_when(before, "--before"),
+            print(
+                await client.count_workflows(
+                    **_filters(status, workflow_type, task_queue, execution_id, after, before)
+                )
             )
-            print(n)
 
     run(main)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from rillflow.durations import time_of_ms
 from rillflow.errors import (
     InvalidInputError,
     RillflowError,
@@ -109,17 +110,6 @@ def _next_run(status: Any, outcome: Any) -> str | None:
     body = unpack(outcome)
     nxt = body.get(key) if isinstance(body, dict) else None
     return str(nxt) if nxt else None
-
-
-def _dt(ms: Any) -> datetime | None:
-    """A time the scripts wrote (ms). Past what datetime holds (a run started before the
-    ten-year cap on timeouts) reads as the largest it holds, not as an error."""
-    if not ms:
-        return None
-    try:
-        return datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
-    except (OverflowError, OSError, ValueError):
-        return datetime.max.replace(tzinfo=UTC)
 
 
 CHAIN_HOPS = 8  # how often a message follows a chain that keeps continuing under it
@@ -307,7 +297,9 @@ class WorkflowHandle:
         for key, val in acts_raw.items():
             if key.startswith("timer:"):  # a workflow timer still pending: its due time
                 timers.append(
-                    PendingTimer(seq=int(key[6:]), fire_time=_dt(val) or datetime.fromtimestamp(0, UTC))
+                    PendingTimer(
+                        seq=int(key[6:]), fire_time=time_of_ms(val) or datetime.fromtimestamp(0, UTC)
+                    )
                 )
             elif key.startswith("child:"):  # a child not closed yet
                 c = unpack(val)
@@ -334,7 +326,7 @@ class WorkflowHandle:
                     attempt=int(s.get("att", 1)),
                     last_failure=exception_from_failure(unpack(fail).get("failure", {})) if fail else None,
                     heartbeat_details=unpack(hb) if hb else None,
-                    next_attempt_time=_dt(s.get("due"))
+                    next_attempt_time=time_of_ms(s.get("due"))
                     if text(s.get("st")) == ActivityState.BACKOFF
                     else None,
                 )
@@ -360,9 +352,9 @@ class WorkflowHandle:
             workflow_type=text(fields.get("wtype")),
             task_queue=text(fields.get("tq")),
             status=status,
-            start_time=_dt(fields.get("start_ms")) or datetime.fromtimestamp(0, UTC),
-            close_time=_dt(fields.get("closed_ms")),
-            execution_deadline=_dt(fields.get("deadline_ms")),
+            start_time=time_of_ms(fields.get("start_ms")) or datetime.fromtimestamp(0, UTC),
+            close_time=time_of_ms(fields.get("closed_ms")),
+            execution_deadline=time_of_ms(fields.get("deadline_ms")),
             history_length=int(fields.get("last_eid") or 0),
             pending_activities=pending,
             pending_timers=timers,

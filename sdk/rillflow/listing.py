@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
+from rillflow.durations import time_of_ms
 from rillflow.errors import InvalidInputError
 from rillflow_runtime.codec import text
 from rillflow_runtime.model import RunStatus
@@ -139,10 +140,6 @@ def _ms_up(t: datetime) -> int:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _dt(ms: Any) -> datetime | None:
-    return datetime.fromtimestamp(int(ms) / 1000, UTC) if ms not in (None, b"", "") else None
-
-
 def encode_token(flt: Filter, score: int, run: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([score, run, flt.digest()]).encode()).decode().rstrip("=")
 
@@ -227,8 +224,8 @@ async def _rows(client: Client, shard: int, runs: list[str]) -> list[WorkflowExe
                 text(wtype or b""),
                 text(tq or b""),
                 text(status or b""),
-                _dt(start) or datetime.fromtimestamp(0, UTC),
-                _dt(closed),
+                time_of_ms(start) or datetime.fromtimestamp(0, UTC),
+                time_of_ms(closed),
             )
         )
     return out

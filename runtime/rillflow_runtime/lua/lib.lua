@@ -650,21 +650,9 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
   local stale, kept = {}, {}
   for i = 1, #acts, 2 do
     local f = acts[i]
-    if string.find(f, '^timer:') or string.find(f, '^%d+$') or string.find(f, '^%d+:h?[bf]$') then
-      stale[#stale + 1] = f
-    else
-      kept[#kept + 1] = f
-      kept[#kept + 1] = acts[i + 1]
-    end
-  end
-  local folded = #acts > 0 and (#kept == 0 and '' or fold_answers(kept))
-  if #stale > 0 and not folded then
-    for i = 1, #stale, 500 do call('HDEL', act_key(run), unpack(stale, i, math.min(i + 499, #stale))) end
-  end
-  for i = 1, #acts, 2 do
-    local f = acts[i]
     if string.sub(f, 1, 6) == 'timer:' then
       gone[#gone + 1] = tmember(TK.USER_TIMER, run, string.sub(f, 7))
+      stale[#stale + 1] = f
     elseif not string.find(f, ':', 1, true) then
       local s = cmsgpack.unpack(acts[i + 1])
       local a, b, c = act_members(run, f, s)
@@ -672,9 +660,20 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
       gone[#gone + 1] = b
       gone[#gone + 1] = c
       drop_msg(queue_key(s.tq, 'act'), s.msg, run)
-    elseif string.sub(f, 1, 6) == 'child:' then
-      apply_close_policy(wid, run, string.sub(f, 7), cmsgpack.unpack(acts[i + 1]), status)
+      stale[#stale + 1] = f
+    elseif string.find(f, '^%d+:h?[bf]$') then
+      stale[#stale + 1] = f
+    else
+      if string.sub(f, 1, 6) == 'child:' then
+        apply_close_policy(wid, run, string.sub(f, 7), cmsgpack.unpack(acts[i + 1]), status)
+      end
+      kept[#kept + 1] = f
+      kept[#kept + 1] = acts[i + 1]
     end
+  end
+  local folded = #acts > 0 and (#kept == 0 and '' or fold_answers(kept))
+  if #stale > 0 and not folded then
+    for i = 1, #stale, 500 do call('HDEL', act_key(run), unpack(stale, i, math.min(i + 499, #stale))) end
   end
   zrem_all(gone)
   -- a child's execution tells its parent how it ended (the chain's last run does: a run
