@@ -229,6 +229,21 @@ class MissingParent:
         return []
 
 
+@workflow.define(name="hasty_parent")
+class HastyParent:
+    """Gives its child a timeout under a millisecond: it still starts, and times out."""
+
+    @workflow.entrypoint
+    async def run(self) -> str:
+        try:
+            await workflow.execute_workflow(
+                FailingChild, {"how": "sleep"}, execution_timeout=timedelta(microseconds=500)
+            )
+        except ChildWorkflowError as e:
+            return e.status
+        return "completed"
+
+
 WORKFLOWS = [
     ChildWorkflow,
     WaitingChild,
@@ -244,6 +259,7 @@ WORKFLOWS = [
     ChainParent,
     UntypedParent,
     MissingParent,
+    HastyParent,
 ]
 ACTIVITIES = [double, clean_up, explodes]
 SERVED = [*WORKFLOWS, *ACTIVITIES]

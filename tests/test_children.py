@@ -14,6 +14,7 @@ import pytest
 
 from rillflow import Client, ParentClosePolicy, Worker, WorkflowFailureError, workflow
 from rillflow.errors import RillflowError
+from rillflow_runtime.keyspace import Keyspace
 from tests import child_flows as cf
 from tests.conftest import FAST, wait_until
 
@@ -368,3 +369,33 @@ async def test_a_child_of_a_type_no_worker_registered_does_not_start(client: Cli
         status, cause, why = await client.execute_workflow(cf.MissingParent, result_timeout=10)
     assert (status, cause) == ("not_started", "WorkflowNotRegistered")
     assert "no worker has registered a workflow named 'no_such_child'" in why
+
+
+async def test_a_childs_timeout_under_a_millisecond_is_rounded_up_not_refused(client: Client) -> None:
+    async with worker(client):
+        assert await client.execute_workflow(cf.HastyParent, result_timeout=10) == "timed_out"
+
+
+async def test_entries_of_two_shards_with_one_id_are_both_applied(client: Client, monkeypatch: Any) -> None:
+    """Entry ids are per stream: two shards' outboxes written in the same millisecond
+    share one. Applying one must not make the poller skip the other."""
+    from rillflow.worker import outbox as worker_outbox
+
+    applied: list[int] = []
+    gate = asyncio.Event()
+
+    async def apply(protocol: Any, shard: int, entry_id: str, *a: Any) -> Any:
+        applied.append(shard)
+        if shard == 0:
+            await gate.wait()  # shard 0's entry still being applied (by the reclaim, say)
+
+    monkeypatch.setattr(worker_outbox.outbox, "apply", apply)
+    w = worker(client)
+    box = w.outbox
+    same = b"1796690543213-0"
+    first = asyncio.ensure_future(box._apply(0, client.keyspace.outbox(0), same, {}))
+    await asyncio.sleep(0)
+    await box._apply(1, Keyspace(client.namespace, 2).outbox(1), same, {})
+    gate.set()
+    await first
+    assert sorted(applied) == [0, 1]

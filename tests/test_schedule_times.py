@@ -184,3 +184,55 @@ def test_the_policy_defaults_are_the_anchors() -> None:
         False,
     )
     assert [m.value for m in ScheduleOverlapPolicy] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_calendar_years_ahead_and_one_that_recurs_every_28_years_are_found() -> None:
+    far = ScheduleDefinition(input=None, calendars=[ScheduleCalendar(year=[ScheduleRange(start=2040)])])
+    assert next_fire_times(far, at(2026, 1, 1), 1) == [at(2040, 1, 1)]
+    leap_monday = ScheduleCalendar(
+        month=[ScheduleRange(start=2)],
+        day_of_month=[ScheduleRange(start=29)],
+        day_of_week=[ScheduleRange(start=1)],
+    )
+    s = ScheduleDefinition(input=None, calendars=[leap_monday])
+    assert next_fire_times(s, at(2026, 1, 1), 1) == [at(2044, 2, 29)]
+
+
+def test_times_end_with_the_calendar_not_with_a_traceback() -> None:
+    last_year = ScheduleDefinition(input=None, calendars=[ScheduleCalendar(year=[ScheduleRange(start=9999)])])
+    assert next_fire_times(last_year, at(9999, 12, 30), 5) == [at(9999, 12, 31)]
+    cron = ScheduleDefinition(input=None, cron_expressions=["0 0 * * *"])
+    assert next_fire_times(cron, at(9999, 12, 30), 5) == [at(9999, 12, 31)]
+
+
+def test_a_wildcard_cron_is_due_in_each_occurrence_of_a_repeated_hour_as_cron_runs_it() -> None:
+    wild = ScheduleDefinition(
+        input=None, cron_expressions=["*/30 1 * * *"], time_zone_name="America/New_York"
+    )
+    fixed = ScheduleDefinition(
+        input=None, cron_expressions=["0,30 1 * * *"], time_zone_name="America/New_York"
+    )
+    night = at(2026, 11, 1, 4)  # 00:00 in New York, the night 01:00-02:00 comes twice
+    assert len(list(fire_times(wild, night, until=at(2026, 11, 1, 8)))) == 4
+    assert len(list(fire_times(fixed, night, until=at(2026, 11, 1, 8)))) == 2
+
+
+def test_more_invalid_definitions_are_refused() -> None:
+    with pytest.raises(ValidationError, match="hour is empty"):
+        ScheduleCalendar(hour=[])
+    with pytest.raises(ValidationError, match="offset must be whole seconds"):
+        ScheduleInterval(every=timedelta(hours=1), offset=timedelta(minutes=5, milliseconds=500))
+    with pytest.raises(ValidationError, match="6 fields"):
+        ScheduleDefinition(input=None, cron_expressions=["*/10 * * * * *"])
+    with pytest.raises(ValidationError, match="not a bool"):
+        ScheduleDefinition(input=None, max_executions=True)
+    s = ScheduleDefinition(input=None, cron_expressions=["0 0 * * *"])
+    with pytest.raises(ValidationError, match="timezone-aware"):
+        s.start_at = datetime(2026, 1, 1)
+    one = ScheduleDefinition(input=None, cron_expressions=["0 0 * * *"], schedule_id="nightly")
+    with pytest.raises(WorkflowDefinitionError, match="two schedules with schedule_id 'nightly'"):
+
+        @workflows.workflow.define(name="twice_scheduled", schedules=[one, one])
+        class Twice:
+            @workflows.workflow.entrypoint
+            async def run(self) -> None: ...

@@ -92,6 +92,8 @@ class ScheduleCalendar(BaseModel):
     @model_validator(mode="after")
     def _bounds(self) -> ScheduleCalendar:
         for name, (lo, hi) in _CALENDAR_BOUNDS.items():
+            if name != "year" and not getattr(self, name):
+                raise ValueError(f"{name} is empty: it would match no time (leave it out for its default)")
             for r in getattr(self, name):
                 if not (lo <= r.start <= hi and r.end <= hi):
                     raise ValueError(f"{name} holds {r.start}-{r.end}: a {name} is {lo} to {hi}")
@@ -113,6 +115,10 @@ class ScheduleInterval(BaseModel):
     def _check(self) -> ScheduleInterval:
         if not timedelta(seconds=1) <= self.every <= MAX_DURATION:
             raise ValueError(f"every must be from 1 second to {MAX_DURATION.days} days, got {self.every}")
+        for name in ("every", "offset"):
+            v = getattr(self, name)
+            if v is not None and v.microseconds:
+                raise ValueError(f"{name} must be whole seconds, got {v}")
         if self.offset is not None and not timedelta(0) <= self.offset < self.every:
             raise ValueError(
                 f"offset must be at least 0 and less than every ({self.every}), got {self.offset}"
@@ -160,11 +166,15 @@ class ScheduleDefinition(BaseModel):
     max_executions: int | None = None
     schedule_id: str | None = None
 
+    model_config = ConfigDict(validate_assignment=True)  # (a field set later is checked too)
+
     @field_validator("cron_expressions")
     @classmethod
     def _crons(cls, v: list[str]) -> list[str]:
         for i, expr in enumerate(v):
             try:
+                if not isinstance(expr, str) or (len(expr.split()) != 5 and not expr.startswith("@")):
+                    raise CronSimError(f"{len(str(expr).split())} fields")
                 CronSim(expr, datetime(2000, 1, 1))
             except (CronSimError, TypeError) as e:
                 raise ValueError(
@@ -197,6 +207,13 @@ class ScheduleDefinition(BaseModel):
     def _jitter(cls, v: timedelta | None) -> timedelta | None:
         if v is not None and not timedelta(0) <= v <= MAX_DURATION:
             raise ValueError(f"jitter must be from 0 to {MAX_DURATION.days} days")
+        return v
+
+    @field_validator("max_executions", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("max_executions must be a whole number (None: unlimited), not a bool")
         return v
 
     @field_validator("max_executions")

@@ -3,9 +3,13 @@ with no clock of their own, so that the evaluator (and a test) hands them the ti
 
 Wall-clock times (cron expressions, calendars) are read in the schedule's time zone,
 with its daylight-saving changes as cron has them: a time the clocks skip (02:30 on a
-spring-forward night) is due at the first instant after the gap, a time they repeat
-(fall back) is due once, at its first occurrence. Intervals count from the Unix epoch
-in real time, whatever the zone. Cron text is read by ``cronsim``.
+spring-forward night) is due at the first instant after the gap; a time they repeat
+(fall back) is due once, at its first occurrence, except for a cron expression whose
+minute or hour field is a wildcard or a step (``*/30 1 * * *``), which is due in each
+occurrence of the repeated hour, as cron runs it. ``skip`` matches the wall-clock time
+a run is due at (a skipped 02:30 is due at 03:00, and 03:00 is what skip sees).
+Intervals count from the Unix epoch in real time, whatever the zone. Cron text is read
+by ``cronsim``. Times stop at the end of year 9999.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from cronsim import CronSim
 from rillflow.models import ScheduleCalendar, ScheduleDefinition, ScheduleInterval
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# how far a calendar is searched for its next time (an impossible one, Feb 30, ends there)
-_CALENDAR_HORIZON_DAYS = 366 * 8
+# how far a calendar is searched for a day it names (an impossible one, Feb 30, ends
+# there): more than the 28 years after which dates fall on the same days of the week
+_CALENDAR_HORIZON_DAYS = 366 * 29
 
 
 def fire_times(
@@ -41,7 +46,7 @@ def fire_times(
     sources += [_interval(i, after) for i in schedule.intervals]
     sources += [_calendar(c, after, zone) for c in schedule.calendars]
     last: datetime | None = None
-    for t in heapq.merge(*sources):
+    for t in heapq.merge(*map(_to_the_end_of_time, sources)):
         if end is not None and t > end:
             return
         if t == last or any(matches(c, t, zone) for c in schedule.skip):
@@ -86,6 +91,14 @@ def matches(calendar: ScheduleCalendar, t: datetime, zone: ZoneInfo) -> bool:
     )
 
 
+def _to_the_end_of_time(source: Iterator[datetime]) -> Iterator[datetime]:
+    """A source's times, until what datetime holds ends (year 9999)."""
+    try:
+        yield from source
+    except (OverflowError, ValueError):
+        return
+
+
 def _cron(expr: str, after: datetime, zone: ZoneInfo) -> Iterator[datetime]:
     for t in CronSim(expr, after.astimezone(zone)):
         yield t.astimezone(UTC)
@@ -113,12 +126,12 @@ def _calendar(calendar: ScheduleCalendar, after: datetime, zone: ZoneInfo) -> It
     day = after.astimezone(zone).date()
     idle = 0
     while idle < _CALENDAR_HORIZON_DAYS:
-        if (
-            (not years or day.year in years)
-            and day.month in months
-            and day.day in days
-            and (day.isoweekday() % 7) in weekdays
-        ):
+        if years and day.year not in years:  # (straight to the next year it names)
+            later = [y for y in years if y > day.year]
+            if not later:
+                return
+            day, idle = date(later[0], 1, 1), 0
+        if day.month in months and day.day in days and (day.isoweekday() % 7) in weekdays:
             idle = 0
             for h, m, s in clock:
                 t = _wall(day, h, m, s, zone)
@@ -126,8 +139,6 @@ def _calendar(calendar: ScheduleCalendar, after: datetime, zone: ZoneInfo) -> It
                     yield t
         else:
             idle += 1
-        if years and day.year > years[-1]:
-            return
         day += timedelta(days=1)
 
 

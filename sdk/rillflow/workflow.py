@@ -256,6 +256,14 @@ class workflow:
                 same[h.name] = h
             _attach_validators(name, cls, handlers["update"])
             entry_sig: Signature = getattr(fn, _ENTRY_MARK)
+            ids = [
+                s.schedule_id for s in schedules or () if isinstance(s, ScheduleDefinition) and s.schedule_id
+            ]
+            if len(ids) != len(set(ids)):
+                twice = sorted({i for i in ids if ids.count(i) > 1})
+                raise WorkflowDefinitionError(
+                    f"workflow '{name}' has two schedules with schedule_id {twice[0]!r}"
+                )
             for i, sched in enumerate(schedules or ()):
                 if not isinstance(sched, ScheduleDefinition):
                     raise WorkflowDefinitionError(
@@ -425,7 +433,7 @@ class workflow:
             defn,
             wtype,
             params,
-            int(timeout.total_seconds() * 1000),
+            -(-timeout // timedelta(milliseconds=1)),  # (whole ms, rounded up: never 0)
             execution_id,
             policy.wire(bool(wait)),
         )

@@ -11,17 +11,23 @@
 -- read there (the sweep size), then those runs, then the same for idx:start.
 -- Returns how many expired runs were forgotten (the batch size: call again).
 local limit, retention = num(ARGV[2], 'batch size', 1), num(ARGV[3], 'retention', 1)
+local sweeps, i = {}, 4  -- (every argument checked before the first write)
+for _, index in ipairs({ 'open', 'start' }) do
+  local n = num(ARGV[i + 2], 'runs', 0)
+  sweeps[#sweeps + 1] = { index = index, at = num(ARGV[i], 'cursor', 0), size = num(ARGV[i + 1], 'sweep size', 0),
+    first = i + 3, n = n }
+  i = i + 3 + n
+end
 local gone = call('ZRANGEBYSCORE', idx_key('exp'), '-inf', NOW, 'LIMIT', 0, limit)
 for i = 1, #gone, 500 do
   local part = { unpack(gone, i, math.min(i + 499, #gone)) }
   call('ZREM', idx_key('start'), unpack(part))
   call('ZREM', idx_key('exp'), unpack(part))
 end
-local i = 4
-for _, index in ipairs({ 'open', 'start' }) do
-  local at, size, n = num(ARGV[i], 'cursor', 0), num(ARGV[i + 1], 'sweep size', 0), num(ARGV[i + 2], 'runs', 0)
+for _, sw in ipairs(sweeps) do
+  local index, at, size, n = sw.index, sw.at, sw.size, sw.n
   local left = 0
-  for k = i + 3, i + 2 + n do
+  for k = sw.first, sw.first + n - 1 do
     local run = ARGV[k]
     local r = DECLARED[run_key(run)] and call('HMGET', run_key(run), 'status', 'closed_ms')
     if r and not r[1] then
@@ -38,6 +44,5 @@ for _, index in ipairs({ 'open', 'start' }) do
   -- (what left moved the rest down: the next check starts that much earlier)
   local nxt = n < size and 0 or at + n - left
   if nxt ~= at then call('HSET', idx_key('sweep'), index, nxt) end
-  i = i + 3 + n
 end
 return #gone

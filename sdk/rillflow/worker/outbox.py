@@ -30,7 +30,7 @@ class Outbox:
         self.reclaim_idle_ms = min(reclaim_idle_ms, RECLAIM_IDLE_MS)
         # entries this worker is applying now: its own reclaim must not apply one again
         # (outbox_done tells a stalled consumer from another that took over, not from itself)
-        self._applying: set[str] = set()
+        self._applying: set[tuple[str, str]] = set()  # (stream, entry id): ids are per stream
 
     def streams(self) -> dict[str, int]:
         return {self.ctx.ks.outbox(s): s for s in self.ctx.ks.all_shards()}
@@ -63,10 +63,11 @@ class Outbox:
 
     async def _apply(self, shard: int, stream: str, msgid: Any, fields: Any) -> None:
         entry_id = msgid.decode() if isinstance(msgid, bytes) else str(msgid)
-        if entry_id in self._applying:
+        key = (stream, entry_id)
+        if key in self._applying:
             return
         ctx = self.ctx
-        self._applying.add(entry_id)
+        self._applying.add(key)
         try:
             await outbox.apply(ctx.protocol, shard, entry_id, fields, ctx.settings.retention_ms, ctx.identity)
         except outbox.BadEntry as e:
@@ -78,7 +79,7 @@ class Outbox:
             log.exception("outbox entry could not be applied", stream=stream, entry_id=entry_id)
             await ctx.bad_message(shard, stream, entry_id, f"{type(e).__name__}: {e}")
         finally:
-            self._applying.discard(entry_id)
+            self._applying.discard(key)
 
     async def reclaim(self) -> None:
         for stream, shard in self.streams().items():
