@@ -41,7 +41,7 @@ from rillflow_runtime import outbox
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.embedded import EmbeddedRedis, EmbeddedServerError, free_port
 from rillflow_runtime.keyspace import GROUP, Keyspace, shard_of
-from rillflow_runtime.model import CommandKind, OutboxKind, Reply
+from rillflow_runtime.model import CommandKind, OutboxKind, Overlap, Reply
 from rillflow_runtime.protocol import (
     ActDone,
     ActivityOutcome,
@@ -51,6 +51,8 @@ from rillflow_runtime.protocol import (
     Protocol,
     ResetPlan,
     RunReply,
+    ScheduleFire,
+    ScheduleRecord,
     TaskCompletion,
     WftFailure,
     WftStartItem,
@@ -595,6 +597,51 @@ async def drive_child(c: Conn, shard: int) -> None:
     assert await c.rc.zcard(ks.index(shard, "exp")) == 2
 
 
+async def drive_schedule(c: Conn, shard: int) -> None:
+    """A schedule on one shard: created, two due times (the second terminating the
+    first's run: TERMINATE_OTHER), paused and deleted."""
+    p = c.protocol
+    sid = workflow_id_on(c.ks, shard, f"sched-s{shard}")
+    tq = "shop"
+    data = {"workflow_type": "Tick", "task_queue": tq, "input": None, "execution_timeout_ms": 60_000}
+    rec = ScheduleRecord(
+        schedule_id=sid,
+        workflow_type="Tick",
+        task_queue=tq,
+        timeout_ms=60_000,
+        template=pack(data)[1:],
+        template_entries=len(data),
+        definition="{}",
+        digest="d1",
+        origin="client",
+        overlap=Overlap.TERMINATE_OTHER,
+        catchup_ms=3_600_000,
+        pause_on_failure=False,
+        max_executions=None,
+    )
+    assert (await p.schedule_put(rec, "create", 1_000)).why == "created"
+    first = ScheduleFire(2_000, f"{sid}@19700101T000002Z", uuid.uuid4().hex)
+    res = await p.schedule_fire(
+        sid, "d1", 2_000, "tick", task_queue=tq, retention_ms=RETENTION_MS, fires=[first]
+    )
+    assert (res.reply, res.started) == (Reply.OK, 1)
+    second = ScheduleFire(3_000, f"{sid}@19700101T000003Z", uuid.uuid4().hex)
+    res = await p.schedule_fire(
+        sid,
+        "d1",
+        3_000,
+        "tick",
+        task_queue=tq,
+        retention_ms=RETENTION_MS,
+        fires=[second],
+        others=[first.workflow_id],
+    )
+    assert (res.reply, res.started, res.first_started) == (Reply.OK, 1, second.workflow_id)
+    assert text(await c.rc.hget(c.ks.wf(shard, first.workflow_id), "status")) == "terminated"
+    assert (await p.schedule_state(sid, "pause", 4_000)).why == "paused"
+    assert (await p.schedule_state(sid, "delete", 4_000)).why == "deleted"
+
+
 async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: Cluster, conn: Conn) -> None:
     shards = one_shard_per_node(conn.ks)
     for i, s in enumerate(shards):  # the server agrees on the slot, the client on its owner
@@ -607,6 +654,7 @@ async def test_every_script_runs_unchanged_on_every_node_of_a_cluster(cluster: C
     t0 = time.monotonic()
     await asyncio.gather(*(drive_run(conn, s) for s in shards))
     await asyncio.gather(*(drive_child(conn, s) for s in shards))
+    await asyncio.gather(*(drive_schedule(conn, s) for s in shards))
     elapsed = time.monotonic() - t0
 
     # every script ran on every node, each node has the keys of its own shard only

@@ -231,7 +231,7 @@ def test_scripts_speak_only_the_protocols_vocabulary() -> None:
     for name in (*NAMES, "lib"):
         src = lua_source(name)
         code = "\n".join(line.split("--", 1)[0] for line in src.splitlines())
-        for table, member in re.findall(r"\b(EV|RS|WT|AS|CMD|TK|R|PCP|OB)\.([A-Z_]+)\b", code):
+        for table, member in re.findall(r"\b(EV|RS|WT|AS|CMD|TK|R|PCP|OB|OV|SA)\.([A-Z_]+)\b", code):
             assert member in ENUMS[table].__members__, f"{name}.lua: {table}.{member} does not exist"
         for literal in re.findall(r"'([^']*)'", code):
             assert literal not in values, f"{name}.lua writes {literal!r}: use the generated constant"

@@ -11,12 +11,18 @@ from dataclasses import dataclass
 
 GROUP = "rf"  # the consumer group on every task stream
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,256}$")
+# a schedule's runs are "<schedule id>@<due time>" (see shard_of): room is left for the time
+SCHEDULE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
 def shard_of(workflow_id: str, shards: int) -> int:
-    """The shard a workflow id belongs to, fixed for the life of the namespace."""
-    return zlib.crc32(workflow_id.encode()) % shards
+    """The shard a workflow id belongs to, fixed for the life of the namespace: that of
+    the part before its first ``@`` (all of it without one), so that ids sharing that
+    part share a shard. A schedule and its runs (``<schedule id>@<due time>``) do: one
+    script sees both, and decides a due time's run and the overlap with earlier runs
+    at once."""
+    return zlib.crc32(workflow_id.partition("@")[0].encode()) % shards
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,28 @@ class Keyspace:
         """Effects of the shard's runs on other executions (child starts and outcomes,
         parent close policies, signals), applied where those live by any worker."""
         return self.prefix(shard) + "outbox"
+
+    def schedules(self, shard: int, what: str) -> str:
+        """The shard's schedules: ``due`` (members: schedule ids; score: when the
+        evaluator looks at each next, ms, 0 = now) and ``fin`` (schedule id -> the ids of
+        its runs that closed since it last looked, space-separated: close_run writes it)."""
+        return f"{self.prefix(shard)}sched:{what}"
+
+    def schedule(self, shard: int, schedule_id: str, part: str = "") -> str:
+        """One schedule: its hash (definition, state), and ``open`` (a set of its
+        executions still running), ``buf`` (a list of due times waiting for them to
+        close, "<ms> <execution id>"), ``log`` (its recent actions, newest first)."""
+        return f"{self.prefix(shard)}schedule:{schedule_id}" + (f":{part}" if part else "")
+
+    def schedule_keys(self, shard: int, schedule_id: str) -> list[str]:
+        return [
+            self.schedule(shard, schedule_id),
+            self.schedule(shard, schedule_id, "open"),
+            self.schedule(shard, schedule_id, "buf"),
+            self.schedule(shard, schedule_id, "log"),
+            self.schedules(shard, "due"),
+            self.schedules(shard, "fin"),
+        ]
 
     def wf(self, shard: int, workflow_id: str) -> str:
         return f"{self.prefix(shard)}wf:{workflow_id}"

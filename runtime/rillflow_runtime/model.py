@@ -155,6 +155,33 @@ class Reply(StrEnum):
     MOVED = "moved"  # an update record: the update went on in another run (a reset), named in its outcome
 
 
+class Overlap(StrEnum):
+    """A schedule's ``overlap`` field: what a due time does while an earlier run of the
+    schedule is open (the SDK's ScheduleOverlapPolicy, by name)."""
+
+    SKIP = "skip"
+    BUFFER_ONE = "buffer_one"
+    BUFFER_ALL = "buffer_all"
+    CANCEL_OTHER = "cancel_other"
+    TERMINATE_OTHER = "terminate_other"
+    ALLOW_ALL = "allow_all"
+
+
+class ScheduleAction(StrEnum):
+    """The ``k`` of an entry of a schedule's log (newest first; see sched_fire.lua)."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    STARTED = "started"  # a due time's run started (`due`, `wid`, `run`, `how`)
+    BUFFERED = "buffered"  # a due time waits for the open run to close
+    SKIPPED = "skipped"  # a due time did not run (`why`; a range: `due` to `to`, `n` times)
+    RUN_CLOSED = "run_closed"  # a run of the schedule ended (`wid`, `status`)
+    CANCEL_REQUESTED = "cancel_requested"  # CANCEL_OTHER asked an open run to cancel
+    TERMINATED_OTHER = "terminated_other"  # TERMINATE_OTHER ended an open run
+    PAUSED = "paused"
+    UNPAUSED = "unpaused"
+
+
 ENUMS: dict[str, type[StrEnum]] = {
     "EV": EventType,
     "RS": RunStatus,
@@ -165,6 +192,8 @@ ENUMS: dict[str, type[StrEnum]] = {
     "R": Reply,
     "PCP": ParentClosePolicy,
     "OB": OutboxKind,
+    "OV": Overlap,
+    "SA": ScheduleAction,
 }
 """The Lua table name each enum is generated under."""
 

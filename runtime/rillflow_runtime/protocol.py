@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from rillflow_runtime.codec import pack, text, unpack
 from rillflow_runtime.keyspace import Keyspace
-from rillflow_runtime.model import EVENT_CODES, CommandKind, EventType, OutboxKind, Reply, TimerKind
+from rillflow_runtime.model import EVENT_CODES, CommandKind, EventType, OutboxKind, Overlap, Reply, TimerKind
 from rillflow_runtime.scripts import Scripts
 
 T = TypeVar("T")
@@ -39,7 +39,8 @@ _ACTIVITY_TIMERS = frozenset(
 )
 
 # The scripts that may start or close a run, or act on the outbox: they write the
-# shard's outbox and listing indexes (see _call). Others never touch them.
+# shard's outbox, listing indexes and schedules' wake-ups (see _call). Others never
+# touch them.
 _STARTS_OR_CLOSES = frozenset(
     {
         "start",
@@ -51,6 +52,7 @@ _STARTS_OR_CLOSES = frozenset(
         "outbox_apply",
         "outbox_done",
         "idx_trim",
+        "sched_fire",
     }
 )
 
@@ -308,6 +310,44 @@ class PumpReply:
     now_ms: int
 
 
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """A schedule as sched_put stores it: what its runs start with, and its policy."""
+
+    schedule_id: str
+    workflow_type: str
+    task_queue: str
+    timeout_ms: int
+    template: bytes  # its runs' WorkflowExecutionStarted body: a msgpack map's entries, no header
+    template_entries: int
+    definition: str  # the ScheduleDefinition as JSON (read by the SDK only)
+    digest: str
+    origin: str  # "client", or "declared:<workflow>"
+    overlap: Overlap
+    catchup_ms: int
+    pause_on_failure: bool
+    max_executions: int | None
+
+
+@dataclass(frozen=True)
+class ScheduleFire:
+    """A due time and the run it would start: ``<schedule id>@<due time>``."""
+
+    due_ms: int
+    workflow_id: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class FireReply:
+    reply: Reply  # OK, NOT_FOUND or STALE
+    started: int = 0
+    skipped: int = 0
+    buffered: int = 0
+    first_started: str = ""  # the first execution the call started
+    why_skipped: str = ""  # why the call's last skipped due time was skipped
+
+
 def _reply(value: Any) -> Reply:
     return Reply(text(value))
 
@@ -385,6 +425,8 @@ class Protocol:
                 ks.index(shard, "start"),
                 ks.index(shard, "open"),
                 ks.index(shard, "exp"),
+                ks.schedules(shard, "due"),
+                ks.schedules(shard, "fin"),
             )
         return keys
 
@@ -715,6 +757,112 @@ class Protocol:
         if reply is not Reply.OK:
             return HeartbeatReply(reply)
         return HeartbeatReply(reply, int(res[1]), int(res[2]))
+
+    # -- schedules (see sched_put.lua, sched_fire.lua, sched_state.lua) -----------------
+    async def schedule_put(
+        self, rec: ScheduleRecord, mode: str, now_ms: int, paused: bool | None = None, note: str = ""
+    ) -> RunReply:
+        """Create (``create``), change (``update``) or create-or-change (``declare``):
+        OK with what it did ("created", "updated", "unchanged"), NOT_FOUND, DUPLICATE or
+        INVALID (with why)."""
+        shard = self.ks.shard(rec.schedule_id)
+        args = [
+            rec.schedule_id,
+            mode,
+            rec.workflow_type,
+            rec.task_queue,
+            rec.timeout_ms,
+            rec.template,
+            rec.template_entries,
+            rec.definition,
+            rec.digest,
+            rec.origin,
+            rec.overlap.value,
+            rec.catchup_ms,
+            "1" if rec.pause_on_failure else "0",
+            "" if rec.max_executions is None else rec.max_executions,
+            now_ms,
+            "" if paused is None else ("1" if paused else "0"),
+            note,
+        ]
+        res = await self._call("sched_put", shard, args, self.ks.schedule_keys(shard, rec.schedule_id))
+        return RunReply(_reply(res[0]), "", text(res[1]) if len(res) > 1 else "")
+
+    async def schedule_state(self, schedule_id: str, op: str, now_ms: int, note: str = "") -> RunReply:
+        """``pause``, ``unpause`` or ``delete``: OK (with what it did) or NOT_FOUND."""
+        shard = self.ks.shard(schedule_id)
+        keys = self.ks.schedule_keys(shard, schedule_id)
+        res = await self._call("sched_state", shard, [schedule_id, op, now_ms, note], keys)
+        return RunReply(_reply(res[0]), "", text(res[1]) if len(res) > 1 else "")
+
+    async def schedule_fire(
+        self,
+        schedule_id: str,
+        digest: str,
+        now_ms: int,
+        mode: str,
+        *,
+        task_queue: str,
+        retention_ms: int,
+        fires: Sequence[ScheduleFire] = (),
+        overlap: Overlap | None = None,
+        next_score: int = -1,
+        waiting: ScheduleFire | None = None,
+        closed: Sequence[str] = (),
+        others: Sequence[str] = (),
+        skip_to_ms: int | None = None,
+        skip_count: int = 0,
+    ) -> FireReply:
+        """Act on due times (see sched_fire.lua). ``waiting``: the first due time that
+        waits, with a run id for it; ``closed``: the executions sched:fin names for the
+        schedule; ``others``: its open executions, whose runs a CANCEL_OTHER or
+        TERMINATE_OTHER may end (their keys are read here, and again on REROUTE)."""
+        ks = self.ks
+        shard = ks.shard(schedule_id)
+        base = ks.schedule_keys(shard, schedule_id)
+        for f in [*fires, *([waiting] if waiting else [])]:
+            base += [
+                ks.wf(shard, f.workflow_id),
+                ks.run(shard, f.run_id),
+                ks.history(shard, f.workflow_id, f.run_id),
+                ks.signals(shard, f.workflow_id),
+            ]
+        if fires or waiting:
+            base.append(ks.queue(shard, task_queue, "wft"))
+        base += [ks.wf(shard, wid) for wid in closed]
+        args: list[Any] = [
+            schedule_id,
+            digest,
+            now_ms,
+            mode,
+            overlap.value if overlap else "",
+            retention_ms,
+            next_score,
+            waiting.run_id if waiting else "",
+            "" if skip_to_ms is None else skip_to_ms,
+            skip_count,
+            len(fires),
+        ]
+        for f in fires:
+            args += [f.due_ms, f.workflow_id, f.run_id]
+        for _ in range(REROUTE_TRIES):
+            keys = list(base)
+            for wid in others:
+                run = text(await self.redis.hget(ks.wf(shard, wid), "run") or b"")
+                keys.append(ks.wf(shard, wid))
+                if run:
+                    keys += await self._run_route_keys(shard, wid, run)
+            res = await self._call("sched_fire", shard, args, keys)
+            reply = _reply(res[0])
+            if reply is Reply.REROUTE:
+                others = [text(w) for w in await self.redis.smembers(ks.schedule(shard, schedule_id, "open"))]
+                continue
+            if reply is Reply.INVALID:
+                raise ValueError(f"schedule {schedule_id!r}: {text(res[1])}")
+            if reply is not Reply.OK:
+                return FireReply(reply)
+            return FireReply(reply, int(res[1]), int(res[2]), int(res[3]), text(res[4]), text(res[5]))
+        raise RuntimeError(f"schedule {schedule_id!r}: its open executions kept changing; try again")
 
     # -- maintenance ------------------------------------------------------------------
     async def pump(self, shard: int, limit: int, retention_ms: int, worker: str) -> PumpReply:

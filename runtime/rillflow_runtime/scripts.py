@@ -43,6 +43,9 @@ NAMES = (
     "outbox_apply",
     "outbox_done",
     "idx_trim",
+    "sched_put",
+    "sched_fire",
+    "sched_state",
 )
 
 

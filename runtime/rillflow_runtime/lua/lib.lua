@@ -87,6 +87,21 @@ local function outbox_key() return P .. 'outbox' end
 -- what lists runs (client.list_workflows): every retained run by its start time, the
 -- running ones by theirs, the closed ones by when their keys expire (see idx_trim)
 local function idx_key(what) return P .. 'idx:' .. what end
+-- the shard's schedules: `due` (when the evaluator looks at each next) and `fin` (the
+-- executions of each that closed since it last looked), written when a scheduled run closes
+local function sched_key(what) return P .. 'sched:' .. what end
+-- one schedule's hash, and its `open`, `buf` and `log` (see keyspace.py)
+local function schedule_key(sid, part) return P .. 'schedule:' .. sid .. (part and (':' .. part) or '') end
+-- how many entries a schedule's log keeps (describe shows its last runs and skips)
+local SCHEDULE_LOG = 200
+-- a score of a schedule in `sched:due` that never comes: paused, or nothing ahead
+local SCHEDULE_NEVER = 253402300800000  -- year 10000
+
+-- Add an entry (a table: k, a ScheduleAction, and what it names) to a schedule's log.
+local function schedule_log(sid, entry)
+  call('LPUSH', schedule_key(sid, 'log'), cmsgpack.pack(entry))
+  call('LTRIM', schedule_key(sid, 'log'), 0, SCHEDULE_LOG - 1)
+end
 
 -- An argument that must be a number of at least `min`: checked before a script's first
 -- write, so a bad call fails whole (a script error after a write would leave half).
@@ -321,6 +336,7 @@ for i = 1, #TASK_FIELDS do SPEC_FIELDS[i] = TASK_FIELDS[i] end
 SPEC_FIELDS[#SPEC_FIELDS + 1] = 'wft_q'
 SPEC_FIELDS[#SPEC_FIELDS + 1] = 'msgs'
 SPEC_FIELDS[#SPEC_FIELDS + 1] = 'parent'
+SPEC_FIELDS[#SPEC_FIELDS + 1] = 'sched'
 
 -- Start the run's workflow task for `w.worker` (r: its TASK_FIELDS), or, `again`, answer
 -- the start that worker already has the same way. The fence is "<attempt number>-<start
@@ -593,11 +609,12 @@ local function apply_close_policy(wid, run, seq, s, status)
 end
 
 -- The run hash fields close_run reads, in this order.
-local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid', 'hbytes', 'parent' }
+local CLOSE_FIELDS = { 'wid', 'wft_q', 'wft', 'wft_msg', 'msgs', 'wft_fence', 'last_eid', 'hbytes', 'parent',
+  'sched' }
 
 -- What a started task's completion reads of its run, in this order.
 local COMPLETE_FIELDS = { 'status', 'wft', 'wft_fence', 'wid', 'wft_msg', 'wft_start_ms', 'wft_q', 'msgbuf',
-  'wft_done', 'wft_failures', 'last_eid', 'msgs', 'hbytes', 'unseen', 'parent' }
+  'wft_done', 'wft_failures', 'last_eid', 'msgs', 'hbytes', 'unseen', 'parent', 'sched' }
 
 -- Where each of the fields `want` sits in an HMGET of the fields `have`, worked out when
 -- the library loads (a field `have` lacks fails the load, not a call), so that a caller
@@ -682,6 +699,14 @@ local function close_run(run, status, etype, body, retention_ms, extra, r)
     local p = split(r[9], '|')
     call('XADD', outbox_key(), '*', 'kind', OB.CHILD_CLOSED, 'wid', p[3], 'run', p[2], 'seq', p[1], 'cwid', wid,
       'crun', run, 'status', status, 'd', body)
+  end
+  -- a schedule's execution ended: its schedule looks again now (its overlap policy may
+  -- start a waiting due time; pause_on_failure reads how it ended)
+  -- (a schedule deleted since is not written to)
+  if r[10] and status ~= RS.CONTINUED_AS_NEW and call('ZSCORE', sched_key('due'), r[10]) then
+    local fin = call('HGET', sched_key('fin'), r[10])
+    call('HSET', sched_key('fin'), r[10], fin and (fin .. ' ' .. wid) or wid)
+    call('ZADD', sched_key('due'), 0, r[10])
   end
   -- updates still running will never finish: their callers are told now
   local upd = r[5] and call('HGETALL', upd_key(run)) or {}
@@ -925,7 +950,7 @@ end
 local function continue_as_new(run, wid, c, next_run, start_body)
   local rk = run_key(run)
   local body = cmsgpack.pack({ next_run_id = next_run })
-  local st = call('HMGET', rk, 'deadline_ms', 'wtype', 'chain', 'parent')
+  local st = call('HMGET', rk, 'deadline_ms', 'wtype', 'chain', 'parent', 'sched')
   local carried = {}
   local items = call('LRANGE', buf_key(run), 0, -1)
   for i = 1, #items, 3 do
@@ -941,11 +966,10 @@ local function continue_as_new(run, wid, c, next_run, start_body)
   create_run(wid, next_run, st[2], c.tq, start_body, left > 0 and left or 1, true, #carried == 0)
   -- the chain's first run: a handle on it reaches the chain's current run (handle.py)
   -- (and a child's chain stays its parent's child: its last run reports to the parent)
-  if st[4] then
-    call('HSET', run_key(next_run), 'chain', st[3] or run, 'parent', st[4])
-  else
-    call('HSET', run_key(next_run), 'chain', st[3] or run)
-  end
+  -- (and a schedule's run stays its schedule's)
+  call('HSET', run_key(next_run), 'chain', st[3] or run)
+  if st[4] then call('HSET', run_key(next_run), 'parent', st[4]) end
+  if st[5] then call('HSET', run_key(next_run), 'sched', st[5]) end
   for i = 1, #carried, 2 do
     append(next_run, wid, EV.WORKFLOW_EXECUTION_SIGNALED, carried[i + 1], carried[i])
   end

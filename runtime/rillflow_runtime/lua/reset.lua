@@ -92,7 +92,7 @@ for _, id in ipairs(moved) do
   call('HSET', upd_key(old), id, R.MOVED, id .. ':o', new)
   call('XADD', CLOSED, 'MAXLEN', '~', 10000, '*', 'update', old .. ':' .. id)  -- (wakes its callers)
 end
-local link = call('HMGET', run_key(old), 'chain', 'parent')
+local link = call('HMGET', run_key(old), 'chain', 'parent', 'sched')
 -- a child's execution stays its parent's child in the new run, and the old run's end is
 -- not its end: the old run's link goes before it closes, so that its close reports nothing
 if link[2] then call('HDEL', run_key(old), 'parent') end
@@ -103,6 +103,7 @@ create_run(wid, new, wtype, tq, start_body, timeout, true, false)
 -- the chain the old run belonged to goes on in the new one: a handle on it follows
 call('HSET', run_key(new), 'chain', link[1] or old)
 if link[2] then call('HSET', run_key(new), 'parent', link[2]) end
+if link[3] then call('HSET', run_key(new), 'sched', link[3]) end
 for _, e in ipairs(events) do
   append(new, wid, e[1], e[3], e[2])
   if e[1] == EV.WORKFLOW_EXECUTION_CANCEL_REQUESTED then call('HSET', run_key(new), 'cancel_req', 'reset') end
