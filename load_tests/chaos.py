@@ -55,7 +55,9 @@ from load_tests.chaos_flows import (
     SIGNAL_NAME,
     TALLY_ENV,
     TALLY_PREFIX,
+    TICK_SCHEDULE,
     ChaosMix,
+    ChaosTick,
     Plan,
     activity_count,
     expected_value,
@@ -68,6 +70,8 @@ from rillflow import (
     WorkflowFailureError,
     WorkflowNotFoundError,
 )
+from rillflow.models import ScheduleDefinition, ScheduleInterval, ScheduleOverlapPolicy, SchedulePolicy
+from rillflow.schedules import at_ms, execution_id
 from rillflow_runtime.embedded import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -516,6 +520,7 @@ class ChaosReport:
     cancels_acked: int = 0
     canceled: int = 0  # runs that ended canceled
     children: int = 0  # child workflows the runs started (each checked: once, and told once)
+    scheduled: int = 0  # runs of the every-second schedule (each due time: one run)
     lost: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)  # the check itself failed: not a pass
     stuck: list[str] = field(default_factory=list)
@@ -574,6 +579,7 @@ class ChaosReport:
                 f"of {self.cancels_sent} sent; {self.canceled} runs ended canceled",
             ),
             fig("child workflows started", self.children, "each started once, its parent told once"),
+            fig("scheduled runs (a schedule due every second)", self.scheduled, "each due time run once"),
             fig("lost runs", len(self.lost)),
             fig(
                 "stuck runs",
@@ -685,9 +691,11 @@ class ChaosRun:
             load = asyncio.create_task(self.load(client))
             tasks.append(load)
             tasks.append(asyncio.create_task(self.progress(client, pool)))
+            tick = await retrying(lambda: self.create_schedule(client))
             await self.chaos(pool)
             await load
             await asyncio.gather(*self.senders)
+            await retrying(lambda: tick.pause("the chaos is over"))
             self.report.chaos_s = time.monotonic() - t_chaos
             self.say(
                 f"[{self.now():5.1f}s] chaos over; waiting up to {cfg.settle:.0f} s for the runs to close"
@@ -697,6 +705,7 @@ class ChaosRun:
             self.report.settle_s = time.monotonic() - t_settle
             self.say(f"[{self.now():5.1f}s] {still_open} runs still open; checking every run")
             open_runs = await self.check(client)
+            open_runs |= await self.check_schedule(client)
             now = time.monotonic()
             self.report.scanned = (
                 f"{now - self.last_kill:.0f} s after the last worker kill, "
@@ -723,6 +732,67 @@ class ChaosRun:
                 shutil.rmtree(base, ignore_errors=True)
         self.report.elapsed_s = self.now()
         return self.report
+
+    # -- the schedule: due every second while the chaos lasts ------------------------
+    async def create_schedule(self, client: Client) -> Any:
+        schedule = ScheduleDefinition(
+            input={"n": 1},
+            intervals=[ScheduleInterval(every=timedelta(seconds=1))],
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.ALLOW_ALL),
+        )
+        try:
+            return await client.create_schedule(ChaosTick, schedule, schedule_id=TICK_SCHEDULE)
+        except RillflowError:  # (a retried create that had landed)
+            return client.get_schedule_handle(TICK_SCHEDULE)
+
+    async def check_schedule(self, client: Client) -> set[str]:
+        """Each second from the schedule's creation to its cursor (the due times it acted
+        on) has one run, completed with that due time; returns the runs still open."""
+        rep = self.report
+        h = client.get_schedule_handle(TICK_SCHEDULE)
+        desc = await retrying(h.describe)
+        ks = client.keyspace
+        cursor = int(
+            await retrying(
+                lambda: self.db.hget(ks.schedule(ks.shard(TICK_SCHEDULE), TICK_SCHEDULE), "cursor")
+            )
+        )
+        assert desc.created_at is not None
+        first = int(desc.created_at.timestamp()) + 1
+        expected = {
+            execution_id(TICK_SCHEDULE, at_ms(t * 1000)): at_ms(t * 1000)
+            for t in range(first, cursor // 1000 + 1)
+        }
+        seen: Counter[str] = Counter()
+        open_runs: set[str] = set()
+        token = None
+        while True:
+            page = await retrying(
+                lambda token=token: client.list_workflows(  # type: ignore[misc]
+                    schedule_id=TICK_SCHEDULE, page_size=1000, next_page_token=token
+                )
+            )
+            for e in page.executions:
+                seen[e.execution_id] += 1
+                if e.status == "running":
+                    open_runs.add(e.run_id)
+                    rep.stuck.append(f"{e.execution_id} (scheduled) run {e.run_id}: still running")
+                elif e.status != "completed":
+                    rep.wrong.append(f"{e.execution_id} (scheduled): {e.status}")
+                elif e.execution_id in expected:
+                    out = await retrying(client.get_workflow_handle(e.execution_id).result)
+                    if out != expected[e.execution_id].isoformat():
+                        rep.wrong.append(f"{e.execution_id} (scheduled): ran for {out}")
+            token = page.next_page_token
+            if token is None:
+                break
+        rep.scheduled = len(seen)
+        rep.lost += [f"{wid} (scheduled): no run" for wid in expected if wid not in seen]
+        rep.dup_completions += [f"{wid} (scheduled): {n} runs" for wid, n in seen.items() if n > 1]
+        rep.wrong += [f"{wid} (scheduled): not a due time it acted on" for wid in seen if wid not in expected]
+        if desc.times_skipped:
+            rep.wrong.append(f"{TICK_SCHEDULE}: {desc.times_skipped} due times skipped: {desc.skipped[:3]}")
+        return open_runs
 
     # -- load: starts and signals ------------------------------------------------------
     async def load(self, client: Client) -> None:
@@ -1155,6 +1225,7 @@ LEFTOVER_KINDS = (
     "dead letters",
     "listing entries of runs that do not exist",
     "running-index entries of closed runs",
+    "schedule entries of closed runs",
     "unknown keys",
 )
 SHARD_KEY = re.compile(r"^rf:\{" + NAMESPACE + r":(\d+)\}:(.*)$", re.S)
@@ -1177,6 +1248,7 @@ async def scan_leftovers(
     wf_keys: list[str] = []
     streams: list[str] = []
     indexes: list[tuple[str, str]] = []
+    sched_open: list[str] = []
     for key in found:
         m = SHARD_KEY.match(key)
         if not m:
@@ -1207,7 +1279,13 @@ async def scan_leftovers(
                 out["sticky streams of dead workers"].add(key)
         elif what in ("idx:start", "idx:open", "idx:exp"):
             indexes.append((key, what))
-        elif what not in ("timers", "closed", "pump", "idx:sweep"):
+        elif kind == "schedule":  # a schedule's: its open executions must be open (below)
+            if what.endswith(":open"):
+                sched_open.append(key)
+        elif what == "sched:fin":  # wake-ups of closed runs, handled by the schedule's next look
+            for sid, wids in (await db.hgetall(key)).items():
+                out["schedule entries of closed runs"].add(f"{key} {text(sid)}: {text(wids)}")
+        elif what not in ("timers", "closed", "pump", "idx:sweep", "sched:due", "sched:lease"):
             out["unknown keys"].add(key)
     for rid, rkeys in per_run.items():
         if rid not in run_key:
@@ -1236,6 +1314,12 @@ async def scan_leftovers(
                 out["listing entries of runs that do not exist"].add(f"{key} {member}")
             elif what == "idx:open" and member in closed:
                 out["running-index entries of closed runs"].add(f"{key} {member}")
+    for key in sched_open:
+        prefix = key[: key.index(":schedule:") + 1]
+        for wid in map(text, await db.smembers(key)):
+            current = text(await db.hget(prefix + "wf:" + wid, "run"))
+            if not current or current in closed:
+                out["schedule entries of closed runs"].add(f"{key} {wid}")
     for s in range(keys.shards):
         for member in await db.zrange(keys.timers(s), 0, -1):
             parts = text(member).split("|")

@@ -208,3 +208,19 @@ def expected_value(plan: Plan) -> int:
 def activity_count(plan: Plan) -> int:
     """How many activities one run of ``plan`` schedules (each run of a chain: the same)."""
     return 1 + plan.fan + 1 + (1 if plan.beats else 0) + 1
+
+
+# the schedule the harness runs beside the load: due every second, each due time checked
+TICK_SCHEDULE = "chaos-tick"
+
+
+@workflow.define(name="chaos_tick", execution_timeout=timedelta(minutes=30))
+class ChaosTick:
+    """A schedule's run: a timer (a run open across a task boundary), then the due time it
+    was started for, which the harness compares with its execution id."""
+
+    @workflow.entrypoint
+    async def run(self, n: int = 0) -> str:
+        await workflow.sleep(timedelta(milliseconds=200))
+        when = workflow.info().scheduled_time
+        return when.isoformat() if when else ""

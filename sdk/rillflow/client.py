@@ -24,9 +24,11 @@ from rillflow.errors import (
 )
 from rillflow.handle import WorkflowHandle
 from rillflow.listing import Filter, WorkflowPage
+from rillflow.models import ScheduleDefinition
 from rillflow.payloads import DEFAULT_MAX_PAYLOAD_BYTES, check_size, to_wire
 from rillflow.registry import RegisteredWorkflow, Registry
 from rillflow.reset import plan_reset
+from rillflow.schedules import ScheduleHandle, ScheduleSummary, create_schedule, list_schedules
 from rillflow.watcher import Watcher
 from rillflow.workflow import (
     DEFAULT_EXECUTION_TIMEOUT,
@@ -309,7 +311,7 @@ class Client:
         wid = str(uuid.uuid4()) if execution_id is None else execution_id
         if not isinstance(wid, str) or not ID_RE.fullmatch(wid):
             raise InvalidInputError(
-                f"execution_id {wid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.'"
+                f"execution_id {wid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.', '@'"
             )
         if why := duration_problem(execution_timeout, "execution_timeout", optional=True):
             raise InvalidInputError(why)
@@ -427,6 +429,7 @@ class Client:
         next_page_token: str | None = None,
         *,
         execution_id: str | None = None,
+        schedule_id: str | None = None,
     ) -> WorkflowPage:
         """One page of the namespace's runs (running and retained closed ones), newest
         first by start time, across shards; filters combine (``started_after``
@@ -437,6 +440,7 @@ class Client:
             workflow_type=workflow_type,
             task_queue=task_queue,
             execution_id=execution_id,
+            schedule_id=schedule_id,
             started_after=started_after,
             started_before=started_before,
         )
@@ -451,6 +455,7 @@ class Client:
         started_before: datetime | None = None,
         *,
         execution_id: str | None = None,
+        schedule_id: str | None = None,
     ) -> int:
         """How many runs :meth:`list_workflows` would list with these filters."""
         flt = Filter.of(
@@ -458,6 +463,7 @@ class Client:
             workflow_type=workflow_type,
             task_queue=task_queue,
             execution_id=execution_id,
+            schedule_id=schedule_id,
             started_after=started_after,
             started_before=started_before,
         )
@@ -515,3 +521,35 @@ class Client:
         return WorkflowHandle(
             self, execution_id, run_id, get_workflow_definition(workflow) if workflow else None
         )
+
+    # -- schedules (see rillflow.schedules) ---------------------------------------------
+    async def create_schedule(
+        self,
+        workflow: type | str,
+        schedule: ScheduleDefinition,
+        *,
+        schedule_id: str | None = None,
+        task_queue: str | None = None,
+        paused: bool = False,
+        note: str | None = None,
+    ) -> ScheduleHandle:
+        """Store a schedule of ``workflow``: its due times from now on run (by any worker
+        of the namespace). ``schedule_id`` (else the definition's) names it; the input is
+        checked against the workflow as a start's is. An id taken is refused."""
+        secs, micros = await self.redis.time()
+        return await create_schedule(
+            self,
+            workflow,
+            schedule,
+            schedule_id=schedule_id,
+            task_queue=task_queue,
+            paused=paused,
+            note=note,
+            now_ms=int(secs) * 1000 + int(micros) // 1000,
+        )
+
+    def get_schedule_handle(self, schedule_id: str) -> ScheduleHandle:
+        return ScheduleHandle(self, schedule_id)
+
+    async def list_schedules(self) -> list[ScheduleSummary]:
+        return await list_schedules(self)

@@ -16,6 +16,7 @@ import asyncio.events as _events
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import datetime as _datetime
 import functools
 import inspect
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from rillflow.children import ChildWorkflowHandle, child_run_id, default_child_id
-from rillflow.durations import MAX_DURATION
+from rillflow.durations import MAX_DURATION, time_of_ms
 from rillflow.errors import (
     ActivityError,
     ChildWorkflowError,
@@ -75,6 +76,9 @@ class WorkflowInfo:
     # the run's history as of the current workflow task: events, and bytes of their bodies
     history_length: int = 0
     history_size: int = 0
+    # a schedule's run: the schedule, and the due time it runs for
+    schedule_id: str | None = None
+    scheduled_time: datetime | None = None
 
 
 # When workflow.should_continue_as_new() turns true (Temporal's suggestion), and the
@@ -747,6 +751,10 @@ class WorkflowInstance:
         if ev.type == "WorkflowExecutionStarted":
             self._started = a
             self._seed(a.get("seed"))
+            if isinstance(a.get("schedule_id"), str):
+                self.info = dataclasses.replace(
+                    self.info, schedule_id=a["schedule_id"], scheduled_time=time_of_ms(a.get("scheduled_ms"))
+                )
             self._main_task = self.loop.create_task(
                 self._main(a.get("input")), name=f"workflow:{self.info.workflow_id}"
             )
@@ -1166,7 +1174,7 @@ class WorkflowInstance:
         )
         if not isinstance(wid, str) or not ID_RE.fullmatch(wid):
             raise InvalidInputError(
-                f"child execution id {wid!r} is invalid: use 1-256 letters, digits, '_', '-', '.'"
+                f"child execution id {wid!r} is invalid: use 1-256 letters, digits, '_', '-', '.', '@'"
             )
         handle: ChildWorkflowHandle[Any] = ChildWorkflowHandle(
             self, seq, workflow_type, wid, child_run_id(self.info.run_id, seq), defn

@@ -31,6 +31,7 @@ from rillflow_runtime.model import RunStatus
 
 if TYPE_CHECKING:
     from rillflow.client import Client
+    from rillflow_runtime.keyspace import Keyspace
 
 # how many index members one read returns, and how many run hashes one pipeline reads
 CHUNK = 500
@@ -38,7 +39,7 @@ MAX_PAGE = 1000
 # the most run hashes one page reads: past it, the page ends (fewer runs than asked for,
 # with a token to go on), so that a filter that matches few of many runs answers in bounded time
 READ_BUDGET = 10_000
-_FIELDS = ("wid", "wtype", "tq", "status", "start_ms", "closed_ms")
+_FIELDS = ("wid", "wtype", "tq", "status", "start_ms", "closed_ms", "sched")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class WorkflowExecution:
     status: str
     start_time: datetime
     close_time: datetime | None
+    schedule_id: str | None = None  # the schedule that started it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +64,7 @@ class WorkflowExecution:
             "status": self.status,
             "start_time": self.start_time.isoformat(),
             "close_time": self.close_time.isoformat() if self.close_time else None,
+            "schedule_id": self.schedule_id,
         }
 
 
@@ -77,6 +80,7 @@ class Filter:
     workflow_type: str | None = None
     task_queue: str | None = None
     execution_id: str | None = None
+    schedule_id: str | None = None
     started_after: datetime | None = None  # inclusive
     started_before: datetime | None = None  # exclusive
 
@@ -94,7 +98,7 @@ class Filter:
             t = kw.get(name)
             if t is not None and not (isinstance(t, datetime) and t.tzinfo is not None):
                 raise InvalidInputError(f"{name} must be a timezone-aware datetime, got {t!r}")
-        for name in ("workflow_type", "task_queue", "execution_id"):
+        for name in ("workflow_type", "task_queue", "execution_id", "schedule_id"):
             v = kw.get(name)
             if v is not None and (not isinstance(v, str) or not v):
                 raise InvalidInputError(f"{name} must be a non-empty string, got {v!r}")
@@ -113,14 +117,32 @@ class Filter:
 
     def digest(self) -> str:
         """What a page token is bound to: a token from another listing is refused."""
-        parts = [self.status, self.workflow_type, self.task_queue, self.execution_id, *self.window()]
+        parts: list[Any] = [
+            self.status,
+            self.workflow_type,
+            self.task_queue,
+            self.execution_id,
+            self.schedule_id,
+        ]
+        parts += self.window()
         return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:8]
 
     @property
     def needs_runs(self) -> bool:
         """Whether the run hashes decide (beyond the index itself)."""
         closed_status = self.status is not None and self.status != RunStatus.RUNNING
-        return closed_status or bool(self.workflow_type or self.task_queue or self.execution_id)
+        return closed_status or bool(
+            self.workflow_type or self.task_queue or self.execution_id or self.schedule_id
+        )
+
+    def shards(self, ks: Keyspace) -> list[int]:
+        """The shards that may hold a match: an execution's runs, and a schedule's, all
+        live on one (see keyspace.shard_of)."""
+        if self.execution_id is not None:
+            return [ks.shard(self.execution_id)]
+        if self.schedule_id is not None:
+            return [ks.shard(self.schedule_id)]
+        return list(ks.all_shards())
 
     def matches(self, row: WorkflowExecution) -> bool:
         return (
@@ -128,6 +150,7 @@ class Filter:
             and (self.workflow_type is None or row.workflow_type == self.workflow_type)
             and (self.task_queue is None or row.task_queue == self.task_queue)
             and (self.execution_id is None or row.execution_id == self.execution_id)
+            and (self.schedule_id is None or row.schedule_id == self.schedule_id)
         )
 
 
@@ -213,7 +236,7 @@ async def _rows(client: Client, shard: int, runs: list[str]) -> list[WorkflowExe
             pipe.hmget(client.keyspace.run(shard, run), list(_FIELDS))
         res = await pipe.execute()
     out: list[WorkflowExecution | None] = []
-    for run, (wid, wtype, tq, status, start, closed) in zip(runs, res, strict=True):
+    for run, (wid, wtype, tq, status, start, closed, sched) in zip(runs, res, strict=True):
         if wid is None:  # expired, not yet forgotten by the index
             out.append(None)
             continue
@@ -226,6 +249,7 @@ async def _rows(client: Client, shard: int, runs: list[str]) -> list[WorkflowExe
                 text(status or b""),
                 time_of_ms(start) or datetime.fromtimestamp(0, UTC),
                 time_of_ms(closed),
+                text(sched) if sched else None,
             )
         )
     return out
@@ -235,7 +259,7 @@ async def list_workflows(client: Client, flt: Filter, page_size: int, token: str
     if not isinstance(page_size, int) or isinstance(page_size, bool) or not 1 <= page_size <= MAX_PAGE:
         raise InvalidInputError(f"page_size must be a whole number from 1 to {MAX_PAGE}, got {page_size!r}")
     after = decode_token(flt, token) if token else None
-    walks = [_walk(client, s, flt, after) for s in client.keyspace.all_shards()]
+    walks = {s: _walk(client, s, flt, after) for s in flt.shards(client.keyspace)}
     # a heap of each shard's next run: heapq pops the smallest, and newest first is the
     # largest start time, then (ties) the largest run id, as each shard's index orders them
     heads: list[tuple[int, str, int, int, str]] = []
@@ -246,7 +270,7 @@ async def list_workflows(client: Client, flt: Filter, page_size: int, token: str
             heapq.heappush(heads, (-nxt[0], _desc(nxt[1]), shard, *nxt))
 
     try:
-        for s in range(len(walks)):
+        for s in walks:
             await advance(s)
         page: list[WorkflowExecution] = []
         last: tuple[int, str] | None = None
@@ -272,7 +296,7 @@ async def list_workflows(client: Client, flt: Filter, page_size: int, token: str
             more = await _any_match(client, flt, heads, pending, rows, advance, READ_BUDGET - read)
         return WorkflowPage(page, encode_token(flt, *last) if more and last is not None else None)
     finally:
-        for w in walks:
+        for w in walks.values():
             await w.aclose()
 
 
@@ -344,7 +368,7 @@ async def count_workflows(client: Client, flt: Filter) -> int:
             )
         return total
     total = 0
-    for s in ks.all_shards():
+    for s in flt.shards(ks):
         runs: list[str] = []
         async for _, run in _walk(client, s, flt, None):
             runs.append(run)

@@ -15,7 +15,7 @@ from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rillflow.durations import MAX_DURATION
-from rillflow_runtime.keyspace import ID_RE
+from rillflow_runtime.keyspace import SCHEDULE_ID_RE
 
 __all__ = [
     "Schedule",
@@ -226,8 +226,8 @@ class ScheduleDefinition(BaseModel):
     @field_validator("schedule_id")
     @classmethod
     def _id(cls, v: str | None) -> str | None:
-        if v is not None and not ID_RE.fullmatch(v):
-            raise ValueError(f"schedule_id {v!r} is invalid: use 1-256 letters, digits, '_', '-', '.'")
+        if v is not None and not SCHEDULE_ID_RE.fullmatch(v):
+            raise ValueError(f"schedule_id {v!r} is invalid: use 1-200 letters, digits, '_', '-', '.'")
         return v
 
     @model_validator(mode="after")

@@ -222,7 +222,9 @@ class Signature:
         try:
             return self.input_model.model_validate(data)
         except ValidationError as e:
-            raise InvalidInputError(f"invalid input for {self.what} '{self.fn_name}': {_describe(e)}") from e
+            raise InvalidInputError(
+                f"invalid input for {self.what} '{self.fn_name}': {validation_summary(e)}"
+            ) from e
 
     # -- results ------------------------------------------------------------------------
     def dump_result(self, value: Any) -> Any:
@@ -233,7 +235,7 @@ class Signature:
         except ValidationError as e:
             raise InvalidResultError(
                 f"the result of {self.what} '{self.fn_name}' does not match its return annotation "
-                f"{_type_name(self.return_type)}: {_describe(e)}"
+                f"{_type_name(self.return_type)}: {validation_summary(e)}"
             ) from e
         return _wire(
             lambda: self.result_adapter.dump_python(checked, mode="json"),
@@ -272,7 +274,8 @@ def _type_name(tp: Any) -> str:
     return tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
 
 
-def _describe(e: ValidationError) -> str:
+def validation_summary(e: ValidationError) -> str:
+    """A pydantic error on one line: each field path and what is wrong with it."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err.get("loc", ())) or "(input)"

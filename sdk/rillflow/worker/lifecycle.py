@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -24,12 +24,14 @@ from rillflow.activity import ActivityDefinition
 from rillflow.client import Client
 from rillflow.errors import RillflowError, WorkflowRegistrationConflictError
 from rillflow.registry import workflow_spec
+from rillflow.schedules import declare_schedules
 from rillflow.worker.activities import Activities
 from rillflow.worker.context import Context, Streak, WorkerStats
 from rillflow.worker.maintenance import Maintenance
 from rillflow.worker.outbox import Outbox
 from rillflow.worker.queries import Queries
 from rillflow.worker.run_cache import RunCache
+from rillflow.worker.schedules import Schedules
 from rillflow.worker.workflow_tasks import WorkflowTasks
 from rillflow.workflow import WorkflowDefinition, get_workflow_definition
 from rillflow_runtime.connections import TRANSIENT, reraise_if_cancelling
@@ -60,6 +62,7 @@ class Worker:
         max_eager_activities: int = 3,
         heartbeat_interval: timedelta = timedelta(seconds=10),
         identity: str | None = None,
+        schedule_clock: Callable[[], datetime] | None = None,
     ) -> None:
         if not isinstance(task_queue, str) or not NAME_RE.fullmatch(task_queue):
             raise RillflowError(f"task queue {task_queue!r} is invalid: use letters, digits, '_', '-', '.'")
@@ -140,6 +143,8 @@ class Worker:
             pump_interval=pump_interval,
             reclaim_idle_ms=int(reclaim_idle.total_seconds() * 1000),
         )
+        # the clock schedules are due by: Redis's, or a test's
+        self.schedules = Schedules(self.ctx, schedule_clock)
         self._pollers: list[asyncio.Task[None]] = []
         self._liveness: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -195,6 +200,7 @@ class Worker:
                 await self._publish()  # first: a worker refused here leaves nothing behind
                 await self.ctx.ensure_groups(streams)
                 await self.ctx.learn_clocks()
+                await self._declare_schedules()
                 break
             except TRANSIENT as e:
                 if self.ctx.stopping.is_set():
@@ -219,6 +225,7 @@ class Worker:
             self._background.append(self._supervise(self.acts.flush_loop))
         self._liveness = self._supervise(self._liveness_loop)
         self._background.append(self._supervise(self.maintenance.pump_loop))
+        self._background.append(self._supervise(self.schedules.loop))
         self._ready.set()
         try:
             await self.ctx.stopping.wait()
@@ -339,6 +346,16 @@ class Worker:
     async def _publish(self) -> None:
         specs = [workflow_spec(d, self.task_queue, self.identity) for d in self.workflows.values()]
         await self.client.registry.publish(specs, self._liveness_record(), self._liveness_ttl_ms)
+
+    async def _declare_schedules(self) -> None:
+        """The schedules this worker's workflows declare, made to exist as declared."""
+        if not self.workflows:
+            return
+        changed = await declare_schedules(
+            self.client, list(self.workflows.values()), self.task_queue, self.schedules.now_ms(0)
+        )
+        if changed:
+            log.info("schedules declared", changes=changed)
 
     async def _liveness_loop(self) -> None:
         failures = 0
