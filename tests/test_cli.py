@@ -259,6 +259,11 @@ def test_dev_runs_the_demo(tmp_path: Path) -> None:
     assert "query status: awaiting approval, 42.50" in p.stdout
     assert "update adjust(40.0) answered: 40.0" in p.stdout
     assert "refund-A-1001-40.00 approved by dana" in p.stdout
+    # a schedule every second, three times: three runs, one per due time, then deleted
+    assert "every second, 3 times" in p.stdout and re.search(
+        r"schedule demo-every-second-\d+ deleted", p.stdout
+    )
+    assert len(set(re.findall(r"demo-every-second-\d+@\d{8}T\d{6}Z", p.stdout))) == 3
     assert "WorkflowExecutionSignaled" in p.stdout and "WorkflowExecutionUpdateCompleted" in p.stdout
     assert (tmp_path / "data" / "appendonlydir").exists()  # AOF on
     assert not (tmp_path / "dev" / "url").exists()  # cleaned up on exit

@@ -148,6 +148,37 @@ async def _children_demo(client: Client, out: Console) -> None:
     out.print(table)
     counts = {s: await client.count_workflows(status=s) for s in ("completed", "failed", "running")}
     out.print(f"rillflow count: {counts}")
+    await _schedule_demo(client, out)
+
+
+async def _schedule_demo(client: Client, out: Console) -> None:
+    from datetime import timedelta
+
+    from rich.table import Table
+
+    from rillflow.demo import ReportWorkflow
+    from rillflow.models import ScheduleDefinition, ScheduleInterval
+
+    out.rule("[bold]a schedule")
+    sid = f"demo-every-second-{int(time.time())}"
+    every_second = ScheduleDefinition(
+        input={"report_type": "per-second"},
+        intervals=[ScheduleInterval(every=timedelta(seconds=1))],
+        max_executions=3,
+    )
+    h = await client.create_schedule(ReportWorkflow, every_second, schedule_id=sid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        d = await h.describe()
+        if d.remaining_executions == 0 and all(r.status != "running" for r in d.recent_executions):
+            break
+        await asyncio.sleep(0.2)
+    table = Table("execution id", "due", "status", title=f"schedule {sid}: every second, 3 times")
+    for r in reversed(d.recent_executions):
+        table.add_row(r.execution_id, r.scheduled_time.isoformat(), r.status)
+    out.print(table)
+    await h.delete()
+    out.print(f"schedule {sid} deleted (rillflow schedule list shows what is left)")
 
 
 def _live_url(path: Path) -> str | None:
