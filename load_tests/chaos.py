@@ -750,8 +750,12 @@ class ChaosRun:
         on) has one run, completed with that due time; returns the runs still open."""
         rep = self.report
         h = client.get_schedule_handle(TICK_SCHEDULE)
-        desc = await retrying(h.describe)
         ks = client.keyspace
+        fin = ks.schedules(ks.shard(TICK_SCHEDULE), "fin")
+        deadline = time.monotonic() + 15  # (its last runs' closes wake it: a look takes a round or two)
+        while time.monotonic() < deadline and await retrying(lambda: self.db.hexists(fin, TICK_SCHEDULE)):
+            await asyncio.sleep(0.2)
+        desc = await retrying(h.describe)
         cursor = int(
             await retrying(
                 lambda: self.db.hget(ks.schedule(ks.shard(TICK_SCHEDULE), TICK_SCHEDULE), "cursor")

@@ -17,7 +17,7 @@ import redis
 from rillflow.devserver import default_url
 
 KIND = re.compile(
-    r"^rf:\{[^}]+\}:(wf|run|hc|h|act|buf|wsig|sig|upd|q|timers|closed|outbox|idx|pump|meta)(?::|$)"
+    r"^rf:\{[^}]+\}:(wf|run|hc|h|act|buf|wsig|sig|upd|q|timers|closed|outbox|idx|pump|meta|sched|schedule)(?::|$)"
 )
 
 
@@ -58,6 +58,9 @@ def main() -> None:
         t = f"rf:{{{a.namespace}:{shard}}}:timers"
         nxt = r.zrange(t, 0, 0, withscores=True)
         print(f"{t}: {r.zcard(t)} due entries; next {nxt[0] if nxt else '-'}")
+        d = f"rf:{{{a.namespace}:{shard}}}:sched:due"
+        if r.exists(d):
+            print(f"{d}: {r.zcard(d)} schedules; next look {r.zrange(d, 0, 0, withscores=True)[0]}")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,21 @@ class Fails:
 
 
 WORKFLOWS = [Tick, Slow, Fails]
+
+
+@workflow.define(name="sched_hop")
+class Hop:
+    """Continues as new once, then says what its schedule info is."""
+
+    @workflow.entrypoint
+    async def run(self, n: int = 0) -> dict[str, Any]:
+        if n == 0:
+            workflow.continue_as_new({"n": 1})
+        info = workflow.info()
+        return {
+            "schedule_id": info.schedule_id,
+            "scheduled": info.scheduled_time.isoformat() if info.scheduled_time else None,
+        }
+
+
+WORKFLOWS.append(Hop)

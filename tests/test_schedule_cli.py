@@ -25,7 +25,9 @@ def test_schedule_commands_from_create_to_delete(redis_url: str, worker_procs: A
     )
     d = json.loads(rf("schedule", "describe", "hourly", "--json", *url).stdout)
     assert d["definition"]["intervals"] == [{"every": "PT15M", "offset": None}]
-    assert d["definition"]["policy"]["overlap"] == 6 and d["definition"]["cron_expressions"] == ["0 * * * *"]
+    assert d["definition"]["policy"]["overlap"] == "ALLOW_ALL" and d["definition"]["cron_expressions"] == [
+        "0 * * * *"
+    ]
 
     assert rf("schedule", "pause", "hourly", "--note", "for the test", *url).returncode == 0
     (row,) = json.loads(rf("schedule", "list", "--json", *url).stdout)
@@ -82,4 +84,21 @@ def test_schedule_mistakes_are_one_line_and_store_nothing(redis_url: str, worker
     )
     assert_one_line(rf("schedule", "pause", "missing", *url), 3, "no schedule 'missing'")
     assert_one_line(rf("schedule", "update", "missing", "--every", "1h", *url), 3, "no schedule 'missing'")
+    assert rf("schedule", "list", *url).stdout.strip() == "no schedules"
+
+
+def test_schedule_options_out_of_range_are_one_line(redis_url: str, worker_procs: Any) -> None:
+    worker_procs(redis_url, TARGET)
+    url = ("--url", redis_url)
+    assert_one_line(
+        rf("schedule", "create", "s", "sched_tick", "--every", "0s", *url), 2, "every must be from 1 second"
+    )
+    assert_one_line(
+        rf("schedule", "create", "s", "sched_tick", "--every", "99999999999d", *url), 2, "--every"
+    )
+    assert_one_line(
+        rf("schedule", "create", "s", "sched_tick", "--every", "1h", "--spec", '{"policy": "x"}', *url),
+        2,
+        "policy",
+    )
     assert rf("schedule", "list", *url).stdout.strip() == "no schedules"

@@ -17,6 +17,7 @@ import pytest
 from rillflow import Client, Worker
 from rillflow.errors import InvalidInputError, WorkflowNotRegisteredError
 from rillflow.models import (
+    PartialScheduleDefinition,
     ScheduleCalendar,
     ScheduleDefinition,
     ScheduleInterval,
@@ -421,6 +422,18 @@ async def test_update_keeps_what_the_schedule_did_and_changes_when_it_runs(clien
         assert d.runs_started == 1 and d.future_executions[0].minute % 10 == 0
         await h.update(every(5))
         assert (await h.describe()).definition.intervals[0].every == timedelta(minutes=5)
+        await h.update(PartialScheduleDefinition(max_executions=3, jitter=timedelta(seconds=5)))
+        d = await h.describe()
+        assert (d.definition.max_executions, d.definition.jitter, d.remaining_executions) == (
+            3,
+            timedelta(seconds=5),
+            3,
+        )
+        assert d.definition.intervals[0].every == timedelta(minutes=5)  # (not given: kept)
+        with pytest.raises(InvalidInputError, match="no field cron_expresions"):
+            await h.update(cron_expresions=["* * * * *"])
+        with pytest.raises(InvalidInputError, match="id does not change"):
+            await h.update(schedule_id="other")
 
 
 async def test_a_changed_declaration_updates_its_schedule_and_a_removed_one_goes(client: Client) -> None:
@@ -500,14 +513,14 @@ def test_plan_counts_what_the_catch_up_window_leaves_and_caps_a_round() -> None:
     t0 = datetime(2030, 1, 1, tzinfo=UTC)
     p = plan(d, "p", ms(t0), ms(t0 + timedelta(days=1)), 3600_000, None)
     assert p.skip_to_ms == ms(t0 + timedelta(hours=23)) and p.skip_count == 23 * 60
-    assert len(p.fires) == 60 and p.fires[0][0] == ms(t0 + timedelta(hours=23, minutes=1))
+    assert len(p.fires) == 60 and p.fires[0][:2] == (ms(t0 + timedelta(hours=23, minutes=1)),) * 2
     assert p.next_score == ms(t0 + timedelta(days=1, minutes=1))
     big = plan(d, "p", ms(t0), ms(t0 + timedelta(days=1)), 86400_000, None)
     assert len(big.fires) == 100 and big.next_score == 0  # more due: looked at again at once
     assert len(plan(d, "p", ms(t0), ms(t0 + timedelta(days=1)), 86400_000, 2).fires) == 2
     cal = ScheduleDefinition(input=None, calendars=[ScheduleCalendar(hour=[ScheduleRange(start=9)])])
     (fire,) = plan(cal, "p", ms(t0), ms(t0 + timedelta(hours=9)), 3600_000, None).fires
-    assert fire == (ms(t0.replace(hour=9)), "p@20300101T090000Z")
+    assert fire == (ms(t0.replace(hour=9)), ms(t0.replace(hour=9)), "p@20300101T090000Z")
     assert execution_id("p", t0 + timedelta(milliseconds=250)) == "p@20300101T000000.250Z"
 
 
@@ -543,3 +556,143 @@ async def test_a_close_the_evaluator_did_not_see_is_not_a_lost_wake_up(client: C
     assert await client.redis.zscore(ks.schedules(shard, "due"), "wake") == 0  # still looked at now
     await evaluate(client, "wake", ms(clock.due(2)), 60_000)
     assert (await h.describe()).open_executions == [execution_id("wake", clock.due(2))]
+
+
+# -- what a review found ----------------------------------------------------------------------
+async def test_an_evaluation_made_while_paused_does_not_park_the_schedule_after_an_unpause(
+    client: Client,
+) -> None:
+    from rillflow.schedules import Plan, _fire, _read
+
+    clock = Clock()
+    h = await handle(client, clock, sf.Tick, every(), "parked")
+    await h.pause()
+    st = await _read(client, "parked")  # an evaluator reads it paused ...
+    assert st is not None and st.paused
+    await h.unpause()  # ... a client unpauses ...
+    res = await _fire(client, st, "parked", ms(clock.t), "tick", [], 60_000, Plan([], -1), None)
+    assert res.reply.value == "stale"  # ... and its call, made on the paused state, is refused
+    await evaluate(client, "parked", ms(clock.t), 60_000)
+    (s,) = await client.list_schedules()
+    assert s.next_due == clock.due(1)  # looked at again at the next due time, not never
+
+
+async def test_jitter_longer_than_the_catch_up_window_drops_nothing(client: Client) -> None:
+    clock = Clock()
+    policy = SchedulePolicy(overlap=ScheduleOverlapPolicy.ALLOW_ALL, catchup_window_seconds=60)
+    h = await handle(client, clock, sf.Tick, every(jitter=timedelta(minutes=5), policy=policy), "jit")
+    for _ in range(60):  # an evaluator that is always on time, every 10 s for 10 minutes
+        clock.advance(timedelta(seconds=10))
+        await evaluate(client, "jit", ms(clock.t), 60_000)
+    d = await h.describe()
+    assert d.times_skipped == 0 and d.runs_started >= 1
+
+
+async def test_a_change_applies_from_now_not_to_the_past(client: Client) -> None:
+    clock = Clock()
+    h = await handle(
+        client,
+        clock,
+        sf.Tick,
+        every(60 * 24, policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.ALLOW_ALL)),
+        "daily",
+    )
+    clock.advance(timedelta(hours=15))
+    await h.update(every(60))  # daily -> hourly, 15 hours in: none of the 15 past hours runs
+    await evaluate(client, "daily", ms(clock.t), 60_000)
+    d = await h.describe()
+    assert d.runs_started == 0 and d.future_executions[0] > clock.t
+    # a limit reached and raised later does not run what came due meanwhile either
+    two = await handle(
+        client,
+        clock,
+        sf.Tick,
+        every(max_executions=2, policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.ALLOW_ALL)),
+        "two",
+    )
+    clock.advance(3 * MINUTE)
+    await evaluate(client, "two", ms(clock.t), 60_000)
+    clock.advance(timedelta(hours=2))
+    await two.update(max_executions=5)
+    await evaluate(client, "two", ms(clock.t), 60_000)
+    assert (await two.describe()).runs_started == 2
+
+
+async def test_what_describe_returns_is_the_callers_to_change(client: Client) -> None:
+    clock = Clock()
+    h = await handle(
+        client,
+        clock,
+        sf.Tick,
+        every(60, policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.ALLOW_ALL)),
+        "hourly",
+    )
+    d = await h.describe()
+    d.definition.intervals.append(ScheduleInterval(every=MINUTE))  # (a caller's own copy)
+    clock.advance(10 * MINUTE)
+    await evaluate(client, "hourly", ms(clock.t), 60_000)
+    assert (await h.describe()).definition.intervals == [ScheduleInterval(every=timedelta(hours=1))]
+    assert (await h.describe()).runs_started <= 1
+
+
+async def test_a_start_may_not_take_an_id_with_an_at(client: Client) -> None:
+    with pytest.raises(InvalidInputError, match="'@' is kept for the runs schedules start"):
+        await client.start_workflow(sf.Tick, {"n": 1}, execution_id="ticks@20300101T000000Z")
+
+
+async def test_a_trigger_answers_for_its_own_due_time(client: Client) -> None:
+    clock = Clock()
+    h = await handle(client, clock, sf.Slow, _slow_policy(ScheduleOverlapPolicy.BUFFER_ONE), "own")
+    await evaluate(client, "own", ms(clock.due(2)), 60_000)  # due(1) runs, due(2) waits
+    first = execution_id("own", clock.due(1))
+    await client.get_workflow_handle(first).terminate("done")  # (unseen by the trigger's read)
+    clock.t = clock.due(2) + timedelta(seconds=5)
+    run = await h.trigger()  # due(2) starts first in the same call; the trigger's own time waits
+    d = await h.describe()
+    assert run is None and d.open_executions == [execution_id("own", clock.due(2))]
+    assert d.waiting == [clock.t]
+
+
+async def test_a_catch_up_window_shorter_than_the_interval_logs_no_empty_skips(client: Client) -> None:
+    clock = Clock()
+    policy = SchedulePolicy(catchup_window_seconds=60, overlap=ScheduleOverlapPolicy.ALLOW_ALL)
+    h = await handle(client, clock, sf.Tick, every(60, policy=policy), "sparse")
+    first = clock.t.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    for k in range(3):  # an evaluator on time at each hour: its cursor is always over a minute old
+        clock.t = first + timedelta(hours=k, seconds=5)
+        await evaluate(client, "sparse", ms(clock.t), 60_000)
+    d = await h.describe()
+    assert d.skipped == [] and d.runs_started == 3
+
+
+async def test_a_schedule_made_from_the_class_changes_before_any_worker_registered_it(client: Client) -> None:
+    clock = Clock()
+    h = await handle(client, clock, sf.Tick, every(), "early")
+    await h.update(input={"n": 7})
+    assert (await h.describe()).definition.input == {"n": 7}
+
+
+async def test_a_run_that_continues_as_new_stays_its_schedules(client: Client) -> None:
+    clock = Clock()
+    async with worker(client, clock):
+        await handle(client, clock, sf.Hop, every(), "hop")
+        clock.advance(MINUTE)
+        (run,) = await count_runs(client, "hop", 1)
+        out = await client.get_workflow_handle(run.execution_id).result(timeout=10)
+        assert out == {"schedule_id": "hop", "scheduled": clock.due(1).isoformat()}
+
+
+def test_crons_named_like_daily_are_their_five_fields() -> None:
+    from rillflow.schedule_times import next_fire_times
+
+    t0 = datetime(2030, 1, 1, 12, 30, tzinfo=UTC)
+    for name, first in (
+        ("@daily", datetime(2030, 1, 2, tzinfo=UTC)),
+        ("@hourly", datetime(2030, 1, 1, 13, tzinfo=UTC)),
+        ("@weekly", datetime(2030, 1, 6, tzinfo=UTC)),  # a Sunday
+        ("@monthly", datetime(2030, 2, 1, tzinfo=UTC)),
+        ("@yearly", datetime(2031, 1, 1, tzinfo=UTC)),
+    ):
+        assert next_fire_times(ScheduleDefinition(input=None, cron_expressions=[name]), t0, 1) == [first]
+    with pytest.raises(ValueError, match="one of @yearly"):
+        ScheduleDefinition(input=None, cron_expressions=["@sometimes"])

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 
 GROUP = "rf"  # the consumer group on every task stream
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# an execution id as it may be named (a schedule's runs have an '@'; see shard_of) ...
 ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,256}$")
+# ... and as a start may choose it: '@' is kept for the ids schedules make, so that no
+# start takes a schedule's due time, nor piles its ids on one shard
+NEW_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
 # a schedule's runs are "<schedule id>@<due time>" (see shard_of): room is left for the time
 SCHEDULE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 

@@ -331,11 +331,13 @@ class ScheduleRecord:
 
 @dataclass(frozen=True)
 class ScheduleFire:
-    """A due time and the run it would start: ``<schedule id>@<due time>``."""
+    """A due time and the run it would start: ``<schedule id>@<due time>``, at
+    ``start_ms`` (the due time with its jitter; -1: the due time itself)."""
 
     due_ms: int
     workflow_id: str
     run_id: str
+    start_ms: int = -1
 
 
 @dataclass(frozen=True)
@@ -788,11 +790,14 @@ class Protocol:
         res = await self._call("sched_put", shard, args, self.ks.schedule_keys(shard, rec.schedule_id))
         return RunReply(_reply(res[0]), "", text(res[1]) if len(res) > 1 else "")
 
-    async def schedule_state(self, schedule_id: str, op: str, now_ms: int, note: str = "") -> RunReply:
-        """``pause``, ``unpause`` or ``delete``: OK (with what it did) or NOT_FOUND."""
+    async def schedule_state(
+        self, schedule_id: str, op: str, now_ms: int, note: str = "", skipped: int = 0
+    ) -> RunReply:
+        """``pause``, ``unpause`` (``skipped``: the due times the pause skipped) or
+        ``delete``: OK (with what it did) or NOT_FOUND."""
         shard = self.ks.shard(schedule_id)
         keys = self.ks.schedule_keys(shard, schedule_id)
-        res = await self._call("sched_state", shard, [schedule_id, op, now_ms, note], keys)
+        res = await self._call("sched_state", shard, [schedule_id, op, now_ms, note, skipped], keys)
         return RunReply(_reply(res[0]), "", text(res[1]) if len(res) > 1 else "")
 
     async def schedule_fire(
@@ -802,6 +807,7 @@ class Protocol:
         now_ms: int,
         mode: str,
         *,
+        version: str = "0",
         task_queue: str,
         retention_ms: int,
         fires: Sequence[ScheduleFire] = (),
@@ -833,6 +839,7 @@ class Protocol:
         args: list[Any] = [
             schedule_id,
             digest,
+            version,
             now_ms,
             mode,
             overlap.value if overlap else "",
@@ -844,7 +851,7 @@ class Protocol:
             len(fires),
         ]
         for f in fires:
-            args += [f.due_ms, f.workflow_id, f.run_id]
+            args += [f.due_ms, f.start_ms if f.start_ms >= 0 else f.due_ms, f.workflow_id, f.run_id]
         for _ in range(REROUTE_TRIES):
             keys = list(base)
             for wid in others:

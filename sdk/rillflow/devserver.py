@@ -174,6 +174,8 @@ async def _schedule_demo(client: Client, out: Console) -> None:
             break
         await asyncio.sleep(0.2)
     table = Table("execution id", "due", "status", title=f"schedule {sid}: every second, 3 times")
+    for col in table.columns:  # (folded, never cut: the id's due time is the point)
+        col.overflow = "fold"
     for r in reversed(d.recent_executions):
         table.add_row(r.execution_id, r.scheduled_time.isoformat(), r.status)
     out.print(table)

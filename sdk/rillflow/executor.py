@@ -54,7 +54,7 @@ from rillflow.errors import (
 from rillflow.history import COMMAND_EVENTS, INPUT_EVENTS, HistoryEvent
 from rillflow.payloads import check_size, to_wire
 from rillflow_runtime.codec import pack
-from rillflow_runtime.keyspace import ID_RE
+from rillflow_runtime.keyspace import ID_RE, NEW_ID_RE
 from rillflow_runtime.model import ACTIVATION_ORDER, CommandKind, EventType
 from rillflow_runtime.model import ParentClosePolicy as WirePolicy
 
@@ -964,16 +964,19 @@ class WorkflowInstance:
         re-sent completion names the same run."""
         with _Unguarded():
             data = self.defn.sig.encode_input(params)
-            start = pack(
-                {
-                    "workflow_type": self.defn.name,
-                    "task_queue": self.info.task_queue,
-                    "input": data,
-                    "execution_timeout_ms": self._started.get("execution_timeout_ms"),
-                    "seed": os.urandom(16),
-                    "continued_from": self.info.run_id,
-                }
-            )
+            body: dict[str, Any] = {
+                "workflow_type": self.defn.name,
+                "task_queue": self.info.task_queue,
+                "input": data,
+                "execution_timeout_ms": self._started.get("execution_timeout_ms"),
+                "seed": os.urandom(16),
+                "continued_from": self.info.run_id,
+            }
+            # (a schedule's execution stays its schedule's, for the same due time)
+            for key in ("schedule_id", "scheduled_ms"):
+                if self._started.get(key) is not None:
+                    body[key] = self._started[key]
+            start = pack(body)
             next_run = str(uuid.uuid4())
         check_size(start, self.max_payload_bytes, f"input of workflow '{self.defn.name}' (continue_as_new)")
         # (the script writes the closing event, which names the next run)
@@ -1172,9 +1175,11 @@ class WorkflowInstance:
             if execution_id is None
             else execution_id
         )
-        if not isinstance(wid, str) or not ID_RE.fullmatch(wid):
+        # (an id given is checked as a start's; one made from a schedule's run has its '@')
+        if not isinstance(wid, str) or not (NEW_ID_RE if execution_id is not None else ID_RE).fullmatch(wid):
             raise InvalidInputError(
-                f"child execution id {wid!r} is invalid: use 1-256 letters, digits, '_', '-', '.', '@'"
+                f"child execution id {wid!r} is invalid: use 1-256 letters, digits, '_', '-', '.' "
+                "('@' is kept for the runs schedules start)"
             )
         handle: ChildWorkflowHandle[Any] = ChildWorkflowHandle(
             self, seq, workflow_type, wid, child_run_id(self.info.run_id, seq), defn

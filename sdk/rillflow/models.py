@@ -18,6 +18,7 @@ from rillflow.durations import MAX_DURATION
 from rillflow_runtime.keyspace import SCHEDULE_ID_RE
 
 __all__ = [
+    "PartialScheduleDefinition",
     "Schedule",
     "ScheduleCalendar",
     "ScheduleDefinition",
@@ -26,6 +27,23 @@ __all__ = [
     "SchedulePolicy",
     "ScheduleRange",
 ]
+
+
+# cron's named schedules, as the five fields they stand for
+CRON_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+
+def cron_fields(expr: str) -> str:
+    """A cron expression as its five fields (a named one, ``@daily``, spelt out)."""
+    return CRON_MACROS.get(expr.strip().lower(), expr)
 
 
 class ScheduleOverlapPolicy(IntEnum):
@@ -135,6 +153,17 @@ class SchedulePolicy(BaseModel):
     overlap: ScheduleOverlapPolicy = ScheduleOverlapPolicy.SKIP
     pause_on_failure: bool = False
 
+    @field_validator("overlap", mode="before")
+    @classmethod
+    def _overlap_by_name(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.isdigit():
+            try:
+                return ScheduleOverlapPolicy[v.strip().upper()]
+            except KeyError:
+                names = ", ".join(p.name for p in ScheduleOverlapPolicy)
+                raise ValueError(f"overlap {v!r} is not one of {names}") from None
+        return v
+
     @property
     def catchup_window(self) -> timedelta:
         return timedelta(seconds=self.catchup_window_seconds)
@@ -173,13 +202,14 @@ class ScheduleDefinition(BaseModel):
     def _crons(cls, v: list[str]) -> list[str]:
         for i, expr in enumerate(v):
             try:
-                if not isinstance(expr, str) or (len(expr.split()) != 5 and not expr.startswith("@")):
+                if not isinstance(expr, str) or len(cron_fields(expr).split()) != 5:
                     raise CronSimError(f"{len(str(expr).split())} fields")
-                CronSim(expr, datetime(2000, 1, 1))
+                CronSim(cron_fields(expr), datetime(2000, 1, 1))
             except (CronSimError, TypeError) as e:
                 raise ValueError(
                     f"cron_expressions[{i}] {expr!r} is not a cron expression ({e}): five fields, "
-                    "minute hour day-of-month month day-of-week, like '0 0 * * *'"
+                    "minute hour day-of-month month day-of-week, like '0 0 * * *', or one of "
+                    + ", ".join(CRON_MACROS)
                 ) from None
         return v
 
@@ -244,3 +274,27 @@ class ScheduleDefinition(BaseModel):
 
 
 Schedule = ScheduleDefinition
+
+
+class PartialScheduleDefinition(BaseModel):
+    """A change to a stored schedule (``ScheduleHandle.update``): the fields given
+    replace the stored ones, the rest keep their values; the result is checked whole,
+    as a ScheduleDefinition is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: Any = None
+    calendars: list[ScheduleCalendar] | None = None
+    intervals: list[ScheduleInterval] | None = None
+    cron_expressions: list[str] | None = None
+    skip: list[ScheduleCalendar] | None = None
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    jitter: timedelta | None = None
+    time_zone_name: str | None = None
+    policy: SchedulePolicy | None = None
+    max_executions: int | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields given (a field given as None clears it: no end, no limit)."""
+        return {name: getattr(self, name) for name in self.model_fields_set}

@@ -274,12 +274,14 @@ def _type_name(tp: Any) -> str:
     return tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
 
 
-def validation_summary(e: ValidationError) -> str:
-    """A pydantic error on one line: each field path and what is wrong with it."""
+def validation_summary(e: ValidationError, root: str | None = "(input)") -> str:
+    """A pydantic error on one line: each field path and what is wrong with it (an error
+    of the whole value: under ``root``, or alone if None)."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "(input)"
-        parts.append(f"{loc}: {err.get('msg')}")
+        loc = ".".join(str(x) for x in err.get("loc", ())) or root
+        msg = str(err.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 

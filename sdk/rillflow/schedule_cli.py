@@ -14,7 +14,7 @@ from rich.table import Table
 
 from rillflow.cli_support import Exit, NsOpt, UrlOpt, _parse_input, _utf8, _when, connect, out, run
 from rillflow.errors import InvalidInputError
-from rillflow.models import ScheduleDefinition, ScheduleInterval, ScheduleOverlapPolicy
+from rillflow.models import ScheduleDefinition, ScheduleOverlapPolicy
 from rillflow.payloads import validation_summary
 from rillflow.schedules import overlap_of
 
@@ -30,7 +30,9 @@ CronOpt = Annotated[
 ]
 EveryOpt = Annotated[
     list[str] | None,
-    typer.Option("--every", help="an interval: 30s, 15m, 1h, 1d (repeat for several)"),
+    typer.Option(
+        "--every", help="an interval: 30s, 15m, 1h, 1d, a bare number is seconds (repeat for several)"
+    ),
 ]
 SpecOpt = Annotated[
     str | None,
@@ -56,14 +58,20 @@ CatchupOpt = Annotated[
     str | None, typer.Option("--catchup-window", help="how far back missed due times still run: 10m, 1d")
 ]
 MaxOpt = Annotated[int | None, typer.Option("--max-executions", help="stop after this many runs")]
-StartOpt = Annotated[str | None, typer.Option("--start-at", help="no due time before this ISO time")]
-EndOpt = Annotated[str | None, typer.Option("--end-at", help="no due time after this ISO time")]
+StartOpt = Annotated[
+    str | None, typer.Option("--start-at", help="no due time before this ISO time (naive: UTC)")
+]
+EndOpt = Annotated[str | None, typer.Option("--end-at", help="no due time after this ISO time (naive: UTC)")]
 PofOpt = Annotated[
     bool | None, typer.Option("--pause-on-failure/--no-pause-on-failure", help="pause when a run fails")
 ]
 NoteOpt = Annotated[str | None, typer.Option("--note", help="why (shown by describe)", callback=_utf8)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
+_DECLARED = (
+    "note: workflow {0} declares this schedule in its code; the next worker of {0} to start makes it "
+    "as declared again: change the declaration to keep this"
+)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -72,7 +80,10 @@ def _duration(raw: str, option: str) -> timedelta:
     m = _DURATION.match(raw.strip())
     if not m:
         raise Exit(2, f"{option} must be a duration like 30s, 15m, 1h or 1d, got {raw!r}")
-    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    except OverflowError:
+        raise Exit(2, f"{option} {raw!r} is longer than any schedule may be") from None
 
 
 def _changes(
@@ -95,11 +106,17 @@ def _changes(
         value = _parse_input(spec, "--spec")
         if not isinstance(value, dict):
             raise Exit(2, "--spec must be a JSON object of ScheduleDefinition's fields")
+        known = [n for n in ScheduleDefinition.model_fields if n != "schedule_id"]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise Exit(
+                2, f"--spec: a schedule has no field {', '.join(unknown)} (its fields: {', '.join(known)})"
+            )
         fields.update(value)
     if cron:
         fields["cron_expressions"] = list(cron)
     if every:
-        fields["intervals"] = [ScheduleInterval(every=_duration(e, "--every")) for e in every]
+        fields["intervals"] = [{"every": _duration(e, "--every")} for e in every]  # (checked with the rest)
     if input is not None:
         fields["input"] = _parse_input(input)
     if time_zone is not None:
@@ -112,7 +129,10 @@ def _changes(
         fields["start_at"] = _when(start_at, "--start-at")
     if end_at is not None:
         fields["end_at"] = _when(end_at, "--end-at")
-    policy: dict[str, Any] = dict(fields.get("policy") or {})
+    given = fields.get("policy")
+    if given is not None and not isinstance(given, dict):
+        raise Exit(2, f"--spec: policy must be an object of SchedulePolicy's fields, got {given!r}")
+    policy: dict[str, Any] = dict(given or {})
     if overlap is not None:
         policy["overlap"] = ScheduleOverlapPolicy[overlap_of(overlap.strip()).name]
     if catchup is not None:
@@ -124,11 +144,43 @@ def _changes(
     return fields
 
 
+def _span(d: timedelta) -> str:
+    """A duration as people write it: 90s, 15m, 2h30m, 365d."""
+    secs = int(d.total_seconds())
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if secs >= size:
+            out += f"{secs // size}{unit}"
+            secs %= size
+    return out or "0s"
+
+
+def _due_rules(d: ScheduleDefinition) -> list[str]:
+    """When a schedule is due, a line per kind of rule."""
+    lines = [f"cron: {', '.join(d.cron_expressions)}"] if d.cron_expressions else []
+    if d.intervals:
+        items = [
+            f"every {_span(i.every)}" + (f" + {_span(i.offset)}" if i.offset else "") for i in d.intervals
+        ]
+        lines.append("intervals: " + ", ".join(items))
+    for name in ("calendars", "skip"):
+        for c in getattr(d, name):
+            shown = c.model_dump(exclude_defaults=True, mode="json")
+            lines.append(
+                f"{name[:-1] if name == 'calendars' else name}: {json.dumps(shown) if shown else 'every day at 00:00:00'}"
+            )
+    for name, t in (("from", d.start_at), ("until", d.end_at)):
+        if t is not None:
+            lines.append(f"{name}: {t.isoformat()}")
+    lines.append(f"time zone: {d.time_zone_name or 'UTC'}")
+    return lines
+
+
 def _definition(fields: dict[str, Any]) -> ScheduleDefinition:
     try:
         return ScheduleDefinition.model_validate(fields)
     except ValidationError as e:
-        raise InvalidInputError(f"the schedule is not valid: {validation_summary(e)}") from None
+        raise InvalidInputError(f"the schedule is not valid: {validation_summary(e, None)}") from None
 
 
 @schedule_app.command()
@@ -211,6 +263,9 @@ def update(
                 fields["policy"] = {**current, **fields["policy"]}
             await h.update(**fields)
             out.print(f"updated schedule {escape(schedule_id)}")
+            origin = (await h.describe()).origin
+            if origin.startswith("declared:"):
+                out.print(_DECLARED.format(origin.removeprefix("declared:")))
 
     run(main)
 
@@ -228,14 +283,14 @@ def list_(as_json: JsonOpt = False, url: UrlOpt = None, namespace: NsOpt = "defa
             if not rows:
                 out.print("no schedules")
                 return
-            t = Table("schedule id", "workflow", "state", "next due", "origin", "note")
+            t = Table("schedule id", "workflow", "state", "next run (jitter included)", "origin", "note")
             for col in t.columns:
                 col.overflow = "fold"
             for s in rows:
                 t.add_row(
                     escape(s.schedule_id),
                     escape(s.workflow_type),
-                    "paused" if s.paused else "active",
+                    s.state,
                     s.next_due.isoformat() if s.next_due else "",
                     escape(s.origin),
                     escape(s.note or ""),
@@ -258,29 +313,31 @@ def describe(
             if as_json:
                 print(json.dumps(d.to_json(), indent=2))
                 return
-            state = "paused" if d.paused else "active"
+            state = "paused" if d.paused else "done" if d.remaining_executions == 0 else "active"
             out.print(
                 f"[bold]{escape(d.schedule_id)}[/bold]  {escape(d.workflow_type)} on {escape(d.task_queue)}"
             )
             out.print(f"state: {state}" + (f" ({escape(d.note)})" if d.note else ""))
-            when = d.definition.model_dump(
-                include={"cron_expressions", "intervals", "calendars", "skip", "time_zone_name"}, mode="json"
-            )
-            out.print("when: " + escape(json.dumps({k: v for k, v in when.items() if v})))
+            for line in _due_rules(d.definition):
+                out.print(escape(line))
+            out.print("input: " + escape(json.dumps(d.definition.input, default=str)))
             pol = d.definition.policy
             out.print(
-                f"policy: overlap {pol.overlap.name}, catch-up window {pol.catchup_window}, "
+                f"policy: overlap {pol.overlap.name}, catch-up window {_span(pol.catchup_window)}, "
                 f"pause on failure {'yes' if pol.pause_on_failure else 'no'}; "
                 f"runs left: {'no limit' if d.remaining_executions is None else d.remaining_executions}"
             )
             out.print(
-                f"origin: {escape(d.origin)}; {d.runs_started} runs started, {d.times_skipped} due times skipped"
+                f"origin: {escape(d.origin)}; runs started: {d.runs_started}, due times skipped: {d.times_skipped}"
             )
             if d.open_executions:
                 out.print("open: " + ", ".join(escape(w) for w in d.open_executions))
             if d.waiting:
                 out.print("waiting: " + ", ".join(w.isoformat() for w in d.waiting))
-            out.print("next due times:" + ("" if d.future_executions else " none"))
+            jitter = (
+                f" (each run starts up to {_span(d.definition.jitter)} later)" if d.definition.jitter else ""
+            )
+            out.print("next due times" + jitter + ":" + ("" if d.future_executions else " none"))
             for due in d.future_executions:
                 out.print(f"  {due.isoformat()}")
             if d.recent_executions:
@@ -317,8 +374,12 @@ def _simple(op: str) -> Any:
         async def main() -> None:
             async with connect(url, namespace) as client:
                 h = client.get_schedule_handle(schedule_id)
-                await getattr(h, op)(note)
-                out.print(f"{op}d schedule {escape(schedule_id)}")
+                if await getattr(h, op)(note):
+                    out.print(f"{op}d schedule {escape(schedule_id)}")
+                else:
+                    out.print(
+                        f"schedule {escape(schedule_id)} was {'paused already' if op == 'pause' else 'not paused'}"
+                    )
 
         run(main)
 
@@ -338,8 +399,12 @@ def delete(schedule_id: IdArg, url: UrlOpt = None, namespace: NsOpt = "default")
 
     async def main() -> None:
         async with connect(url, namespace) as client:
-            await client.get_schedule_handle(schedule_id).delete()
+            h = client.get_schedule_handle(schedule_id)
+            origin = (await h.describe()).origin
+            await h.delete()
             out.print(f"deleted schedule {escape(schedule_id)}")
+            if origin.startswith("declared:"):
+                out.print(_DECLARED.format(origin.removeprefix("declared:")))
 
     run(main)
 
@@ -352,13 +417,15 @@ def trigger(
 
     async def main() -> None:
         async with connect(url, namespace) as client:
-            h = await client.get_schedule_handle(schedule_id).trigger(overlap)
-            if h is None:
-                d = await client.get_schedule_handle(schedule_id).describe()
-                why = d.skipped[0].why if d.skipped else "it waits for the open run (overlap policy)"
-                out.print(f"not started: {escape(why)}")
-            else:
+            h, outcome = await client.get_schedule_handle(schedule_id).trigger_outcome(overlap)
+            if h is not None:
                 print(h.id)
+            elif outcome == "buffered":
+                out.print(
+                    "not started yet: it waits for the schedule's open run to close (its overlap policy)"
+                )
+            else:
+                out.print(f"not started: {escape(outcome)}")
 
     run(main)
 
@@ -366,8 +433,10 @@ def trigger(
 @schedule_app.command()
 def backfill(
     schedule_id: IdArg,
-    start: Annotated[str, typer.Option("--start", help="from this ISO time (inclusive)")],
-    end: Annotated[str, typer.Option("--end", help="to this ISO time (inclusive)")],
+    start: Annotated[str, typer.Option("--start", help="from this ISO time, inclusive (naive: UTC)")],
+    end: Annotated[
+        str, typer.Option("--end", help="to this ISO time, inclusive (naive: UTC); not in the future")
+    ],
     overlap: OverlapOpt = None,
     url: UrlOpt = None,
     namespace: NsOpt = "default",
@@ -380,5 +449,10 @@ def backfill(
         async with connect(url, namespace) as client:
             res = await client.get_schedule_handle(schedule_id).backfill(t0, t1, overlap)
             out.print(f"started {res.started}, buffered {res.buffered}, skipped {res.skipped}")
+            if res.skipped and overlap is None:
+                out.print(
+                    "(`rillflow schedule describe` says why; by the schedule's overlap policy a due time is "
+                    "skipped while an earlier run is open: --overlap ALLOW_ALL or BUFFER_ALL runs them all)"
+                )
 
     run(main)

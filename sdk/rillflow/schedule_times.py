@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 from cronsim import CronSim
 
-from rillflow.models import ScheduleCalendar, ScheduleDefinition, ScheduleInterval
+from rillflow.models import ScheduleCalendar, ScheduleDefinition, ScheduleInterval, cron_fields
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # how far a calendar is searched for a day it names (an impossible one, Feb 30, ends
@@ -65,14 +65,19 @@ def next_fire_times(schedule: ScheduleDefinition, after: datetime, n: int = 10) 
     return out
 
 
-def jittered(schedule: ScheduleDefinition, due: datetime, schedule_id: str) -> datetime:
+def jittered(
+    schedule: ScheduleDefinition, due: datetime, schedule_id: str, next_due: datetime | None = None
+) -> datetime:
     """When the run of due time ``due`` starts: up to ``jitter`` later, by an amount made
-    from the schedule and the due time, so that every worker agrees on it."""
+    from the schedule and the due time, so that every worker agrees on it. The jitter is
+    capped at the gap to the next due time (``next_due``), as Temporal caps it, so that
+    runs start in the order of their due times."""
     if not schedule.jitter:
         return due
     digest = hashlib.sha1(f"{schedule_id}|{due.isoformat()}".encode()).digest()
     fraction = int.from_bytes(digest[:8], "big") / 2**64
-    return due + timedelta(microseconds=int(schedule.jitter / timedelta(microseconds=1) * fraction))
+    span = schedule.jitter if next_due is None else min(schedule.jitter, next_due - due)
+    return due + timedelta(microseconds=int(span / timedelta(microseconds=1) * fraction))
 
 
 def matches(calendar: ScheduleCalendar, t: datetime, zone: ZoneInfo) -> bool:
@@ -100,7 +105,7 @@ def _to_the_end_of_time(source: Iterator[datetime]) -> Iterator[datetime]:
 
 
 def _cron(expr: str, after: datetime, zone: ZoneInfo) -> Iterator[datetime]:
-    for t in CronSim(expr, after.astimezone(zone)):
+    for t in CronSim(cron_fields(expr), after.astimezone(zone)):
         yield t.astimezone(UTC)
 
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from rillflow.durations import time_of_ms
-from rillflow.errors import InvalidInputError, RillflowError
-from rillflow.models import ScheduleDefinition, ScheduleOverlapPolicy
+from rillflow.errors import InvalidInputError, RillflowError, WorkflowNotRegisteredError
+from rillflow.models import PartialScheduleDefinition, ScheduleDefinition, ScheduleOverlapPolicy
 from rillflow.payloads import check_size, validation_summary
 from rillflow.schedule_times import fire_times, jittered, next_fire_times
 from rillflow_runtime.codec import pack, text, unpack
@@ -60,6 +60,7 @@ _HASH_FIELDS = (
     "n_skip",
     "catchup",
     "overlap",
+    "ver",
 )
 
 
@@ -119,6 +120,7 @@ async def record_for(
     task_queue: str | None,
     origin: str,
     defn: WorkflowDefinition | None = None,
+    unregistered_ok: bool = False,
 ) -> ScheduleRecord:
     """A schedule checked and encoded as sched_put stores it: the definition valid, the
     input fitting the workflow (its class, or its registered schema), the start body
@@ -130,16 +132,31 @@ async def record_for(
             f"a schedule is a rillflow.models.ScheduleDefinition, not a {type(schedule).__name__}"
         )
     sid = schedule_id or schedule.schedule_id
-    if not sid or not SCHEDULE_ID_RE.fullmatch(sid):
+    if not sid:
         raise InvalidInputError(
-            f"schedule_id {sid!r} is invalid: give one of 1-200 letters, digits, '_', '-', '.'"
+            "a schedule needs an id: pass schedule_id=, or set schedule_id in the definition"
         )
+    if not isinstance(sid, str) or not SCHEDULE_ID_RE.fullmatch(sid):
+        raise InvalidInputError(f"schedule_id {sid!r} is invalid: use 1-200 letters, digits, '_', '-', '.'")
     if defn is None and not isinstance(workflow, str):
         defn = get_workflow_definition(workflow)
     name = defn.name if defn else str(workflow)
-    req = await client._start_request(
-        defn.cls if defn else name, schedule.input, "x", task_queue, None, False
-    )
+    # (unregistered_ok: a change of a stored schedule, whose queue is known, before any
+    # worker registered its workflow: checked against the registry if it has it)
+    try:
+        req = await client._start_request(
+            defn.cls if defn else name,
+            schedule.input,
+            "x",
+            task_queue,
+            None,
+            unregistered_ok and task_queue is not None,
+        )
+    except WorkflowNotRegisteredError as e:
+        raise WorkflowNotRegisteredError(
+            f"schedule {sid!r}: {str(e).split('. ')[0]}. Start a worker that serves it first, or create the "
+            "schedule from the workflow's class (client.create_schedule(MyWorkflow, ...)), which needs no worker"
+        ) from None
     definition = schedule.model_copy(update={"schedule_id": sid})
     try:
         def_json = definition.model_dump_json()
@@ -177,7 +194,7 @@ class Plan:
     """What an evaluation passes to sched_fire: the due times by now, when to look next,
     and the due times the catch-up window leaves behind."""
 
-    fires: list[tuple[int, str]]  # (due ms, execution id)
+    fires: list[tuple[int, int, str]]  # (due ms, start ms: with its jitter, execution id)
     next_score: int  # -1: none ahead
     skip_to_ms: int | None = None
     skip_count: int = 0
@@ -193,8 +210,10 @@ def plan(
 ) -> Plan:
     """The due times after the cursor whose (jittered) start is by ``now_ms``, at most
     :data:`BATCH` (and ``remaining``); those older than the catch-up window are counted
-    and skipped over, not listed. Pure: a test hands it any time."""
-    lo = now_ms - catchup_ms
+    and skipped over, not listed. The window is measured by a run's start (the due time
+    with its jitter, as the evaluator is woken by it): due times within a jitter of its
+    edge are listed, and the script decides each. Pure: a test hands it any time."""
+    lo = now_ms - catchup_ms - (ms(_EPOCH + definition.jitter) if definition.jitter else 0)
     skip_to, skipped = None, 0
     if cursor_ms < lo:
         skip_to = lo
@@ -204,17 +223,21 @@ def plan(
                 break
     after = max(cursor_ms, lo)
     cap = BATCH if remaining is None else max(0, min(BATCH, remaining))
-    fires: list[tuple[int, str]] = []
+    fires: list[tuple[int, int, str]] = []
     next_score = -1
-    for t in fire_times(definition, at_ms(after)):
-        start = ms(jittered(definition, t, schedule_id))
+    times = fire_times(definition, at_ms(after))
+    t = next(times, None)
+    while t is not None:
+        later = next(times, None)
+        start = ms(jittered(definition, t, schedule_id, later))
         if start > now_ms:
             next_score = start
             break
         if len(fires) >= cap:
             next_score = 0 if cap else -1
             break
-        fires.append((ms(t), execution_id(schedule_id, t)))
+        fires.append((ms(t), start, execution_id(schedule_id, t)))
+        t = later
     return Plan(fires, next_score, skip_to, skipped)
 
 
@@ -233,6 +256,7 @@ def stored_definition(digest: str, def_json: str) -> ScheduleDefinition:
 
 @dataclass(frozen=True)
 class _State:
+    version: str
     workflow_type: str
     task_queue: str
     definition: ScheduleDefinition
@@ -260,6 +284,7 @@ async def _read(client: Client, schedule_id: str) -> _State | None:
     if not f["digest"] or not f["def"]:
         return None
     return _State(
+        version=f["ver"] or "0",
         workflow_type=f["wf"] or "",
         task_queue=f["tq"] or "",
         definition=stored_definition(f["digest"], f["def"]),
@@ -302,7 +327,7 @@ async def _fire(
     schedule_id: str,
     now_ms: int,
     mode: str,
-    fires: Sequence[tuple[int, str]],
+    fires: Sequence[tuple[int, int, str]],
     retention_ms: int,
     p: Plan | None,
     overlap: Overlap | None,
@@ -314,9 +339,10 @@ async def _fire(
         st.digest,
         now_ms,
         mode,
+        version=st.version,
         task_queue=st.task_queue,
         retention_ms=retention_ms,
-        fires=[ScheduleFire(due, wid, str(uuid.uuid4())) for due, wid in fires],
+        fires=[ScheduleFire(due, wid, str(uuid.uuid4()), start) for due, start, wid in fires],
         overlap=overlap,
         next_score=p.next_score if p else -1,
         waiting=ScheduleFire(0, st.waiting, str(uuid.uuid4())) if st.waiting else None,
@@ -412,8 +438,23 @@ class ScheduleDescription:
             "skipped": [s.to_json() for s in self.skipped],
             "open_executions": self.open_executions,
             "waiting": [t.isoformat() for t in self.waiting],
-            "definition": self.definition.model_dump(mode="json"),
+            "definition": _definition_json(self.definition),
         }
+
+
+def _skipped(definition: ScheduleDefinition, e: dict[str, Any]) -> SkippedTime:
+    """A skip as the log has it; a range's ``due`` is the last due time acted on before
+    it (excluded): shown from the first due time after it."""
+    due, to = at_ms(e["due"]), at_ms(e["to"]) if e.get("to") is not None else None
+    if to is not None:
+        due = next(fire_times(definition, due, until=to), due)
+    return SkippedTime(due, e.get("why", ""), at_ms(e["at"]), to, e.get("n"))
+
+
+def _definition_json(d: ScheduleDefinition) -> dict[str, Any]:
+    out = d.model_dump(mode="json")
+    out["policy"]["overlap"] = d.policy.overlap.name  # (by name, as the CLI and the docs say it)
+    return out
 
 
 @dataclass(frozen=True)
@@ -431,11 +472,14 @@ class ScheduleHandle:
     def __init__(self, client: Client, schedule_id: str, clock: Callable[[], datetime] | None = None):
         if not isinstance(schedule_id, str) or not SCHEDULE_ID_RE.fullmatch(schedule_id):
             raise InvalidInputError(
-                f"schedule_id {schedule_id!r} is invalid: 1-200 letters, digits, '_', '-', '.'"
+                f"schedule_id {schedule_id!r} is invalid: use 1-200 letters, digits, '_', '-', '.'"
             )
         self.client = client
         self.id = schedule_id
         self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"<ScheduleHandle {self.id!r} in namespace {self.client.namespace!r}>"
 
     async def _now_ms(self) -> int:
         if self._clock is not None:
@@ -473,7 +517,7 @@ class ScheduleHandle:
             schedule_id=self.id,
             workflow_type=st.workflow_type,
             task_queue=st.task_queue,
-            definition=st.definition,
+            definition=st.definition.model_copy(deep=True),  # (not the evaluator's own)
             origin=f["origin"] or "client",
             paused=st.paused,
             note=f["note"],
@@ -496,26 +540,30 @@ class ScheduleHandle:
                 )
                 for e, s in zip(starts, statuses, strict=True)
             ],
-            skipped=[
-                SkippedTime(
-                    at_ms(e["due"]),
-                    e.get("why", ""),
-                    at_ms(e["at"]),
-                    at_ms(e["to"]) if e.get("to") is not None else None,
-                    e.get("n"),
-                )
-                for e in log
-                if e.get("k") == ScheduleAction.SKIPPED
-            ][:10],
+            skipped=[_skipped(st.definition, e) for e in log if e.get("k") == ScheduleAction.SKIPPED][:10],
             open_executions=st.open,
             waiting=[at_ms(int(text(b).split(" ")[0])) for b in buf],
             log=log,
         )
 
-    async def update(self, schedule: ScheduleDefinition | None = None, **changes: Any) -> None:
-        """Replace the definition (``schedule``), or change some of its fields
-        (``update(cron_expressions=[...])``: the rest keep their values). What the
-        schedule has done stays: its due times acted on, its log, its open runs."""
+    async def update(
+        self, schedule: ScheduleDefinition | PartialScheduleDefinition | None = None, **changes: Any
+    ) -> None:
+        """Replace the definition (``schedule``), or change some of its fields (a
+        ``PartialScheduleDefinition``, or ``update(cron_expressions=[...])``: the rest
+        keep their values). What the schedule has done stays: its due times acted on,
+        its log, its open runs."""
+        if isinstance(schedule, PartialScheduleDefinition):
+            if changes:
+                raise InvalidInputError("pass a PartialScheduleDefinition or the fields to change, not both")
+            changes = schedule.changes()
+            schedule = None
+        unknown = sorted(set(changes) - set(ScheduleDefinition.model_fields) - {"schedule_id"})
+        if unknown:
+            known = ", ".join(n for n in ScheduleDefinition.model_fields if n != "schedule_id")
+            raise InvalidInputError(f"a schedule has no field {', '.join(unknown)} (its fields: {known})")
+        if changes.get("schedule_id", self.id) != self.id:
+            raise InvalidInputError("a schedule's id does not change: create another and delete this one")
         st = await self._state()
         if schedule is None:
             try:
@@ -524,7 +572,7 @@ class ScheduleHandle:
                 )
             except ValidationError as e:
                 raise InvalidInputError(
-                    f"schedule {self.id!r} was not changed: {validation_summary(e)}"
+                    f"schedule {self.id!r} was not changed: {validation_summary(e, None)}"
                 ) from None
         elif changes:
             raise InvalidInputError("pass a whole definition or the fields to change, not both")
@@ -535,43 +583,68 @@ class ScheduleHandle:
             schedule_id=self.id,
             task_queue=st.task_queue,
             origin="client",
+            unregistered_ok=True,
         )
-        res = await self.client.protocol.schedule_put(rec, "update", await self._now_ms())
+        now = await self._now_ms()
+        # the old definition's due times up to now are acted on first: the new one applies from now
+        await evaluate(self.client, self.id, now, self.client.settings.retention_ms)
+        res = await self.client.protocol.schedule_put(rec, "update", now)
         _check_put(res.reply, res.why, self.id)
 
-    async def pause(self, note: str | None = None) -> None:
-        """No due time runs until :meth:`unpause`; those in between are skipped."""
-        await self._state_op("pause", note)
+    async def pause(self, note: str | None = None) -> bool:
+        """No due time runs until :meth:`unpause`; those in between are skipped. False if
+        it was paused already (the note is changed)."""
+        return await self._state_op("pause", note) != "unchanged"
 
-    async def unpause(self, note: str | None = None) -> None:
-        await self._state_op("unpause", note)
+    async def unpause(self, note: str | None = None) -> bool:
+        """Start runs again, from now: the due times while it was paused are skipped.
+        False if it was not paused."""
+        st = await self._state()
+        now = await self._now_ms()
+        skipped = 0
+        if st.paused:
+            for _ in fire_times(st.definition, at_ms(st.cursor_ms), until=at_ms(now)):
+                skipped += 1
+                if skipped >= SKIP_COUNT_CAP:
+                    break
+        return await self._state_op("unpause", note, skipped, now) != "unchanged"
 
     async def delete(self) -> None:
         """Remove the schedule; its runs go on. A schedule declared in code is made again
         when a worker of its workflow starts: remove it from the code too."""
         await self._state_op("delete", None)
 
-    async def _state_op(self, op: str, note: str | None) -> None:
+    async def _state_op(self, op: str, note: str | None, skipped: int = 0, now: int | None = None) -> str:
         if note is not None and not isinstance(note, str):
             raise InvalidInputError(f"note must be a str, got {type(note).__name__}")
-        res = await self.client.protocol.schedule_state(self.id, op, await self._now_ms(), note or "")
+        when = now if now is not None else await self._now_ms()
+        res = await self.client.protocol.schedule_state(self.id, op, when, note or "", skipped)
         if res.reply is Reply.NOT_FOUND:
             await self._state()  # (raises, naming it)
+        return res.why
 
     async def trigger(self, overlap: ScheduleOverlapPolicy | str | None = None) -> WorkflowHandle | None:
         """Run the schedule now, once, by its overlap policy (or ``overlap``): a handle on
-        the run it started, or None if the policy skipped or buffered it."""
+        the run it started, or None if the policy skipped it or made it wait (see
+        :meth:`trigger_outcome`)."""
+        handle, _ = await self.trigger_outcome(overlap)
+        return handle
+
+    async def trigger_outcome(
+        self, overlap: ScheduleOverlapPolicy | str | None = None
+    ) -> tuple[WorkflowHandle | None, str]:
+        """:meth:`trigger`, with what became of it: ``started``, ``buffered`` (it waits
+        for the open run, and starts when that closes) or why it was skipped."""
         from rillflow.handle import WorkflowHandle
 
-        st = await self._state()
-        now = await self._now_ms()
-        fires = [(now, execution_id(self.id, at_ms(now)))]
         ov = overlap_of(overlap) if overlap is not None else None
-        res = await _fire(self.client, st, self.id, now, "trigger", fires, self._retention(), None, ov)
-        _check_fire(res, self.id)
-        if res.started and res.first_started:
-            return WorkflowHandle(self.client, res.first_started, None, None)
-        return None
+        now = await self._now_ms()
+        res = await self._fire_fresh("trigger", [(now, now, execution_id(self.id, at_ms(now)))], ov)
+        if res.first_started:
+            return WorkflowHandle(self.client, res.first_started, None, None), "started"
+        if res.buffered:
+            return None, "buffered"
+        return None, res.why_skipped or "skipped"
 
     async def backfill(
         self, start: datetime, end: datetime, overlap: ScheduleOverlapPolicy | str | None = None
@@ -584,10 +657,16 @@ class ScheduleHandle:
                 raise InvalidInputError(f"{name} must be a timezone-aware datetime, got {t!r}")
         if end < start:
             raise InvalidInputError(f"end ({end.isoformat()}) is before start ({start.isoformat()})")
+        now = at_ms(await self._now_ms())
+        if end > now:
+            raise InvalidInputError(
+                f"end ({end.isoformat()}) is in the future: a backfill runs due times that have passed "
+                f"(it is {now.isoformat()}); the schedule runs the later ones itself"
+            )
         st = await self._state()
         times = []
         for t in fire_times(st.definition, start - timedelta(microseconds=1), until=end):
-            times.append((ms(t), execution_id(self.id, t)))
+            times.append((ms(t), ms(t), execution_id(self.id, t)))
             if len(times) > BACKFILL_MAX:
                 raise InvalidInputError(
                     f"{start.isoformat()} to {end.isoformat()} holds more than {BACKFILL_MAX} due times "
@@ -596,12 +675,7 @@ class ScheduleHandle:
         ov = overlap_of(overlap) if overlap is not None else None
         started = skipped = buffered = 0
         for i in range(0, len(times), BATCH):
-            st = await self._state()
-            now = await self._now_ms()
-            res = await _fire(
-                self.client, st, self.id, now, "backfill", times[i : i + BATCH], self._retention(), None, ov
-            )
-            _check_fire(res, self.id)
+            res = await self._fire_fresh("backfill", times[i : i + BATCH], ov)
             started, skipped, buffered = (
                 started + res.started,
                 skipped + res.skipped,
@@ -609,8 +683,21 @@ class ScheduleHandle:
             )
         return BackfillResult(started, skipped, buffered)
 
-    def _retention(self) -> int:
-        return self.client.settings.retention_ms
+    async def _fire_fresh(
+        self, mode: str, fires: Sequence[tuple[int, int, str]], overlap: Overlap | None
+    ) -> FireReply:
+        """A trigger's or backfill's call, made again on what changed meanwhile (a pause,
+        a change: the script refuses a call made on an older state)."""
+        for _ in range(5):
+            st = await self._state()
+            now = await self._now_ms()
+            res = await _fire(
+                self.client, st, self.id, now, mode, fires, self.client.settings.retention_ms, None, overlap
+            )
+            if res.reply is not Reply.STALE:
+                _check_fire(res, self.id)
+                return res
+        raise RillflowError(f"schedule {self.id!r} kept changing while this call was made; try again")
 
 
 def _check_put(reply: Reply, why: str, schedule_id: str) -> None:
@@ -636,14 +723,24 @@ class ScheduleSummary:
     schedule_id: str
     workflow_type: str
     paused: bool
-    next_due: datetime | None  # when the evaluator looks next (None: never, or paused)
+    next_due: datetime | None  # when its next run starts, jitter included (None: never, or paused)
     note: str | None
     origin: str
+    task_queue: str = ""
+    remaining_executions: int | None = None  # None: no limit
+
+    @property
+    def state(self) -> str:
+        """``paused``, ``done`` (max_executions reached) or ``active``."""
+        return "paused" if self.paused else "done" if self.remaining_executions == 0 else "active"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schedule_id": self.schedule_id,
             "workflow_type": self.workflow_type,
+            "task_queue": self.task_queue,
+            "state": self.state,
+            "remaining_executions": self.remaining_executions,
             "paused": self.paused,
             "next_due": self.next_due.isoformat() if self.next_due else None,
             "note": self.note,
@@ -661,9 +758,12 @@ async def list_schedules(client: Client) -> list[ScheduleSummary]:
             chunk = members[i : i + 500]
             async with client.redis.pipeline(transaction=False) as pipe:
                 for sid, _ in chunk:
-                    pipe.hmget(ks.schedule(shard, text(sid)), ["wf", "paused_ms", "note", "origin"])
+                    pipe.hmget(
+                        ks.schedule(shard, text(sid)),
+                        ["wf", "paused_ms", "note", "origin", "tq", "remaining"],
+                    )
                 rows = await pipe.execute()
-            for (sid, score), (wf, paused, note, origin) in zip(chunk, rows, strict=True):
+            for (sid, score), (wf, paused, note, origin, tq, remaining) in zip(chunk, rows, strict=True):
                 if wf is None:
                     continue
                 out.append(
@@ -674,6 +774,8 @@ async def list_schedules(client: Client) -> list[ScheduleSummary]:
                         at_ms(int(score)) if 0 < score < NEVER_MS and paused is None else None,
                         text(note) if note is not None else None,
                         text(origin) if origin else "client",
+                        text(tq),
+                        int(remaining) if remaining is not None else None,
                     )
                 )
     return sorted(out, key=lambda s: s.schedule_id)
@@ -720,6 +822,12 @@ async def declare_schedules(
                 origin=f"declared:{d.name}",
                 defn=d,
             )
+            stored = await client.redis.hget(
+                client.keyspace.schedule(client.keyspace.shard(sid), sid), "digest"
+            )
+            if stored is not None and text(stored) != rec.digest:
+                # (changed: the old declaration's due times up to now first, as update does)
+                await evaluate(client, sid, now_ms, client.settings.retention_ms)
             res = await client.protocol.schedule_put(rec, "declare", now_ms)
             if res.reply is not Reply.OK:
                 raise InvalidInputError(f"workflow '{d.name}': schedule {sid!r} was not stored: {res.why}")

@@ -10,37 +10,41 @@
 -- stream; the wf hash of each execution in `fin`; with CANCEL_OTHER or TERMINATE_OTHER,
 -- each open execution's current run's keys and streams; the shard's outbox and listing
 -- indexes.
--- ARGV: prefix, schedule id, the definition's digest as the caller read it, now ms (the
+-- ARGV: prefix, schedule id, the definition's digest and the state's version (`ver`:
+-- every pause, unpause and change moves it) as the caller read them, now ms (the
 -- caller's clock: the evaluator's, which a test may set), mode ('tick': due times the
 -- evaluator found; 'trigger' and 'backfill': the caller's, which neither move the cursor
 -- nor count against max_executions), overlap ('' for the schedule's), retention ms, the
 -- next score (when the evaluator looks next; -1: no due time ahead), the run id for the
 -- first waiting due time ('' if none), skip-to ms and the count of due times skipped up
--- to it ('' and 0: none; the catch-up window), then n, then n of (due ms, execution id,
--- run id), ascending.
+-- to it ('' and 0: none; the catch-up window), then n, then n of (due ms, start ms (the
+-- due time with its jitter: what the catch-up window is measured by), execution id, run
+-- id), ascending.
 -- First, what happened since the last call: the schedule's executions that closed
 -- (pause_on_failure reads how), then the first waiting due time starts if nothing is open.
--- Returns {R.OK, started, skipped, buffered, the first execution started ('' none), why
--- the last due time was skipped ('' none)}, {R.NOT_FOUND} (no such schedule), {R.STALE}
--- (the definition changed since the caller read it) or {R.REROUTE} (an open execution's
+-- Returns {R.OK, started, skipped, buffered, the first of the call's own due times that
+-- started ('' none), why the last due time was skipped ('' none)}, {R.NOT_FOUND} (no such
+-- schedule), {R.STALE} (the definition or the state changed since the caller read them:
+-- it plans again) or {R.REROUTE} (an open execution's
 -- keys were not declared): nothing written but by R.OK (and NOT_FOUND's drop of a
 -- deleted schedule's due entry).
-local sid, digest = ARGV[2], ARGV[3]
-local now = num(ARGV[4], 'now', 0)
-local mode, override = ARGV[5], ARGV[6]
-local retention = num(ARGV[7], 'retention', 1)
-local next_score = num(ARGV[8], 'next score', -1)
-local head_run = ARGV[9]
-local skip_to, skip_n = ARGV[10], num(ARGV[11], 'skipped count', 0)
-local n = num(ARGV[12], 'count', 0)
+local sid, digest, version = ARGV[2], ARGV[3], ARGV[4]
+local now = num(ARGV[5], 'now', 0)
+local mode, override = ARGV[6], ARGV[7]
+local retention = num(ARGV[8], 'retention', 1)
+local next_score = num(ARGV[9], 'next score', -1)
+local head_run = ARGV[10]
+local skip_to = ARGV[11] ~= '' and num(ARGV[11], 'skip-to ms', 0) or nil
+local skip_n = num(ARGV[12], 'skipped count', 0)
+local n = num(ARGV[13], 'count', 0)
 local hk, openk, bufk = schedule_key(sid), schedule_key(sid, 'open'), schedule_key(sid, 'buf')
 local h = call('HMGET', hk, 'digest', 'paused_ms', 'cursor', 'remaining', 'wf', 'tq', 'tmo', 'tpl', 'tpl_n', 'overlap',
-  'catchup', 'pof')
+  'catchup', 'pof', 'ver')
 if not h[1] then
   if call('ZREM', sched_key('due'), sid) == 1 then call('HDEL', sched_key('fin'), sid) end
   return { R.NOT_FOUND }
 end
-if h[1] ~= digest then return { R.STALE } end
+if h[1] ~= digest or (h[13] or '0') ~= version then return { R.STALE } end
 if mode ~= 'tick' and mode ~= 'trigger' and mode ~= 'backfill' then return { R.INVALID, 'unknown mode ' .. mode } end
 local paused, cursor, remaining = h[2] ~= false, tonumber(h[3]), tonumber(h[4])
 local wf, tq, tmo, tpl, tpl_n = h[5], h[6], tonumber(h[7]), h[8], tonumber(h[9])
@@ -48,20 +52,22 @@ local pol = override ~= '' and override or h[10]
 local catchup, pof = tonumber(h[11]), h[12] == '1'
 local fires = {}
 for i = 0, n - 1 do
-  local due, wid, run = num(ARGV[13 + 3 * i], 'due ms', 0), ARGV[14 + 3 * i], ARGV[15 + 3 * i]
+  local at = 14 + 4 * i
+  local due, start_ms, wid, run = num(ARGV[at], 'due ms', 0), num(ARGV[at + 1], 'start ms', 0), ARGV[at + 2], ARGV[at + 3]
   if not (DECLARED[wf_key(wid)] and DECLARED[run_key(run)]) then
     return { R.INVALID, 'the keys of ' .. wid .. ' were not declared' }
   end
-  fires[#fires + 1] = { due, wid, run }
+  fires[#fires + 1] = { due, wid, run, start_ms }
 end
 local open = call('SMEMBERS', openk)
 -- the current run of each open execution, when this call may cancel or terminate it
 local others = {}
 if n > 0 and (pol == OV.CANCEL_OTHER or pol == OV.TERMINATE_OTHER) then
   for _, wid in ipairs(open) do
+    if not DECLARED[wf_key(wid)] then return { R.REROUTE } end
     local cur = call('HMGET', wf_key(wid), 'run', 'status')
     if cur[2] == RS.RUNNING then
-      if not (DECLARED[wf_key(wid)] and DECLARED[run_key(cur[1])]) then return { R.REROUTE } end
+      if not DECLARED[run_key(cur[1])] then return { R.REROUTE } end
       others[#others + 1] = { wid, cur[1] }
     end
   end
@@ -83,7 +89,7 @@ local function start(due, wid, run, how)
   call('SADD', openk, wid)
   schedule_log(sid, { k = SA.STARTED, at = now, due = due, wid = wid, run = run, how = how })
   started = started + 1
-  if first == '' then first = wid end
+  if first == '' and how ~= 'waited' then first = wid end
 end
 
 local function skip(due, wid, reason)
@@ -108,6 +114,7 @@ if fin then
           paused = true
           local note = 'paused: ' .. wid .. ' ' .. status .. ' (pause_on_failure)'
           call('HSET', hk, 'paused_ms', now, 'note', note)
+          call('HINCRBY', hk, 'ver', 1)
           schedule_log(sid, { k = SA.PAUSED, at = now, why = note })
         end
       end
@@ -123,12 +130,13 @@ local function start_waiting()
   local head = call('LINDEX', bufk, 0)
   if not head then return end
   local p = split(head, ' ')
-  if call('EXISTS', wf_key(p[2])) == 1 and DECLARED[wf_key(p[2])] then
+  if not DECLARED[wf_key(p[2])] then return end  -- (its caller did not see it: the next call)
+  if call('EXISTS', wf_key(p[2])) == 1 then
     call('LPOP', bufk)
     skip(tonumber(p[1]), p[2], 'already ran: execution ' .. p[2] .. ' exists')
     return
   end
-  if head_run == '' or not (DECLARED[wf_key(p[2])] and DECLARED[run_key(head_run)]) then return end
+  if head_run == '' or not DECLARED[run_key(head_run)] then return end
   call('LPOP', bufk)
   start(tonumber(p[1]), p[2], head_run, 'waited')
 end
@@ -211,20 +219,19 @@ end
 
 if mode == 'tick' then
   if not paused then
-    if skip_to ~= '' then
-      local to = num(skip_to, 'skip-to ms', 0)
-      if to > cursor then
-        schedule_log(sid, { k = SA.SKIPPED, at = now, due = cursor, to = to, n = skip_n,
+    if skip_to and skip_to > cursor then
+      if skip_n > 0 then
+        schedule_log(sid, { k = SA.SKIPPED, at = now, due = cursor, to = skip_to, n = skip_n,
           why = 'missed: outside the catch-up window' })
         call('HINCRBY', hk, 'n_skip', skip_n)
-        cursor = to
       end
+      cursor = skip_to
     end
     for _, f in ipairs(fires) do
       if f[1] > cursor then
         if remaining and remaining <= 0 then break end
         cursor = f[1]
-        if f[1] < now - catchup then
+        if f[4] < now - catchup then
           skip(f[1], f[2], 'missed: outside the catch-up window')
         elseif act(f[1], f[2], f[3], true) and remaining then
           remaining = remaining - 1

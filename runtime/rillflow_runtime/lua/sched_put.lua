@@ -8,9 +8,12 @@
 -- overlap (OV), catch-up window ms, pause on failure ('1' or '0'), max executions (''
 -- for no limit), now ms (a new schedule's due times are those after it), paused ('1',
 -- '0', or '' to keep), note ('' to keep).
--- A change keeps what the schedule has done: its cursor (the due times it has acted
--- on), its log, its open and waiting runs; a changed max_executions starts its count
--- again. The evaluator looks at the schedule at once after either.
+-- A change keeps what the schedule has done (its log, its open and waiting runs) and
+-- applies from now on: the cursor (the due times acted on) moves up to now, so that a
+-- new definition, a later end_at or a higher max_executions does not start the due
+-- times of the past at once (the caller evaluates the old definition up to now first).
+-- A changed max_executions starts its count again. Every change moves `ver`, which an
+-- evaluation made before it is refused by. The evaluator looks at the schedule at once.
 -- Returns {R.OK, 'created' | 'updated' | 'unchanged'}, {R.NOT_FOUND} (update of none),
 -- {R.DUPLICATE} (create of an id taken) or {R.INVALID, why}; nothing is written but
 -- with R.OK.
@@ -30,7 +33,7 @@ for _, v in pairs(OV) do if v == overlap then known = true end end
 if not known then return { R.INVALID, 'unknown overlap policy ' .. tostring(overlap) } end
 if wf == '' or tq == '' or digest == '' then return { R.INVALID, 'empty workflow, task queue or digest' } end
 local hk = schedule_key(sid)
-local cur = call('HMGET', hk, 'digest', 'wf', 'max')
+local cur = call('HMGET', hk, 'digest', 'wf', 'max', 'cursor')
 if mode == 'create' and cur[1] then return { R.DUPLICATE } end
 if mode == 'update' and not cur[1] then return { R.NOT_FOUND } end
 if cur[1] and cur[2] ~= wf then
@@ -45,6 +48,9 @@ if not cur[1] then
   for _, v in ipairs({ 'origin', origin, 'created_ms', now, 'cursor', now, 'n_run', 0, 'n_skip', 0 }) do
     fields[#fields + 1] = v
   end
+elseif (tonumber(cur[4]) or 0) < now then
+  fields[#fields + 1] = 'cursor'
+  fields[#fields + 1] = string.format('%.0f', now)
 end
 if not cur[1] or (cur[3] or '') ~= maxn then
   if maxn == '' then
@@ -61,6 +67,7 @@ if note ~= '' then
   fields[#fields + 1] = note
 end
 call('HSET', hk, unpack(fields))
+call('HINCRBY', hk, 'ver', 1)
 if paused == '1' then call('HSET', hk, 'paused_ms', now)
 elseif paused == '0' then call('HDEL', hk, 'paused_ms') end
 local is_paused = call('HEXISTS', hk, 'paused_ms') == 1
