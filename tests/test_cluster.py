@@ -621,8 +621,13 @@ async def drive_schedule(c: Conn, shard: int) -> None:
     )
     assert (await p.schedule_put(rec, "create", 1_000)).why == "created"
     first = ScheduleFire(2_000, f"{sid}@19700101T000002Z", uuid.uuid4().hex)
+    # (an evaluation made on another version than the put's, "1", is refused)
     res = await p.schedule_fire(
         sid, "d1", 2_000, "tick", task_queue=tq, retention_ms=RETENTION_MS, fires=[first]
+    )
+    assert res.reply is Reply.STALE
+    res = await p.schedule_fire(
+        sid, "d1", 2_000, "tick", version="1", task_queue=tq, retention_ms=RETENTION_MS, fires=[first]
     )
     assert (res.reply, res.started) == (Reply.OK, 1)
     second = ScheduleFire(3_000, f"{sid}@19700101T000003Z", uuid.uuid4().hex)
@@ -631,6 +636,7 @@ async def drive_schedule(c: Conn, shard: int) -> None:
         "d1",
         3_000,
         "tick",
+        version="1",
         task_queue=tq,
         retention_ms=RETENTION_MS,
         fires=[second],
