@@ -7,6 +7,7 @@
 from rillflow.activity import ActivityInfo, activity, activity_heartbeat
 from rillflow.children import ChildWorkflowHandle, ParentClosePolicy
 from rillflow.client import Client
+from rillflow.dependencies import Depends
 from rillflow.errors import (
     ActivityError,
     ChildWorkflowError,
@@ -49,6 +50,7 @@ __all__ = [
     "ChildWorkflowError",
     "ChildWorkflowHandle",
     "Client",
+    "Depends",
     "HistoryEvent",
     "InvalidInputError",
     "InvalidResultError",

@@ -7,6 +7,7 @@ any workflow, it is a plain call: the outer activity is the retry boundary.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from rillflow.dependencies import Depends, Scope, filled
 from rillflow.durations import duration_problem
 from rillflow.errors import WorkflowDefinitionError
 from rillflow.executor import current_instance
@@ -131,7 +133,33 @@ class ActivityDefinition:
         inst = current_instance()
         if inst is not None:
             return inst.schedule_activity(self, args, kwargs)
-        return self.fn(*args, **kwargs)
+        if not self.sig.depends:
+            return self.fn(*args, **kwargs)
+        # a direct call: the worker's providers when it runs in one, else its own
+        values = filled(self.sig.depends, kwargs)
+        if values is not None:
+            return self.fn(*args, **kwargs, **values)
+        missing = {n: d for n, d in self.sig.depends.items() if n not in kwargs}
+        if self.is_async:
+            return self._scoped(missing, args, kwargs)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._scoped(missing, args, kwargs))
+        raise WorkflowDefinitionError(
+            f"activity '{self.name}' is a plain def with Depends parameters, called directly from async "
+            "code: its providers are made in an event loop of their own. Await it from a thread "
+            "(asyncio.to_thread), pass its dependencies yourself, or make it async"
+        )
+
+    async def _scoped(self, deps: dict[str, Depends], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        scope = Scope()
+        try:
+            values = await scope.kwargs(deps)
+            out = self.fn(*args, **kwargs, **values)
+            return await out if self.is_async else out
+        finally:
+            await scope.aclose()
 
     def __repr__(self) -> str:
         return f"<activity {self.name!r}>"

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, ConfigDict, Field, RootModel, TypeAdapter, ValidationError, create_model
 from pydantic_core import to_jsonable_python
 
+from rillflow.dependencies import Depends
 from rillflow.errors import (
     InvalidInputError,
     InvalidResultError,
@@ -91,8 +92,13 @@ class Signature:
         except Exception as e:  # unresolvable forward reference
             raise WorkflowDefinitionError(f"{what} '{self.fn_name}': cannot read annotations: {e}") from e
         self.params: list[inspect.Parameter] = []
+        # parameters a worker fills in (Depends): not part of the input
+        self.depends: dict[str, Depends] = {}
         for p in sig.parameters.values():
             if p.name == "self":
+                continue
+            if isinstance(p.default, Depends):
+                self.depends[p.name] = p.default
                 continue
             if p.kind == p.VAR_KEYWORD:
                 if not allow_kwargs:
@@ -120,6 +126,7 @@ class Signature:
         # built once: constructing an inspect.Signature validates every parameter again
         self._call_sig = inspect.Signature(self.params)
         self._names = tuple(p.name for p in self.params)
+        self.param_names = self._names
         # a call that passes every argument by position needs no bind() (most calls do)
         self._by_position = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in self.params)
         self.return_type: Any = hints.get("return", Any)

@@ -332,8 +332,12 @@ class Activities:
             except InvalidInputError:
                 non_retryable = True
                 raise
+            kwargs = self._dependencies(adef, args)
             async with deadline:
-                result = await adef.fn(*args) if adef.is_async else await self._in_thread(adef, args)
+                if adef.is_async:
+                    result = await (adef.fn(**kwargs) if kwargs is not None else adef.fn(*args))
+                else:
+                    result = await self._in_thread(adef, args, kwargs)
             body = pack({"seq": info.seq, "att": info.attempt, "result": adef.sig.dump_result(result)})
             check_size(body, self.ctx.client.max_payload_bytes, f"result of activity '{info.activity_name}'")
             self.report(shard, ActivityOutcome(info.run_id, info.seq, info.attempt, body, route))
@@ -360,7 +364,20 @@ class Activities:
         finally:
             _current_activity.reset(token)
 
-    async def _in_thread(self, adef: ActivityDefinition, args: list[Any]) -> Any:
+    def _dependencies(self, adef: ActivityDefinition, args: list[Any]) -> dict[str, Any] | None:
+        """The call's arguments by name, with the worker's values for its Depends
+        parameters (None: it has none, and is called by position)."""
+        if not adef.sig.depends:
+            return None
+        scope = self.ctx.dependencies
+        kwargs = dict(zip(adef.sig.param_names, args, strict=False))
+        for name, dep in adef.sig.depends.items():
+            kwargs[name] = scope.value(dep)
+        return kwargs
+
+    async def _in_thread(
+        self, adef: ActivityDefinition, args: list[Any], kwargs: dict[str, Any] | None = None
+    ) -> Any:
         loop = asyncio.get_running_loop()
         cv = contextvars.copy_context()
         th = _Thread()
@@ -374,7 +391,7 @@ class Activities:
         def call() -> Any:
             th.started = True
             try:
-                return cv.run(adef.fn, *args)
+                return cv.run(adef.fn, **kwargs) if kwargs is not None else cv.run(adef.fn, *args)
             finally:
                 th.finished = True
                 loop.call_soon_threadsafe(ended)

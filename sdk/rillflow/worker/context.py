@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from rillflow.client import Client
+from rillflow.dependencies import Scope
 from rillflow.worker.clock import RedisClock
 from rillflow_runtime.codec import text
 from rillflow_runtime.connections import TRANSIENT, make_blocking_reader, reraise_if_cancelling
@@ -83,6 +84,8 @@ class Context:
         self.max_deliveries = max_deliveries
         self.stats = WorkerStats()
         self.stopping = asyncio.Event()
+        # the providers of its activities' Depends parameters, entered when it starts
+        self.dependencies = Scope()
         self.exit_request: BaseException | None = None  # SystemExit & co. raised by user code
         self.pump_wake = asyncio.Event()
         self._clocks: dict[int, RedisClock] = {}

@@ -22,6 +22,7 @@ import structlog
 
 from rillflow.activity import ActivityDefinition
 from rillflow.client import Client
+from rillflow.dependencies import worker_scope
 from rillflow.errors import RillflowError, WorkflowRegistrationConflictError
 from rillflow.registry import workflow_spec
 from rillflow.schedules import declare_schedules
@@ -192,6 +193,24 @@ class Worker:
             await self._stopped.wait()
 
     async def run(self) -> None:
+        # first of all: a provider that cannot start stops the worker before it is known
+        await self._enter_dependencies()
+        try:
+            await self._run()
+        finally:
+            await self.ctx.dependencies.aclose()
+
+    async def _enter_dependencies(self) -> None:
+        """Enter every provider the activities' Depends parameters name, once each; the
+        activities (and what they call directly) see them through the worker's scope."""
+        worker_scope.set(self.ctx.dependencies)
+        try:
+            await self.ctx.dependencies.enter_all(a.fn for a in self.activities.values())
+        except BaseException:
+            await self.ctx.dependencies.aclose()
+            raise
+
+    async def _run(self) -> None:
         streams = self._streams()
         self._started_ms = int(time.time() * 1000)
         streak = Streak("worker start interrupted: redis unavailable")
