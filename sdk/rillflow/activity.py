@@ -13,7 +13,7 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from rillflow.dependencies import Depends, Scope, filled
@@ -174,17 +174,28 @@ class ActivityInfo:
     workflow_type: str
     task_queue: str
     seq: int
-    heartbeat_details: list[Any] = field(default_factory=list)
+    heartbeat_details: list[Any] = field(default_factory=list)  # the previous attempt's last
     start_to_close_timeout: timedelta | None = None
     heartbeat_timeout: timedelta | None = None
+    schedule_to_close_timeout: timedelta | None = None
+    started_time: datetime | None = None  # this attempt's start (Redis's clock)
+    # when this attempt times out, as it started (each heartbeat moves a heartbeat deadline on)
+    deadline: datetime | None = None
 
 
 class ActivityContext:
-    """What the worker gives a running activity: its info and a heartbeat sink."""
+    """What the worker gives a running activity: its info, a heartbeat sink, and
+    whether the attempt is over for the worker (timed out, cancelled, its run closed)."""
 
-    def __init__(self, info: ActivityInfo, on_heartbeat: Callable[[list[Any]], None]) -> None:
+    def __init__(
+        self,
+        info: ActivityInfo,
+        on_heartbeat: Callable[[list[Any]], None],
+        is_gone: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.info = info
         self.on_heartbeat = on_heartbeat
+        self.is_gone = is_gone
 
 
 _current_activity: contextvars.ContextVar[ActivityContext | None] = contextvars.ContextVar(
@@ -194,10 +205,26 @@ _current_activity: contextvars.ContextVar[ActivityContext | None] = contextvars.
 
 def activity_heartbeat(*details: Any) -> None:
     """Report progress; the latest details reach the next attempt as
-    ``activity.info().heartbeat_details``. Outside an activity it does nothing."""
+    ``activity.info().heartbeat_details``. Once the attempt is over (timed out,
+    cancelled, its run closed: a heartbeat's answer says so), it raises
+    ``asyncio.CancelledError`` so that a plain ``def`` activity, which nothing can
+    interrupt, stops at its next heartbeat (an async one is cancelled where it awaits).
+    Outside an activity it does nothing."""
     ctx = _current_activity.get()
     if ctx is not None:
+        if ctx.is_gone():
+            raise asyncio.CancelledError(
+                f"activity '{ctx.info.activity_name}' attempt {ctx.info.attempt} is over"
+            )
         ctx.on_heartbeat(list(details))
+
+
+def activity_is_cancelled() -> bool:
+    """Whether this attempt is over for the worker (timed out, cancelled, its run
+    closed), as the last heartbeat's answer said: a loop may check it to stop early.
+    False outside an activity."""
+    ctx = _current_activity.get()
+    return ctx is not None and ctx.is_gone()
 
 
 def _activity_info() -> ActivityInfo:
@@ -213,6 +240,7 @@ class _ActivityNamespace:
 
     heartbeat = staticmethod(activity_heartbeat)
     info = staticmethod(_activity_info)
+    is_cancelled = staticmethod(activity_is_cancelled)
 
     def __call__(
         self,

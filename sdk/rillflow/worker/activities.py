@@ -31,6 +31,7 @@ import structlog
 from redis.exceptions import ResponseError
 
 from rillflow.activity import ActivityContext, ActivityDefinition, ActivityInfo, _current_activity
+from rillflow.durations import time_of_ms
 from rillflow.errors import (
     InvalidInputError,
     InvalidResultError,
@@ -273,6 +274,7 @@ class Activities:
         if not isinstance(sched, dict):
             raise BadMessage("the scheduled activity's body is not a map")
         hbt_ms = int(sched.get("heartbeat_ms") or 0)
+        s2c_ms = int(sched.get("schedule_to_close_ms") or 0)
         info = ActivityInfo(
             activity_name=str(sched.get("name", "?")),
             attempt=it.attempt,
@@ -284,10 +286,13 @@ class Activities:
             heartbeat_details=list(unpack(st.heartbeat_details)) if st.heartbeat_details else [],
             start_to_close_timeout=timedelta(milliseconds=int(sched.get("start_to_close_ms") or 0)),
             heartbeat_timeout=timedelta(milliseconds=hbt_ms) if hbt_ms else None,
+            schedule_to_close_timeout=timedelta(milliseconds=s2c_ms) if s2c_ms else None,
+            started_time=time_of_ms(st.now_ms),
+            deadline=time_of_ms(st.deadline_ms),
         )
         key = (it.run_id, it.seq)
         # `a` is bound below, before the task's first step can heartbeat
-        ctx = ActivityContext(info, lambda details: self._heartbeat(a, details))
+        ctx = ActivityContext(info, lambda details: self._heartbeat(a, details), lambda: a.gone)
         budget = max(0.001, (st.deadline_ms - st.now_ms) / 1000)
         task = asyncio.create_task(
             self._run(shard, sched, ctx, budget, route),
