@@ -623,7 +623,7 @@ async def drive_schedule(c: Conn, shard: int) -> None:
     first = ScheduleFire(2_000, f"{sid}@19700101T000002Z", uuid.uuid4().hex)
     # (an evaluation made on another version than the put's, "1", is refused)
     res = await p.schedule_fire(
-        sid, "d1", 2_000, "tick", task_queue=tq, retention_ms=RETENTION_MS, fires=[first]
+        sid, "d1", 2_000, "tick", version="0", task_queue=tq, retention_ms=RETENTION_MS, fires=[first]
     )
     assert res.reply is Reply.STALE
     res = await p.schedule_fire(

@@ -547,9 +547,11 @@ async def test_a_close_the_evaluator_did_not_see_is_not_a_lost_wake_up(client: C
     await client.get_workflow_handle(d.open_executions[0]).terminate("done")  # wakes it: score 0
     assert await client.redis.zscore(ks.schedules(shard, "due"), "wake") == 0
     # a stale evaluation: it read neither the close nor the waiting one, and would look next in a day
-    digest = (await client.redis.hget(ks.schedule(shard, "wake"), "digest")).decode()
+    digest, ver = (
+        v.decode() for v in await client.redis.hmget(ks.schedule(shard, "wake"), ["digest", "ver"])
+    )
     res = await client.protocol.schedule_fire(
-        "wake", digest, ms(clock.due(2)), "tick", task_queue="default", retention_ms=60_000,
+        "wake", digest, ms(clock.due(2)), "tick", version=ver, task_queue="default", retention_ms=60_000,
         next_score=ms(clock.due(2) + timedelta(days=1)),
     )  # fmt: skip
     assert res.started == 0
@@ -635,9 +637,16 @@ async def test_what_describe_returns_is_the_callers_to_change(client: Client) ->
     assert (await h.describe()).runs_started <= 1
 
 
-async def test_a_start_may_not_take_an_id_with_an_at(client: Client) -> None:
-    with pytest.raises(InvalidInputError, match="'@' is kept for the runs schedules start"):
+async def test_a_start_may_not_take_a_schedules_due_time_but_may_use_an_at(client: Client) -> None:
+    with pytest.raises(InvalidInputError, match="not the shape of a schedule's run"):
         await client.start_workflow(sf.Tick, {"n": 1}, execution_id="ticks@20300101T000000Z")
+    with pytest.raises(InvalidInputError, match="not the shape of a schedule's run"):
+        await client.start_workflow(sf.Tick, {"n": 1}, execution_id="ticks@20300101T000000.250Z")
+    # an '@' elsewhere is an id like any other (its part before the '@' picks the shard)
+    h = await client.start_workflow(sf.Tick, {"n": 1}, execution_id="onboard-alice@example.com")
+    assert h.id == "onboard-alice@example.com"
+    h2 = await client.start_workflow(sf.Tick, {"n": 1}, execution_id="ticks@20300101T000000Z-leaf")
+    assert h2.id.endswith("-leaf")
 
 
 async def test_a_trigger_answers_for_its_own_due_time(client: Client) -> None:
@@ -696,3 +705,74 @@ def test_crons_named_like_daily_are_their_five_fields() -> None:
         assert next_fire_times(ScheduleDefinition(input=None, cron_expressions=[name]), t0, 1) == [first]
     with pytest.raises(ValueError, match="one of @yearly"):
         ScheduleDefinition(input=None, cron_expressions=["@sometimes"])
+
+
+async def test_a_change_after_more_than_one_rounds_worth_of_due_times_loses_none(client: Client) -> None:
+    clock = Clock()
+    policy = SchedulePolicy(overlap=ScheduleOverlapPolicy.ALLOW_ALL, catchup_window_seconds=86_400)
+    h = await handle(client, clock, sf.Tick, every(policy=policy), "many")
+    clock.advance(timedelta(minutes=250))  # 250 due times, over two rounds' worth
+    await h.update(input={"n": 2})
+    d = await h.describe()
+    assert d.runs_started == 250 and d.times_skipped == 0
+
+
+async def test_a_change_before_a_jittered_start_records_what_it_replaced(client: Client) -> None:
+    clock = Clock()
+    h = await handle(client, clock, sf.Tick, every(60, jitter=timedelta(minutes=59)), "jittery")
+    first = clock.t.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    from rillflow.schedule_times import jittered
+
+    start = jittered((await h.describe()).definition, first, "jittery", first + timedelta(hours=1))
+    if start - first < timedelta(seconds=2):
+        pytest.skip("(this schedule's first start falls too close to its due time to change between them)")
+    clock.t = first + (start - first) / 2  # due, not yet started
+    await h.update(input={"n": 3})
+    d = await h.describe()
+    assert d.runs_started == 0 and d.times_skipped == 1
+    assert d.skipped[0].why.startswith("replaced: the definition changed before their start")
+
+
+async def test_two_concurrent_changes_do_not_overwrite_each_other_unseen(client: Client) -> None:
+    from rillflow.schedules import _read, record_for
+
+    clock = Clock()
+    h = await handle(client, clock, sf.Tick, every(), "both")
+    st = await _read(client, "both")
+    assert st is not None
+    await h.update(max_executions=9)  # another change lands first
+    rec = await record_for(client, sf.Tick, every(5), schedule_id="both", task_queue=None, origin="client")
+    res = await client.protocol.schedule_put(rec, "update", ms(clock.t), expected_version=st.version)
+    assert res.reply.value == "stale"  # made on the state before it: refused, not applied over it
+    assert (await h.describe()).definition.max_executions == 9
+
+
+async def test_an_update_while_paused_keeps_the_paused_count(client: Client) -> None:
+    clock = Clock()
+    h = await handle(client, clock, sf.Tick, every(), "pz")
+    await h.pause()
+    clock.advance(30 * MINUTE)
+    await h.update(input={"n": 4})
+    clock.advance(30 * MINUTE)
+    await h.unpause()
+    assert (await h.describe()).times_skipped == 60
+
+
+def test_limits_and_misspelt_fields_are_refused() -> None:
+    from rillflow.models import MAX_EXECUTIONS
+
+    with pytest.raises(ValueError, match="max_executions must be from 1"):
+        every(max_executions=MAX_EXECUTIONS + 1)
+    with pytest.raises(ValueError, match="catchup_window"):
+        SchedulePolicy(catchup_window=60)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="cron_expression"):
+        ScheduleDefinition(input=None, cron_expression=["* * * * *"])  # type: ignore[call-arg]
+
+
+async def test_a_large_max_executions_stays_a_whole_number(client: Client) -> None:
+    clock = Clock()
+    policy = SchedulePolicy(overlap=ScheduleOverlapPolicy.ALLOW_ALL)
+    h = await handle(client, clock, sf.Tick, every(max_executions=10**15, policy=policy), "big")
+    clock.advance(MINUTE)
+    await evaluate(client, "big", ms(clock.t), 60_000)
+    assert (await h.describe()).remaining_executions == 10**15 - 1

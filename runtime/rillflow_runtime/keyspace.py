@@ -13,9 +13,20 @@ GROUP = "rf"  # the consumer group on every task stream
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 # an execution id as it may be named (a schedule's runs have an '@'; see shard_of) ...
 ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,256}$")
-# ... and as a start may choose it: '@' is kept for the ids schedules make, so that no
-# start takes a schedule's due time, nor piles its ids on one shard
-NEW_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,256}$")
+# ... and the shape of a schedule's run's id (<schedule id>@<UTC time>Z), which only a
+# schedule starts: a start given such an id is refused, so none takes a due time
+SCHEDULE_RUN_RE = re.compile(r"@\d{8}T\d{6}(\.\d{3})?Z$")
+
+
+def startable_id(execution_id: object) -> bool:
+    """Whether a start may choose this id: a valid one not shaped like a schedule's run."""
+    return (
+        isinstance(execution_id, str)
+        and ID_RE.fullmatch(execution_id) is not None
+        and not SCHEDULE_RUN_RE.search(execution_id)
+    )
+
+
 # a schedule's runs are "<schedule id>@<due time>" (see shard_of): room is left for the time
 SCHEDULE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 

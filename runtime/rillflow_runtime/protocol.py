@@ -762,11 +762,19 @@ class Protocol:
 
     # -- schedules (see sched_put.lua, sched_fire.lua, sched_state.lua) -----------------
     async def schedule_put(
-        self, rec: ScheduleRecord, mode: str, now_ms: int, paused: bool | None = None, note: str = ""
+        self,
+        rec: ScheduleRecord,
+        mode: str,
+        now_ms: int,
+        paused: bool | None = None,
+        note: str = "",
+        *,
+        expected_version: str = "",
+        dropped: int = 0,
     ) -> RunReply:
         """Create (``create``), change (``update``) or create-or-change (``declare``):
-        OK with what it did ("created", "updated", "unchanged"), NOT_FOUND, DUPLICATE or
-        INVALID (with why)."""
+        OK with what it did ("created", "updated", "unchanged"), NOT_FOUND, DUPLICATE,
+        STALE (``expected_version`` is not the stored one) or INVALID (with why)."""
         shard = self.ks.shard(rec.schedule_id)
         args = [
             rec.schedule_id,
@@ -786,6 +794,8 @@ class Protocol:
             now_ms,
             "" if paused is None else ("1" if paused else "0"),
             note,
+            expected_version,
+            dropped,
         ]
         res = await self._call("sched_put", shard, args, self.ks.schedule_keys(shard, rec.schedule_id))
         return RunReply(_reply(res[0]), "", text(res[1]) if len(res) > 1 else "")
@@ -807,7 +817,7 @@ class Protocol:
         now_ms: int,
         mode: str,
         *,
-        version: str = "0",
+        version: str,
         task_queue: str,
         retention_ms: int,
         fires: Sequence[ScheduleFire] = (),

@@ -37,7 +37,7 @@ from rillflow.workflow import (
 )
 from rillflow_runtime.codec import pack, text
 from rillflow_runtime.connections import make_redis
-from rillflow_runtime.keyspace import NAME_RE, NEW_ID_RE, Keyspace
+from rillflow_runtime.keyspace import NAME_RE, Keyspace, startable_id
 from rillflow_runtime.model import Reply
 from rillflow_runtime.protocol import Protocol
 
@@ -309,10 +309,10 @@ class Client:
                 f"task queue {task_queue!r} is invalid: use letters, digits, '_', '-', '.'"
             )
         wid = str(uuid.uuid4()) if execution_id is None else execution_id
-        if not isinstance(wid, str) or not NEW_ID_RE.fullmatch(wid):
+        if not startable_id(wid):
             raise InvalidInputError(
-                f"execution_id {wid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.' "
-                "('@' is kept for the runs schedules start)"
+                f"execution_id {wid!r} is invalid: use 1-256 characters of letters, digits, '_', '-', '.', '@' "
+                "(and not the shape of a schedule's run, <schedule id>@<time>Z, which only schedules start)"
             )
         if why := duration_problem(execution_timeout, "execution_timeout", optional=True):
             raise InvalidInputError(why)

@@ -54,7 +54,7 @@ from rillflow.errors import (
 from rillflow.history import COMMAND_EVENTS, INPUT_EVENTS, HistoryEvent
 from rillflow.payloads import check_size, to_wire
 from rillflow_runtime.codec import pack
-from rillflow_runtime.keyspace import ID_RE, NEW_ID_RE
+from rillflow_runtime.keyspace import startable_id
 from rillflow_runtime.model import ACTIVATION_ORDER, CommandKind, EventType
 from rillflow_runtime.model import ParentClosePolicy as WirePolicy
 
@@ -1175,11 +1175,10 @@ class WorkflowInstance:
             if execution_id is None
             else execution_id
         )
-        # (an id given is checked as a start's; one made from a schedule's run has its '@')
-        if not isinstance(wid, str) or not (NEW_ID_RE if execution_id is not None else ID_RE).fullmatch(wid):
+        if not startable_id(wid):
             raise InvalidInputError(
-                f"child execution id {wid!r} is invalid: use 1-256 letters, digits, '_', '-', '.' "
-                "('@' is kept for the runs schedules start)"
+                f"child execution id {wid!r} is invalid: use 1-256 letters, digits, '_', '-', '.', '@' "
+                "(and not the shape of a schedule's run, <schedule id>@<time>Z, which only schedules start)"
             )
         handle: ChildWorkflowHandle[Any] = ChildWorkflowHandle(
             self, seq, workflow_type, wid, child_run_id(self.info.run_id, seq), defn

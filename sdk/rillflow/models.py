@@ -46,6 +46,10 @@ def cron_fields(expr: str) -> str:
     return CRON_MACROS.get(expr.strip().lower(), expr)
 
 
+# the most max_executions may be: what a script's number holds exactly
+MAX_EXECUTIONS = 2**53 - 1
+
+
 class ScheduleOverlapPolicy(IntEnum):
     """What a due time does while the schedule's previous run is still open (Temporal's)."""
 
@@ -61,7 +65,7 @@ class ScheduleRange(BaseModel):
     """``start`` to ``end`` (inclusive) every ``step``: an ``end`` below ``start`` means
     ``start`` alone, a ``step`` of 0 means 1."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     start: int
     end: int = 0
@@ -98,6 +102,8 @@ class ScheduleCalendar(BaseModel):
     """Wall-clock times in the schedule's time zone: every combination of the fields'
     values (an empty ``year`` is every year). Defaults: at 00:00:00, every day."""
 
+    model_config = ConfigDict(extra="forbid")  # (a misspelt field is an error, not ignored)
+
     second: list[ScheduleRange] = Field(default_factory=lambda: _ranges(0))
     minute: list[ScheduleRange] = Field(default_factory=lambda: _ranges(0))
     hour: list[ScheduleRange] = Field(default_factory=lambda: _ranges(0))
@@ -126,6 +132,8 @@ class ScheduleInterval(BaseModel):
     """Every ``every`` since the Unix epoch, shifted by ``offset`` (under ``every``):
     ``every=timedelta(hours=1), offset=timedelta(minutes=5)`` is 00:05, 01:05, ... UTC."""
 
+    model_config = ConfigDict(extra="forbid")
+
     every: timedelta
     offset: timedelta | None = None
 
@@ -152,6 +160,8 @@ class SchedulePolicy(BaseModel):
     catchup_window_seconds: int = 31_536_000  # a year
     overlap: ScheduleOverlapPolicy = ScheduleOverlapPolicy.SKIP
     pause_on_failure: bool = False
+
+    model_config = ConfigDict(extra="forbid")
 
     @field_validator("overlap", mode="before")
     @classmethod
@@ -195,7 +205,8 @@ class ScheduleDefinition(BaseModel):
     max_executions: int | None = None
     schedule_id: str | None = None
 
-    model_config = ConfigDict(validate_assignment=True)  # (a field set later is checked too)
+    # (a field set later is checked too; a misspelt one is an error, not ignored)
+    model_config = ConfigDict(validate_assignment=True, extra="forbid")
 
     @field_validator("cron_expressions")
     @classmethod
@@ -249,8 +260,8 @@ class ScheduleDefinition(BaseModel):
     @field_validator("max_executions")
     @classmethod
     def _max(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("max_executions must be 1 or more (None: unlimited)")
+        if v is not None and not 1 <= v <= MAX_EXECUTIONS:
+            raise ValueError(f"max_executions must be from 1 to {MAX_EXECUTIONS} (None: unlimited)")
         return v
 
     @field_validator("schedule_id")

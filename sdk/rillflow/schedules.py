@@ -213,15 +213,22 @@ def plan(
     and skipped over, not listed. The window is measured by a run's start (the due time
     with its jitter, as the evaluator is woken by it): due times within a jitter of its
     edge are listed, and the script decides each. Pure: a test hands it any time."""
-    lo = now_ms - catchup_ms - (ms(_EPOCH + definition.jitter) if definition.jitter else 0)
+    lo = now_ms - catchup_ms
     skip_to, skipped = None, 0
     if cursor_ms < lo:
         skip_to = lo
-        for _ in fire_times(definition, at_ms(cursor_ms), until=at_ms(lo)):
+        last: datetime | None = None
+        before_last: datetime | None = None
+        for due in fire_times(definition, at_ms(cursor_ms), until=at_ms(lo)):
             skipped += 1
+            before_last, last = last, due
             if skipped >= SKIP_COUNT_CAP:
                 break
-    after = max(cursor_ms, lo)
+        if definition.jitter and last is not None and skipped < SKIP_COUNT_CAP:
+            # jitter is capped at the gap to the next due time: of those before the edge
+            # only the last may start within the window; it is listed, the script decides
+            skip_to, skipped = (ms(before_last) if before_last else cursor_ms), skipped - 1
+    after = skip_to if skip_to is not None else cursor_ms
     cap = BATCH if remaining is None else max(0, min(BATCH, remaining))
     fires: list[tuple[int, int, str]] = []
     next_score = -1
@@ -308,7 +315,7 @@ async def evaluate(client: Client, schedule_id: str, now_ms: int, retention_ms: 
         st = await _read(client, schedule_id)
         if st is None:  # (deleted: the script drops its due entry)
             return await client.protocol.schedule_fire(
-                schedule_id, "", now_ms, "tick", task_queue="-", retention_ms=retention_ms
+                schedule_id, "", now_ms, "tick", version="", task_queue="-", retention_ms=retention_ms
             )
         p = (
             Plan([], -1)
@@ -319,6 +326,29 @@ async def evaluate(client: Client, schedule_id: str, now_ms: int, retention_ms: 
         if res.reply is not Reply.STALE:
             return res
     return FireReply(Reply.STALE)
+
+
+async def catch_up(client: Client, schedule_id: str, now_ms: int, retention_ms: int) -> None:
+    """Evaluate until nothing is due by ``now_ms`` (one round acts on at most
+    :data:`BATCH` due times): what a change must come after."""
+    ks = client.keyspace
+    due = ks.schedules(ks.shard(schedule_id), "due")
+    for _ in range(SKIP_COUNT_CAP):
+        res = await evaluate(client, schedule_id, now_ms, retention_ms)
+        if res.reply is Reply.STALE:
+            raise RillflowError(f"schedule {schedule_id!r} kept changing while it was evaluated; try again")
+        score = await client.redis.zscore(due, schedule_id)
+        if score is None or score > now_ms:
+            return
+    raise RillflowError(f"schedule {schedule_id!r} has more due times than one change may catch up on")
+
+
+def _pending(st: _State, now_ms: int) -> int:
+    """How many of the stored definition's due times are past but not acted on (their
+    jittered start has not come): what moving the cursor to now passes over."""
+    if st.paused:
+        return 0
+    return sum(1 for _ in fire_times(st.definition, at_ms(st.cursor_ms), until=at_ms(now_ms)))
 
 
 async def _fire(
@@ -564,32 +594,40 @@ class ScheduleHandle:
             raise InvalidInputError(f"a schedule has no field {', '.join(unknown)} (its fields: {known})")
         if changes.get("schedule_id", self.id) != self.id:
             raise InvalidInputError("a schedule's id does not change: create another and delete this one")
-        st = await self._state()
-        if schedule is None:
-            try:
-                schedule = ScheduleDefinition.model_validate(
-                    {**st.definition.model_dump(), **changes, "schedule_id": self.id}
-                )
-            except ValidationError as e:
-                raise InvalidInputError(
-                    f"schedule {self.id!r} was not changed: {validation_summary(e, None)}"
-                ) from None
-        elif changes:
-            raise InvalidInputError("pass a whole definition or the fields to change, not both")
-        rec = await record_for(
-            self.client,
-            st.workflow_type,
-            schedule,
-            schedule_id=self.id,
-            task_queue=st.task_queue,
-            origin="client",
-            unregistered_ok=True,
-        )
-        now = await self._now_ms()
-        # the old definition's due times up to now are acted on first: the new one applies from now
-        await evaluate(self.client, self.id, now, self.client.settings.retention_ms)
-        res = await self.client.protocol.schedule_put(rec, "update", now)
-        _check_put(res.reply, res.why, self.id)
+        given = schedule
+        for _ in range(5):
+            now = await self._now_ms()
+            # the old definition's due times up to now are acted on first: the new one applies from now
+            await catch_up(self.client, self.id, now, self.client.settings.retention_ms)
+            st = await self._state()
+            if given is None:
+                try:
+                    schedule = ScheduleDefinition.model_validate(
+                        {**st.definition.model_dump(), **changes, "schedule_id": self.id}
+                    )
+                except ValidationError as e:
+                    raise InvalidInputError(
+                        f"schedule {self.id!r} was not changed: {validation_summary(e, None)}"
+                    ) from None
+            elif changes:
+                raise InvalidInputError("pass a whole definition or the fields to change, not both")
+            assert schedule is not None
+            rec = await record_for(
+                self.client,
+                st.workflow_type,
+                schedule,
+                schedule_id=self.id,
+                task_queue=st.task_queue,
+                origin="client",
+                unregistered_ok=True,
+            )
+            res = await self.client.protocol.schedule_put(
+                rec, "update", now, expected_version=st.version, dropped=_pending(st, now)
+            )
+            if res.reply is not Reply.STALE:  # (changed meanwhile by another: made again on it)
+                _check_put(res.reply, res.why, self.id)
+                return
+        raise RillflowError(f"schedule {self.id!r} kept changing while this update was made; try again")
 
     async def pause(self, note: str | None = None) -> bool:
         """No due time runs until :meth:`unpause`; those in between are skipped. False if
@@ -827,8 +865,11 @@ async def declare_schedules(
             )
             if stored is not None and text(stored) != rec.digest:
                 # (changed: the old declaration's due times up to now first, as update does)
-                await evaluate(client, sid, now_ms, client.settings.retention_ms)
-            res = await client.protocol.schedule_put(rec, "declare", now_ms)
+                await catch_up(client, sid, now_ms, client.settings.retention_ms)
+            st = await _read(client, sid)
+            res = await client.protocol.schedule_put(
+                rec, "declare", now_ms, dropped=_pending(st, now_ms) if st is not None else 0
+            )
             if res.reply is not Reply.OK:
                 raise InvalidInputError(f"workflow '{d.name}': schedule {sid!r} was not stored: {res.why}")
             if res.why != "unchanged":

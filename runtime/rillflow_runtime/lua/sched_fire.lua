@@ -252,7 +252,7 @@ if mode == 'tick' then
 end
 if remaining then
   fields[#fields + 1] = 'remaining'
-  fields[#fields + 1] = remaining
+  fields[#fields + 1] = string.format('%.0f', remaining)
 end
 call('HSET', hk, unpack(fields))
 local waiting_now = call('LLEN', bufk) > 0 and (pol == OV.ALLOW_ALL or call('SCARD', openk) == 0)
