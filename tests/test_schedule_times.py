@@ -147,7 +147,7 @@ def test_jitter_is_the_same_for_every_worker_and_within_bounds() -> None:
             "offset",
         ),
         ({"calendars": [{"hour": [{"start": 24}]}]}, "calendars.0", "a hour is 0 to 23"),
-        ({"max_executions": 0}, "max_executions", "1 or more"),
+        ({"max_executions": 0}, "max_executions", "from 1 to"),
         ({"schedule_id": "has space"}, "schedule_id", "is invalid"),
         ({"policy": {"catchup_window_seconds": 0}}, "policy.catchup_window_seconds", "from 1"),
     ],
