@@ -56,6 +56,20 @@ def count(n: int, p: Pool = Depends(pool)) -> int:  # a plain def, run in a thre
     return n + p.uses
 
 
+@activity(name="dep_outer")
+async def outer(name: str, p: Pool = Depends(pool)) -> list[Any]:
+    """Calls another activity directly: it gets this worker's providers, not new ones."""
+    inner = await greet(name)
+    return [inner, p.uses]
+
+
+@workflow.define(name="dep_outer_flow")
+class OuterFlow:
+    @workflow.entrypoint
+    async def run(self, name: str) -> list[Any]:
+        return await outer(name)
+
+
 @workflow.define(name="dep_flow")
 class DepFlow:
     @workflow.entrypoint
@@ -75,7 +89,7 @@ async def needs_broken(x: int, b: None = Depends(broken)) -> int:
     return x
 
 
-WORKFLOWS = [DepFlow]
-ACTIVITIES = [greet, count]
+WORKFLOWS = [DepFlow, OuterFlow]
+ACTIVITIES = [greet, count, outer]
 SERVED = [*WORKFLOWS, *ACTIVITIES]  # (a worker process's target)
 BROKEN = [needs_broken]

@@ -49,6 +49,15 @@ async def test_providers_are_entered_once_shared_and_closed_when_the_worker_stop
     ]
 
 
+async def test_an_activity_called_inside_a_workers_activity_uses_the_workers_providers(
+    client: Client, deps_log: Path
+) -> None:
+    async with Worker(client, workflows=df.WORKFLOWS, activities=df.ACTIVITIES, **FAST):
+        out = await client.execute_workflow(df.OuterFlow, {"name": "zed"}, result_timeout=20)
+    assert out == ["model(hello): zed (1)", 1]  # one pool, the worker's: the inner call used it
+    assert events(deps_log).count("pool entered") == 1
+
+
 async def test_the_parameter_is_not_part_of_the_activitys_input(client: Client) -> None:
     assert df.greet.sig.param_names == ("name",)
     assert set(df.greet.sig.input_model.model_fields) == {"name"}
