@@ -125,8 +125,7 @@ class Signature:
         self.hints = hints
         # built once: constructing an inspect.Signature validates every parameter again
         self._call_sig = inspect.Signature(self.params)
-        self._names = tuple(p.name for p in self.params)
-        self.param_names = self._names
+        self.param_names = tuple(p.name for p in self.params)
         # a call that passes every argument by position needs no bind() (most calls do)
         self._by_position = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in self.params)
         self.return_type: Any = hints.get("return", Any)
@@ -179,15 +178,15 @@ class Signature:
     # -- caller side --------------------------------------------------------------------
     def encode_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A Python call's arguments as wire data, validated first."""
-        if not kwargs and self._by_position and len(args) == len(self._names):
-            data = dict(zip(self._names, args, strict=False))  # what bind() gives such a call
+        if not kwargs and self._by_position and len(args) == len(self.param_names):
+            data = dict(zip(self.param_names, args, strict=False))  # what bind() gives such a call
         else:
             try:
                 data = dict(self._call_sig.bind(*args, **kwargs).arguments)
             except TypeError as e:
                 raise InvalidInputError(f"{self.what} '{self.fn_name}' called with {e}") from e
         if self.mode != "fields":
-            return self.encode_input(data.get(self._names[0]))
+            return self.encode_input(data.get(self.param_names[0]))
         if self.var_kw:
             data.update(data.pop(self.var_kw, {}))
         return self.encode_input(data)

@@ -276,17 +276,24 @@ class _State:
     open: list[str]
     waiting: str | None  # the first waiting entry's execution id
     closed: list[str]
+    fields: dict[str, str | None]  # the hash as read
+    # (read for describe only) the log, newest first, and every waiting entry
+    log: list[dict[str, Any]] = field(default_factory=list)
+    buffered: list[str] = field(default_factory=list)
 
 
-async def _read(client: Client, schedule_id: str) -> _State | None:
+async def _read(client: Client, schedule_id: str, *, full: bool = False) -> _State | None:
+    """The schedule's state in one round trip (``full``: its log and waiting entries too)."""
     ks = client.keyspace
     shard = ks.shard(schedule_id)
     async with client.redis.pipeline(transaction=False) as pipe:
         pipe.hmget(ks.schedule(shard, schedule_id), list(_HASH_FIELDS))
         pipe.smembers(ks.schedule(shard, schedule_id, "open"))
-        pipe.lindex(ks.schedule(shard, schedule_id, "buf"), 0)
+        pipe.lrange(ks.schedule(shard, schedule_id, "buf"), 0, -1 if full else 0)
         pipe.hget(ks.schedules(shard, "fin"), schedule_id)
-        h, members, head, fin = await pipe.execute()
+        if full:
+            pipe.lrange(ks.schedule(shard, schedule_id, "log"), 0, -1)
+        h, members, buf, fin, *log = await pipe.execute()
     f = dict(zip(_HASH_FIELDS, (text(v) if v is not None else None for v in h), strict=True))
     if not f["digest"] or not f["def"]:
         return None
@@ -302,8 +309,11 @@ async def _read(client: Client, schedule_id: str) -> _State | None:
         catchup_ms=int(f["catchup"] or 0),
         overlap=Overlap(f["overlap"] or Overlap.SKIP.value),
         open=sorted(text(m) for m in members),
-        waiting=text(head).split(" ")[1] if head else None,
+        waiting=text(buf[0]).split(" ")[1] if buf else None,
         closed=text(fin).split(" ") if fin else [],
+        fields=f,
+        log=[unpack(e) for e in log[0]] if log else [],
+        buffered=[text(b) for b in buf],
     )
 
 
@@ -517,8 +527,8 @@ class ScheduleHandle:
         secs, micros = await self.client.redis.time()
         return int(secs) * 1000 + int(micros) // 1000
 
-    async def _state(self) -> _State:
-        st = await _read(self.client, self.id)
+    async def _state(self, *, full: bool = False) -> _State:
+        st = await _read(self.client, self.id, full=full)
         if st is None:
             raise ScheduleNotFoundError(
                 f"no schedule {self.id!r} in namespace '{self.client.namespace}' "
@@ -528,14 +538,8 @@ class ScheduleHandle:
 
     async def describe(self) -> ScheduleDescription:
         ks, shard = self.client.keyspace, self.client.keyspace.shard(self.id)
-        st = await self._state()
-        async with self.client.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(ks.schedule(shard, self.id), list(_HASH_FIELDS))
-            pipe.lrange(ks.schedule(shard, self.id, "log"), 0, -1)
-            pipe.lrange(ks.schedule(shard, self.id, "buf"), 0, -1)
-            h, raw_log, buf = await pipe.execute()
-        f = dict(zip(_HASH_FIELDS, (text(v) if v is not None else None for v in h), strict=True))
-        log = [unpack(e) for e in raw_log]
+        st = await self._state(full=True)
+        f, log = st.fields, st.log
         starts = [e for e in log if e.get("k") == ScheduleAction.STARTED][:10]
         async with self.client.redis.pipeline(transaction=False) as pipe:
             for e in starts:
@@ -572,7 +576,7 @@ class ScheduleHandle:
             ],
             skipped=[_skipped(st.definition, e) for e in log if e.get("k") == ScheduleAction.SKIPPED][:10],
             open_executions=st.open,
-            waiting=[at_ms(int(text(b).split(" ")[0])) for b in buf],
+            waiting=[at_ms(int(b.split(" ")[0])) for b in st.buffered],
             log=log,
         )
 
@@ -863,13 +867,13 @@ async def declare_schedules(
             stored = await client.redis.hget(
                 client.keyspace.schedule(client.keyspace.shard(sid), sid), "digest"
             )
+            dropped = 0
             if stored is not None and text(stored) != rec.digest:
                 # (changed: the old declaration's due times up to now first, as update does)
                 await catch_up(client, sid, now_ms, client.settings.retention_ms)
-            st = await _read(client, sid)
-            res = await client.protocol.schedule_put(
-                rec, "declare", now_ms, dropped=_pending(st, now_ms) if st is not None else 0
-            )
+                st = await _read(client, sid)
+                dropped = _pending(st, now_ms) if st is not None else 0
+            res = await client.protocol.schedule_put(rec, "declare", now_ms, dropped=dropped)
             if res.reply is not Reply.OK:
                 raise InvalidInputError(f"workflow '{d.name}': schedule {sid!r} was not stored: {res.why}")
             if res.why != "unchanged":

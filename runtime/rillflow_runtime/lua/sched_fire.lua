@@ -244,17 +244,10 @@ else
 end
 start_waiting()  -- (a TERMINATE_OTHER may have closed what a waiting one waited for)
 
-local fields = { 'n_run', tonumber(call('HGET', hk, 'n_run') or 0) + started, 'n_skip',
-  tonumber(call('HGET', hk, 'n_skip') or 0) + skipped }
-if mode == 'tick' then
-  fields[#fields + 1] = 'cursor'
-  fields[#fields + 1] = string.format('%.0f', cursor)
-end
-if remaining then
-  fields[#fields + 1] = 'remaining'
-  fields[#fields + 1] = string.format('%.0f', remaining)
-end
-call('HSET', hk, unpack(fields))
+if started > 0 then call('HINCRBY', hk, 'n_run', started) end
+if skipped > 0 then call('HINCRBY', hk, 'n_skip', skipped) end
+if mode == 'tick' then call('HSET', hk, 'cursor', string.format('%.0f', cursor)) end
+if remaining then call('HSET', hk, 'remaining', string.format('%.0f', remaining)) end
 local waiting_now = call('LLEN', bufk) > 0 and (pol == OV.ALLOW_ALL or call('SCARD', openk) == 0)
 local score
 if call('HEXISTS', sched_key('fin'), sid) == 1 then
